@@ -1,0 +1,104 @@
+"""The one config schema every config file starts from: the paper's recipe, every knob a field.
+
+Config files under `configs/` call `base_config()` and change what differs. Fields that may be unset are
+`placeholder`s so that a locked config still accepts them from the command line.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+# LlamaGen's GPT sizes: name -> (n_layer, n_head, dim). NPP.md, "Reported results".
+MODEL_SIZES = {
+    "GPT-B": (12, 12, 768),
+    "GPT-L": (24, 16, 1024),
+    "GPT-XL": (36, 20, 1280),
+    "GPT-XXL": (48, 24, 1536),
+    "GPT-XXXL": (48, 40, 2560),
+    "GPT-1B": (22, 32, 2048),
+    "GPT-3B": (24, 32, 3200),
+    "GPT-7B": (32, 32, 4096),
+}
+
+
+def model_config(name: str = "GPT-B") -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  # A name from MODEL_SIZES, or "custom" with n_layer / n_head / dim set (tiny test and demo models).
+  m.name = name
+  m.n_layer = config_dict.placeholder(int)
+  m.n_head = config_dict.placeholder(int)
+  m.dim = config_dict.placeholder(int)
+  m.n_kv_head = config_dict.placeholder(int)  # None: as many KV heads as query heads.
+  m.vocab_size = 16384
+  m.num_classes = 1000
+  m.grid = (16, 16)  # Code grid (rows, cols): 256 px through VQ-16.
+  m.cls_token_num = 1
+  m.multiple_of = 256
+  m.ffn_dim_multiplier = config_dict.placeholder(float)
+  m.norm_eps = 1e-5
+  m.rope_base = 10000.0
+  m.token_dropout = 0.1
+  m.resid_dropout = 0.1
+  m.ffn_dropout = 0.1
+  m.class_dropout = 0.1  # Label drop for classifier-free guidance.
+  m.dtype = "bfloat16"  # Compute dtype; parameters stay in param_dtype.
+  m.param_dtype = "float32"
+  m.scan_layers = False
+  m.remat = "none"  # "none" | "full" | "dots" (save matmul outputs only).
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+
+  # Coarse-to-fine schedule (NPP.md 5). Either the release's (patch_level, epoch_rate) over train.epochs,
+  # or explicit stages ((k, epochs), ...) that then define the run's length.
+  c.npp = ml_collections.ConfigDict()
+  c.npp.patch_level = 3
+  c.npp.epoch_rate = 0.5
+  c.npp.stages = ()
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.end_lr = 1e-5
+  c.optim.weight_decay = 0.05  # Only on >= 2-D weights.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = 1.0
+  c.optim.warmup_epochs = 5.0  # Paper appendix (the release's code default is 1); restarts every stage.
+  c.optim.decay_ratio = 0.2  # Linear decay to end_lr over this last fraction of every stage.
+  c.optim.ema_decay = 0.0  # 0 turns the EMA off, as in the release.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 300
+  c.train.global_batch_size = 256
+  c.train.grad_accum_steps = 1  # Micro-batches per optimizer step (global_batch_size is per step).
+  c.train.max_steps = -1  # > 0 stops early (smoke runs); the schedule still spans train.epochs.
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 2000
+  c.train.keep_checkpoints = 3
+  c.train.init_from = ""  # A checkpoint directory whose parameters start this run (converted weights).
+  c.train.profile = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""  # Directory of the code data set (npp_jax.data); required for training.
+  c.data.worker_count = 0
+  c.data.shuffle_seed = 0
+
+  # Mesh axes (data, fsdp, tensor); -1 takes the devices left. Logical-axis rules map parameter and
+  # activation axes onto them (maxtext style): model code names axes, the config decides the layout.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)
+  c.mesh.axes = ("data", "fsdp", "tensor")
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("classes", None),
+      ("layers", None),
+      ("norm", None),
+  )
+  return c
