@@ -1,0 +1,329 @@
+"""LlamaGen's class-conditional GPT in Flax Linen, trainable on patch tokens (NPP) and on plain tokens.
+
+Layout and conventions follow the PyTorch release so that its checkpoints convert one to one
+(NPP.md, "The Llama-style GPT"): RMSNorm pre-norm blocks, fused bias-free qkv, SwiGLU, 2D RoPE on
+interleaved pairs with the condition position zeroed, zero-initialised output layer.
+
+Parameters carry logical axis names ("vocab", "embed", "heads", "mlp", ...); `npp_jax.sharding` maps them
+to mesh axes with rules from the config, so this file never names a mesh axis.
+"""
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from npp_jax import config_lib
+from npp_jax import npp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "full": None,  # Save nothing: recompute the whole block in the backward pass.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  n_layer: int
+  n_head: int
+  dim: int
+  n_kv_head: int
+  vocab_size: int
+  num_classes: int
+  grid: tuple[int, int]
+  multiple_of: int = 256
+  ffn_dim_multiplier: float | None = None
+  norm_eps: float = 1e-5
+  rope_base: float = 10000.0
+  token_dropout: float = 0.1
+  resid_dropout: float = 0.1
+  ffn_dropout: float = 0.1
+  class_dropout: float = 0.1
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_head
+
+  @property
+  def ffn_dim(self) -> int:
+    """The release's SwiGLU width: 2/3 of 4*dim, optionally scaled, rounded up to multiple_of."""
+    hidden = int(2 * 4 * self.dim / 3)
+    if self.ffn_dim_multiplier is not None:
+      hidden = int(self.ffn_dim_multiplier * hidden)
+    return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+  @classmethod
+  def from_config(cls, m: ml_collections.ConfigDict) -> "GPTConfig":
+    if m.name == "custom":
+      if not (m.n_layer and m.n_head and m.dim):
+        raise ValueError("model.name='custom' needs model.n_layer, model.n_head and model.dim; got "
+                         f"{m.n_layer}, {m.n_head}, {m.dim}")
+      n_layer, n_head, dim = m.n_layer, m.n_head, m.dim
+    elif m.name in config_lib.MODEL_SIZES:
+      n_layer, n_head, dim = config_lib.MODEL_SIZES[m.name]
+    else:
+      raise ValueError(f"unknown model.name={m.name!r}; expected one of "
+                       f"{sorted(config_lib.MODEL_SIZES)} or 'custom'")
+    if dim % n_head or (dim // n_head) % 4:
+      raise ValueError(f"model dim={dim} with n_head={n_head}; expected dim / n_head divisible by 4 "
+                       "(2D RoPE rotates hd/4 pairs by row and hd/4 by column)")
+    n_kv_head = m.n_kv_head or n_head
+    if n_head % n_kv_head:
+      raise ValueError(f"model.n_kv_head={n_kv_head} does not divide n_head={n_head}")
+    for key in ("dtype", "param_dtype"):
+      if m[key] not in DTYPES:
+        raise ValueError(f"model.{key}={m[key]!r}; expected one of {sorted(DTYPES)}")
+    if m.remat not in ("none", *REMAT_POLICIES):
+      raise ValueError(f"model.remat={m.remat!r}; expected 'none', 'full' or 'dots'")
+    grid = tuple(int(g) for g in m.grid)
+    if len(grid) != 2 or min(grid) < 1:
+      raise ValueError(f"model.grid={m.grid!r}; expected two positive integers (rows, cols)")
+    if m.vocab_size < 1 or m.num_classes < 1:
+      raise ValueError(f"model.vocab_size={m.vocab_size}, model.num_classes={m.num_classes}; expected "
+                       "positive integers")
+    return cls(
+        n_layer=n_layer, n_head=n_head, dim=dim, n_kv_head=n_kv_head, vocab_size=m.vocab_size,
+        num_classes=m.num_classes, grid=grid, multiple_of=m.multiple_of,
+        ffn_dim_multiplier=m.ffn_dim_multiplier, norm_eps=m.norm_eps, rope_base=m.rope_base,
+        token_dropout=m.token_dropout, resid_dropout=m.resid_dropout, ffn_dropout=m.ffn_dropout,
+        class_dropout=m.class_dropout, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+        scan_layers=m.scan_layers, remat=m.remat)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2D RoPE.
+
+
+@functools.lru_cache(maxsize=64)
+def rope_2d(rows: int, cols: int, head_dim: int, base: float = 10000.0, n_cond: int = 1) -> np.ndarray:
+  """cos/sin table [n_cond + rows*cols, head_dim/2, 2] for the release's 2D RoPE.
+
+  Pair j < hd/4 rotates by the row index, pair hd/4 + j by the column index, both at base^(-4j/hd).
+  The condition positions get cos = sin = 0, which zeroes their query and key: the release does this
+  (it is not an identity rotation) and converted checkpoints were trained with it.
+  """
+  quarter = head_dim // 4
+  freqs = base ** (-4.0 * np.arange(quarter, dtype=np.float64) / head_dim)
+  r = np.repeat(np.arange(rows), cols)  # Row index of each raster position.
+  c = np.tile(np.arange(cols), rows)
+  angles = np.concatenate([np.outer(r, freqs), np.outer(c, freqs)], axis=-1)  # [rows*cols, hd/2]
+  table = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+  table = np.concatenate([np.zeros((n_cond, head_dim // 2, 2)), table], axis=0)
+  return table.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, table: jax.Array) -> jax.Array:
+  """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, S, H, hd] by table [S, hd/2, 2]."""
+  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  cos = table[None, :, None, :, 0]
+  sin = table[None, :, None, :, 1]
+  x0, x1 = xf[..., 0], xf[..., 1]
+  out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers.
+
+
+def _dense(features: int, axes: tuple[str, str], cfg: GPTConfig, name: str, zero: bool = False):
+  init = nn.initializers.zeros_init() if zero else nn.initializers.normal(0.02)
+  return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    # Normalise in fp32 as the release does, whatever the compute dtype.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf.astype(self.dtype) * scale.astype(self.dtype))
+
+
+class Attention(nn.Module):
+  """Causal self-attention. `qkv` and `attend` are separate so a cached decode path can reuse both."""
+  cfg: GPTConfig
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    self.wqkv = _dense((cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, ("embed", "heads"), cfg, "wqkv")
+    self.wo = _dense(cfg.dim, ("heads", "embed"), cfg, "wo")
+    self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+
+  def qkv(self, x, rope):
+    """x [B, S, D] -> rotated q [B, S, H, hd], rotated k and v [B, S, Hkv, hd]."""
+    cfg = self.cfg
+    b, s, _ = x.shape
+    qkv = self.wqkv(x)
+    nq, nkv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    q = qkv[..., :nq].reshape(b, s, cfg.n_head, cfg.head_dim)
+    k = qkv[..., nq:nq + nkv].reshape(b, s, cfg.n_kv_head, cfg.head_dim)
+    v = qkv[..., nq + nkv:].reshape(b, s, cfg.n_kv_head, cfg.head_dim)
+    return apply_rope(q, rope), apply_rope(k, rope), v
+
+  def out(self, o):
+    """o [B, S, H, hd] -> projected, dropped-out residual branch [B, S, D]."""
+    b, s = o.shape[:2]
+    return self.resid_dropout(self.wo(o.reshape(b, s, -1)), deterministic=self.deterministic)
+
+  def __call__(self, x, rope):
+    q, k, v = self.qkv(x, rope)
+    # Grouped KV heads: query head n reads KV head n // (H / Hkv), as the release's repeat_interleave.
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return self.out(o)
+
+
+class FeedForward(nn.Module):
+  cfg: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    h = nn.silu(_dense(cfg.ffn_dim, ("embed", "mlp"), cfg, "w1")(x))
+    h = h * _dense(cfg.ffn_dim, ("embed", "mlp"), cfg, "w3")(x)
+    h = _dense(cfg.dim, ("mlp", "embed"), cfg, "w2")(h)
+    return nn.Dropout(cfg.ffn_dropout)(h, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+  cfg: GPTConfig
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    self.attention_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+    self.attention = Attention(cfg, self.deterministic)
+    self.ffn_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+    self.feed_forward = FeedForward(cfg, self.deterministic)
+
+  def __call__(self, x, rope):
+    x = x + self.attention(self.attention_norm(x), rope)
+    x = x + self.feed_forward(self.ffn_norm(x))
+    x = nn.with_logical_constraint(x, ("batch", None, None))
+    return x, None  # (carry, output) so the same block runs under nn.scan.
+
+
+class LabelEmbedder(nn.Module):
+  """Class embedding with num_classes + 1 rows; the last row is the null class of guidance."""
+  cfg: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, labels):
+    cfg = self.cfg
+    table = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("classes", "embed")),
+        (cfg.num_classes + 1, cfg.dim), cfg.param_dtype)
+    if not self.deterministic and cfg.class_dropout > 0:
+      drop = jax.random.bernoulli(self.make_rng("dropout"), cfg.class_dropout, labels.shape)
+      labels = jnp.where(drop, cfg.num_classes, labels)
+    return jnp.take(table, labels, axis=0).astype(cfg.dtype)[:, None, :]  # [B, 1, D]
+
+
+class GPT(nn.Module):
+  """__call__(tokens [B, h, w], labels [B], patch_size=k) -> logits [B, (h/k)*(w/k), V] (fp32).
+
+  Output position i predicts patch i of the grid cut into k x k patches; at k = 1 it is the plain
+  next-token model, and sampling only ever uses k = 1.
+  """
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens, labels, *, patch_size: int = 1, train: bool = False):
+    cfg = self.cfg
+    b, h, w = tokens.shape
+    k = patch_size
+    npp.check_patch_size(k, (h, w))
+    deterministic = not train
+    tok_embeddings = nn.Embed(
+        cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        name="tok_embeddings")
+    emb = tok_embeddings(tokens.reshape(b, h * w))
+    patches = npp.aggregate(emb, (h, w), k)  # [B, n, D]
+    cond = LabelEmbedder(cfg, deterministic, name="cls_embedding")(labels)
+    x = npp.shift_inputs(cond, patches)  # [B, 1 + n - 1, D]
+    x = nn.Dropout(cfg.token_dropout)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", None, None))
+    # RoPE runs on the patch grid of this stage, not on the token grid.
+    rope = jnp.asarray(rope_2d(h // k, w // k, cfg.head_dim, cfg.rope_base))[: x.shape[1]]
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=nn.broadcast, length=cfg.n_layer,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, deterministic, name="layers")(x, rope)
+    else:
+      for i in range(cfg.n_layer):
+        x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, rope)
+
+    x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
+    # The release zero-initialises the output layer, so a fresh model predicts a uniform distribution.
+    logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "output", zero=True)(x)
+    return logits.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shapes and layouts without allocating.
+
+
+def abstract_params(cfg: GPTConfig):
+  """The params tree as ShapeDtypeStructs wrapped in logical-partitioning boxes (jax.eval_shape)."""
+  model = GPT(cfg)
+  h, w = cfg.grid
+  tokens = jax.ShapeDtypeStruct((1, h, w), jnp.int32)
+  labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+  return jax.eval_shape(lambda t, l: model.init(jax.random.key(0), t, l), tokens, labels)["params"]
+
+
+def param_shapes(model_config: ml_collections.ConfigDict):
+  """{path: shape} of the unscanned layout for a config, without allocating any parameter."""
+  cfg = dataclasses.replace(GPTConfig.from_config(model_config), scan_layers=False)
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))[0]
+  return {"/".join(str(p.key) for p in path): tuple(x.shape) for path, x in flat}
+
+
+def count_params(cfg: GPTConfig) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_params(cfg))))
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+  """Unscanned layout (layers_0 .. layers_{n-1}) -> scanned layout (layers, leading axis n)."""
+  params = dict(params)
+  layers = [params.pop(f"layers_{i}") for i in range(n_layer)]
+  params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return params
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned layout -> unscanned layout; the identity on an unscanned tree."""
+  if "layers" not in params:
+    return params
+  params = dict(params)
+  stacked = params.pop("layers")
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(n):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
