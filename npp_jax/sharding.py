@@ -1,0 +1,73 @@
+"""Meshes, logical-axis rules and placing arrays: the only module that names mesh axes.
+
+The mesh has three axes from the config: data (pure data parallel), fsdp (data parallel whose parameters and
+optimizer state are also split), tensor (model parallel inside a layer). A laptop CPU is a 1x1x1 mesh.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolve a -1 entry to the devices left; one-line error when the shape cannot cover the devices."""
+  shape = [int(s) for s in shape]
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh.shape={tuple(shape)}; expected positive sizes and at most one -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh.shape={tuple(shape)} cannot be filled from {num_devices} devices: "
+                       f"{num_devices} is not a multiple of {known}")
+    shape[shape.index(-1)] = num_devices // known
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices; "
+                     f"found {num_devices} ({jax.devices()[0].platform})")
+  return tuple(shape)
+
+
+def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  axes = tuple(mesh_config.axes)
+  if axes != ("data", "fsdp", "tensor"):
+    raise ValueError(f"mesh.axes={axes}; expected ('data', 'fsdp', 'tensor')")
+  shape = mesh_shape(mesh_config.shape, len(devices))
+  # Auto axes: XLA propagates shardings from the annotated parameters and inputs.
+  return jax.make_mesh(shape, axes, (AxisType.Auto,) * len(axes), devices=devices)
+
+
+def rules(mesh_config) -> tuple[tuple[str, Any], ...]:
+  """Logical-axis rules from the config as hashable tuples (ConfigDict turns them into lists)."""
+  out = []
+  for name, target in mesh_config.rules:
+    out.append((name, tuple(target) if isinstance(target, (list, tuple)) else target))
+  return tuple(out)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over data and fsdp; everything else replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, axis_rules) -> Any:
+  """NamedShardings for a tree of nn.LogicallyPartitioned boxes (or abstract values of them)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+  """Per-process batch (leading axis = this process's share) -> global arrays split over the batch axes."""
+  sharding = data_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
