@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.init_from = ""  # A checkpoint directory whose parameters start this run (converted weights).
   c.train.profile = False
+  c.train.peak_flops_per_device = 0.0  # For MFU where the device is not in costs.PEAK_FLOPS (0: look up).
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # Directory of the code data set (npp_jax.data); required for training.
@@ -102,3 +103,87 @@ def base_config() -> ml_collections.ConfigDict:
       ("norm", None),
   )
   return c
+
+
+def release_config(name: str, cfg_scale: float, arg: str | None = None) -> ml_collections.ConfigDict:
+  """A released model size with the paper's recipe; arg "runlocal" shrinks it to run on a laptop CPU."""
+  c = base_config()
+  c.model.name = name
+  if "sample" in c:
+    c.sample.cfg_scale = cfg_scale  # The paper's best guidance scale for this size.
+  if arg == "runlocal":
+    c.model.name = "custom"
+    c.model.n_layer, c.model.n_head, c.model.dim = 2, 4, 64
+    c.model.dtype = "float32"
+    c.train.global_batch_size = 8
+    c.train.epochs = 4
+    c.train.log_every_steps = 1
+    c.optim.warmup_epochs = 0.5
+  elif arg:
+    raise ValueError(f"config argument {arg!r}; expected nothing or 'runlocal'")
+  return c
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  """A model and run small enough for CPU tests: 2 layers, dim 64, 16x16 grid, 256 codes, 10 classes."""
+  c = base_config()
+  c.model.name = "custom"
+  c.model.n_layer, c.model.n_head, c.model.dim = 2, 2, 64
+  c.model.vocab_size, c.model.num_classes = 256, 10
+  c.model.multiple_of = 32
+  c.model.dtype = "float32"
+  c.model.token_dropout = c.model.resid_dropout = c.model.ffn_dropout = 0.0
+  c.train.global_batch_size = 16
+  c.train.epochs = 8
+  c.train.log_every_steps = 1
+  c.train.checkpoint_every_steps = 4
+  c.optim.lr = 3e-3
+  c.optim.end_lr = 3e-4
+  c.optim.warmup_epochs = 0.5
+  return c
+
+
+def vq_config() -> ml_collections.ConfigDict:
+  """LlamaGen's VQ-16 tokenizer (NPP.md, "The VQ-16 tokenizer"): the released checkpoint's architecture."""
+  v = ml_collections.ConfigDict()
+  v.codebook_size = 16384
+  v.codebook_embed_dim = 8
+  v.z_channels = 256
+  v.ch = 128
+  v.ch_mult = (1, 1, 2, 2, 4)  # (1, 2, 2, 4) is VQ-8.
+  v.num_res_blocks = 2  # Per encoder level; the release's decoder has one more per level.
+  v.norm_groups = 32
+  v.norm_eps = 1e-6
+  v.dropout = 0.0
+  v.image_size = 256
+  v.dtype = "float32"  # Compute dtype of the convolutions; quantization always runs in fp32.
+  v.param_dtype = "float32"
+  # Quantizer losses, as in LlamaGen: codebook_weight * |sg(z) - e|^2 + commit_beta * |z - sg(e)|^2
+  # + entropy_loss_ratio * (per-sample entropy - batch entropy) of softmax(-distance / temperature).
+  v.commit_beta = 0.25
+  v.codebook_weight = 1.0
+  v.entropy_loss_ratio = 0.0
+  v.entropy_temperature = 0.01
+  return v
+
+
+def sample_config() -> ml_collections.ConfigDict:
+  """`python -m npp_jax.main --mode=sample`: class-conditional samples (npp_jax.sample.sample_and_save)."""
+  s = ml_collections.ConfigDict()
+  s.checkpoint = ""  # A training workdir, its checkpoints/ folder, or a converted checkpoint (required).
+  s.use_ema = False  # Take the run's EMA weights (an error if the run kept none).
+  s.vq_checkpoint = ""  # A converted VQ checkpoint (config.vq); "" writes codes only, no images.
+  s.num_images = 50000  # Any count: the last batch is padded to batch_size and trimmed.
+  s.classes = ()  # Class ids, cycled over the samples; () cycles all classes (50 each for 50k of 1000).
+  s.cfg_scale = 2.0  # GPT-B's best (NPP.md); release_config sets each size's. 1 turns guidance off.
+  s.cfg_interval = -1  # -1 guides every token; n >= 0 guides tokens 0 .. n + 1 only, as the release.
+  s.temperature = 1.0
+  s.top_k = 0  # 0 = off; 1 = greedy.
+  s.top_p = 1.0  # 1.0 = off.
+  s.seed = 0
+  s.batch_size = 64  # Global images per step (a multiple of the device count); one shard file per step.
+  s.dtype = "auto"  # Compute dtype: "auto" is float32 on CPU (bf16 matmuls measured 3x slower there),
+  #                   model.dtype elsewhere; or one of float32 / bfloat16 / float16.
+  s.grid_rows = 4  # PNG: rows (one class each when classes are given) ...
+  s.grid_cols = 8  # ... of this many images.
+  return s

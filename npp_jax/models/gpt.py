@@ -327,3 +327,99 @@ def unstack_layers(params: dict) -> dict:
   for i in range(n):
     params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV-cache decoding: the same parameters (unscanned layout), one chunk of positions at a time.
+#
+# Calibration on CPU (NPP.md): caches stacked over layers made XLA copy the whole cache every token, so each
+# layer owns its cache, updated in place with dynamic_update_slice. Caches are laid out [B, Hkv, T, hd] so
+# that both attention matmuls have their batch dimensions leading and read the cache without a transpose.
+
+
+def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=None) -> tuple:
+  """Per-layer (k, v) caches of zeros, each [batch, n_kv_head, length, head_dim]."""
+  shape = (batch, cfg.n_kv_head, length, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer))
+
+
+def _cached_attention(attention: Attention, x, rope, cache, pos, length):
+  """x [B, S, D] at positions pos .. pos+S-1 -> (residual branch [B, S, D], updated (k, v) cache).
+
+  Only the first `length` cache entries are read (a static bound, so a caller can decode the early
+  tokens against a shorter prefix of the cache); entries past the current position are masked.
+  """
+  cfg = attention.cfg
+  b, s, _ = x.shape
+  q, k, v = attention.qkv(x, rope)
+  k_cache, v_cache = cache
+  # Write first, then read: XLA can update the loop-carried buffer in place.
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                         (0, 0, pos, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                         (0, 0, pos, 0))
+  keys, values = k_cache[:, :, :length], v_cache[:, :, :length]
+  group = cfg.n_head // cfg.n_kv_head
+  # Query head n reads KV head n // group, as in the full forward pass.
+  qg = q.reshape(b, s, cfg.n_kv_head, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, S, hd]
+  qg = qg.reshape(b, cfg.n_kv_head, group * s, cfg.head_dim)
+  scores = jnp.einsum("bkqd,bktd->bkqt", qg, keys, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / np.sqrt(cfg.head_dim))
+  query_pos = pos + jnp.tile(jnp.arange(s), group)  # Row g*s + i of qg is position pos + i.
+  visible = jnp.arange(length)[None, :] <= query_pos[:, None]  # [G*S, T]
+  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+  o = jnp.einsum("bkqt,bktd->bkqd", probs, values)  # [B, Hkv, G*S, hd]
+  o = o.reshape(b, cfg.n_kv_head, group, s, cfg.head_dim).transpose(0, 3, 1, 2, 4)
+  return attention.out(o.reshape(b, s, cfg.n_head, cfg.head_dim)), (k_cache, v_cache)
+
+
+class Decoder(nn.Module):
+  """GPT's parameters run incrementally against per-layer KV caches (sampling; always k = 1).
+
+  Parameter names match GPT's unscanned layout, so `Decoder(cfg).apply({"params": unstack_layers(p)}, ...)`
+  takes a trained GPT's parameters. Position 0 is the class embedding, position t >= 1 holds token t - 1
+  of the raster-order grid, and the output at position t predicts token t.
+  """
+  cfg: GPTConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.tok_embeddings = nn.Embed(
+        cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.cls_embedding = LabelEmbedder(cfg)
+    self.layers = [Block(cfg) for _ in range(cfg.n_layer)]  # Named layers_0 .. layers_{n-1}.
+    self.norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+    self.output = nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed", "vocab")))
+
+  def embed_tokens(self, tokens):
+    """tokens [B, S] -> [B, S, D]."""
+    return self.tok_embeddings(tokens)
+
+  def embed_class(self, labels):
+    """labels [B] (num_classes = the null class) -> [B, 1, D]."""
+    return self.cls_embedding(labels)
+
+  def __call__(self, x, cache, pos, *, length: int | None = None):
+    """x [B, S, D] embeddings at positions pos .. pos+S-1 -> (logits [B, S, V] fp32, updated cache).
+
+    `length` (static) bounds the cache prefix that attention reads; it must exceed pos + S - 1.
+    """
+    cfg = self.cfg
+    s = x.shape[1]
+    length = length or cache[0][0].shape[2]
+    table = jnp.asarray(rope_2d(*cfg.grid, cfg.head_dim, cfg.rope_base))
+    rope = jax.lax.dynamic_slice_in_dim(table, pos, s)
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      h, layer_cache = _cached_attention(layer.attention, layer.attention_norm(x), rope, layer_cache, pos,
+                                         length)
+      x = x + h
+      x = x + layer.feed_forward(layer.ffn_norm(x))
+      new_cache.append(layer_cache)
+    logits = self.output(self.norm(x))
+    return logits.astype(jnp.float32), tuple(new_cache)

@@ -1,0 +1,315 @@
+"""PyTorch <-> JAX weights for the released GPT and VQ tokenizer checkpoints.
+
+  python -m npp_jax.convert --kind=gpt --src=c2i_B_256.pt --config=configs/b.py --dst=/ckpt/gpt_b
+  python -m npp_jax.convert --kind=vq --src=vq_ds16_c2i.pt --config=configs/b.py --dst=/ckpt/vq16
+  python -m npp_jax.convert --kind=gpt --src=/ckpt/gpt_b --config=configs/b.py --dst=out.pt --to=torch
+
+The GPT architecture comes from `config.model`, the tokenizer's from `config.vq`.
+
+Layout of a converted checkpoint: a directory written by orbax's StandardCheckpointer holding the pytree
+`{"params": params}`, where `params` is the Linen "params" collection of `npp_jax.models.gpt.GPT` (always
+the unscanned layout: `layers_0 .. layers_{n-1}`; `gpt.stack_layers` gives the scanned one) or of
+`npp_jax.models.vq.VQModel`, in the config's param_dtype. `load_params(dir)` reads it back.
+
+Reading accepts every form the releases use: a dict whose "model", "module" or "state_dict" entry is the
+state dict, a bare state dict (FSDP exports), and with --ema the "ema" entry. `--to=torch` writes
+`{"model": state_dict}`, which the PyTorch release loads with strict key matching.
+
+torch is imported only inside the functions that need it (`pip install .[torch]`).
+"""
+import os
+import re
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from npp_jax.models import gpt
+from npp_jax.models import vq
+
+KINDS = ("gpt", "vq")
+# Torch keys that name the same tensor in both frameworks only after a special rename.
+_SPECIAL_NAMES = {
+    "cls_embedding/embedding": "cls_embedding.embedding_table.weight",
+    "quantize/embedding": "quantize.embedding.weight",
+}
+# Buffers that are no weights: usage statistics and inference caches the release may have saved.
+_IGNORED = re.compile(r"(^|.*\.)(codebook_used|k_cache|v_cache|freqs_cis|causal_mask)$")
+# Size of the release's `quantize.codebook_used` buffer; its strict loader wants the key present.
+CODEBOOK_USED_SIZE = 65536
+# Wrappers that prefix every key: DDP ("module.") and torch.compile ("_orig_mod.").
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names and layouts.
+
+
+def torch_name(path: str) -> str:
+  """Flax path "layers_3/attention/wqkv/kernel" -> torch key "layers.3.attention.wqkv.weight"."""
+  if path in _SPECIAL_NAMES:
+    return _SPECIAL_NAMES[path]
+  *modules, leaf = path.split("/")
+  parts = [re.sub(r"^(.+)_(\d+)$", r"\1.\2", m) for m in modules]
+  parts.append("bias" if leaf == "bias" else "weight")  # kernel, scale and embedding are all "weight".
+  return ".".join(parts)
+
+
+def to_flax(path: str, x: np.ndarray) -> np.ndarray:
+  """A torch tensor (as numpy) in the Flax layout of `path`."""
+  if x.ndim == 4:  # Conv2d [out, in, kh, kw] -> [kh, kw, in, out].
+    return np.transpose(x, (2, 3, 1, 0))
+  if x.ndim == 2 and path.endswith("kernel"):  # Linear [out, in] -> Dense [in, out].
+    return x.T
+  return x
+
+
+def to_torch(path: str, x: np.ndarray) -> np.ndarray:
+  if x.ndim == 4:
+    return np.transpose(x, (3, 2, 0, 1))
+  if x.ndim == 2 and path.endswith("kernel"):
+    return x.T
+  return x
+
+
+def _torch_shape(path: str, shape: Sequence[int]) -> tuple[int, ...]:
+  return to_torch(path, np.empty(shape, np.uint8)).shape
+
+
+def expected_shapes(kind: str, config) -> dict[str, tuple[int, ...]]:
+  """{flax path: shape} of the unscanned params of `kind` for a full config (config.model / config.vq)."""
+  if kind == "gpt":
+    return gpt.param_shapes(config.model)
+  if kind == "vq":
+    if "vq" not in config:
+      raise ValueError("the config has no `vq` field; expected config.vq = config_lib.vq_config()")
+    return vq.param_shapes(config.vq)
+  raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
+
+
+def _param_dtype(kind: str, config):
+  if kind == "gpt":
+    return gpt.GPTConfig.from_config(config.model).param_dtype
+  return vq.VQConfig.from_config(config.vq).param_dtype
+
+
+def _mismatch_error(what: str, missing: list[str], unexpected: list[str], misshaped: list[str]):
+  def show(items):
+    items = sorted(items)
+    return ", ".join(items[:8]) + (f", ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+  parts = []
+  if missing:
+    parts.append(f"missing {len(missing)} keys: {show(missing)}")
+  if unexpected:
+    parts.append(f"unexpected {len(unexpected)} keys: {show(unexpected)}")
+  if misshaped:
+    parts.append(f"{len(misshaped)} mis-shaped: {show(misshaped)}")
+  return ValueError(f"{what} does not match the config; " + "; ".join(parts))
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for path, x in flat.items():
+    node = tree
+    *modules, leaf = path.split("/")
+    for m in modules:
+      node = node.setdefault(m, {})
+    node[leaf] = x
+  return tree
+
+
+def _flatten(tree) -> dict[str, Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(p, "key", p)) for p in path): x for path, x in flat}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Torch state dicts <-> params.
+
+
+def load_torch_state(src: str, ema: bool = False) -> dict[str, np.ndarray]:
+  """The state dict of a released checkpoint file as fp32 numpy arrays, wrapper prefixes removed."""
+  import argparse
+  import pickle
+
+  import torch
+
+  if not os.path.isfile(src):
+    raise ValueError(f"--src={src!r} is not a file; expected a PyTorch checkpoint (.pt)")
+  try:
+    # Training scripts store their argparse.Namespace next to the weights; it holds only plain values.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(src, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"torch.load(weights_only=True) refused {src}: {first}") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"{src} holds a {type(obj).__name__}; expected a dict (a state dict or a checkpoint)")
+  if ema:
+    if not isinstance(obj.get("ema"), dict):
+      raise ValueError(f"--ema: {src} has no 'ema' state dict; its top-level keys are {sorted(obj)[:10]}")
+    state = obj["ema"]
+  else:
+    wrapped = [k for k in ("model", "module", "state_dict") if isinstance(obj.get(k), dict)]
+    if wrapped:
+      state = obj[wrapped[0]]
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+      state = obj  # A bare state dict, as FSDP exports write.
+    else:
+      raise ValueError(f"{src} has no 'model', 'module' or 'state_dict' entry and is not a bare state "
+                       f"dict; its top-level keys are {sorted(map(str, obj))[:10]}")
+  out = {}
+  for key, value in state.items():
+    if not isinstance(value, torch.Tensor):
+      raise ValueError(f"{src}: entry {key!r} is a {type(value).__name__}; expected a tensor")
+    for prefix in _PREFIXES:
+      while key.startswith(prefix):
+        key = key[len(prefix):]
+    out[key] = value.detach().to(torch.float32).cpu().numpy()
+  return out
+
+
+def state_to_params(kind: str, state: dict[str, np.ndarray], config, what: str = "the checkpoint"):
+  """Torch state dict (numpy) -> nested Flax params; every key and shape checked against the config."""
+  shapes = expected_shapes(kind, config)
+  dtype = _param_dtype(kind, config)
+  names = {torch_name(p): p for p in shapes}
+  missing = [n for n in names if n not in state]
+  unexpected = [k for k in state if k not in names and not _IGNORED.match(k)]
+  misshaped = []
+  for name, path in names.items():
+    want = _torch_shape(path, shapes[path])
+    if name in state and tuple(state[name].shape) != want:
+      misshaped.append(f"{name} {list(state[name].shape)} (expected {list(want)})")
+  if missing or unexpected or misshaped:
+    raise _mismatch_error(what, missing, unexpected, misshaped)
+  flat = {p: np.asarray(jnp.asarray(to_flax(p, state[n]), dtype)) for n, p in names.items()}
+  return _nest(flat)
+
+
+def params_to_state(kind: str, params, config, what: str = "the params") -> dict[str, np.ndarray]:
+  """Flax params (either GPT layout) -> torch state dict (fp32 numpy), checked against the config."""
+  if kind == "gpt":
+    params = gpt.unstack_layers(dict(params))
+  flat = _flatten(params)
+  shapes = expected_shapes(kind, config)
+  missing = [p for p in shapes if p not in flat]
+  unexpected = [p for p in flat if p not in shapes]
+  misshaped = [f"{p} {list(np.shape(flat[p]))} (expected {list(shapes[p])})"
+               for p in shapes if p in flat and tuple(np.shape(flat[p])) != shapes[p]]
+  if missing or unexpected or misshaped:
+    raise _mismatch_error(what, missing, unexpected, misshaped)
+  state = {torch_name(p): np.ascontiguousarray(to_torch(p, np.asarray(flat[p], np.float32)))
+           for p in shapes}
+  if kind == "vq":
+    state["quantize.codebook_used"] = np.zeros((CODEBOOK_USED_SIZE,), np.float32)
+  return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orbax checkpoints.
+
+
+def save_params(dst: str, params) -> None:
+  """Write `{"params": params}` to a new directory `dst` (orbax StandardCheckpointer)."""
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(dst)
+  if os.path.exists(path):
+    raise ValueError(f"--dst={dst!r} already exists; expected a new path (nothing is overwritten)")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, {"params": params})
+
+
+def load_params(path: str, target=None):
+  """The params pytree of a checkpoint written by `save_params` (this module's layout).
+
+  `target`: optional pytree of jax.ShapeDtypeStruct (with shardings) matching the params, to restore
+  straight into sharded device arrays; without it, arrays come back unsharded.
+  """
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise ValueError(f"checkpoint path {path!r} is not a directory; expected one written by "
+                     "npp_jax.convert (an orbax checkpoint holding {'params': ...})")
+  with ocp.StandardCheckpointer() as ckptr:
+    if target is None:
+      restored = ckptr.restore(path)
+    else:
+      restored = ckptr.restore(path, {"params": target})
+  if not isinstance(restored, dict) or "params" not in restored:
+    raise ValueError(f"{path} holds no 'params' entry; expected a checkpoint written by npp_jax.convert")
+  return restored["params"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def convert(kind: str, src: str, dst: str, config, ema: bool = False, to: str = "jax") -> None:
+  """One conversion; every argument is checked before anything is read or written."""
+  if kind not in KINDS:
+    raise ValueError(f"--kind={kind!r}; expected one of {KINDS}")
+  if to not in ("jax", "torch"):
+    raise ValueError(f"--to={to!r}; expected 'jax' or 'torch'")
+  if ema and to == "torch":
+    raise ValueError("--ema selects the EMA weights of a PyTorch checkpoint; it does not apply to --to=torch")
+  if os.path.exists(dst):
+    raise ValueError(f"--dst={dst!r} already exists; expected a new path (nothing is overwritten)")
+  expected_shapes(kind, config)  # Validates the config before any file is read.
+  if to == "jax":
+    params = state_to_params(kind, load_torch_state(src, ema), config, what=f"checkpoint {src}")
+    save_params(dst, params)
+    return
+  import torch
+
+  params = load_params(src)
+  state = params_to_state(kind, params, config, what=f"checkpoint {src}")
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, dst)
+
+
+def run(argv: Sequence[str]) -> None:
+  """The command line, parsed on a private flag set so that it can be called repeatedly (tests)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_enum("kind", None, list(KINDS), "Which model: gpt or vq.", flag_values=fv)
+  flags.DEFINE_string("src", None, "PyTorch checkpoint (.pt), or an orbax directory with --to=torch.",
+                      flag_values=fv)
+  flags.DEFINE_string("dst", None, "Output: an orbax directory, or a .pt file with --to=torch.",
+                      flag_values=fv)
+  flags.DEFINE_bool("ema", False, "Read the checkpoint's 'ema' weights.", flag_values=fv)
+  flags.DEFINE_enum("to", "jax", ["jax", "torch"], "Direction of the conversion.", flag_values=fv)
+  config_flags.DEFINE_config_file("config", None, "ml_collections config file (config.model, config.vq).",
+                                  flag_values=fv, sys_argv=list(argv))
+  try:
+    fv(list(argv))
+  except flags.Error as e:
+    raise ValueError(str(e).splitlines()[0]) from None
+  for name in ("kind", "src", "dst", "config"):
+    if fv[name].value is None:
+      raise ValueError(f"--{name} is required; usage: python -m npp_jax.convert --kind=gpt|vq "
+                       "--src=FILE --config=CONFIG --dst=DIR [--ema] [--to=torch]")
+  config = fv.config
+  try:
+    config.keys()
+  except OSError as e:  # config_flags reports a file it could not load at the config's first use.
+    raise ValueError(f"--config={fv['config'].config_filename!r} could not be loaded: "
+                     f"{str(e).strip().splitlines()[-1].strip()}") from None
+  convert(fv.kind, fv.src, fv.dst, config, ema=fv.ema, to=fv.to)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  try:
+    run(sys.argv if argv is None else argv)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,583 @@
+"""The code data set: VQ code grids of images with their class labels, written once, read every epoch.
+
+On disk it is a TFDS data set in array_record format (random access, no TensorFlow at read time) plus
+`code_dataset.json`, our own small record of what the arrays mean and which splits are complete:
+
+  out_dir/
+    dataset_info.json  features.json          TFDS metadata (splits, shard lengths, feature spec)
+    npp_codes-{split}.array_record-{shard}    one record per image: codes [n_aug, h, w], label
+    code_dataset.json                         grid, n_aug, vocab_size, num_classes, per split its size,
+                                              max code and max label; a split is listed once finalized
+
+Writing: `write_code_dataset` for arrays in memory, `CodeDatasetWriter` for jobs that produce codes as
+they go (code extraction), `from_npy_folder` / `python -m npp_jax.data` for folders of per-image .npy files
+made by the PyTorch LlamaGen release.
+
+Reading: `make_train_iterator` is an infinite grain iterator of local batches, one fresh shuffle and one
+random augmentation per image per epoch, remainder dropped, global batches split across processes; its
+state (JSON; {"next_index": steps consumed} without worker processes) restores it exactly.
+`make_eval_iterator` is one ordered pass.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any, Optional, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+_NAME = "npp_codes"  # TFDS data set name: the prefix of every shard file.
+_VERSION = "1.0.0"
+_META_FILE = "code_dataset.json"
+_FORMAT = 1
+_SHARD_BYTES = 64 << 20  # Shard size the writer aims for: large enough for few files, small enough to spread.
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeDatasetMetadata:
+  num_examples: int
+  grid: tuple[int, int]
+  n_aug: int
+  vocab_size: int
+  num_classes: int
+  max_code: int
+  max_label: int
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Full global batches in one epoch; the remainder of every epoch is dropped."""
+  return num_examples // global_batch_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _code_dtype(vocab_size: int) -> np.dtype:
+  # Raw bytes of the narrowest type: ImageNet with ten-crop x flip is ~13 GB as uint16, twice that as int32.
+  return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def _features(grid, n_aug, vocab_size) -> tfds.features.FeaturesDict:
+  # BYTES encoding: a frombuffer at read time instead of an int64 varint list (twice as fast both ways).
+  return tfds.features.FeaturesDict({
+      "codes": tfds.features.Tensor(
+          shape=(n_aug, *grid), dtype=_code_dtype(vocab_size), encoding=tfds.features.Encoding.BYTES),
+      "label": tfds.features.Tensor(shape=(), dtype=np.int32),
+  })
+
+
+def _tfds_info(out_dir, grid, n_aug, vocab_size, num_classes) -> tfds.core.DatasetInfo:
+  return tfds.core.DatasetInfo(
+      builder=tfds.core.DatasetIdentity(name=_NAME, version=_VERSION, data_dir=out_dir, module_name=""),
+      description=f"VQ codes ({vocab_size}-entry codebook) of {num_classes}-class images, npp_jax.data.",
+      features=_features(grid, n_aug, vocab_size))
+
+
+def _check_positive_int(name: str, value) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def _check_split_name(split) -> str:
+  # TFDS parses "+", "[" and "%" in split names as split arithmetic; keep names plain.
+  if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_]+", split):
+    raise ValueError(f"split must be a name of letters, digits and '_', got {split!r}")
+  return split
+
+
+def _check_grid(grid) -> tuple[int, int]:
+  try:
+    h, w = (int(g) for g in grid)
+  except (TypeError, ValueError):
+    raise ValueError(f"grid must be (h, w), got {grid!r}") from None
+  if h < 1 or w < 1:
+    raise ValueError(f"grid must be two positive integers (h, w), got {grid!r}")
+  return h, w
+
+
+def _as_examples(codes, labels, *, vocab_size: int, num_classes: int, where=lambda i: f"at example {i}"):
+  """Checked (codes [N, n_aug, h, w] int64, labels [N] int64); a one-line ValueError for the first fault.
+
+  `where(i)` names example i in the message: its index in the split, or the file it came from.
+  """
+  codes, labels = np.asarray(codes), np.asarray(labels)
+  if codes.ndim not in (3, 4):
+    raise ValueError(f"codes must be [N, n_aug, h, w] or [N, h, w], got shape {codes.shape}")
+  if codes.ndim == 3:
+    codes = codes[:, None]
+  if codes.shape[0] == 0:
+    raise ValueError(f"no examples: codes has shape {codes.shape}, expected N > 0")
+  if min(codes.shape[1:]) == 0:
+    raise ValueError(f"codes must have n_aug, h, w > 0, got shape {codes.shape}")
+  if labels.shape != (codes.shape[0],):
+    raise ValueError(f"labels must have shape ({codes.shape[0]},) to match codes, got {labels.shape}")
+  for name, x in (("codes", codes), ("labels", labels)):
+    if not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f"{name} must be integers, got dtype {x.dtype}")
+  codes, labels = codes.astype(np.int64), labels.astype(np.int64)
+  for name, x, bound, bound_name in (("code", codes, vocab_size, "vocab_size"),
+                                     ("label", labels, num_classes, "num_classes")):
+    bad = (x < 0) | (x >= bound)
+    if bad.any():
+      first = np.unravel_index(int(np.argmax(bad)), x.shape)
+      value = int(x[first])
+      expected = "< 0" if value < 0 else f">= {bound_name} {bound}"
+      raise ValueError(f"{name} {value} {where(int(first[0]))} is {expected}")
+  return codes, labels
+
+
+def _read_meta(path) -> Optional[dict[str, Any]]:
+  try:
+    with open(os.path.join(path, _META_FILE)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def _write_meta(path, meta: dict[str, Any]) -> None:
+  # Write-then-rename, so that a crash never leaves a half-written record of which splits are complete.
+  tmp = os.path.join(path, _META_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(path, _META_FILE))
+
+
+class CodeDatasetWriter:
+  """Writes one split of a code data set batch by batch; `finalize()` makes the split readable.
+
+  Use it as a context manager: an exception inside the block removes the partly written split, so a
+  failed job leaves the data set as it was. Only one writer may work on a directory at a time (TFDS
+  rewrites dataset_info.json on every `add`). Other splits already in `out_dir` are kept; their grid,
+  n_aug, vocab_size and num_classes must match.
+  """
+
+  def __init__(self, out_dir: str, grid: Sequence[int], n_aug: int, vocab_size: int, num_classes: int, *,
+               split: str = "train", overwrite: bool = False, examples_per_shard: Optional[int] = None):
+    self.out_dir = os.fspath(out_dir)
+    self.grid = _check_grid(grid)
+    self.n_aug = _check_positive_int("n_aug", n_aug)
+    self.vocab_size = _check_positive_int("vocab_size", vocab_size)
+    self.num_classes = _check_positive_int("num_classes", num_classes)
+    self.split = _check_split_name(split)
+    if examples_per_shard is None:
+      example_bytes = self.n_aug * self.grid[0] * self.grid[1] * _code_dtype(self.vocab_size).itemsize
+      examples_per_shard = max(1, _SHARD_BYTES // example_bytes)
+    examples_per_shard = _check_positive_int("examples_per_shard", examples_per_shard)
+    self._meta = self._open_dataset(overwrite)
+    info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
+    # overwrite=False: TFDS loads the splits already on disk and appends ours beside them.
+    self._writer = tfds.core.SequentialWriter(
+        ds_info=info, max_examples_per_shard=examples_per_shard, overwrite=False, file_format="array_record")
+    self._writer.initialize_splits([self.split])
+    self.num_examples, self.max_code, self.max_label = 0, -1, -1
+    self._done = False
+
+  def _open_dataset(self, overwrite: bool) -> dict[str, Any]:
+    meta = _read_meta(self.out_dir)
+    self._made_dir = self._made_dataset = False
+    if meta is None:
+      if os.path.isdir(self.out_dir) and os.listdir(self.out_dir):
+        raise ValueError(f"{self.out_dir} exists and is not a code data set (no {_META_FILE}); "
+                         f"expected a new or empty directory")
+      self._made_dir = not os.path.isdir(self.out_dir)
+      self._made_dataset = True
+      os.makedirs(self.out_dir, exist_ok=True)
+      meta = {"format": _FORMAT, "grid": list(self.grid), "n_aug": self.n_aug,
+              "vocab_size": self.vocab_size, "num_classes": self.num_classes, "splits": {}}
+      _write_meta(self.out_dir, meta)
+      return meta
+    for key, want in (("grid", list(self.grid)), ("n_aug", self.n_aug), ("vocab_size", self.vocab_size),
+                      ("num_classes", self.num_classes)):
+      if meta.get(key) != want:
+        raise ValueError(
+            f"code data set {self.out_dir} has {key}={meta.get(key)}, the writer was given {want}")
+    on_disk = self.split in meta["splits"] or self.split in _tfds_split_names(self.out_dir)
+    if on_disk and not overwrite:
+      state = "" if self.split in meta["splits"] else " (unfinished: an interrupted write)"
+      raise ValueError(f"split '{self.split}' already exists in {self.out_dir}{state}; "
+                       f"pass overwrite=True to replace it")
+    if on_disk:
+      self._remove_split(meta)
+    return meta
+
+  def _remove_split(self, meta: dict[str, Any]) -> None:
+    meta["splits"].pop(self.split, None)
+    _write_meta(self.out_dir, meta)
+    if os.path.exists(os.path.join(self.out_dir, "dataset_info.json")):
+      info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
+      info.read_from_directory(self.out_dir)
+      info.set_splits(tfds.core.SplitDict([s for name, s in info.splits.items() if name != self.split]))
+      info.write_to_directory(self.out_dir)
+    prefix = f"{_NAME}-{self.split}."
+    for f in os.listdir(self.out_dir):
+      if f.startswith(prefix):
+        os.remove(os.path.join(self.out_dir, f))
+
+  def add(self, codes, labels) -> None:
+    """Appends a batch: codes [B, n_aug, h, w] (or [B, h, w] when n_aug = 1), labels [B]. Checked first."""
+    if self._done:
+      raise ValueError(f"split '{self.split}' of {self.out_dir} is already finalized")
+    codes, labels = _as_examples(codes, labels, vocab_size=self.vocab_size, num_classes=self.num_classes,
+                                 where=lambda i: f"at example {self.num_examples + i}")
+    if codes.shape[1:] != (self.n_aug, *self.grid):
+      raise ValueError(f"codes batch is [B, n_aug, h, w] = {codes.shape}, the writer expects "
+                       f"[B, {self.n_aug}, {self.grid[0]}, {self.grid[1]}]")
+    codes = codes.astype(_code_dtype(self.vocab_size))
+    self._writer.add_examples(
+        {self.split: [{"codes": c, "label": np.int32(l)} for c, l in zip(codes, labels)]})
+    self.num_examples += len(labels)
+    self.max_code = max(self.max_code, int(codes.max()))
+    self.max_label = max(self.max_label, int(labels.max()))
+
+  def finalize(self) -> CodeDatasetMetadata:
+    if self._done:
+      raise ValueError(f"split '{self.split}' of {self.out_dir} is already finalized")
+    if self.num_examples == 0:
+      self.abort()
+      raise ValueError(f"no examples were added to split '{self.split}' of {self.out_dir}; expected N > 0")
+    self._writer.close_splits([self.split])
+    self._meta["splits"][self.split] = {
+        "num_examples": self.num_examples, "max_code": self.max_code, "max_label": self.max_label}
+    _write_meta(self.out_dir, self._meta)
+    self._done = True
+    return load_metadata(self.out_dir, self.split)
+
+  def abort(self) -> None:
+    """Drops what this writer wrote; other splits stay."""
+    if self._done:
+      return
+    self._writer.close_splits([self.split])
+    self._remove_split(self._meta)
+    self._done = True
+    if self._made_dataset and not self._meta["splits"]:
+      # This writer created the data set: leave the directory as it found it.
+      for f in (_META_FILE, "dataset_info.json", "features.json", "metadata.json"):
+        if os.path.exists(os.path.join(self.out_dir, f)):
+          os.remove(os.path.join(self.out_dir, f))
+      if self._made_dir and not os.listdir(self.out_dir):
+        os.rmdir(self.out_dir)
+
+  def __enter__(self) -> "CodeDatasetWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      self.abort()
+    elif not self._done:
+      self.finalize()
+
+
+def write_code_dataset(out_dir: str, codes, labels, *, vocab_size: int, num_classes: int,
+                       split: str = "train", overwrite: bool = False) -> CodeDatasetMetadata:
+  """Writes codes [N, n_aug, h, w] (or [N, h, w]) and labels [N] as `split` of the data set at out_dir."""
+  vocab_size = _check_positive_int("vocab_size", vocab_size)
+  num_classes = _check_positive_int("num_classes", num_classes)
+  codes, labels = _as_examples(codes, labels, vocab_size=vocab_size, num_classes=num_classes)
+  with CodeDatasetWriter(out_dir, codes.shape[2:], codes.shape[1], vocab_size, num_classes,
+                         split=split, overwrite=overwrite) as writer:
+    chunk = max(1, (16 << 20) // codes[0].nbytes)  # Bounds the memory of the serialised examples.
+    for i in range(0, len(labels), chunk):
+      writer.add(codes[i:i + chunk], labels[i:i + chunk])
+  return load_metadata(out_dir, split)
+
+
+def _tfds_split_names(path) -> list[str]:
+  try:
+    with open(os.path.join(path, "dataset_info.json")) as f:
+      return [s["name"] for s in json.load(f).get("splits", [])]
+  except FileNotFoundError:
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LlamaGen's extraction output: <src>/<name>_codes/{i}.npy and <src>/<name>_labels/{i}.npy, one per image.
+
+
+def _npy_index(folder: str) -> dict[int, str]:
+  files = {}
+  for f in os.listdir(folder):
+    m = re.fullmatch(r"(\d+)\.npy", f)
+    if m:
+      files[int(m.group(1))] = os.path.join(folder, f)
+  return files
+
+
+def _one_subfolder(src: str, suffix: str) -> str:
+  found = sorted(d for d in os.listdir(src) if d.endswith(suffix) and os.path.isdir(os.path.join(src, d)))
+  if len(found) != 1:
+    raise ValueError(f"expected exactly one '*{suffix}' folder in {src}, found {found or 'none'}")
+  return os.path.join(src, found[0])
+
+
+def _npy_codes(path: str, grid) -> np.ndarray:
+  """One image's codes, stored as [1, n_aug, h*w], [n_aug, h*w] or [h*w] -> [n_aug, h, w]."""
+  x = np.load(path)
+  if x.ndim == 3 and x.shape[0] == 1:
+    x = x[0]
+  if x.ndim == 1:
+    x = x[None]
+  if x.ndim != 2:
+    raise ValueError(
+        f"{path} holds codes of shape {x.shape}; expected [1, n_aug, h*w], [n_aug, h*w] or [h*w]")
+  if grid is None:
+    side = math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+      raise ValueError(f"{path} has {x.shape[1]} codes per grid, not a square; pass grid=(h, w)")
+    grid = (side, side)
+  if grid[0] * grid[1] != x.shape[1]:
+    raise ValueError(f"{path} has {x.shape[1]} codes per grid, expected h*w = {grid[0] * grid[1]}")
+  return x.reshape(x.shape[0], *grid)
+
+
+def _npy_label(path: str) -> np.ndarray:
+  y = np.load(path)
+  if y.size != 1:
+    raise ValueError(f"{path} holds a label of shape {y.shape}; expected [1] or a scalar")
+  return y.reshape(())
+
+
+def from_npy_folder(src: str, out_dir: str, *, vocab_size: int, num_classes: int, grid=None,
+                    split: str = "train", overwrite: bool = False, batch: int = 1024) -> CodeDatasetMetadata:
+  """Converts a LlamaGen code folder (`*_codes/{i}.npy`, `*_labels/{i}.npy`) into split `split` of out_dir.
+
+  Images are taken in the order of i. The files are streamed (ImageNet does not fit in memory), so a bad
+  file part-way stops the job and removes what was written of the split.
+  """
+  if not os.path.isdir(src):
+    raise ValueError(f"{src} is not a directory")
+  grid = None if grid is None else _check_grid(grid)
+  code_dir = _one_subfolder(src, "_codes")
+  code_files, label_files = _npy_index(code_dir), _npy_index(_one_subfolder(src, "_labels"))
+  if not code_files:
+    raise ValueError(f"no {{i}}.npy files in {code_dir}")
+  if code_files.keys() != label_files.keys():
+    missing = sorted(code_files.keys() ^ label_files.keys())[0]
+    side = "labels" if missing in code_files else "codes"
+    raise ValueError(f"image {missing} has no {side} file in {src}; expected matching {{i}}.npy in both")
+  order = sorted(code_files)
+  first = _npy_codes(code_files[order[0]], grid)
+  n_aug, grid = first.shape[0], first.shape[1:]
+  with CodeDatasetWriter(out_dir, grid, n_aug, vocab_size, num_classes,
+                         split=split, overwrite=overwrite) as writer:
+    for start in range(0, len(order), batch):
+      ids = order[start:start + batch]
+      codes = [_npy_codes(code_files[i], grid) for i in ids]
+      for i, c in zip(ids, codes):
+        if c.shape != first.shape:
+          raise ValueError(
+              f"{code_files[i]} holds codes of shape {c.shape}, the first image's are {first.shape}")
+      codes, labels = _as_examples(  # Checked here too, to name the offending file.
+          np.stack(codes), np.stack([_npy_label(label_files[i]) for i in ids]), vocab_size=vocab_size,
+          num_classes=num_classes, where=lambda j: f"in {code_files[ids[j]]} / {label_files[ids[j]]}")
+      writer.add(codes, labels)
+  return load_metadata(out_dir, split)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading.
+
+
+def load_metadata(path: str, split: str = "train") -> CodeDatasetMetadata:
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise ValueError(f"no code data set at {path}: the directory does not exist")
+  meta = _read_meta(path)
+  if meta is None:
+    raise ValueError(f"{path} is not a code data set: {_META_FILE} is missing")
+  if meta.get("format") != _FORMAT:
+    raise ValueError(f"code data set {path} has format {meta.get('format')}, this code reads {_FORMAT}")
+  s = meta["splits"].get(split)
+  if s is None:
+    raise ValueError(f"code data set {path} has no finished split '{split}' (has: {sorted(meta['splits'])})")
+  if s["num_examples"] <= 0:
+    raise ValueError(f"split '{split}' of code data set {path} has 0 examples")
+  return CodeDatasetMetadata(
+      num_examples=s["num_examples"], grid=tuple(meta["grid"]), n_aug=meta["n_aug"],
+      vocab_size=meta["vocab_size"], num_classes=meta["num_classes"], max_code=s["max_code"],
+      max_label=s["max_label"])
+
+
+def _open_split(path: str, split: str):
+  meta = load_metadata(path, split)
+  source = tfds.builder_from_directory(path).as_data_source(split)
+  if len(source) != meta.num_examples:
+    raise ValueError(f"split '{split}' of {path} holds {len(source)} records, {_META_FILE} says "
+                     f"{meta.num_examples}")
+  return meta, source
+
+
+def _read(source, ids: np.ndarray):
+  """(codes [B, n_aug, h, w], labels [B]) of the examples `ids`, read in one batched call."""
+  records = source.__getitems__([int(i) for i in ids])
+  return (np.stack([r["codes"] for r in records]), np.array([r["label"] for r in records], np.int32))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a bijective scramble of uint64 (wrapping arithmetic is the point)."""
+  x = x ^ (x >> np.uint64(30))
+  x = x * np.uint64(0xBF58476D1CE4E5B9)
+  x = x ^ (x >> np.uint64(27))
+  x = x * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def augmentation_index(seed: int, epoch: int, example_ids, n_aug: int) -> np.ndarray:
+  """Which augmentation each example gets in an epoch: a hash of (seed, epoch, example), so the choice
+  does not depend on batch size, process count or position in the batch."""
+  ids = np.asarray(example_ids, dtype=np.uint64)
+  key = _mix64(np.array([seed & (2**64 - 1)], np.uint64)) ^ np.uint64(epoch)
+  return (_mix64(_mix64(key) ^ ids) % np.uint64(n_aug)).astype(np.int64)
+
+
+class _TrainBatch:
+  """Global batch of example ids at step s -> this process's slice, read, one augmentation each."""
+
+  def __init__(self, source, seed: int, n_aug: int, steps_per_epoch: int, process_index: int, local: int):
+    self.source, self.seed, self.n_aug = source, seed, n_aug
+    self.steps_per_epoch, self.process_index, self.local = steps_per_epoch, process_index, local
+
+  def __call__(self, step: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    ids = ids[self.process_index * self.local:(self.process_index + 1) * self.local]
+    aug = augmentation_index(self.seed, step // self.steps_per_epoch, ids, self.n_aug)
+    codes, labels = _read(self.source, ids)
+    return {"codes": codes[np.arange(len(ids)), aug].astype(np.int32), "labels": labels}
+
+
+def _local_batch(batch_size: int, process_index: int, process_count: int, what: str) -> int:
+  _check_positive_int(what, batch_size)
+  _check_positive_int("process_count", process_count)
+  if batch_size % process_count:
+    raise ValueError(f"{what} {batch_size} is not divisible by process_count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+  return batch_size // process_count
+
+
+def _to_iterator(ds: grain.MapDataset, worker_count: int, read_threads: int) -> grain.DatasetIterator:
+  # Elements are whole batches, so a few threads (or worker processes) keep a few batches ahead.
+  it_ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
+  if worker_count > 0:
+    # grain 0.2's worker start reads its absl flags and fails unless they were parsed: mark them parsed
+    # (defaults) when no absl.app did it, as in tests and notebooks. Parsing argv later still works.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(it_ds)
+
+
+def make_train_iterator(path: str, *, global_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, split: str = "train", worker_count: int = 0,
+                        read_threads: int = 4) -> grain.DatasetIterator:
+  """Infinite iterator of {"codes": int32 [local, h, w], "labels": int32 [local]}, local = global / processes.
+
+  Step s draws the global batch s of a seeded order: epoch e = s // steps_per_epoch is a fresh shuffle of
+  all examples with its remainder dropped, and every example gets augmentation_index(seed, e, id). The
+  order depends only on (seed, global_batch_size, data), never on process_count or worker_count; process
+  p gets rows [p * local, (p + 1) * local) of every global batch.
+  """
+  meta, source = _open_split(path, split)
+  local = _local_batch(global_batch_size, process_index, process_count, "global_batch_size")
+  steps = steps_per_epoch(meta.num_examples, global_batch_size)
+  if steps == 0:
+    raise ValueError(f"global_batch_size {global_batch_size} is larger than split '{split}' of {path} "
+                     f"({meta.num_examples} examples); expected at most one epoch per batch")
+  # grain's shuffle reseeds with seed + epoch; scrambling the seed first keeps runs with neighbouring seeds
+  # from sharing epochs. Slicing after the shuffle and repeating after the slice passes the epoch on (grain
+  # maps index i of epoch e to parent index i + e * len), so each epoch is a new permutation cut to full
+  # batches.
+  shuffle_seed = int(_mix64(np.array([seed & (2**64 - 1)], np.uint64))[0] % np.uint64(2**32))
+  order = grain.MapDataset.range(meta.num_examples).shuffle(seed=shuffle_seed)[:steps * global_batch_size]
+  batches = order.repeat().batch(global_batch_size, drop_remainder=True)
+  ds = batches.map_with_index(_TrainBatch(source, seed, meta.n_aug, steps, process_index, local))
+  return _to_iterator(ds, worker_count, read_threads)
+
+
+class _EvalBatch:
+  """Batch b -> this process's rows of examples [b * batch, (b + 1) * batch), augmentation 0, padded."""
+
+  def __init__(self, source, num_examples: int, grid, batch_size: int, process_index: int, local: int):
+    self.source, self.num_examples, self.grid = source, num_examples, grid
+    self.batch_size, self.process_index, self.local = batch_size, process_index, local
+
+  def __call__(self, b: int) -> dict[str, np.ndarray]:
+    ids = b * self.batch_size + self.process_index * self.local + np.arange(self.local)
+    mask = ids < self.num_examples
+    codes = np.zeros((self.local, *self.grid), np.int32)
+    labels = np.zeros((self.local,), np.int32)
+    if mask.any():
+      got_codes, got_labels = _read(self.source, ids[mask])
+      codes[mask], labels[mask] = got_codes[:, 0], got_labels
+    return {"codes": codes, "labels": labels, "mask": mask}
+
+
+def make_eval_iterator(path: str, *, batch_size: int, split: str, process_index: int = 0,
+                       process_count: int = 1, read_threads: int = 4) -> grain.DatasetIterator:
+  """One ordered pass over a split: {"codes" [local, h, w], "labels" [local], "mask" bool [local]}.
+
+  Augmentation 0 (LlamaGen's first crop, unflipped). The last batch is padded with zeros and mask False;
+  every process gets the same number of batches, so collective steps stay in lockstep.
+  """
+  meta, source = _open_split(path, split)
+  local = _local_batch(batch_size, process_index, process_count, "batch_size")
+  num_batches = -(-meta.num_examples // batch_size)
+  ds = grain.MapDataset.range(num_batches).map(
+      _EvalBatch(source, meta.num_examples, meta.grid, batch_size, process_index, local))
+  return _to_iterator(ds, 0, read_threads)
+
+
+def iterator_state(it: grain.DatasetIterator) -> dict[str, Any]:
+  """The iterator's position as JSON-ready data (for orbax `args.JsonSave`).
+
+  With worker_count=0 it is {"next_index": batches consumed}: the step, since the order is indexed by step.
+  With worker processes it is grain's per-worker record, which only an iterator with as many workers reads.
+  """
+  state = it.get_state()
+  # Fail here, not at checkpoint or restore time, if grain puts in something JSON changes (int dict keys).
+  if json.loads(json.dumps(state)) != state:
+    raise ValueError(f"grain iterator state {state} does not survive JSON")
+  return state
+
+
+def restore_iterator(it: grain.DatasetIterator, state: dict[str, Any]) -> grain.DatasetIterator:
+  """Moves `it` (fresh or used, built with the same arguments) to `state`; returns it for chaining."""
+  # Worker iterators apply a state lazily, in the workers: check its shape here for a readable error.
+  if set(state) != set(it.get_state()):
+    raise ValueError(f"iterator state with keys {sorted(state)} does not fit this iterator (keys "
+                     f"{sorted(it.get_state())}); was it saved with another worker_count?")
+  it.set_state(state)
+  return it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# python -m npp_jax.data --from_npy=DIR --out=DIR --vocab_size=16384 --num_classes=1000
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(description="Convert LlamaGen per-image .npy codes to a code data set.")
+  parser.add_argument("--from_npy", required=True, help="folder with *_codes/ and *_labels/ subfolders")
+  parser.add_argument("--out", required=True, help="code data set directory to write")
+  parser.add_argument("--vocab_size", type=int, required=True)
+  parser.add_argument("--num_classes", type=int, required=True)
+  parser.add_argument("--grid", default=None, help="h,w of the code grid; default: square")
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--overwrite", action="store_true", help="replace the split if it exists")
+  args = parser.parse_args(argv)
+  grid = None if args.grid is None else tuple(int(g) for g in args.grid.split(","))
+  try:
+    meta = from_npy_folder(args.from_npy, args.out, vocab_size=args.vocab_size, num_classes=args.num_classes,
+                           grid=grid, split=args.split, overwrite=args.overwrite)
+  except ValueError as e:
+    parser.exit(2, f"error: {e}\n")
+  print(f"wrote split '{args.split}' of {args.out}: {meta}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,53 @@
+"""python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=train|sample|extract|train_vq|demo]"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs of this run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "extract", "train_vq", "demo"], "The job to run.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
+                  "jax.distributed.initialize(): 'auto' does it when launched as one of several processes "
+                  "(SLURM with several tasks, a TPU pod, or JAX_COORDINATOR_ADDRESS set).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multi_process_launch() -> bool:
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in env
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def main(argv):
+  del argv
+  import jax  # After absl parsed the flags: JAX reads its own (e.g. --jax_platforms) at import.
+
+  if FLAGS.distributed == "true" or (FLAGS.distributed == "auto" and _multi_process_launch()):
+    jax.distributed.initialize()
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  config, workdir = FLAGS.config, FLAGS.workdir
+  if FLAGS.mode == "train":
+    from npp_jax import train
+    train.train_and_evaluate(config, workdir)
+  elif FLAGS.mode == "sample":
+    from npp_jax import sample
+    sample.sample_and_save(config, workdir)
+  elif FLAGS.mode == "extract":
+    from npp_jax import tokenizer
+    tokenizer.extract(config, workdir)
+  elif FLAGS.mode == "train_vq":
+    from npp_jax import tokenizer
+    tokenizer.train_vq(config, workdir)
+  elif FLAGS.mode == "demo":
+    from npp_jax import demo
+    demo.run(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,293 @@
+"""The checkpoint converter, end to end through its command line, against the PyTorch reference.
+
+The reference (tests/torch_reference.py) is saved in every form the releases use, converted with
+`convert.run`, loaded with `convert.load_params`, and run in Flax. Tolerances (fp32, CPU): GPT logits
+and patch losses within 1e-4 relative; VQ codes identical and images within 1e-4 relative; round trips
+JAX -> torch -> JAX bit-exact.
+"""
+import argparse
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+torch = pytest.importorskip("torch")
+
+import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+from npp_jax import convert  # noqa: E402
+from npp_jax import npp  # noqa: E402
+from npp_jax.models import gpt  # noqa: E402
+from npp_jax.models import vq  # noqa: E402
+
+REL_TOL = 1e-4
+
+CONFIG_FILE = '''
+from npp_jax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  m = c.model
+  m.name = "custom"
+  m.n_layer, m.n_head, m.dim, m.n_kv_head = 2, 4, 32, {n_kv_head}
+  m.vocab_size, m.num_classes, m.grid = 64, 10, (8, 8)
+  m.multiple_of = 32
+  m.dtype = "float32"
+  c.vq = config_lib.vq_config()
+  v = c.vq
+  v.ch, v.ch_mult, v.num_res_blocks, v.z_channels = 32, (1, 2), 1, 32
+  v.codebook_size, v.codebook_embed_dim, v.image_size = 64, 8, 16
+  return c
+'''
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def load_config(path):
+  namespace = {}
+  exec(compile(open(path).read(), path, "exec"), namespace)  # The same file the CLI reads.
+  return namespace["get_config"]()
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+  path = tmp_path_factory.mktemp("configs") / "tiny.py"
+  path.write_text(CONFIG_FILE.format(n_kv_head=2))  # Fewer KV heads than query heads: GQA is mapped too.
+  return str(path)
+
+
+def make_gpt(config, seed):
+  m = config.model
+  model = ref.GPT(m.n_layer, m.n_head, m.dim, m.vocab_size, m.num_classes, m.grid, n_kv_head=m.n_kv_head,
+                  multiple_of=m.multiple_of)
+  return ref.randomize_(model, seed).eval()
+
+
+def make_vq(config, seed):
+  v = config.vq
+  model = ref.VQModel(v.codebook_size, v.codebook_embed_dim, v.z_channels, v.ch, v.ch_mult,
+                      v.num_res_blocks, v.norm_groups)
+  return ref.randomize_(model, seed).eval()
+
+
+def save_form(path, state, form, other=None):
+  """A state dict saved the way one of the releases saves it."""
+  if form == "bare":
+    obj = state
+  elif form == "ddp":  # Keys still carrying the DDP wrapper's prefix.
+    obj = {"model": {f"module.{k}": v for k, v in state.items()}}
+  elif form == "ema":
+    obj = {"model": other, "ema": state, "steps": 10}
+  else:
+    # Training scripts store their argparse arguments too; weights_only loading must accept them.
+    obj = {form: state, "steps": 10, "args": argparse.Namespace(lr=1e-4, gpt_model="GPT-B")}
+  torch.save(obj, path)
+  return str(path)
+
+
+def run_cli(*args):
+  convert.run(["convert", *args])
+
+
+def flat_np(tree):
+  return {k: np.asarray(v) for k, v in convert._flatten(tree).items()}
+
+
+@pytest.fixture(scope="module")
+def gpt_setup(config_path, tmp_path_factory):
+  config = load_config(config_path)
+  model = make_gpt(config, seed=0)
+  # The release zero-initialises the output layer; a random one is what proves its mapping.
+  assert float(model.output.weight.detach().abs().sum()) > 0
+  tmp = tmp_path_factory.mktemp("gpt")
+  src = save_form(tmp / "ckpt.pt", model.state_dict(), "model")
+  run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
+  return config, model, convert.load_params(str(tmp / "jax")), tmp
+
+
+@pytest.fixture(scope="module")
+def vq_setup(config_path, tmp_path_factory):
+  config = load_config(config_path)
+  model = make_vq(config, seed=1)
+  tmp = tmp_path_factory.mktemp("vq")
+  src = save_form(tmp / "vq.pt", model.state_dict(), "model")
+  run_cli("--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
+  return config, model, convert.load_params(str(tmp / "jax")), tmp
+
+
+# ------------------------------------------------------------------------------------------------ GPT
+
+
+def test_gpt_logits_and_patch_losses_match_reference(gpt_setup):
+  config, model, params, _ = gpt_setup
+  flax_model = gpt.GPT(gpt.GPTConfig.from_config(config.model))
+  h, w = config.model.grid
+  tokens = jax.random.randint(jax.random.key(0), (3, h, w), 0, config.model.vocab_size, jnp.int32)
+  labels = jnp.array([0, 7, config.model.num_classes], jnp.int32)  # The null class row too.
+  t_tokens = torch.from_numpy(np.asarray(tokens).reshape(3, h * w).astype(np.int64))
+  t_labels = torch.from_numpy(np.asarray(labels).astype(np.int64))
+  for k in (1, 2, 4):
+    logits = flax_model.apply({"params": params}, tokens, labels, patch_size=k, train=False)
+    chex.assert_shape(logits, (3, (h // k) * (w // k), config.model.vocab_size))
+    chex.assert_type(logits, jnp.float32)
+    with torch.no_grad():
+      want_logits = model(t_tokens, t_labels, k).numpy()
+      want_loss = float(model.patch_loss(t_tokens, t_labels, k))
+    assert rel_err(logits, want_logits) <= REL_TOL, k
+    loss = npp.patch_loss(logits, npp.group_targets(tokens, k))
+    assert abs(float(loss) - want_loss) <= REL_TOL * abs(want_loss), (k, float(loss), want_loss)
+
+
+@pytest.mark.parametrize("form", ["module", "state_dict", "bare", "ddp", "ema"])
+def test_gpt_every_checkpoint_form(gpt_setup, config_path, tmp_path, form):
+  config, model, params, _ = gpt_setup
+  other = {k: v + 1.0 for k, v in model.state_dict().items()}  # Distinct "model" weights next to "ema".
+  src = save_form(tmp_path / "ckpt.pt", model.state_dict(), form, other)
+  ema = ["--ema"] if form == "ema" else []
+  run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema)
+  chex.assert_trees_all_equal(flat_np(convert.load_params(str(tmp_path / "jax"))), flat_np(params))
+  if form == "ema":  # Without --ema the same file gives the "model" weights.
+    run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax_model'}")
+    got = convert.load_params(str(tmp_path / "jax_model"))
+    np.testing.assert_array_equal(got["norm"]["scale"], np.asarray(params["norm"]["scale"]) + 1.0)
+
+
+def test_gpt_round_trip_through_torch(gpt_setup, config_path, tmp_path):
+  config, model, params, tmp = gpt_setup
+  pt = tmp_path / "back.pt"
+  run_cli("--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch")
+  # The PyTorch side loads it with strict key matching, as the release does.
+  fresh = make_gpt(config, seed=5)
+  fresh.load_state_dict(torch.load(pt, weights_only=True)["model"], strict=True)
+  for key, value in model.state_dict().items():
+    assert torch.equal(fresh.state_dict()[key], value), key
+  run_cli("--kind=gpt", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
+  chex.assert_trees_all_equal(flat_np(convert.load_params(str(tmp_path / "again"))), flat_np(params))
+
+
+def test_load_params_into_a_sharded_target(gpt_setup):
+  _, _, params, tmp = gpt_setup
+  mesh = jax.make_mesh((8,), ("data",), (AxisType.Auto,))
+  replicated = NamedSharding(mesh, P())
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+  got = convert.load_params(str(tmp / "jax"), target)
+  for leaf in jax.tree.leaves(got):
+    assert isinstance(leaf, jax.Array) and leaf.sharding == replicated
+  chex.assert_trees_all_equal(flat_np(got), flat_np(params))
+
+
+def test_gpt_scanned_params_export_like_unscanned(gpt_setup, config_path):
+  config, _, params, _ = gpt_setup
+  stacked = gpt.stack_layers(dict(params), config.model.n_layer)
+  assert "layers" in stacked
+  want = convert.params_to_state("gpt", params, config)
+  got = convert.params_to_state("gpt", stacked, config)
+  chex.assert_trees_all_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------- VQ
+
+
+def test_vq_codes_and_images_match_reference(vq_setup):
+  config, model, params, _ = vq_setup
+  cfg = vq.VQConfig.from_config(config.vq)
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), jnp.float32, -1.0, 1.0)
+  codes = vq.encode_fn(params, images, cfg)
+  with torch.no_grad():
+    want_codes, _ = model.encode(torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()))
+    want_images = model.decode_codes(want_codes).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_array_equal(np.asarray(codes), want_codes.numpy())
+  assert rel_err(vq.decode_fn(params, codes, cfg), want_images) <= REL_TOL
+
+
+@pytest.mark.parametrize("form", ["bare", "ema"])
+def test_vq_checkpoint_forms(vq_setup, config_path, tmp_path, form):
+  config, model, params, _ = vq_setup
+  other = {k: v + 1.0 for k, v in model.state_dict().items()}
+  src = save_form(tmp_path / "vq.pt", model.state_dict(), form, other)
+  ema = ["--ema"] if form == "ema" else []
+  run_cli("--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema)
+  chex.assert_trees_all_equal(flat_np(convert.load_params(str(tmp_path / "jax"))), flat_np(params))
+
+
+def test_vq_round_trip_through_torch(vq_setup, config_path, tmp_path):
+  config, model, params, tmp = vq_setup
+  pt = tmp_path / "back.pt"
+  run_cli("--kind=vq", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch")
+  fresh = make_vq(config, seed=6)
+  fresh.load_state_dict(torch.load(pt, weights_only=True)["model"], strict=True)
+  for key, value in model.state_dict().items():
+    assert torch.equal(fresh.state_dict()[key], value), key
+  run_cli("--kind=vq", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
+  chex.assert_trees_all_equal(flat_np(convert.load_params(str(tmp_path / "again"))), flat_np(params))
+
+
+# --------------------------------------------------------------------------------------------- Errors
+
+
+def test_key_and_shape_mismatches_give_one_error(gpt_setup, config_path, tmp_path):
+  _, model, _, _ = gpt_setup
+  state = dict(model.state_dict())
+  del state["layers.1.feed_forward.w3.weight"]
+  state["layers.2.attention.wqkv.weight"] = torch.ones(3, 3)
+  state["norm.weight"] = torch.ones(31)
+  state["layers.0.attention.kv_cache.k_cache"] = torch.ones(2)  # Inference buffers are ignored.
+  src = save_form(tmp_path / "bad.pt", state, "model")
+  dst = tmp_path / "jax"
+  with pytest.raises(ValueError) as info:
+    run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={dst}")
+  msg = str(info.value)
+  assert "\n" not in msg
+  assert "missing 1 keys: layers.1.feed_forward.w3.weight" in msg
+  assert "unexpected 1 keys: layers.2.attention.wqkv.weight" in msg
+  assert "norm.weight [31] (expected [32])" in msg
+  assert "k_cache" not in msg
+  assert not dst.exists()
+
+
+def test_wrong_model_size_is_reported(vq_setup, config_path, tmp_path):
+  """A VQ checkpoint read as a GPT: everything missing and unexpected, in one truncated line."""
+  _, _, _, tmp = vq_setup
+  with pytest.raises(ValueError, match=r"missing \d+ keys: .*\(\+\d+ more\); unexpected \d+ keys"):
+    run_cli("--kind=gpt", f"--src={tmp / 'vq.pt'}", f"--config={config_path}", f"--dst={tmp_path / 'x'}")
+
+
+def test_existing_dst_is_refused(gpt_setup, config_path, tmp_path):
+  _, _, _, tmp = gpt_setup
+  dst = tmp_path / "exists"
+  dst.mkdir()
+  (dst / "keep").write_text("untouched")
+  with pytest.raises(ValueError, match="already exists"):
+    run_cli("--kind=gpt", f"--src={tmp / 'ckpt.pt'}", f"--config={config_path}", f"--dst={dst}")
+  pt = tmp_path / "exists.pt"
+  pt.write_text("untouched")
+  with pytest.raises(ValueError, match="already exists"):
+    run_cli("--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch")
+  assert (dst / "keep").read_text() == "untouched" and pt.read_text() == "untouched"
+
+
+def test_bad_arguments(gpt_setup, config_path, tmp_path, capsys):
+  _, _, _, tmp = gpt_setup
+  src = f"--src={tmp / 'ckpt.pt'}"
+  with pytest.raises(ValueError, match="no 'ema' state dict"):
+    run_cli("--kind=gpt", src, f"--config={config_path}", f"--dst={tmp_path / 'a'}", "--ema")
+  with pytest.raises(ValueError, match="kind"):
+    run_cli("--kind=vit", src, f"--config={config_path}", f"--dst={tmp_path / 'a'}")
+  with pytest.raises(ValueError, match="--config is required"):
+    run_cli("--kind=gpt", src, f"--dst={tmp_path / 'a'}")
+  with pytest.raises(ValueError, match="could not be loaded"):
+    run_cli("--kind=gpt", src, f"--config={tmp_path / 'none.py'}", f"--dst={tmp_path / 'a'}")
+  with pytest.raises(ValueError, match="is not a file"):
+    run_cli("--kind=gpt", f"--src={tmp_path / 'none.pt'}", f"--config={config_path}",
+            f"--dst={tmp_path / 'a'}")
+  # The module's entry point prints one line and exits non-zero instead of a traceback.
+  assert convert.main(["convert", "--kind=gpt", src, f"--dst={tmp_path / 'a'}"]) == 2
+  assert capsys.readouterr().err.startswith("error: --config is required")
+  assert not os.path.exists(tmp_path / "a")

@@ -1,0 +1,372 @@
+"""The KV-cache decoder against the full forward pass, the sampler against NumPy and step-by-step
+references, data-parallel sampling on 8 fake devices, and the sampling job (codes, images, resume)."""
+import dataclasses
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from npp_jax import config_lib
+from npp_jax import sample
+from npp_jax.models import gpt
+
+ATOL = 1e-4  # fp32 cached vs full forward: different summation orders only.
+N_CLASSES = 10
+
+
+def tiny_model_config(**kw):
+  m = config_lib.model_config("custom")
+  m.n_layer, m.n_head, m.dim = 2, 4, 32
+  m.vocab_size, m.num_classes, m.grid = 64, N_CLASSES, (4, 4)
+  m.multiple_of = 32
+  m.dtype = "float32"
+  for key, value in kw.items():
+    m[key] = value
+  return m
+
+
+def random_params(cfg, seed=0):
+  """Init, then randomise every weight: the output layer starts at zero and would hide everything."""
+  model = gpt.GPT(cfg)
+  h, w = cfg.grid
+  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, h, w), jnp.int32),
+                               jnp.zeros((1,), jnp.int32))["params"])
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [0.3 * jax.random.normal(k, x.shape, x.dtype) + (1.0 if x.ndim == 1 else 0.0)
+            for k, x in zip(keys, leaves)]
+  return model, jax.tree.unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = gpt.GPTConfig.from_config(tiny_model_config())
+  model, params = random_params(cfg)
+  full = jax.jit(lambda p, t, l: model.apply({"params": p}, t, l))
+  return cfg, params, full
+
+
+def reference_logits(full, params, codes, labels, cfg, cfg_scale=1.0, cfg_interval=-1):
+  """Guided logits [B, n, V] of every position from the full forward pass (teacher forcing)."""
+  b = codes.shape[0]
+  grid = codes.reshape(b, *cfg.grid)
+  cond = np.asarray(full(params, grid, labels), np.float64)
+  if cfg_scale <= 1.0:
+    return cond
+  uncond = np.asarray(full(params, grid, np.full_like(labels, cfg.num_classes)), np.float64)
+  guided = uncond + cfg_scale * (cond - uncond)
+  t = np.arange(cond.shape[1])
+  on = (cfg_interval < 0) | (t <= cfg_interval + 1)
+  return np.where(on[None, :, None], guided, cond)
+
+
+# --------------------------------------------------------------------------------------- the cached decoder
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2])
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_cached_decoding_matches_full_forward(n_kv_head, chunk):
+  """Teacher tokens through the cache, `chunk` positions per call, against every full-forward logit."""
+  cfg = gpt.GPTConfig.from_config(tiny_model_config(n_kv_head=n_kv_head, grid=(4, 5)))
+  model, params = random_params(cfg)
+  b, (h, w) = 3, cfg.grid
+  tokens = jax.random.randint(jax.random.key(3), (b, h, w), 0, cfg.vocab_size)
+  labels = jnp.array([1, 5, cfg.num_classes])  # The null class decodes like any other.
+  want = model.apply({"params": params}, tokens, labels)
+
+  decoder = gpt.Decoder(cfg)
+  # The decoder takes a scanned-layout tree once unstacked: same names, same numbers.
+  variables = {"params": gpt.unstack_layers(gpt.stack_layers(params, cfg.n_layer))}
+  cache = gpt.init_cache(cfg, b, h * w)
+  x = jnp.concatenate([
+      decoder.apply(variables, labels, method=gpt.Decoder.embed_class),
+      decoder.apply(variables, tokens.reshape(b, -1)[:, :-1], method=gpt.Decoder.embed_tokens)], axis=1)
+  step = jax.jit(lambda v, x, c, pos: decoder.apply(v, x, c, pos))
+  got = []
+  for pos in range(0, h * w, chunk):
+    logits, cache = step(variables, x[:, pos:pos + chunk], cache, pos)
+    got.append(logits)
+  got = jnp.concatenate(got, axis=1)
+  chex.assert_shape(got, want.shape)
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  # Every position's values landed in the cache (keys of position 0 are zero: RoPE zeroes the condition).
+  assert np.all(np.abs(np.asarray(cache[-1][1])).sum(-1) > 0)
+
+
+def test_cache_length_bound_reads_only_the_prefix():
+  cfg = gpt.GPTConfig.from_config(tiny_model_config())
+  model, params = random_params(cfg)
+  tokens = jax.random.randint(jax.random.key(4), (2, *cfg.grid), 0, cfg.vocab_size)
+  labels = jnp.array([0, 3])
+  want = model.apply({"params": params}, tokens, labels)
+  decoder, variables = gpt.Decoder(cfg), {"params": params}
+  x = jnp.concatenate([
+      decoder.apply(variables, labels, method=gpt.Decoder.embed_class),
+      decoder.apply(variables, tokens.reshape(2, -1)[:, :5], method=gpt.Decoder.embed_tokens)], axis=1)
+  # Garbage past the prefix must not matter when length bounds the read.
+  cache = jax.tree.map(lambda c: c + 1e3, gpt.init_cache(cfg, 2, 16))
+  logits, _ = decoder.apply(variables, x, cache, 0, length=6)
+  np.testing.assert_allclose(logits, want[:, :6], atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ logit processing
+
+def np_guide(cond, uncond, s):
+  return uncond + s * (cond - uncond)
+
+
+def np_filter(logits, temperature, top_k, top_p):
+  """LlamaGen's sample(): logits / temperature, then top_k_top_p_filtering, written out in NumPy."""
+  x = np.array(logits, np.float64) / max(temperature, 1e-5)
+  if top_k > 0:
+    kth = np.sort(x, axis=-1)[:, -top_k][:, None]
+    x[x < kth] = -np.inf
+  if top_p < 1.0:
+    for row in x:
+      order = np.argsort(-row, kind="stable")
+      p = np.exp(row[order] - row[order][0])
+      cum = np.cumsum(p / p.sum())
+      remove = cum > top_p
+      remove[1:] = remove[:-1].copy()  # Keep the first token that crosses the threshold.
+      remove[0] = False
+      row[order[remove]] = -np.inf
+  return x
+
+
+def test_guide_matches_numpy():
+  cond, uncond = np.random.default_rng(0).normal(size=(2, 4, 50))
+  np.testing.assert_allclose(sample.guide(jnp.asarray(cond, jnp.float32), jnp.asarray(uncond, jnp.float32),
+                                          2.5), np_guide(cond, uncond, 2.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 10, 0.5), (1.0, 0, 1e-3), (2.0, 1, 1.0),
+    (1.0, 64, 0.95)])
+def test_filter_logits_matches_numpy(temperature, top_k, top_p):
+  logits = np.random.default_rng(1).normal(scale=3.0, size=(6, 64)).astype(np.float32)
+  got = np.asarray(sample.filter_logits(jnp.asarray(logits), temperature=temperature, top_k=top_k,
+                                        top_p=top_p))
+  want = np_filter(logits, temperature, top_k, top_p)
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  kept = np.isfinite(want)
+  np.testing.assert_allclose(got[kept], want[kept], rtol=1e-5)
+  if top_k and top_p == 1.0:
+    assert np.all(kept.sum(-1) == top_k)
+  if top_p < 1.0:
+    # The smallest set of most likely tokens with mass >= top_p (of the top-k-filtered distribution).
+    base = np_filter(logits, temperature, top_k, 1.0)
+    probs = np.exp(base - base.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    mass = np.where(kept, probs, 0).sum(-1)
+    smallest_kept = np.where(kept, probs, np.inf).min(-1)
+    assert np.all(mass >= top_p - 1e-6)
+    assert np.all(mass - smallest_kept < top_p)
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("cfg_scale,cfg_interval", [(1.0, -1), (3.0, -1), (3.0, 1)])
+def test_greedy_equals_stepwise_full_forward_argmax(tiny, cfg_scale, cfg_interval):
+  cfg, params, full = tiny
+  labels = np.array([0, 4, 9, 2], np.int32)
+  kw = dict(cfg=cfg, cfg_scale=cfg_scale, cfg_interval=cfg_interval, top_k=1)
+  got = np.asarray(sample.sample_codes(params, labels, jax.random.key(0), **kw))
+  again = np.asarray(sample.sample_codes(params, labels, jax.random.key(7), **kw))
+  np.testing.assert_array_equal(got, again)  # Greedy: no randomness at all.
+  n = cfg.grid[0] * cfg.grid[1]
+  codes = np.zeros((len(labels), n), np.int32)
+  for t in range(n):  # Step by step, the full forward pass over the tokens chosen so far.
+    logits = reference_logits(full, params, codes, labels, cfg, cfg_scale, cfg_interval)
+    codes[:, t] = logits[:, t].argmax(-1)
+  chex.assert_shape(got, (len(labels), *cfg.grid))
+  np.testing.assert_array_equal(got.reshape(len(labels), n), codes)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 3, 1.0), (0.8, 0, 0.6), (1.5, 6, 0.7)])
+def test_sampled_tokens_lie_in_the_filtered_set(tiny, temperature, top_k, top_p):
+  """Every sampled token survives the NumPy filter of the full forward pass's guided logits."""
+  cfg, params, full = tiny
+  labels = np.arange(8, dtype=np.int32) % N_CLASSES
+  codes = np.asarray(sample.sample_codes(params, labels, jax.random.key(2), cfg=cfg, cfg_scale=2.0,
+                                         temperature=temperature, top_k=top_k, top_p=top_p))
+  flat = codes.reshape(len(labels), -1)
+  logits = reference_logits(full, params, flat, labels, cfg, 2.0)
+  for t in range(flat.shape[1]):
+    allowed = np.isfinite(np_filter(logits[:, t], temperature, top_k, top_p))
+    assert allowed[np.arange(len(labels)), flat[:, t]].all(), f"token {t} outside the filtered set"
+  assert len(np.unique(flat)) > 1
+
+
+def test_sampling_is_reproducible_and_seeded(tiny):
+  cfg, params, _ = tiny
+  labels = np.array([1, 1, 2, 3], np.int32)
+  draw = lambda seed: np.asarray(sample.sample_codes(params, labels, jax.random.key(seed), cfg=cfg,
+                                                     cfg_scale=1.5))
+  a, b, c = draw(0), draw(0), draw(1)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert not np.array_equal(a[0], a[1])  # Same class, different samples: keys differ per index.
+
+
+def test_a_sample_depends_on_its_global_index_only(tiny):
+  """Batches [0:4] + [4:8] (first_index 0 and 4) give the same samples as one batch of 8."""
+  cfg, params, _ = tiny
+  labels = np.arange(8, dtype=np.int32)
+  kw = dict(cfg=cfg, cfg_scale=2.0, top_k=20, temperature=1.2)
+  whole = np.asarray(sample.sample_codes(params, labels, jax.random.key(5), **kw))
+  first = np.asarray(sample.sample_codes(params, labels[:4], jax.random.key(5), **kw))
+  second = np.asarray(sample.sample_codes(params, labels[4:], jax.random.key(5), first_index=4, **kw))
+  np.testing.assert_array_equal(whole, np.concatenate([first, second]))
+
+
+def test_eight_devices_give_the_samples_of_one(tiny):
+  cfg, params, _ = tiny
+  assert jax.device_count() == 8
+  labels = np.arange(16, dtype=np.int32) % N_CLASSES
+  kw = dict(cfg=cfg, cfg_scale=2.0, top_p=0.9)
+  mesh8 = jax.make_mesh((8,), ("data",))
+  mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  got8 = sample.sample_codes(params, labels, jax.random.key(3), mesh=mesh8, **kw)
+  got1 = sample.sample_codes(params, labels, jax.random.key(3), mesh=mesh1, **kw)
+  assert len(got8.sharding.device_set) == 8
+  assert got8.sharding.shard_shape(got8.shape)[0] == 2
+  np.testing.assert_array_equal(np.asarray(got8), np.asarray(got1))
+  # The training mesh layout (data, fsdp, tensor) also splits the batch over all of its devices.
+  mesh3 = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  got3 = sample.sample_codes(params, labels, jax.random.key(3), mesh=mesh3, **kw)
+  np.testing.assert_array_equal(np.asarray(got3), np.asarray(got1))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(labels=[0, N_CLASSES]), "class id 10 out of range"),
+    (dict(labels=[-1, 0]), "class id -1 out of range"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(cfg_scale=0.5), "cfg_scale"),
+    (dict(cfg_interval=-2), "cfg_interval"),
+])
+def test_sampler_bad_inputs(tiny, kw, match):
+  cfg, params, _ = tiny
+  labels = np.asarray(kw.pop("labels", [0, 1]), np.int32)
+  with pytest.raises(ValueError, match=match):
+    sample.sample_codes(params, labels, jax.random.key(0), cfg=cfg, **kw)
+
+
+def test_sampler_batch_must_split_over_the_mesh(tiny):
+  cfg, params, _ = tiny
+  with pytest.raises(ValueError, match="multiple of 8"):
+    sample.sample_codes(params, np.zeros(4, np.int32), jax.random.key(0), cfg=cfg,
+                        mesh=jax.make_mesh((8,), ("data",)))
+
+
+# -------------------------------------------------------------------------------------------------- job
+
+
+def job_config(**sample_kw):
+  c = config_lib.base_config()
+  c.model = tiny_model_config()
+  if "sample" not in c:
+    c.sample = config_lib.sample_config()
+  c.sample.num_images, c.sample.batch_size = 10, 8
+  c.sample.cfg_scale = 2.0
+  for key, value in sample_kw.items():
+    c.sample[key] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  cfg = gpt.GPTConfig.from_config(tiny_model_config())
+  return random_params(cfg)[1]
+
+
+def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params):
+  config = job_config()
+  merged = sample.sample_and_save(config, str(tmp_path), params=tiny_params)
+  out_dir = tmp_path / "samples"
+  shards = sorted(p.name for p in out_dir.glob("shard_*.npz"))
+  assert shards == ["shard_00-08.npz", "shard_08-10.npz"]
+  with np.load(merged) as z:
+    assert set(z.files) == {"codes", "labels"}  # No VQ: codes only.
+    codes, labels = z["codes"], z["labels"]
+  chex.assert_shape(codes, (10, 4, 4))
+  np.testing.assert_array_equal(labels, np.arange(10) % N_CLASSES)
+  # Sample i is the sampler's sample i, whatever the batch it was drawn in.
+  cfg = gpt.GPTConfig.from_config(config.model)
+  direct = sample.sample_codes(tiny_params, labels, jax.random.key(0), cfg=cfg, cfg_scale=2.0)
+  np.testing.assert_array_equal(codes, np.asarray(direct))
+
+  os.remove(out_dir / "shard_00-08.npz")
+  kept = out_dir / "shard_08-10.npz"
+  stamp = kept.stat().st_mtime_ns
+  sample.sample_and_save(config, str(tmp_path), params=tiny_params)
+  assert kept.stat().st_mtime_ns == stamp  # Finished shards are not redone.
+  assert (out_dir / "shard_00-08.npz").exists()
+  with np.load(merged) as z:
+    np.testing.assert_array_equal(z["codes"], codes)
+  assert not list(out_dir.glob("*.tmp"))
+
+
+def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
+  from PIL import Image
+  from npp_jax import convert
+  from npp_jax.models import vq
+
+  config = job_config(classes=(3, 7), num_images=6, grid_rows=2, grid_cols=2)
+  config.vq = config_lib.vq_config()
+  config.vq.codebook_size, config.vq.ch, config.vq.ch_mult = 64, 32, (1, 1)
+  config.vq.z_channels, config.vq.num_res_blocks, config.vq.image_size = 32, 1, 8
+  vq_dir = str(tmp_path / "vq")
+  convert.save_params(vq_dir, vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0)))
+  config.sample.vq_checkpoint = vq_dir
+  merged = sample.sample_and_save(config, str(tmp_path / "run"), params=tiny_params)
+  with np.load(merged) as z:
+    images, labels = z["arr_0"], z["labels"]
+  assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 3)
+  np.testing.assert_array_equal(labels, [3, 7, 3, 7, 3, 7])
+  png = np.asarray(Image.open(os.path.join(os.path.dirname(merged), "samples_6.png")))
+  assert png.shape == (16, 16, 3)
+  np.testing.assert_array_equal(png[:8, :8], images[0])  # Row 0: class 3; row 1: class 7.
+  np.testing.assert_array_equal(png[8:, 8:], images[3])
+
+
+@pytest.mark.parametrize("sample_kw,match", [
+    (dict(classes=(1, N_CLASSES)), "class id 10 out of range"),
+    (dict(batch_size=4), "multiple of 8"),
+    (dict(num_images=0), "num_images"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=2.0), "top_p"),
+    (dict(cfg_scale=0.0), "cfg_scale"),
+    (dict(vq_checkpoint="/nonexistent/vq"), "vq"),
+    (dict(dtype="float8"), "sample.dtype"),
+])
+def test_job_bad_inputs_fail_before_compile_or_write(tmp_path, tiny_params, monkeypatch, sample_kw, match):
+  monkeypatch.setattr(sample, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check"))
+  with pytest.raises(ValueError, match=match):
+    sample.sample_and_save(job_config(**sample_kw), str(tmp_path), params=tiny_params)
+  assert not (tmp_path / "samples").exists()
+
+
+def test_job_refuses_a_checkpoint_of_another_size(tmp_path, monkeypatch):
+  monkeypatch.setattr(sample, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check"))
+  other = random_params(gpt.GPTConfig.from_config(tiny_model_config(dim=64)))[1]
+  with pytest.raises(ValueError, match="does not fit model.name='custom'"):
+    sample.sample_and_save(job_config(), str(tmp_path), params=other)
+  with pytest.raises(ValueError, match="sample.checkpoint is empty"):
+    sample.sample_and_save(job_config(), str(tmp_path))
+  with pytest.raises(ValueError, match="does not exist"):
+    sample.sample_and_save(job_config(checkpoint=str(tmp_path / "nothing")), str(tmp_path))
+  assert not (tmp_path / "samples").exists()
+
+
+def test_job_refuses_to_mix_settings_on_resume(tmp_path, tiny_params):
+  sample.sample_and_save(job_config(num_images=8), str(tmp_path), params=tiny_params)
+  with pytest.raises(ValueError, match="seed"):
+    sample.sample_and_save(job_config(num_images=8, seed=1), str(tmp_path), params=tiny_params)

@@ -1,0 +1,268 @@
+"""The trainer end to end on 8 fake CPU devices: meshes, stages, resume after SIGKILL, accumulation, EMA,
+and every bad input it must refuse before compiling or writing."""
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from npp_jax import checkpoints
+from npp_jax import config_lib
+from npp_jax import data
+from npp_jax import npp
+from npp_jax import train
+from npp_jax.models import gpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_codes(n, seed=0, vocab=256, classes=10, n_aug=2):
+  """Learnable codes: each class draws a smooth pattern, with per-image noise and two augmentations."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, classes, size=n)
+  rows, cols = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+  base = (labels[:, None, None] * 23 + rows[None] * 3 + cols[None]) % vocab
+  codes = np.stack([(base + rng.integers(0, 2, size=base.shape) + a) % vocab for a in range(n_aug)], 1)
+  return codes.astype(np.int32), labels.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("codes") / "ds")
+  codes, labels = make_codes(64)
+  data.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
+  return path
+
+
+def tiny(dataset, **overrides):
+  c = config_lib.tiny_config()
+  c.data.path = dataset
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
+def test_tiny_training_learns_and_switches_stages(dataset, tmp_path, mesh_shape):
+  c = tiny(dataset, **{"mesh.shape": mesh_shape, "train.epochs": 8})
+  workdir = str(tmp_path / "run")
+  p = train.plan(c, jax.device_count())
+  assert [(s.k, s.start_step, s.end_step) for s in p.schedule.stages] == [(4, 0, 8), (2, 8, 16), (1, 16, 32)]
+  out = train.train_and_evaluate(c, workdir)
+  assert out["step"] == 32 and out["k"] == 1
+  # A fresh model predicts uniform: log(256) = 5.55. The learnable codes must go well below.
+  assert out["loss"] < 4.0, out
+  assert 0 < out["relative_cost"] < 1
+  # Stage switch: the logged k went 4 -> 2 -> 1 (TensorBoard events in the workdir).
+  ks = _logged_scalar(workdir, "k")
+  assert [ks[s] for s in (1, 8, 9, 16, 17, 32)] == [4, 4, 2, 2, 1, 1]
+  # FSDP over 4 devices: the embedding table is split along its embed axis.
+  params = checkpoints.load_params(workdir)
+  chex.assert_tree_all_finite(params)
+
+
+def _logged_scalar(workdir, tag):
+  """{step: value} of one scalar from the TensorBoard event files clu wrote."""
+  import glob
+  import tensorflow as tf
+  out = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == tag:
+          out[event.step] = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+  return out
+
+
+def _run_main(workdir, dataset, extra=(), wait=True):
+  cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+         f"--config.data.path={dataset}", "--config.mesh.shape=(8,1,1)", *extra]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if wait:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full") / "run")
+  _run_main(workdir, dataset)
+  return workdir
+
+
+@pytest.mark.parametrize("kill_after_checkpoint", [4, 12])  # In stage k=4 and in stage k=2.
+def test_sigkill_and_resume_is_bit_exact(dataset, uninterrupted, tmp_path, kill_after_checkpoint):
+  workdir = str(tmp_path / "run")
+  proc = _run_main(workdir, dataset, wait=False)
+  ckpt = os.path.join(workdir, "checkpoints", str(kill_after_checkpoint))
+  deadline = time.time() + 240
+  while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3).latest_step()
+  assert killed_at is not None and killed_at < 32
+  _run_main(workdir, dataset)  # The same command resumes.
+  a = checkpoints.load_params(uninterrupted)
+  b = checkpoints.load_params(workdir)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_sigterm_saves_and_stops_then_resumes(dataset, uninterrupted, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _run_main(workdir, dataset, wait=False)
+  ckpt = os.path.join(workdir, "checkpoints", "4")
+  while not os.path.isdir(ckpt) and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-2000:]
+  assert "Preemption requested" in out
+  _run_main(workdir, dataset)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               checkpoints.load_params(uninterrupted), checkpoints.load_params(workdir))
+
+
+def _one_step(c, batch, accum):
+  p = train.plan(c, jax.device_count())
+  model = gpt.GPT(p.cfg)
+  tx, lr_fn = train.make_optimizer(c, p.schedule)
+  init_fn, rng = train.init_state(model, tx, p.cfg, 0, ema=False)
+  state = nn.unbox(init_fn(rng))
+  # Give the output layer weights so every parameter gets a gradient.
+  state = state.replace(params=jax.tree.map(lambda x: x + 0.01, state.params))
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=2, accum=accum))
+  return step(state, batch)
+
+
+def test_gradient_accumulation_equals_the_big_batch(dataset):
+  # No label drop: its random draws differ per micro-batch, and this compares the arithmetic only.
+  c = tiny(dataset, **{"train.global_batch_size": 32, "model.class_dropout": 0.0})
+  codes, labels = make_codes(32, seed=5)
+  batch = {"codes": jnp.asarray(codes[:, 0]), "labels": jnp.asarray(labels)}
+  s1, m1 = _one_step(c, batch, accum=1)
+  c.train.grad_accum_steps = 4
+  s4, m4 = _one_step(c, batch, accum=4)
+  # Mean of 4 equal micro-batch means = the batch mean. The micro-batches change the matmul shapes, so
+  # XLA sums in another order: fp32 agreement to 5e-5 relative.
+  np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=5e-5)
+  np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                       atol=1e-6), s4.params, s1.params)
+
+
+def test_ema_matches_numpy(dataset):
+  c = tiny(dataset)
+  decay = 0.9
+  p = train.plan(c, jax.device_count())
+  model = gpt.GPT(p.cfg)
+  tx, lr_fn = train.make_optimizer(c, p.schedule)
+  init_fn, rng = train.init_state(model, tx, p.cfg, 0, ema=True)
+  state = nn.unbox(init_fn(rng))
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=1, accum=1,
+                                   ema_decay=decay))
+  ref = jax.tree.map(lambda x: np.asarray(x, np.float64), state.params)
+  for i in range(3):
+    codes, labels = make_codes(16, seed=i)
+    state, _ = step(state, {"codes": jnp.asarray(codes[:, 0]), "labels": jnp.asarray(labels)})
+    ref = jax.tree.map(lambda e, q: decay * e + (1 - decay) * np.asarray(q, np.float64), ref, state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7),
+               state.ema, ref)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+BAD = [
+    ({"model.name": "GPT-Q"}, "unknown model.name='GPT-Q'"),
+    ({"npp.stages": ((3, 1), (1, 1))}, "patch size k=3"),
+    ({"train.global_batch_size": 12}, "does not split over the data-parallel size 8"),
+    ({"mesh.shape": (3, 1, 1)}, r"mesh.shape=\(3, 1, 1\) needs 3 devices; found 8"),
+    ({"model.vocab_size": 100}, "holds code 2[0-9][0-9]; expected codes < model.vocab_size=100"),
+    ({"model.num_classes": 5}, "holds label 9; expected labels < model.num_classes=5"),
+    ({"data.path": "/nonexistent/codes"}, "/nonexistent/codes"),
+    ({"data.path": ""}, "data.path is empty"),
+    ({"optim.lr": 0.0}, "optim.lr=0.0; expected a positive number"),
+    ({"optim.lr": -1e-4}, "optim.lr=-0.0001"),
+    ({"train.epochs": 0}, "train.epochs=0"),
+    ({"train.global_batch_size": 0}, "train.global_batch_size=0"),
+    ({"npp.epoch_rate": 1.5}, "npp.epoch_rate=1.5; expected a number in \\(0, 1\\)"),
+    ({"npp.epoch_rate": 0.0}, "npp.epoch_rate=0.0"),
+    ({"model.grid": (8, 8)}, "holds 16x16 code grids; expected model.grid=\\(8, 8\\)"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", BAD)
+def test_bad_input_fails_before_anything_is_written(dataset, tmp_path, overrides, match):
+  c = tiny(dataset, **overrides)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(c, str(workdir))
+  assert not workdir.exists()
+
+
+def test_empty_dataset_is_refused(tmp_path):
+  path = str(tmp_path / "empty")
+  with pytest.raises(ValueError):
+    data.write_code_dataset(path, np.zeros((0, 1, 16, 16), np.int32), np.zeros((0,), np.int32),
+                            vocab_size=256, num_classes=10)
+  c = tiny(path)
+  with pytest.raises(ValueError, match=path):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_workdir_of_another_model_is_refused(dataset, uninterrupted, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(uninterrupted, workdir)
+  c = tiny(dataset, **{"model.dim": 32})
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(ValueError, match="another model .*dim: checkpoint 64 vs config 32"):
+    train.train_and_evaluate(c, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(dataset, uninterrupted, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(uninterrupted, workdir)
+  latest = os.path.join(workdir, "checkpoints", "32", "state")
+  # Truncate every data file of the latest state: a disk that filled up mid-write.
+  damaged = []
+  for root, _, files in os.walk(latest):
+    for f in files:
+      full = os.path.join(root, f)
+      if os.path.getsize(full) > 64:
+        with open(full, "r+b") as fh:
+          fh.truncate(16)
+        damaged.append(full)
+  assert damaged
+  snapshot = {f: open(f, "rb").read() for f in damaged}
+  c = tiny(dataset, **{"train.epochs": 10})
+  with pytest.raises(ValueError, match="checkpoint step 32 .* corrupt or partial"):
+    train.train_and_evaluate(c, workdir)
+  assert {f: open(f, "rb").read() for f in damaged} == snapshot
+
+
+def test_init_from_loads_parameters(dataset, uninterrupted, tmp_path):
+  c = tiny(dataset, **{"train.init_from": uninterrupted, "train.max_steps": 1, "optim.lr": 1e-12,
+                       "optim.end_lr": 0.0})
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  a, b = checkpoints.load_params(uninterrupted), checkpoints.load_params(str(tmp_path / "run"))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b)
+  c = tiny(dataset, **{"train.init_from": uninterrupted, "model.dim": 32})
+  with pytest.raises(ValueError, match="holds parameters of another model"):
+    train.train_and_evaluate(c, str(tmp_path / "run2"))
