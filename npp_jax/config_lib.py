@@ -102,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
       ("layers", None),
       ("norm", None),
   )
+  c.vq = vq_config()
+  c.sample = sample_config()
   return c
 
 

@@ -231,16 +231,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = state.replace(params=params, ema=params if state.ema != () else ())
     logging.info("Initialised parameters from %s.", config.train.init_from)
 
-  # --- one compiled step per k, reused for the whole stage.
+  # --- one compiled step per k, reused for the whole stage; compiled ahead of time so its cost and
+  # memory are logged apart from the steps.
   accum = config.train.grad_accum_steps
-  steps = {}
+  steps, compile_s = {}, {}
 
-  def compiled_step(k):
+  def compiled_step(k, state, batch):
     if k not in steps:
       fn = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, k=k, accum=accum,
                              ema_decay=float(config.optim.ema_decay))
+      t0 = time.perf_counter()
       steps[k] = jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, None), donate_argnums=0)
+                         out_shardings=(state_sharding, None), donate_argnums=0).lower(state, batch).compile()
+      compile_s[k] = time.perf_counter() - t0
+      mem = steps[k].memory_analysis()
+      logging.info("Compiled the k=%d step in %.1f s%s.", k, compile_s[k],
+                   f"; per device: {mem.argument_size_in_bytes / 2**20:.0f} MiB arguments, "
+                   f"{mem.temp_size_in_bytes / 2**20:.0f} MiB temporaries" if mem else "")
     return steps[k]
 
   # --- logging.
@@ -260,14 +267,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- loop.
   last = {}
-  t_log, step_log = time.time(), start
+  t_log, step_log, compiled_log = time.time(), start, 0.0
+  t_loop = time.perf_counter()
   step = start
   with _Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     while step < p.total_steps:
       k = schedule.k_at(step)
       local = next(it)
       batch = sharding.global_batch({"codes": local["codes"], "labels": local["labels"]}, mesh)
-      state, metrics = compiled_step(k)(state, batch)
+      state, metrics = compiled_step(k, state, batch)(state, batch)
       step += 1
       for hook in hooks:
         hook(step)
@@ -279,8 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           raise FloatingPointError(
               f"non-finite metrics at step {step} (k={k}): {metrics}; stopped without saving, the last "
               f"good checkpoint is step {ckpt.latest_step()} in {ckpt_dir}")
-        dt = (time.time() - t_log) / max(step - step_log, 1)
-        t_log, step_log = time.time(), step
+        # Seconds per step since the last log, less any compilation that fell in between.
+        compiled = sum(compile_s.values())
+        dt = (time.time() - t_log - (compiled - compiled_log)) / max(step - step_log, 1)
+        t_log, step_log, compiled_log = time.time(), step, compiled
         flops = costs.train_step_flops(cfg, k, config.train.global_batch_size).total
         last = {**{k_: float(v) for k_, v in metrics.items()}, "k": k, "step_s": dt,
                 "tokens_per_s": config.train.global_batch_size * npp.num_patches(cfg.grid, k) / dt,
@@ -300,7 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
   ckpt.close()
   writer.flush()
-  return {"step": step, **last}
+  wall = time.perf_counter() - t_loop
+  return {"step": step, **last, "loop_s": wall, "compile_s": sum(compile_s.values()),
+          "train_s": wall - sum(compile_s.values())}
 
 
 def _check_params_match(params, config) -> None:
