@@ -1,5 +1,6 @@
 """python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=train|sample|extract|train_vq|demo]"""
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -13,6 +14,7 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "extract", "train_vq", "d
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "jax.distributed.initialize(): 'auto' does it when launched as one of several processes "
                   "(SLURM with several tasks, a TPU pod, or JAX_COORDINATOR_ADDRESS set).")
+flags.DEFINE_bool("traceback", False, "Show the full traceback of a bad-input error, not one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +26,15 @@ def _multi_process_launch() -> bool:
 
 def main(argv):
   del argv
+  try:
+    _run()
+  except ValueError as e:  # Bad input: our checks raise ValueError with a one-line message.
+    if FLAGS.traceback:
+      raise
+    sys.exit(f"error: {e}")
+
+
+def _run():
   import jax  # After absl parsed the flags: JAX reads its own (e.g. --jax_platforms) at import.
 
   if FLAGS.distributed == "true" or (FLAGS.distributed == "auto" and _multi_process_launch()):

@@ -363,15 +363,14 @@ def _attend(q, keys, values, pos, cfg: GPTConfig):
   return o.reshape(b, s, cfg.n_head, cfg.head_dim)
 
 
-def _cached_attention(attention: Attention, x, rope, cache, pos, bucket: int | None):
+def _cached_attention(attention: Attention, x, rope, cache, pos):
   """x [B, S, D] at positions pos .. pos+S-1 -> (residual branch [B, S, D], updated (k, v) cache).
 
-  With `bucket`, attention reads only the cache prefix up to the current position rounded up to a
-  multiple of `bucket` (one lax.switch branch per prefix length): reading the whole cache every token
-  costs as much memory traffic as a third of the weights at 256 tokens.
+  Attention reads the whole cache and masks the entries past the current position. Reading only the
+  filled prefix (a lax.switch over static prefix lengths, or a loop over cache chunks with an online
+  softmax) measured slower on CPU: the prefix slices are copies, and the loop adds more than it saves.
   """
   cfg = attention.cfg
-  s = x.shape[1]
   q, k, v = attention.qkv(x, rope)
   k_cache, v_cache = cache
   # Write first, then read: XLA updates the loop-carried buffer in place.
@@ -379,17 +378,7 @@ def _cached_attention(attention: Attention, x, rope, cache, pos, bucket: int | N
                                          (0, 0, pos, 0))
   v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
                                          (0, 0, pos, 0))
-  total = k_cache.shape[2]
-  if not bucket or bucket >= total:
-    o = _attend(q, k_cache, v_cache, pos, cfg)
-  else:
-    # Static slices inside switch branches: the slice cannot fuse with the update above (which would
-    # cost the in-place update), and each branch reads no more than its prefix.
-    lengths = list(range(bucket, total, bucket)) + [total]
-    branches = [lambda q, kc, vc, pos, n=n: _attend(q, kc[:, :, :n], vc[:, :, :n], pos, cfg)
-                for n in lengths]
-    o = jax.lax.switch((pos + s - 1) // bucket, branches, q, k_cache, v_cache, pos)
-  return attention.out(o), (k_cache, v_cache)
+  return attention.out(_attend(q, k_cache, v_cache, pos, cfg)), (k_cache, v_cache)
 
 
 class Decoder(nn.Module):
@@ -421,11 +410,10 @@ class Decoder(nn.Module):
     """labels [B] (num_classes = the null class) -> [B, 1, D]."""
     return self.cls_embedding(labels)
 
-  def __call__(self, x, cache, pos, *, bucket: int | None = None):
+  def __call__(self, x, cache, pos):
     """x [B, S, D] embeddings at positions pos .. pos+S-1 -> (logits [B, S, V] fp32, updated cache).
 
-    `bucket` (static): attention reads the cache only up to pos + S - 1 rounded up to a multiple of it
-    (None: the whole cache, masked). Results are the same either way.
+    S = 1 is one decode step; S > 1 fills several positions at once (a prefill). pos may be traced.
     """
     cfg = self.cfg
     s = x.shape[1]
@@ -433,8 +421,7 @@ class Decoder(nn.Module):
     rope = jax.lax.dynamic_slice_in_dim(table, pos, s)
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
-      h, layer_cache = _cached_attention(layer.attention, layer.attention_norm(x), rope, layer_cache, pos,
-                                         bucket)
+      h, layer_cache = _cached_attention(layer.attention, layer.attention_norm(x), rope, layer_cache, pos)
       x = x + h
       x = x + layer.feed_forward(layer.ffn_norm(x))
       new_cache.append(layer_cache)

@@ -1,0 +1,38 @@
+"""The command line: one-line errors for bad input, and the launch scripts parse."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "-m", "npp_jax.main", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/tiny.py", "--config.model.name=GPT-Z"], "error: unknown model.name='GPT-Z'"),
+    (["--config=configs/tiny.py"], "error: data.path is empty"),
+    (["--config=configs/tiny.py", "--config.data.path=/nonexistent"], "error: no code data set at /nonexistent"),
+    (["--config=configs/b.py:bogus"], "bogus"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+  workdir = tmp_path / "run"
+  out = run_main(*args, f"--workdir={workdir}")
+  assert out.returncode != 0
+  assert message in out.stderr, out.stderr[-2000:]
+  if message.startswith("error:"):
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "Traceback" not in out.stderr
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("script", ["launch/tpu_pod.sh", "launch/gpu_slurm.sh"])
+def test_launch_scripts_parse_and_need_their_arguments(script):
+  assert subprocess.run(["bash", "-n", script], cwd=ROOT).returncode == 0
+  # Without arguments they stop with a usage line instead of launching anything.
+  out = subprocess.run(["bash", script], cwd=ROOT, capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+  assert out.returncode != 0 and "usage" in out.stderr
