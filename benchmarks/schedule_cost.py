@@ -1,6 +1,6 @@
 """Wall-clock of a whole NPP schedule against next-token training for the same epochs, on this machine.
 
-  python benchmarks/schedule_cost.py [--epochs=8 --dim=256 --layers=4 --batch=32 --examples=512]
+  python benchmarks/schedule_cost.py [--epochs=8 --dim=128 --layers=4 --batch=32 --examples=512]
 
 Both runs go through train.train_and_evaluate on the same synthetic code data set (16x16 grid). Prints one
 JSON line: measured_ratio (NPP training seconds / next-token training seconds, compilation excluded;
@@ -26,7 +26,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--epochs", type=int, default=8)
   ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--dim", type=int, default=256)
+  ap.add_argument("--dim", type=int, default=128)
   ap.add_argument("--heads", type=int, default=4)
   ap.add_argument("--vocab", type=int, default=1024)
   ap.add_argument("--batch", type=int, default=32)
