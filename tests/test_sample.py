@@ -310,7 +310,16 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
   vq_dir = str(tmp_path / "vq")
   convert.save_params(vq_dir, vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0)))
   config.sample.vq_checkpoint = vq_dir
-  merged = sample.sample_and_save(config, str(tmp_path / "run"), params=tiny_params)
+  # The GPT comes from disk here: a converted checkpoint, read by npp_jax.checkpoints.load_params.
+  gpt_dir = str(tmp_path / "gpt")
+  convert.save_params(gpt_dir, tiny_params)
+  config.sample.checkpoint = gpt_dir
+  config.sample.use_ema = True  # A converted checkpoint holds one set of weights: refused, nothing written.
+  with pytest.raises(ValueError, match="converted checkpoint"):
+    sample.sample_and_save(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  config.sample.use_ema = False
+  merged = sample.sample_and_save(config, str(tmp_path / "run"))
   with np.load(merged) as z:
     images, labels = z["arr_0"], z["labels"]
   assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 3)
