@@ -104,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.vq = vq_config()
   c.sample = sample_config()
+  c.vq_train = vq_train_config()
+  c.extract = extract_config()
   return c
 
 
@@ -191,6 +193,55 @@ def sample_config() -> ml_collections.ConfigDict:
   return s
 
 
+def vq_train_config() -> ml_collections.ConfigDict:
+  """`--mode=train_vq` (npp_jax.tokenizer.train_vq): a VQ of config.vq's architecture trained on images.
+
+  Reconstruction (L2, optionally L1) plus the quantizer's codebook and commitment losses; LlamaGen's
+  perceptual and adversarial losses are not part of this trainer. Defaults are LlamaGen's VQ recipe.
+  """
+  t = ml_collections.ConfigDict()
+  # "digits" (npp_jax.digits, the demo), a TFDS name prepared under data_dir (e.g. "imagenet2012"), a
+  # prepared TFDS directory, or an image folder root/<split>/<class>/*.{png,jpg} (TFDS ImageFolder).
+  t.dataset = "imagenet2012"
+  t.data_dir = ""  # TFDS data_dir for a TFDS name; "" is TFDS's default (~/tensorflow_datasets).
+  t.split = "train"
+  t.steps = 400_000  # About 40 ImageNet epochs at batch 128.
+  t.batch_size = 128  # Global images per step (a multiple of the data-parallel size and of the processes).
+  t.lr = 1e-4  # Constant.
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.weight_decay = 0.05  # AdamW, only on >= 2-D weights (kernels and the codebook).
+  t.grad_clip = 1.0  # Global-norm clip; 0 turns it off.
+  t.l2_weight = 1.0  # Reconstruction: l2_weight * mean((x - x')^2) + l1_weight * mean(|x - x'|).
+  t.l1_weight = 0.0
+  t.random_flip = True  # Horizontal flip of half the training images (the release's augmentation).
+  t.log_every_steps = 100
+  t.checkpoint_every_steps = 5000
+  t.keep_checkpoints = 3
+  t.seed = 0
+  t.num_threads = 0  # Host threads decoding and resizing images; 0: min(16, CPU count).
+  return t
+
+
+def extract_config() -> ml_collections.ConfigDict:
+  """`--mode=extract` (npp_jax.tokenizer.extract): a data set's images -> a code data set (npp_jax.data)."""
+  e = ml_collections.ConfigDict()
+  e.dataset = "imagenet2012"  # As vq_train.dataset: "digits", a TFDS name or directory, an image folder.
+  e.data_dir = ""
+  e.split = "train"  # One split per run (digits: train / test / all).
+  # The release's augmentations (LlamaGen extract_codes_c2i): "tencrop" resizes the short side to
+  # int(crop_range * image_size), centre-crops that square and takes its 4 corner and centre crops and
+  # those of its mirror image (n_aug 10); "flip": the centre crop and its mirror (2); "none": the crop (1).
+  e.aug = "tencrop"
+  e.crop_range = 1.1  # Ten-crop only; the release uses 1.1 (1.05 is its other setting).
+  e.batch_size = 64  # Global images per step and per temporary shard; every step encodes n_aug x this.
+  e.vq_checkpoint = ""  # A converted (npp_jax.convert --kind=vq) or train_vq'd (WORKDIR/vq) VQ; required.
+  e.output = ""  # Code data set directory; "" is WORKDIR/codes.
+  e.keep_shards = False  # Keep WORKDIR/extract_tmp/<split> after the data set is written.
+  e.num_threads = 0  # Host threads decoding and cropping images; 0: min(16, CPU count).
+  return e
+
+
 def demo_config(smoke: bool = False) -> ml_collections.ConfigDict:
   """configs/demo.py: VQ + NPP GPT + next-token baseline on 5000 MNIST digits (npp_jax.demo).
 
@@ -198,26 +249,40 @@ def demo_config(smoke: bool = False) -> ml_collections.ConfigDict:
   256. Sized for <= 10 minutes on 2 CPU cores; smoke=True shrinks every stage to seconds for the tests.
   """
   c = base_config()
-  c.vq.ch, c.vq.ch_mult, c.vq.num_res_blocks = 32, (1, 2), 1
-  c.vq.z_channels, c.vq.norm_groups = 32, 8
+  # Small channel counts: XLA's CPU convolutions cost ~0.8 s per batch-64 step here at any width below 32.
+  c.vq.ch, c.vq.ch_mult, c.vq.num_res_blocks = 16, (1, 2), 1
+  c.vq.z_channels, c.vq.norm_groups = 16, 4
   c.vq.codebook_size, c.vq.codebook_embed_dim = 256, 8
   c.vq.image_size = 32
 
   c.model.name = "custom"
-  c.model.n_layer, c.model.n_head, c.model.dim = 3, 4, 96
+  # Sized by measurement (2026-11-24, 2 cores): a k=1 step of batch 64 takes 0.34 s, so next-token
+  # training for 8 epochs takes ~3 minutes and NPP ~0.55 of that.
+  c.model.n_layer, c.model.n_head, c.model.dim = 2, 2, 64
   c.model.multiple_of = 32
   c.model.vocab_size, c.model.num_classes = c.vq.codebook_size, 10
   c.model.grid = (16, 16)
   c.model.dtype = "float32"  # CPU: bf16 matmuls are slower than fp32 there.
   c.model.token_dropout = c.model.resid_dropout = c.model.ffn_dropout = 0.05
 
-  c.train.epochs = 12
+  c.train.epochs = 8
   c.train.global_batch_size = 64
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 200
   c.optim.lr, c.optim.end_lr = 2e-3, 2e-4
   c.optim.warmup_epochs = 0.5
   c.mesh.shape = (-1, 1, 1)
+
+  c.vq_train.dataset = "digits"
+  c.vq_train.random_flip = False  # A mirrored digit is another glyph.
+  c.vq_train.steps = 200
+  c.vq_train.batch_size = 64
+  c.vq_train.lr = 3e-3
+  c.vq_train.log_every_steps = 50
+  c.vq_train.checkpoint_every_steps = 200
+  c.extract.dataset = "digits"
+  c.extract.aug = "none"  # A mirrored digit is another glyph: no flips, no crops.
+  c.extract.batch_size = 250
 
   c.sample.num_images = 500  # 50 per digit: enough for a stable Frechet distance in 64 features.
   c.sample.batch_size = 100
@@ -229,7 +294,8 @@ def demo_config(smoke: bool = False) -> ml_collections.ConfigDict:
   c.demo.classifier_epochs = 6
   c.demo.grid_cols = 10  # Samples per class row in the PNG grids.
   if smoke:
-    c.model.n_layer, c.model.dim = 1, 32
+    c.model.n_layer, c.model.n_head, c.model.dim = 1, 1, 32
+    c.vq_train.steps, c.vq_train.batch_size = 20, 32
     c.train.epochs = 4
     c.train.global_batch_size = 250
     c.train.log_every_steps = 1

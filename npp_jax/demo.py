@@ -58,6 +58,8 @@ def _train_gpt(config, workdir: str, name: str, stages, timings: _Timings) -> di
     return done
   t0 = time.perf_counter()
   out = train.train_and_evaluate(c, run_dir)
+  if out.get("stopped_early"):
+    raise SystemExit(f"{name}: stopped at step {out['step']} (SIGTERM); run the same command to resume.")
   result = {"wall_s": time.perf_counter() - t0, "train_s": out.get("train_s"),
             "compile_s": out.get("compile_s"), "final_loss": out.get("loss")}
   timings.record(f"{name}_train", result)
@@ -71,6 +73,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   _stage("1/5 train the VQ tokenizer on the digits")
   vq_dir = tokenizer.train_vq(config, os.path.join(workdir, "vq"))
+  if vq_dir is None:
+    print("Stopped during VQ training (SIGTERM); run the same command again to resume.")
+    return {}
 
   _stage("2/5 extract codes (train and test splits)")
   codes_dir = os.path.join(workdir, "codes")

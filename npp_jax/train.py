@@ -312,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.flush()
   wall = time.perf_counter() - t_loop
   return {"step": step, **last, "loop_s": wall, "compile_s": sum(compile_s.values()),
-          "train_s": wall - sum(compile_s.values())}
+          "train_s": wall - sum(compile_s.values()), "stopped_early": step < p.total_steps}
 
 
 def _check_params_match(params, config) -> None:
