@@ -143,7 +143,7 @@ class ImageSource:
   random_access: bool = False
 
   def read(self, start: int, stop: int) -> tuple[list, np.ndarray]:
-    raise TypeError(f"{type(self).__name__} cannot read")  # Every subclass overrides it.
+    return self.get(range(start, stop))
 
   def get(self, indices: Sequence[int]) -> tuple[list, np.ndarray]:
     raise TypeError(f"{self.name} has no random access")
@@ -283,8 +283,9 @@ def open_images(dataset: str, split: str, data_dir: str = "", field: str = "data
       raise ValueError(f"{field}={dataset!r} is not a TFDS data set, an existing folder or 'digits'; "
                        "expected one of those") from None
     if not builder.is_prepared():
-      raise ValueError(f"TFDS data set {dataset!r} is not prepared under data_dir={data_dir or '(default)'!r}; "
-                       "expected it built beforehand (`tfds build`; imagenet2012 needs --manual_dir)")
+      where = data_dir or "(TFDS default)"
+      raise ValueError(f"TFDS data set {dataset!r} is not prepared under data_dir={where!r}; expected it "
+                       "built beforehand (`tfds build`; imagenet2012 needs --manual_dir)")
   splits = sorted(builder.info.splits)
   if split not in splits:
     raise ValueError(f"{dataset} has no split {split!r}; expected one of {splits}")
@@ -316,6 +317,7 @@ class _Prefetch:
           except queue.Full:
             pass
         if self._stop.is_set():
+          getattr(iterator, "close", lambda: None)()  # Runs the generator's own clean-up.
           return
     except Exception as e:  # Handed to the consumer, which raises it where it waits.
       self._queue.put((None, e))
@@ -355,6 +357,20 @@ def _data_parallel(config, batch_size: int, field: str) -> None:
                      f"{shape}); expected a multiple of {dp}")
   if batch_size % jax.process_count():
     raise ValueError(f"{field}={batch_size}; expected a multiple of the {jax.process_count()} processes")
+
+
+def _extract_rows(config, batch_size: int) -> tuple[int, int]:
+  """(images this process reads per batch, rows it feeds the devices): the rows are padded up to a
+  multiple of the process's data-parallel devices, so any batch size works on any mesh."""
+  shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
+  dp, procs = shape[0] * shape[1], jax.process_count()
+  if batch_size % procs:
+    raise ValueError(f"extract.batch_size={batch_size}; expected a multiple of the {procs} processes")
+  if dp % procs:
+    raise ValueError(f"mesh {shape} has a data-parallel size {dp} that the {procs} processes cannot share; "
+                     "expected mesh.shape data x fsdp to be a multiple of the process count")
+  local, per = batch_size // procs, dp // procs
+  return local, -(-local // per) * per
 
 
 def check_vq_params(params, vq_config: ml_collections.ConfigDict, where: str) -> None:
@@ -415,9 +431,8 @@ class VQHparams:
 
   @classmethod
   def from_config(cls, t: ml_collections.ConfigDict) -> "VQHparams":
-    for name in ("lr",):
-      if not isinstance(t[name], (int, float)) or not t[name] > 0:
-        raise ValueError(f"vq_train.{name}={t[name]!r}; expected a positive number")
+    if not isinstance(t.lr, (int, float)) or not t.lr > 0:
+      raise ValueError(f"vq_train.lr={t.lr!r}; expected a positive number")
     for name in ("b1", "b2"):
       if not isinstance(t[name], (int, float)) or not 0.0 <= t[name] < 1.0:
         raise ValueError(f"vq_train.{name}={t[name]!r}; expected a number in [0, 1)")
@@ -440,7 +455,9 @@ def make_vq_optimizer(hp: VQHparams) -> optax.GradientTransformation:
 
 
 def _init_vq_state(rng, *, cfg: vq.VQConfig, hp: VQHparams) -> VQTrainState:
-  params = vq.VQModel(cfg).init(rng, jnp.zeros((1, cfg.image_size, cfg.image_size, 3)))["params"]
+  # Shapes of parameters do not depend on the image size: the smallest image keeps the init cheap.
+  f = cfg.downsample
+  params = vq.VQModel(cfg).init(rng, jnp.zeros((1, f, f, 3)))["params"]
   return VQTrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=make_vq_optimizer(hp).init(params),
                       code_ema=jnp.zeros((cfg.codebook_size,), jnp.float32))
@@ -514,7 +531,8 @@ class _VQCheckpoints:
       raise ValueError(f"VQ checkpoint step {step} in {self.directory} is unreadable "
                        f"({type(e).__name__}); expected a finished save: move it away") from None
     want = _vq_arch(vq_config)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {want[k]!r}" for k in want if saved.get(k) != want[k]]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {want[k]!r}"
+            for k in want if saved.get(k) != want[k]]
     if diff:
       raise ValueError(f"{self.directory} holds a VQ of another architecture ({', '.join(diff)}); expected "
                        "the same config.vq, or another --workdir")
@@ -526,7 +544,9 @@ class _VQCheckpoints:
     return out["state"], step
 
   def save(self, step: int, state, vq_config) -> None:
-    args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
+    # A host copy (the state is replicated, and a VQ small): orbax's replica-parallel save of device
+    # arrays slices every replicated leaf per device, hundreds of small compiles on a CPU mesh.
+    args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(jax.device_get(state)),
                                     meta=self._ocp.args.JsonSave({"vq": _vq_arch(vq_config), "step": step}))
     self.manager.save(step, args=args, force=True)
 
@@ -557,7 +577,8 @@ def _vq_batches(source: ImageSource, image_size: int, local: int, seed: int, sta
       step = start_step
       while True:
         rng = np.random.default_rng([seed, step])
-        idx = rng.choice(source.num_examples, size=local * n_proc, replace=source.num_examples < local * n_proc)
+        idx = rng.choice(source.num_examples, size=local * n_proc,
+                         replace=source.num_examples < local * n_proc)
         flips = (rng.random(local * n_proc) < 0.5) & random_flip
         rows = slice(p * local, (p + 1) * local)
         images, _ = source.get(idx[rows])
@@ -644,9 +665,13 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   step, t_log, step_log = start, time.perf_counter(), start
   try:
     with train._Preemption() as preempt:
+      pending = None
       while step < t.steps:
         images = sharding.global_batch({"images": next(batches)}, mesh)["images"]
+        if pending is not None:  # At most two steps in flight: the host cannot queue up batches.
+          pending.block_until_ready()
         state, metrics = step_fn(state, images)
+        pending = metrics["loss"]
         step += 1
         report(step)
         if step % t.log_every_steps == 0 or step == t.steps:
@@ -671,7 +696,7 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
     writer.flush()
   if step < t.steps:
     return None  # Stopped by SIGTERM after saving: the same command resumes.
-  convert.save_params(final_dir, state.params)
+  convert.save_params(final_dir, jax.device_get(state.params))  # Host copy: see _VQCheckpoints.save.
   logging.info("VQ trained for %d steps; final parameters in %s.", step, final_dir)
   return final_dir
 
@@ -688,7 +713,7 @@ def encode_uint8(params, images: jax.Array, cfg: vq.VQConfig) -> jax.Array:
 
 
 def encode_views(params, views: np.ndarray, cfg: vq.VQConfig, mesh) -> np.ndarray:
-  """This process's uint8 views [L, n_aug, S, S, 3] -> codes of the global batch [B, n_aug, h, w].
+  """This process's uint8 views [L, n_aug, S, S, 3] -> codes [P * L, n_aug, h, w] of all processes' rows.
 
   One view index at a time, so memory follows the batch size, not batch size x n_aug.
   """
@@ -698,11 +723,11 @@ def encode_views(params, views: np.ndarray, cfg: vq.VQConfig, mesh) -> np.ndarra
   return _gather(jnp.stack(codes, axis=1))
 
 
-def _extract_settings(e, cfg: vq.VQConfig, num_examples: int) -> dict:
-  return {"dataset": e.dataset, "data_dir": e.data_dir, "split": e.split, "aug": e.aug,
+def _extract_settings(e, cfg: vq.VQConfig, source: ImageSource) -> dict:
+  return {"dataset": source.name, "data_dir": e.data_dir, "split": e.split, "aug": e.aug,
           "crop_range": float(e.crop_range) if e.aug == "tencrop" else None, "batch_size": e.batch_size,
           "image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
-          "vq_checkpoint": os.path.abspath(e.vq_checkpoint), "num_examples": num_examples}
+          "vq_checkpoint": os.path.abspath(e.vq_checkpoint), "num_examples": source.num_examples}
 
 
 def _existing_dataset(output: str) -> Optional[dict]:
@@ -713,7 +738,7 @@ def _existing_dataset(output: str) -> Optional[dict]:
     return json.load(f)
 
 
-def extract(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def extract(config: ml_collections.ConfigDict, workdir: str, source: Optional[ImageSource] = None) -> dict:
   """Encode one split of images into a code data set (npp_jax.data) with the release's augmentations.
 
   Each global batch of extract.batch_size images becomes a shard WORKDIR/extract_tmp/<split>/shard_*.npz
@@ -721,6 +746,8 @@ def extract(config: ml_collections.ConfigDict, workdir: str) -> dict:
   streams them into the data set at extract.output (default WORKDIR/codes). A split that is already
   finished there is left alone. Every process reads and encodes its rows of each batch; codes are gathered
   to process 0, which writes. Returns a summary (examples, shards encoded and reused, images/s).
+
+  `source` replaces opening extract.dataset (benchmarks, notebooks with images in memory).
   """
   from tqdm import tqdm
 
@@ -748,7 +775,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"extract.vq_checkpoint={e.vq_checkpoint!r} does not exist; expected a VQ checkpoint "
                      "directory (npp_jax.convert --kind=vq, or --mode=train_vq's WORKDIR/vq)")
   split = _check_split_name(e.split, "extract.split")
-  _data_parallel(config, batch_size, "extract.batch_size")
+  local, device_rows = _extract_rows(config, batch_size)
   output = e.output or os.path.join(workdir, "codes")
   summary = {"output": output, "split": split, "n_aug": n_aug, "shards_encoded": 0, "shards_reused": 0}
   existing = _existing_dataset(output)
@@ -765,14 +792,15 @@ def extract(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if diff:
       raise ValueError(f"code data set {output} was made with other settings ({'; '.join(diff)}); expected "
                        "the same, or another extract.output")
-  source = open_images(e.dataset, split, e.data_dir, "extract.dataset")
+  if source is None:
+    source = open_images(e.dataset, split, e.data_dir, "extract.dataset")
   if source.num_classes > config.model.num_classes:
     raise ValueError(f"{source.name} has {source.num_classes} classes; expected at most "
                      f"model.num_classes={config.model.num_classes}")
   params = convert.load_params(e.vq_checkpoint)
   check_vq_params(params, config.vq, e.vq_checkpoint)
   tmp_dir = os.path.join(workdir, "extract_tmp", split)
-  settings = _extract_settings(e, cfg, source.num_examples)
+  settings = _extract_settings(e, cfg, source)
   settings_path = os.path.join(tmp_dir, "settings.json")
   if os.path.exists(settings_path):
     with open(settings_path) as f:
@@ -805,7 +833,6 @@ def extract(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- encode: host preparation of the next shard overlaps the device work on this one.
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  local = batch_size // jax.process_count()
   pool = concurrent.futures.ThreadPoolExecutor(_num_threads(e.num_threads))
   reader = concurrent.futures.ThreadPoolExecutor(1)  # Sources read in order, one batch at a time.
   size = cfg.image_size
@@ -813,8 +840,8 @@ def extract(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def prepare(i: int):
     start = i * batch_size + jax.process_index() * local
     stop = min(start + local, n)
-    views = np.zeros((local, n_aug, size, size, 3), np.uint8)  # Rows past the end stay padding.
-    labels = np.zeros((local,), np.int32)
+    views = np.zeros((device_rows, n_aug, size, size, 3), np.uint8)  # Rows past the end: padding.
+    labels = np.zeros((device_rows,), np.int32)
     if stop > start:
       images, got = source.read(start, stop)
       views[:stop - start] = np.stack(list(pool.map(
@@ -834,8 +861,11 @@ def extract(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if j + 1 < len(todo):
         pending = reader.submit(prepare, todo[j + 1])
       codes = encode_views(params, views, cfg, mesh)
-      labels = _gather(jax.make_array_from_process_local_data(sharding.data_sharding(mesh), labels)) \
-          if jax.process_count() > 1 else labels
+      if jax.process_count() > 1:
+        labels = _gather(jax.make_array_from_process_local_data(sharding.data_sharding(mesh), labels))
+      # Gathered rows are [process 0's device_rows, process 1's, ...]: drop each one's padding.
+      unpad = lambda x: x.reshape(-1, device_rows, *x.shape[1:])[:, :local].reshape(-1, *x.shape[1:])
+      codes, labels = unpad(codes), unpad(labels)
       count = min((i + 1) * batch_size, n) - i * batch_size
       if is_main:
         _atomic_save(shard_path(i), codes=codes[:count].astype(code_dtype), labels=labels[:count])
@@ -862,6 +892,8 @@ def extract(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.add(z["codes"], z["labels"])
     if not e.keep_shards:
       shutil.rmtree(tmp_dir)
+      if not os.listdir(os.path.dirname(tmp_dir)):
+        os.rmdir(os.path.dirname(tmp_dir))
     logging.info("Wrote split %r of %s: %d examples, %d views each.", split, output, n, n_aug)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

@@ -62,7 +62,7 @@ def test_notebook_samples_from_the_demo_checkpoint(demo_run, tmp_path):
       'CHECKPOINT = "ckpt/gpt_b"': f'CHECKPOINT = "{workdir}/npp"',
       'VQ_CHECKPOINT = "ckpt/vq16"': f'VQ_CHECKPOINT = "{workdir}/vq/vq"',
       'CLASSES = "207, 360, 387, 974, 88, 979, 417, 279"': 'CLASSES = "3, 7"',
-      'IMAGES_PER_CLASS = 4': 'IMAGES_PER_CLASS = 2',
+      'IMAGES_PER_CLASS = 4': 'IMAGES_PER_CLASS = 2',  # 4 images on 8 fake devices: padded.
       'WORKDIR = "/tmp/npp_samples"': f'WORKDIR = "{tmp_path}/nb"',
   }
   for old, new in replace.items():

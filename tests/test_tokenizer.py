@@ -4,6 +4,7 @@ after a crash and after lost shards, TFDS ImageFolder), and bad inputs refused b
 import glob
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from npp_jax import config_lib
 from npp_jax import convert
 from npp_jax import data
 from npp_jax import digits
+from npp_jax import sharding
 from npp_jax import tokenizer
 from npp_jax.models import vq
 
@@ -56,8 +58,12 @@ def read_scalars(workdir):
 @pytest.fixture(scope="module")
 def vq_params(tmp_path_factory):
   """Random VQ parameters saved as a converted checkpoint: codes of random weights vary a lot."""
-  cfg = vq.VQConfig.from_config(tiny_config().vq)
-  params = vq.init_params(cfg, jax.random.key(3))
+  c = tiny_config()
+  cfg = vq.VQConfig.from_config(c.vq)
+  # train_vq's compiled init (cached per process), so the module compiles the VQ init once.
+  init, _ = tokenizer._vq_functions(cfg, tokenizer.VQHparams.from_config(c.vq_train),
+                                    sharding.make_mesh(c.mesh))
+  params = jax.device_get(init(jax.random.key(3)).params)
   path = str(tmp_path_factory.mktemp("vq") / "vq")
   convert.save_params(path, params)
   return cfg, params, path
@@ -144,6 +150,27 @@ def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
   assert steps == [6, 8]
   new_steps = sorted(s for s, _ in read_scalars(workdir)["loss"])
   assert new_steps[-2:] == [7, 8] and new_steps.count(7) == 1
+
+
+def test_train_vq_saves_and_stops_on_sigterm_then_resumes(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "w")
+  c = tiny_config(**{"vq_train.checkpoint_every_steps": 100})
+  real = tokenizer._vq_batches
+
+  def batches_then_sigterm(*args, **kw):
+    for i, batch in enumerate(real(*args, **kw)):
+      if i == 2:  # As a scheduler would: the loop saves the step it is at and returns.
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(tokenizer, "_vq_batches", batches_then_sigterm)
+  assert tokenizer.train_vq(c, workdir) is None
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "vq_checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and 1 <= steps[0] < 6
+  assert not os.path.exists(os.path.join(workdir, "vq"))
+  monkeypatch.setattr(tokenizer, "_vq_batches", real)
+  assert tokenizer.train_vq(c, workdir) == os.path.join(workdir, "vq")
+  assert max(s for s, _ in read_scalars(workdir)["loss"]) == 6
 
 
 def test_train_vq_refuses_bad_input_before_writing(tmp_path):
@@ -248,7 +275,7 @@ def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
            ({"extract.dataset": "no_such_dataset_xyz"}, "not a TFDS data set"),
            ({"extract.aug": "fivecrop"}, "extract.aug"),
            ({"extract.aug": "tencrop", "extract.crop_range": 0.9}, "crop_range"),
-           ({"extract.batch_size": 100}, "data-parallel size 8"),
+           ({"extract.batch_size": 0}, "extract.batch_size"),
            ({"extract.split": "train[:10]"}, "plain split name"),
            ({"model.num_classes": 5}, "at most model.num_classes"))
   for overrides, match in cases:
@@ -276,12 +303,14 @@ def test_extract_reads_a_tfds_image_folder(tmp_path, vq_params):
     os.makedirs(root / "train" / name)
     for j in range(3):
       h, w = sizes[(k + j) % len(sizes)]
-      Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "train" / name / f"{j}.png")
+      image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      Image.fromarray(image).save(root / "train" / name / f"{j}.png")
   workdir = str(tmp_path / "w")
   c = tiny_config(**{"extract.vq_checkpoint": path, "extract.dataset": str(root), "extract.split": "train",
-                     "extract.aug": "tencrop", "extract.batch_size": 8})
+                     "extract.aug": "tencrop", "extract.batch_size": 5})
   out = tokenizer.extract(c, workdir)
-  assert out["num_examples"] == 9 and out["n_aug"] == 10
+  # Batches of 5 on 8 devices: padded to 8 rows on the way in, trimmed on the way out.
+  assert out["num_examples"] == 9 and out["n_aug"] == 10 and out["shards_encoded"] == 2
   codes, labels = read_split(os.path.join(workdir, "codes"), "train")
   # ImageFolder's own order (a fixed shuffle) and labels (sorted class names).
   records = list(tfds.as_numpy(tfds.folder_dataset.ImageFolder(str(root)).as_dataset("train")))
@@ -293,3 +322,39 @@ def test_extract_reads_a_tfds_image_folder(tmp_path, vq_params):
     views = tokenizer.augment(image, "tencrop", 32, 1.1)
     want = np.asarray(vq.encode_fn(params, tokenizer.PIXEL_VALUES[views], cfg))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_prepared_tfds_directories_read_in_order_and_stream(tmp_path, file_format):
+  """A prepared TFDS data set: random access (array_record) or slices (TFRecord), JPEG/PNG bytes decoded
+  by PIL; train_vq's batches from it."""
+  import tensorflow_datasets as tfds
+
+  rng = np.random.default_rng(1)
+  images = [rng.integers(0, 256, (30 + i, 36, 3), dtype=np.uint8) for i in range(12)]
+  path = str(tmp_path / "toy")
+  os.makedirs(path)
+  features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
+                                         "label": tfds.features.ClassLabel(num_classes=4)})
+  info = tfds.core.DatasetInfo(
+      builder=tfds.core.DatasetIdentity(name="toy", version="1.0.0", data_dir=path, module_name=""),
+      features=features, supervised_keys=("image", "label"))
+  writer = tfds.core.SequentialWriter(ds_info=info, max_examples_per_shard=5, file_format=file_format)
+  writer.initialize_splits(["train"])
+  writer.add_examples({"train": [{"image": im, "label": i % 4} for i, im in enumerate(images)]})
+  writer.close_splits(["train"])
+
+  source = tokenizer.open_images(path, "train")
+  assert (source.num_examples, source.num_classes) == (12, 4)
+  assert source.random_access == (file_format == "array_record")
+  got, labels = source.read(3, 9)  # Across shard files.
+  for k, image in enumerate(got):
+    np.testing.assert_array_equal(tokenizer.to_rgb(image), images[3 + k])
+  np.testing.assert_array_equal(labels, [(3 + k) % 4 for k in range(6)])
+  batches = tokenizer._vq_batches(source, 32, 4, seed=0, start_step=0, random_flip=True, threads=2)
+  for _ in range(4):  # 16 images: more than one pass over the 12.
+    batch = next(batches)
+    assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.uint8
+  batches.close()
+  with pytest.raises(ValueError, match="has no split 'test'"):
+    tokenizer.open_images(path, "test")
