@@ -32,6 +32,7 @@ setuptools.setup(
         "test": [
             "pytest>=8.0",
             "pytest-xdist>=3.5",
+            "pytest-timeout>=2.3",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
