@@ -664,7 +664,7 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   # --- loop.
   step, t_log, step_log = start, time.perf_counter(), start
   try:
-    with train._Preemption() as preempt:
+    with train.Preemption() as preempt:
       pending = None
       while step < t.steps:
         images = sharding.global_batch({"images": next(batches)}, mesh)["images"]

@@ -158,7 +158,7 @@ def train_step(state: TrainState, batch: dict, *, model: gpt.GPT, tx, lr_fn, k: 
 
 # ------------------------------------------------------------------------------------------------- loop
 
-class _Preemption:
+class Preemption:
   """SIGTERM (TPU maintenance, SLURM time limit) asks the loop to save and stop at the next step."""
 
   def __init__(self):
@@ -270,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_log, step_log, compiled_log = time.time(), start, 0.0
   t_loop = time.perf_counter()
   step = start
-  with _Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+  with Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     while step < p.total_steps:
       k = schedule.k_at(step)
       local = next(it)

@@ -11,30 +11,7 @@ from npp_jax import config_lib
 from npp_jax import costs
 from npp_jax import npp
 from npp_jax.models import gpt
-
-
-def tiny_model_config(**kw):
-  m = config_lib.model_config("custom")
-  m.n_layer, m.n_head, m.dim = 2, 4, 32
-  m.vocab_size, m.num_classes, m.grid = 64, 10, (8, 8)
-  m.multiple_of = 32
-  m.dtype = "float32"
-  for key, value in kw.items():
-    m[key] = value
-  return m
-
-
-def random_params(cfg, seed=0):
-  """Init, then make every weight random (the output layer starts at zero) so nothing hides."""
-  model = gpt.GPT(cfg)
-  h, w = cfg.grid
-  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, h, w), jnp.int32),
-                               jnp.zeros((1,), jnp.int32))["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [0.3 * jax.random.normal(key, x.shape, x.dtype) + (1.0 if x.ndim == 1 else 0.0)
-            for key, x in zip(keys, leaves)]
-  return model, jax.tree.unflatten(tree, leaves)
+from helpers import random_params, tiny_model_config  # noqa: E402  (tests/ is on sys.path)
 
 
 # ------------------------------------------------------------------------------------------ NumPy reference

@@ -1,10 +1,8 @@
 """The KV-cache decoder against the full forward pass, the sampler against NumPy and step-by-step
 references, data-parallel sampling on 8 fake devices, and the sampling job (codes, images, resume)."""
-import dataclasses
 import os
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,33 +11,15 @@ import pytest
 from npp_jax import config_lib
 from npp_jax import sample
 from npp_jax.models import gpt
+import helpers  # noqa: E402  (tests/ is on sys.path)
+from helpers import random_params  # noqa: E402
 
 ATOL = 1e-4  # fp32 cached vs full forward: different summation orders only.
 N_CLASSES = 10
 
 
 def tiny_model_config(**kw):
-  m = config_lib.model_config("custom")
-  m.n_layer, m.n_head, m.dim = 2, 4, 32
-  m.vocab_size, m.num_classes, m.grid = 64, N_CLASSES, (4, 4)
-  m.multiple_of = 32
-  m.dtype = "float32"
-  for key, value in kw.items():
-    m[key] = value
-  return m
-
-
-def random_params(cfg, seed=0):
-  """Init, then randomise every weight: the output layer starts at zero and would hide everything."""
-  model = gpt.GPT(cfg)
-  h, w = cfg.grid
-  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, h, w), jnp.int32),
-                               jnp.zeros((1,), jnp.int32))["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [0.3 * jax.random.normal(k, x.shape, x.dtype) + (1.0 if x.ndim == 1 else 0.0)
-            for k, x in zip(keys, leaves)]
-  return model, jax.tree.unflatten(tree, leaves)
+  return helpers.tiny_model_config(**{"num_classes": N_CLASSES, "grid": (4, 4), **kw})
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from npp_jax import digits
 from npp_jax import sharding
 from npp_jax import tokenizer
 from npp_jax.models import vq
+from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 
 N_TEST = 500  # Digits in the "test" split: the extraction tests encode all of them.
 
@@ -40,19 +41,6 @@ def tiny_config(workdir=None, **overrides):
       node = node[p]
     node[leaf] = value
   return c
-
-
-def read_scalars(workdir):
-  """{tag: [(step, value)]} from the TensorBoard files clu wrote."""
-  import tensorflow as tf
-
-  out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents*"))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        if v.HasField("tensor") and v.metadata.plugin_data.plugin_name == "scalars":
-          out.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
-  return out
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ import pytest
 from npp_jax import checkpoints
 from npp_jax import config_lib
 from npp_jax import data
-from npp_jax import npp
 from npp_jax import train
 from npp_jax.models import gpt
+from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,24 +68,11 @@ def test_tiny_training_learns_and_switches_stages(dataset, tmp_path, mesh_shape)
   assert out["loss"] < 4.0, out
   assert 0 < out["relative_cost"] < 1
   # Stage switch: the logged k went 4 -> 2 -> 1 (TensorBoard events in the workdir).
-  ks = _logged_scalar(workdir, "k")
+  ks = dict(read_scalars(workdir)["k"])
   assert [ks[s] for s in (1, 8, 9, 16, 17, 32)] == [4, 4, 2, 2, 1, 1]
   # FSDP over 4 devices: the embedding table is split along its embed axis.
   params = checkpoints.load_params(workdir)
   chex.assert_tree_all_finite(params)
-
-
-def _logged_scalar(workdir, tag):
-  """{step: value} of one scalar from the TensorBoard event files clu wrote."""
-  import glob
-  import tensorflow as tf
-  out = {}
-  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        if v.tag == tag:
-          out[event.step] = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
-  return out
 
 
 def _run_main(workdir, dataset, extra=(), wait=True):
