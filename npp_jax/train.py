@@ -280,13 +280,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for hook in hooks:
         hook(step)
       log_now = step % config.train.log_every_steps == 0 or step == p.total_steps
-      if log_now:
+      # Read the flag once: a SIGTERM landing mid-save stops the loop one step later, after its own save.
+      stop = preempt.requested or ckpt.reached_preemption(step)
+      save_now = stop or step % config.train.checkpoint_every_steps == 0 or step == p.total_steps
+      if log_now or save_now:
+        # Checked before every save too (param_norm is of the updated parameters), so no checkpoint ever
+        # holds non-finite weights, whatever the log and checkpoint intervals.
         metrics = jax.device_get(metrics)
         if not all(np.isfinite(v) for v in metrics.values()):
           ckpt.wait()
           raise FloatingPointError(
               f"non-finite metrics at step {step} (k={k}): {metrics}; stopped without saving, the last "
               f"good checkpoint is step {ckpt.latest_step()} in {ckpt_dir}")
+      if log_now:
         # Seconds per step since the last log, less any compilation that fell in between.
         compiled = sum(compile_s.values())
         dt = (time.time() - t_log - (compiled - compiled_log)) / max(step - step_log, 1)
@@ -300,11 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if util is not None:
           last["mfu"] = util
         writer.write_scalars(step, last)
-      # Read the flag once: a SIGTERM landing mid-save stops the loop one step later, after its own save.
-      stop = preempt.requested or ckpt.reached_preemption(step)
       if stop:
         logging.warning("Preemption requested: saving step %d and stopping.", step)
-      if stop or step % config.train.checkpoint_every_steps == 0 or step == p.total_steps:
+      if save_now:
         ckpt.save(step, state, data.iterator_state(it), config.model, force=True)
       if stop:
         break

@@ -247,6 +247,20 @@ def test_corrupt_checkpoint_is_reported_and_kept(dataset, uninterrupted, tmp_pat
   assert {f: open(f, "rb").read() for f in damaged} == snapshot
 
 
+def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny(dataset, **{"train.max_steps": 2, "train.checkpoint_every_steps": 2}), workdir)
+  good = checkpoints.load_params(workdir)
+  # lr 1e30 blows the weights up at the next update (their norm overflows fp32). The log interval (100)
+  # never comes; the checkpoint interval (1) does, and the check before every save must stop it.
+  c = tiny(dataset, **{"optim.lr": 1e30, "optim.end_lr": 0.0, "train.log_every_steps": 100,
+                       "train.checkpoint_every_steps": 1})
+  with pytest.raises(FloatingPointError, match="non-finite metrics at step 3 .*last good checkpoint is step 2"):
+    train.train_and_evaluate(c, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  jax.tree.map(np.testing.assert_array_equal, checkpoints.load_params(workdir), good)
+
+
 def test_init_from_loads_parameters(dataset, uninterrupted, tmp_path):
   c = tiny(dataset, **{"train.init_from": uninterrupted, "train.max_steps": 1, "optim.lr": 1e-12,
                        "optim.end_lr": 0.0})
