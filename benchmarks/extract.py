@@ -15,7 +15,6 @@ pace (a view costs the same with or without ten-crop).
 import datetime
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -27,22 +26,12 @@ from npp_jax import config_lib
 from npp_jax import convert
 from npp_jax import tokenizer
 from npp_jax.models import vq
+import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("aug", "tencrop", sorted(tokenizer.AUGS), "Views per image: the release's ten-crop, etc.")
 flags.DEFINE_integer("images", 1024, "Images in the timed run.")
 flags.DEFINE_integer("batch_size", 256, "extract.batch_size: images per step and per shard.")
-
-
-def _device() -> str:
-  d = jax.devices()[0]
-  if d.platform != "cpu":
-    return f"{d.device_kind} x{jax.device_count()}"
-  model = platform.processor() or "cpu"
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
-  return f"cpu ({model}, {os.cpu_count()} cores)"
 
 
 def main(_):
@@ -77,7 +66,7 @@ def main(_):
              "z_channels": cfg.z_channels, "codebook": [cfg.codebook_size, cfg.codebook_embed_dim],
              "image_size": cfg.image_size, "params_m": round(vq.count_params(cfg) / 1e6, 3),
              "dtype": config.vq.dtype},
-      "device": _device(), "devices": jax.device_count(), "jax": jax.__version__,
+      "device": machine.describe(), "devices": jax.device_count(), "jax": jax.__version__,
       "load_avg_1m": round(os.getloadavg()[0], 2),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
   }

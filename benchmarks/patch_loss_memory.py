@@ -18,6 +18,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from npp_jax import npp  # noqa: E402
+import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 
 def repeated_loss(logits, targets):
@@ -39,7 +40,7 @@ def main():
   ap.add_argument("--vocab", type=int, default=16384)
   args = ap.parse_args()
   out = {"batch": args.batch, "grid": args.grid, "vocab": args.vocab,
-         "device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat()}
+         "device": machine.describe(), "date": datetime.date.today().isoformat()}
   for k in (1, 2, 4):
     n = npp.num_patches((args.grid, args.grid), k)
     logits = jax.ShapeDtypeStruct((args.batch, n, args.vocab), jnp.float32)

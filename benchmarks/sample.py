@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import time
 
 import flax.linen as nn
@@ -26,6 +25,7 @@ from absl import app, flags
 from npp_jax import config_lib
 from npp_jax import sample
 from npp_jax.models import gpt
+import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
@@ -58,17 +58,6 @@ def time_sampler(params, cfg, n_images):
   return best, max(first - best, 0.0)
 
 
-def _device() -> str:
-  d = jax.devices()[0]
-  if d.platform != "cpu":
-    return f"{d.device_kind} x{jax.device_count()}"
-  model = platform.processor() or "cpu"
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
-  return f"cpu ({model}, {os.cpu_count()} cores)"
-
-
 def main(_):
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   out = {}
@@ -82,7 +71,7 @@ def main(_):
     seconds, compile_s[f"grid{grid}_{n_images}images"] = time_sampler(params, cfg, n_images)
     out[key] = round(n_images / seconds, 3) if key.startswith("images") else round(seconds, 2)
   out.update(compile_s={k: round(v, 1) for k, v in compile_s.items()}, dtype=FLAGS.dtype,
-             cfg_scale=FLAGS.cfg_scale, device=_device(), load_avg_1m=round(os.getloadavg()[0], 2),
+             cfg_scale=FLAGS.cfg_scale, device=machine.describe(), load_avg_1m=round(os.getloadavg()[0], 2),
              date=datetime.date.today().isoformat())
   print(json.dumps(out))
 

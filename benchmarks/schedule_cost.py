@@ -13,13 +13,13 @@ import os
 import sys
 import tempfile
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from npp_jax import config_lib, costs, data, npp  # noqa: E402
 from npp_jax import train  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
+import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 
 def main():
@@ -71,7 +71,7 @@ def main():
       "measured_ratio_with_compile": round(runs["npp"]["loop_s"] / runs["ntp"]["loop_s"], 3),
       "token_ratio": round(schedule.token_ratio(), 3),
       "flop_ratio": round(costs.schedule_flop_ratio(schedule, cfg), 3),
-      "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}", "cpu_count": os.cpu_count(),
+      "device": machine.describe(), "cpu_count": os.cpu_count(),
       "date": datetime.date.today().isoformat(),
   }
   print(json.dumps(out))

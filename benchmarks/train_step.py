@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ml_collections import config_flags  # noqa: E402
 from npp_jax import costs, npp, train  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
+import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 
 def load_config(path):
@@ -55,7 +56,7 @@ def main():
 
   out = {"config": args.config, "model": config.model.name, "params_m": round(gpt.count_params(cfg) / 1e6, 1),
          "batch": args.batch, "dtype": args.dtype, "grid": list(cfg.grid),
-         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+         "device": machine.describe(),
          "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat()}
   peak = costs.peak_flops_per_device()
   for k in [int(x) for x in args.ks.split(",")]:

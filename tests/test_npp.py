@@ -1,6 +1,5 @@
 """The NPP op against plain NumPy: aggregation, target grouping, patch loss, stages and learning rates."""
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
