@@ -20,6 +20,7 @@ from absl import logging
 
 from npp_jax import costs
 from npp_jax import digits
+from npp_jax import files
 from npp_jax import npp
 from npp_jax import sample
 from npp_jax import scoring
@@ -42,10 +43,7 @@ class _Timings:
 
   def record(self, name: str, seconds: float) -> None:
     self.values[name] = seconds
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.values, f, indent=1)
-    os.replace(tmp, self.path)
+    files.write_json(self.path, self.values)
 
 
 def _train_gpt(config, workdir: str, name: str, stages, timings: _Timings) -> dict:
@@ -130,10 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   real = scoring.score_samples(clf, test_images, digits.load_digits("test")[1], test_images)
   report["real_test_digits"] = {"accuracy": round(float(real["accuracy"]), 4)}
 
-  tmp = os.path.join(workdir, "report.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, "report.json"))
+  files.write_json(os.path.join(workdir, "report.json"), report)
   _print_table(report)
   return report
 

@@ -10,7 +10,6 @@ position or the number of devices.
 """
 import dataclasses
 import functools
-import json
 import os
 import zipfile
 
@@ -22,6 +21,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from npp_jax import config_lib
+from npp_jax import files
 from npp_jax.models import gpt
 
 
@@ -247,14 +247,6 @@ def _settings(config) -> dict:
   }
 
 
-def _atomic_write(path: str, write) -> None:
-  """write(file) into path.tmp, then rename: a killed run never leaves a partial file under `path`."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
-
-
 def _merge(path: str, shard_paths: list[str], n: int) -> None:
   """One .npz of all shards, streamed: 50k images (10 GB) never sit in memory at once."""
   with np.load(shard_paths[0]) as z:
@@ -271,7 +263,7 @@ def _merge(path: str, shard_paths: list[str], n: int) -> None:
             with np.load(shard) as z:
               out.write(np.ascontiguousarray(z[key], dtype=dtype).tobytes())
 
-  _atomic_write(path, write)
+  files.atomic_write(path, write)
 
 
 def _write_grid(path: str, images_of, labels: np.ndarray, sample_config, num_classes: int) -> None:
@@ -291,7 +283,7 @@ def _write_grid(path: str, images_of, labels: np.ndarray, sample_config, num_cla
     for c in range(len(row)):
       grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = cells[i]
       i += 1
-  _atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+  files.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> str:
@@ -347,13 +339,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=N
   out_dir = os.path.join(workdir, "samples")
   settings = _settings(config)
   meta_path = os.path.join(out_dir, "meta.json")
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      old = json.load(f)
-    diff = sorted(k for k in settings if old.get(k) != settings[k])
-    if diff:
-      raise ValueError(f"{out_dir} holds samples of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
-                       f"{settings[diff[0]]!r} now); expected the same settings or another --workdir")
+  files.check_same_settings(meta_path, settings, out_dir, "samples",
+                            "expected the same settings or another --workdir")
 
   if params is None:
     from npp_jax import checkpoints
@@ -384,7 +371,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=N
   merged = os.path.join(out_dir, f"samples_{n}.npz")
   if is_main:
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    files.write_json(meta_path, settings)
 
   params = jax.device_put(gpt.unstack_layers(params), NamedSharding(mesh, P()))
   if vq_params is not None:
@@ -407,7 +394,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=N
     if vq_params is not None:
       out["arr_0"] = _decode_images(vq_params, out["codes"], vq_cfg, mesh)
     if is_main:
-      _atomic_write(shard_paths[i], lambda f: np.savez(f, **out))
+      files.atomic_write(shard_paths[i], lambda f: np.savez(f, **out))
     bar.update(b - a)
   bar.close()
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from npp_jax import convert
 from npp_jax import data
+from npp_jax import files
 from npp_jax import sharding
 from npp_jax.models import vq
 
@@ -393,11 +394,6 @@ def _gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _atomic_save(path: str, **arrays) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -802,13 +798,8 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source: Optional[Im
   tmp_dir = os.path.join(workdir, "extract_tmp", split)
   settings = _extract_settings(e, cfg, source)
   settings_path = os.path.join(tmp_dir, "settings.json")
-  if os.path.exists(settings_path):
-    with open(settings_path) as f:
-      old = json.load(f)
-    diff = sorted(k for k in settings if old.get(k) != settings[k])
-    if diff:
-      raise ValueError(f"{tmp_dir} holds shards of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
-                       f"{settings[diff[0]]!r} now); expected the same settings, or delete {tmp_dir}")
+  files.check_same_settings(settings_path, settings, tmp_dir, "shards",
+                            f"expected the same settings, or delete {tmp_dir}")
 
   # --- which shards are left.
   is_main = jax.process_index() == 0
@@ -825,9 +816,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source: Optional[Im
   todo = [i for i in range(num_shards) if not done[i]]
   if is_main:
     os.makedirs(tmp_dir, exist_ok=True)
-    with open(settings_path + ".tmp", "w") as f:
-      json.dump(settings, f, indent=1)
-    os.replace(settings_path + ".tmp", settings_path)
+    files.write_json(settings_path, settings)
   logging.info("Extracting %s split %r: %d images x %d views (%s), %d shards of %d, %d already done.",
                source.name, split, n, n_aug, e.aug, num_shards, batch_size, num_shards - len(todo))
 
@@ -868,7 +857,8 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source: Optional[Im
       codes, labels = unpad(codes), unpad(labels)
       count = min((i + 1) * batch_size, n) - i * batch_size
       if is_main:
-        _atomic_save(shard_path(i), codes=codes[:count].astype(code_dtype), labels=labels[:count])
+        files.atomic_write(shard_path(i), lambda f: np.savez(f, codes=codes[:count].astype(code_dtype),
+                                                              labels=labels[:count]))
       encoded += count
       summary["shards_encoded"] += 1
       bar.update(count)

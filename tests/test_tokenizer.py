@@ -34,12 +34,7 @@ def tiny_config(workdir=None, **overrides):
   t.log_every_steps, t.checkpoint_every_steps, t.keep_checkpoints, t.num_threads = 1, 3, 2, 2
   e = c.extract
   e.dataset, e.split, e.aug, e.batch_size, e.num_threads = "digits", "test", "flip", 128, 2
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # {'train.max_steps': 2, ...}
   return c
 
 

@@ -47,12 +47,7 @@ def dataset(tmp_path_factory):
 def tiny(dataset, **overrides):
   c = config_lib.tiny_config()
   c.data.path = dataset
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # {'train.max_steps': 2, ...}
   return c
 
 
