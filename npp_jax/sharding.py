@@ -48,8 +48,30 @@ def rules(mesh_config) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+def data_parallel_size(mesh: Mesh | Any, num_devices: int | None = None) -> int:
+  """Devices a batch is split over (data x fsdp), of a Mesh or of a mesh config (resolved against
+  num_devices, default all devices), so that a check can run before any mesh is built."""
+  if isinstance(mesh, Mesh):
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+  shape = mesh_shape(mesh.shape, jax.device_count() if num_devices is None else num_devices)
+  return shape[0] * shape[1]
+
+
+def check_batch(batch_size: int, mesh_config, field: str, *, num_devices: int | None = None,
+                process_count: int | None = None, micro_batches: int = 1) -> int:
+  """One-line ValueError unless `batch_size` (cut into `micro_batches` equal parts) splits evenly over
+  the data-parallel devices and over the processes; returns the data-parallel size."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  shape = mesh_shape(mesh_config.shape, num_devices)
+  dp = shape[0] * shape[1]
+  if batch_size % micro_batches or (batch_size // micro_batches) % dp:
+    accum = f" with {micro_batches} micro-batches" if micro_batches > 1 else ""
+    raise ValueError(f"{field}={batch_size}{accum} does not split over the data-parallel size {dp} (mesh "
+                     f"{shape}); expected a multiple of {dp * micro_batches}")
+  if batch_size % process_count:
+    raise ValueError(f"{field}={batch_size}; expected a multiple of the {process_count} processes")
+  return dp
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -58,6 +80,7 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Whole on every device of the mesh (small parameters, keys, scalars)."""
   return NamedSharding(mesh, P())
 
 
@@ -71,3 +94,15 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
   """Per-process batch (leading axis = this process's share) -> global arrays split over the batch axes."""
   sharding = data_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A (batch-)sharded global array -> all of it as a NumPy array on every process.
+
+  Collective when there are several processes: every process must call it with the same array.
+  """
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
