@@ -4,7 +4,7 @@
 
 Runs the real job (npp_jax.tokenizer.extract: host crops in threads overlapping the jitted encoder,
 shard files, the final code data set) on random 32x32 uint8 images held in memory, with the demo's VQ
-(config_lib.demo_config().vq) at random weights. A first run on one batch compiles the encoder; the
+(configs/demo.py's vq) at random weights. A first run on one batch compiles the encoder; the
 timed run reuses it, so compile time is excluded. images_per_s counts source images (each encoded as
 n_aug views); views_per_s counts encoder inputs. The machine is shared: load_avg_1m says how busy it was.
 
@@ -35,7 +35,7 @@ flags.DEFINE_integer("batch_size", 256, "extract.batch_size: images per step and
 
 
 def main(_):
-  config = config_lib.demo_config()
+  config = config_lib.load("configs/demo.py")
   config.extract.aug = FLAGS.aug
   config.extract.batch_size = FLAGS.batch_size
   cfg = vq.VQConfig.from_config(config.vq)

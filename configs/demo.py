@@ -2,9 +2,69 @@
 
   python -m npp_jax.main --mode=demo --config=configs/demo.py --workdir=workdir/demo
   python -m npp_jax.main --mode=demo --config=configs/demo.py:smoke ...   # seconds, for the tests
+
+32x32 digits through a VQ with one downsampling -> 16x16 codes, so k = 4, 2, 1 apply as on ImageNet 256.
+The sizes below come from timings on 2 CPU cores (docs/performance.md, "The demo").
 """
+import ml_collections
+
 from npp_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  return config_lib.demo_config(smoke=(arg == "smoke"))
+  arg = config_lib.config_arg(arg, "smoke")
+  c = config_lib.base_config()
+  # Small channel counts: XLA's CPU convolutions cost about as much at any width below 32.
+  c.vq.ch, c.vq.ch_mult, c.vq.num_res_blocks = 16, (1, 2), 1
+  c.vq.z_channels, c.vq.norm_groups = 16, 4
+  c.vq.codebook_size, c.vq.codebook_embed_dim = 256, 8
+  c.vq.image_size = 32
+
+  c.model.name = "custom"
+  c.model.n_layer, c.model.n_head, c.model.dim = 2, 2, 64
+  c.model.multiple_of = 32
+  c.model.vocab_size, c.model.num_classes = c.vq.codebook_size, 10
+  c.model.grid = (16, 16)
+  c.model.dtype = "float32"  # CPU: bf16 matmuls are slower than fp32 there.
+  c.model.token_dropout = c.model.resid_dropout = c.model.ffn_dropout = 0.05
+
+  c.train.epochs = 8
+  c.train.global_batch_size = 64
+  c.train.log_every_steps = 20
+  c.train.checkpoint_every_steps = 200
+  c.optim.lr, c.optim.end_lr = 2e-3, 2e-4
+  c.optim.warmup_epochs = 0.5
+  c.mesh.shape = (-1, 1, 1)
+
+  c.vq_train.dataset = "digits"
+  c.vq_train.random_flip = False  # A mirrored digit is another glyph.
+  c.vq_train.steps = 200
+  c.vq_train.batch_size = 64
+  c.vq_train.lr = 3e-3
+  c.vq_train.log_every_steps = 50
+  c.vq_train.checkpoint_every_steps = 200
+  c.extract.dataset = "digits"
+  c.extract.aug = "none"  # A mirrored digit is another glyph: no flips, no crops.
+  c.extract.batch_size = 250
+
+  c.sample.num_images = 500  # 50 per digit: enough for a stable Frechet distance in 64 features.
+  c.sample.batch_size = 128  # A multiple of any device count up to 128; the last batch is padded.
+  c.sample.cfg_scale = 2.0
+  c.sample.grid_cols = 10
+
+  # The demo job's own knobs (npp_jax.demo): they mean something only with this digits recipe, so they
+  # live here rather than in every config's schema.
+  c.demo = ml_collections.ConfigDict()
+  c.demo.baseline = True  # Also train the next-token baseline with equal epochs and compare.
+  c.demo.classifier_epochs = 6
+  c.demo.grid_cols = 10  # Samples per class row in the PNG grids.
+  if arg == "smoke":  # Every stage in seconds, for the tests.
+    c.model.n_layer, c.model.n_head, c.model.dim = 1, 1, 32
+    c.vq_train.steps, c.vq_train.batch_size = 20, 32
+    c.train.epochs = 4
+    c.train.global_batch_size = 256  # Divides over 1, 2, 4 or 8 devices (the tests use 8).
+    c.train.log_every_steps = 1
+    c.sample.num_images, c.sample.batch_size = 80, 80
+    c.demo.classifier_epochs = 1
+    c.demo.grid_cols = 8
+  return c

@@ -1,10 +1,21 @@
-"""The one config schema every config file starts from: the paper's recipe, every knob a field.
+"""The one config schema every config file starts from: every knob a field, its default the paper's recipe.
 
-Config files under `configs/` call `base_config()` and change what differs. Fields that may be unset are
-`placeholder`s so that a locked config still accepts them from the command line.
+No recipes live here: config files under `configs/` (one per model size, `tiny.py`, `demo.py`) call
+`base_config()` and change what differs. Fields that may be unset are `placeholder`s so that a locked config
+still accepts them from the command line. `load` reads a config file as `--config=` does, for code that is
+not the command line (tests, benchmarks, notebooks).
 """
+import importlib.util
+import os
+import pathlib
+
 import ml_collections
 from ml_collections import config_dict
+
+# The checkout this package runs from: relative config paths fall back to it (an editable install, the
+# tests, a notebook started elsewhere). A wheel install has no configs/ here; pass absolute paths then.
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 
 # LlamaGen's GPT sizes: name -> (n_layer, n_head, dim). NPP.md, "Reported results".
 MODEL_SIZES = {
@@ -109,44 +120,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def release_config(name: str, cfg_scale: float, arg: str | None = None) -> ml_collections.ConfigDict:
-  """A released model size with the paper's recipe; arg "runlocal" shrinks it to run on a laptop CPU."""
-  c = base_config()
-  c.model.name = name
-  if "sample" in c:
-    c.sample.cfg_scale = cfg_scale  # The paper's best guidance scale for this size.
-  if arg == "runlocal":
-    c.model.name = "custom"
-    c.model.n_layer, c.model.n_head, c.model.dim = 2, 4, 64
-    c.model.dtype = "float32"
-    c.train.global_batch_size = 8
-    c.train.epochs = 4
-    c.train.log_every_steps = 1
-    c.optim.warmup_epochs = 0.5
-  elif arg:
-    raise ValueError(f"config argument {arg!r}; expected nothing or 'runlocal'")
-  return c
-
-
-def tiny_config() -> ml_collections.ConfigDict:
-  """A model and run small enough for CPU tests: 2 layers, dim 64, 16x16 grid, 256 codes, 10 classes."""
-  c = base_config()
-  c.model.name = "custom"
-  c.model.n_layer, c.model.n_head, c.model.dim = 2, 2, 64
-  c.model.vocab_size, c.model.num_classes = 256, 10
-  c.model.multiple_of = 32
-  c.model.dtype = "float32"
-  c.model.token_dropout = c.model.resid_dropout = c.model.ffn_dropout = 0.0
-  c.train.global_batch_size = 16
-  c.train.epochs = 8
-  c.train.log_every_steps = 1
-  c.train.checkpoint_every_steps = 4
-  c.optim.lr = 3e-3
-  c.optim.end_lr = 3e-4
-  c.optim.warmup_epochs = 0.5
-  return c
-
-
 def vq_config() -> ml_collections.ConfigDict:
   """LlamaGen's VQ-16 tokenizer (NPP.md, "The VQ-16 tokenizer"): the released checkpoint's architecture."""
   v = ml_collections.ConfigDict()
@@ -179,7 +152,7 @@ def sample_config() -> ml_collections.ConfigDict:
   s.vq_checkpoint = ""  # A converted VQ checkpoint (config.vq); "" writes codes only, no images.
   s.num_images = 50000  # Any count: the last batch is padded to batch_size and trimmed.
   s.classes = ()  # Class ids, cycled over the samples; () cycles all classes (50 each for 50k of 1000).
-  s.cfg_scale = 2.0  # GPT-B's best (NPP.md); release_config sets each size's. 1 turns guidance off.
+  s.cfg_scale = 2.0  # GPT-B's best (NPP.md); configs/<size>.py set each size's. 1 turns guidance off.
   s.cfg_interval = -1  # -1 guides every token; n >= 0 guides tokens 0 .. n + 1 only, as the release.
   s.temperature = 1.0
   s.top_k = 0  # 0 = off; 1 = greedy.
@@ -242,64 +215,30 @@ def extract_config() -> ml_collections.ConfigDict:
   return e
 
 
-def demo_config(smoke: bool = False) -> ml_collections.ConfigDict:
-  """configs/demo.py: VQ + NPP GPT + next-token baseline on 5000 MNIST digits (npp_jax.demo).
+def config_arg(arg: str | None, *accepted: str) -> str:
+  """A config file's argument (`--config=FILE:ARG`), "" for none; a word it does not know is an error."""
+  arg = arg or ""
+  if arg and arg not in accepted:
+    raise ValueError(f"unknown config argument {arg!r}; expected "
+                     + (f"none or one of {', '.join(map(repr, accepted))}" if accepted else "none"))
+  return arg
 
-  32x32 digits through a VQ with one downsampling -> 16x16 codes, so k = 4, 2, 1 apply as on ImageNet
-  256. Sized for <= 10 minutes on 2 CPU cores; smoke=True shrinks every stage to seconds for the tests.
-  """
-  c = base_config()
-  # Small channel counts: XLA's CPU convolutions cost ~0.8 s per batch-64 step here at any width below 32.
-  c.vq.ch, c.vq.ch_mult, c.vq.num_res_blocks = 16, (1, 2), 1
-  c.vq.z_channels, c.vq.norm_groups = 16, 4
-  c.vq.codebook_size, c.vq.codebook_embed_dim = 256, 8
-  c.vq.image_size = 32
 
-  c.model.name = "custom"
-  # Sized by measurement (2026-11-24, 2 cores): a k=1 step of batch 64 takes 0.34 s, so next-token
-  # training for 8 epochs takes ~3 minutes and NPP ~0.55 of that.
-  c.model.n_layer, c.model.n_head, c.model.dim = 2, 2, 64
-  c.model.multiple_of = 32
-  c.model.vocab_size, c.model.num_classes = c.vq.codebook_size, 10
-  c.model.grid = (16, 16)
-  c.model.dtype = "float32"  # CPU: bf16 matmuls are slower than fp32 there.
-  c.model.token_dropout = c.model.resid_dropout = c.model.ffn_dropout = 0.05
+def load_module(path: str | os.PathLike):
+  """A Python file by path: config files and their shared helper (configs/ is not a package)."""
+  p = pathlib.Path(path)
+  if not p.is_absolute() and not p.exists():
+    p = REPO_ROOT / p
+  if not p.is_file():
+    raise ValueError(f"config file {str(path)!r} not found (relative paths: from {os.getcwd()} "
+                     f"or {REPO_ROOT})")
+  spec = importlib.util.spec_from_file_location(f"npp_config_{p.stem}", p)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
-  c.train.epochs = 8
-  c.train.global_batch_size = 64
-  c.train.log_every_steps = 20
-  c.train.checkpoint_every_steps = 200
-  c.optim.lr, c.optim.end_lr = 2e-3, 2e-4
-  c.optim.warmup_epochs = 0.5
-  c.mesh.shape = (-1, 1, 1)
 
-  c.vq_train.dataset = "digits"
-  c.vq_train.random_flip = False  # A mirrored digit is another glyph.
-  c.vq_train.steps = 200
-  c.vq_train.batch_size = 64
-  c.vq_train.lr = 3e-3
-  c.vq_train.log_every_steps = 50
-  c.vq_train.checkpoint_every_steps = 200
-  c.extract.dataset = "digits"
-  c.extract.aug = "none"  # A mirrored digit is another glyph: no flips, no crops.
-  c.extract.batch_size = 250
-
-  c.sample.num_images = 500  # 50 per digit: enough for a stable Frechet distance in 64 features.
-  c.sample.batch_size = 128  # A multiple of any device count up to 128; the last batch is padded.
-  c.sample.cfg_scale = 2.0
-  c.sample.grid_cols = 10
-
-  c.demo = ml_collections.ConfigDict()
-  c.demo.baseline = True  # Also train the next-token baseline with equal epochs and compare.
-  c.demo.classifier_epochs = 6
-  c.demo.grid_cols = 10  # Samples per class row in the PNG grids.
-  if smoke:
-    c.model.n_layer, c.model.n_head, c.model.dim = 1, 1, 32
-    c.vq_train.steps, c.vq_train.batch_size = 20, 32
-    c.train.epochs = 4
-    c.train.global_batch_size = 256  # Divides over 1, 2, 4 or 8 devices (the tests use 8).
-    c.train.log_every_steps = 1
-    c.sample.num_images, c.sample.batch_size = 80, 80
-    c.demo.classifier_epochs = 1
-    c.demo.grid_cols = 8
-  return c
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config `--config=SPEC` gives the command line, unlocked: "configs/b.py" or "configs/b.py:runlocal"."""
+  path, *arg = spec.split(":", 1)
+  return load_module(path).get_config(*arg)

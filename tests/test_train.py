@@ -45,7 +45,7 @@ def dataset(tmp_path_factory):
 
 
 def tiny(dataset, **overrides):
-  c = config_lib.tiny_config()
+  c = config_lib.load("configs/tiny.py")
   c.data.path = dataset
   c.update_from_flattened_dict(overrides)  # {'train.max_steps': 2, ...}
   return c
