@@ -13,15 +13,12 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and output
 flags.DEFINE_enum("mode", "train", ["train", "sample", "extract", "train_vq", "demo"], "The job to run.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "jax.distributed.initialize(): 'auto' does it when launched as one of several processes "
-                  "(SLURM with several tasks, a TPU pod, or JAX_COORDINATOR_ADDRESS set).")
+                  "(SLURM with several tasks, a TPU pod, Open MPI, or the three flags below given).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (else JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Processes in this run (else JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process, 0 .. num_processes - 1 (else JAX_PROCESS_ID).")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of a bad-input error, not one line.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _multi_process_launch() -> bool:
-  env = os.environ
-  return (int(env.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in env
-          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
 def main(argv):
@@ -37,8 +34,12 @@ def main(argv):
 def _run():
   import jax  # After absl parsed the flags: JAX reads its own (e.g. --jax_platforms) at import.
 
-  if FLAGS.distributed == "true" or (FLAGS.distributed == "auto" and _multi_process_launch()):
-    jax.distributed.initialize()
+  from npp_jax import distributed
+
+  launch = distributed.resolve(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id, os.environ)
+  if launch is not None:
+    distributed.initialize(launch)
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
