@@ -1,64 +1,140 @@
-"""Training checkpoints: orbax CheckpointManager under WORKDIR/checkpoints, resume, and parameter loading.
+"""Checkpoints: one Checkpointer for every trainer (GPT and VQ), params directories, preemption, shape checks.
 
-A step directory holds three items: `state` (params, optimizer state, EMA, step, RNG), `data` (the input
-iterator's position, so a resumed run sees the batches it would have seen) and `meta` (the model
-architecture, to refuse resuming a workdir with another model).
+A trainer's checkpoint folder (WORKDIR/checkpoints, WORKDIR/vq_checkpoints) holds one orbax step directory
+per kept step with three items: `state` (the train state), `data` (the input's position, so a resumed run
+sees the batches it would have seen) and `meta` (the architecture and step, to refuse resuming a workdir
+of another model).
+
+A params directory holds `{"params": params}` written by orbax's StandardCheckpointer: what npp_jax.convert
+makes of a PyTorch release, what train_vq leaves at its end, and what sampling, extraction and init_from
+read. Every weight load of the project goes through this module.
+
+Paths go through etils.epath, so `gs://...` (and any scheme epath knows) works wherever a local path does.
 """
-import os
-from typing import Any
+import signal
+from typing import Any, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from npp_jax.models import gpt
+from npp_jax.models import vq
 
 # Fields that change the parameter shapes or their meaning; anything else may change between runs.
 ARCH_FIELDS = ("name", "n_layer", "n_head", "dim", "n_kv_head", "vocab_size", "num_classes",
                "multiple_of", "ffn_dim_multiplier", "scan_layers")
+VQ_ARCH_FIELDS = ("codebook_size", "codebook_embed_dim", "z_channels", "ch", "ch_mult", "num_res_blocks",
+                  "image_size", "param_dtype")
+_ITEMS = ("state", "data", "meta")
 
 
-def architecture(model_config) -> dict:
-  return {f: model_config[f] for f in ARCH_FIELDS}
+def architecture(section, fields: Sequence[str] = ARCH_FIELDS) -> dict:
+  """The fields of a config section (config.model, or config.vq with VQ_ARCH_FIELDS) as JSON values."""
+  return {f: list(section[f]) if isinstance(section[f], (tuple, list)) else section[f] for f in fields}
 
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be used; the files are always left as they are."""
 
 
-class Checkpointer:
-  """Keeps the last N checkpoints of one run; every public method is safe on a fresh directory."""
+class Preemption:
+  """SIGTERM (TPU maintenance, SLURM time limit) asks the loop to save and stop at the next step."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=False, enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "meta"))
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. a notebook worker): no handler, no preemption save.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _absolute(path) -> epath.Path:
+  # orbax wants absolute paths; a path with a scheme (gs://) is one already and must reach epath untouched.
+  p = epath.Path(path)
+  return p if "://" in str(path) else p.absolute()
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+
+def param_shapes_of(params) -> dict[str, tuple[int, ...]]:
+  """{"a/b/kernel": shape} of a params tree (dict keys joined by "/")."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x)) for path, x in flat}
+
+
+def check_param_shapes(params, expected: dict[str, tuple[int, ...]], what: str) -> None:
+  """One-line ValueError `{what}: {path} is {shape} there, {shape} in the config` at the first path (in
+  sorted order) that is missing, unexpected or of another shape; nothing when `params` fits `expected`."""
+  got = param_shapes_of(params)
+  want = {k: tuple(v) for k, v in expected.items()}
+  if got == want:
+    return
+  first = (sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k]))[0]
+  raise ValueError(f"{what}: {first} is {got.get(first, 'missing')} there, {want.get(first, 'absent')} "
+                   "in the config")
+
+
+# ------------------------------------------------------------------------------------------ Checkpointer
+
+
+class Checkpointer:
+  """Keeps the last N checkpoints of one run; every public method is safe on a fresh directory.
+
+  `architecture` (see `architecture()`) is written with every step and checked by `check_architecture`;
+  it may be left out only to read (latest_step, restore).
+  """
+
+  def __init__(self, directory, *, keep: int, architecture: dict | None = None, async_save: bool = True):
+    self.directory = _absolute(directory)
+    self.architecture = architecture
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def check_architecture(self, model_config) -> None:
+  def check_architecture(self) -> None:
     """Refuse a workdir whose latest checkpoint was written for another model (before any compile)."""
     step = self.latest_step()
     if step is None:
       return
-    meta = self._read_meta(step)
-    want = architecture(model_config)
-    saved = meta.get("architecture", {})
+    saved = self._read_meta(step).get("architecture", {})
+    want = self.architecture or {}
     diff = {k: (saved.get(k), want[k]) for k in want if saved.get(k) != want[k]}
     if diff:
       pretty = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
       raise CheckpointError(f"{self.directory} holds a checkpoint of another model ({pretty}); "
                             "expected the same architecture: use another --workdir")
 
+  def _corrupt(self, step: int, e: Exception) -> CheckpointError:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt or partial "
+                           f"({type(e).__name__}{': ' + first if first else ''}); it was left untouched: "
+                           "move it away to resume from an earlier step")
+
   def _read_meta(self, step: int) -> dict:
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return dict(out["meta"])
     except Exception as e:  # Orbax raises many types for unreadable files; all mean the same here.
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} is corrupt or partial ({type(e).__name__}); "
-          "it was left untouched: move it away to resume from an earlier step") from None
+      raise self._corrupt(step, e) from None
 
   def restore(self, abstract_state: Any) -> tuple[Any, dict, int]:
     """(state placed as abstract_state's shardings, data iterator state, step) of the latest step."""
@@ -68,16 +144,16 @@ class Checkpointer:
     try:
       out = self._manager.restore(step, args=args)
     except Exception as e:
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} is corrupt or partial "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); it was left "
-          "untouched: move it away to resume from an earlier step") from None
+      raise self._corrupt(step, e) from None
     return out["state"], dict(out["data"]), step
 
-  def save(self, step: int, state: Any, data_state: dict, model_config, force: bool = False) -> bool:
-    meta = {"architecture": architecture(model_config), "step": int(step)}
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                              meta=ocp.args.JsonSave(meta))
+  def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
+    if self.architecture is None:
+      raise ValueError(f"Checkpointer({self.directory}) was opened without an architecture; expected one "
+                       "to save")
+    meta = {"architecture": self.architecture, "step": int(step)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(_host_replicas(state)),
+                              data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave(meta))
     return self._manager.save(step, args=args, force=force)
 
   def reached_preemption(self, step: int) -> bool:
@@ -91,44 +167,90 @@ class Checkpointer:
     self._manager.close()
 
 
-def _is_manager_dir(path: str) -> bool:
-  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+def _host_replicas(state):
+  """On one process, replicated leaves as one host copy: orbax's replica-parallel save of a replicated
+  device array slices it per device, hundreds of small compiles on a CPU mesh (the VQ's whole state). The
+  bytes written and restored are the same."""
+  if jax.process_count() > 1:
+    return state
+  def one(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 and x.sharding.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return x
+  return jax.tree.map(one, state)
 
 
-def load_params(path: str, *, ema: bool = False) -> dict:
-  """Unscanned parameters from a training workdir, its checkpoints/ folder, or a converted checkpoint.
+# ------------------------------------------------------------------------------------- params directories
+
+
+def save_params(path, params) -> None:
+  """Write `{"params": params}` to a new directory `path` (never over an existing one)."""
+  target = _absolute(path)
+  if target.exists():
+    raise ValueError(f"{path!r} already exists; expected a new path (nothing is overwritten)")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, {"params": params})
+
+
+def read_params(path, target=None):
+  """The params tree of a params directory (`save_params`, npp_jax.convert).
+
+  `target`: optional pytree of jax.ShapeDtypeStruct (with shardings) matching the params, to restore
+  straight into sharded device arrays; without it, arrays come back unsharded.
+  """
+  p = _absolute(path)
+  if not p.is_dir():
+    raise ValueError(f"checkpoint path {str(path)!r} is not a directory; expected one written by "
+                     "npp_jax.convert or train_vq (an orbax checkpoint holding {'params': ...})")
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(p) if target is None else ckptr.restore(p, {"params": target})
+  if not isinstance(restored, dict) or "params" not in restored:
+    raise ValueError(f"{path} holds no 'params' entry; expected a checkpoint written by npp_jax.convert")
+  return restored["params"]
+
+
+def load_vq_params(path, vq_config) -> dict:
+  """VQ params from a params directory, checked against config.vq's architecture (one-line error)."""
+  params = read_params(path)
+  check_param_shapes(params, vq.param_shapes(vq_config), f"VQ parameters in {path} do not fit config.vq")
+  return params
+
+
+def _is_manager_dir(path: epath.Path) -> bool:
+  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+
+
+def load_params(path, *, ema: bool = False) -> dict:
+  """Unscanned GPT parameters from a training workdir, its checkpoints/ folder, or a params directory.
 
   With ema=True the EMA weights are returned when the run kept them (an error otherwise).
   """
-  from npp_jax.models import gpt  # Local: keeps this module importable by the converter.
-
-  if not os.path.exists(path):
-    raise CheckpointError(f"checkpoint path {path!r} does not exist; expected a training workdir, its "
+  p = _absolute(path)
+  if not p.exists():
+    raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; expected a training workdir, its "
                           "checkpoints/ folder, or a directory written by npp_jax.convert")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if not _is_manager_dir(path):
-    from npp_jax import convert  # A converted release checkpoint.
+  if (p / "checkpoints").is_dir():
+    p = p / "checkpoints"
+  if not _is_manager_dir(p):  # A converted release checkpoint.
     if ema:
-      raise CheckpointError(f"{path} is a converted checkpoint; it holds one set of weights (convert with "
+      raise CheckpointError(f"{p} is a converted checkpoint; it holds one set of weights (convert with "
                             "--ema to take the release's EMA weights)")
-    return gpt.unstack_layers(convert.load_params(path))
-  manager = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "data", "meta"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+    return gpt.unstack_layers(read_params(p))
+  manager = ocp.CheckpointManager(p, item_names=_ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   if step is None:
-    raise CheckpointError(f"{path} holds no finished checkpoint")
+    raise CheckpointError(f"{p} holds no finished checkpoint")
   try:
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   except Exception as e:
-    raise CheckpointError(f"checkpoint step {step} in {path} is corrupt or partial "
+    raise CheckpointError(f"checkpoint step {step} in {p} is corrupt or partial "
                           f"({type(e).__name__})") from None
   if ema:
     if not state.get("ema"):
-      raise CheckpointError(f"checkpoint step {step} in {path} has no EMA weights (train.ema_decay was "
+      raise CheckpointError(f"checkpoint step {step} in {p} has no EMA weights (train.ema_decay was "
                             "0); expected a run trained with optim.ema_decay > 0, or use_ema=False")
     params = state["ema"]
   else:
     params = state["params"]
-  logging.info("Loaded parameters of step %d from %s%s.", step, path, " (EMA)" if ema else "")
+  logging.info("Loaded parameters of step %d from %s%s.", step, p, " (EMA)" if ema else "")
   return gpt.unstack_layers(jax.tree.map(lambda x: x, params))

@@ -9,7 +9,9 @@ The GPT architecture comes from `config.model`, the tokenizer's from `config.vq`
 Layout of a converted checkpoint: a directory written by orbax's StandardCheckpointer holding the pytree
 `{"params": params}`, where `params` is the Linen "params" collection of `npp_jax.models.gpt.GPT` (always
 the unscanned layout: `layers_0 .. layers_{n-1}`; `gpt.stack_layers` gives the scanned one) or of
-`npp_jax.models.vq.VQModel`, in the config's param_dtype. `load_params(dir)` reads it back.
+`npp_jax.models.vq.VQModel`, in the config's param_dtype: a params directory of npp_jax.checkpoints
+(`checkpoints.read_params(dir)` reads it back). This module knows PyTorch; the project's own format is
+npp_jax.checkpoints'.
 
 Reading accepts every form the releases use: a dict whose "model", "module" or "state_dict" entry is the
 state dict, a bare state dict (FSDP exports), and with --ema the "ema" entry. `--to=torch` writes
@@ -26,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
+from npp_jax import checkpoints
+from npp_jax import cli
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
@@ -211,43 +214,6 @@ def params_to_state(kind: str, params, config, what: str = "the params") -> dict
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Orbax checkpoints.
-
-
-def save_params(dst: str, params) -> None:
-  """Write `{"params": params}` to a new directory `dst` (orbax StandardCheckpointer)."""
-  import orbax.checkpoint as ocp
-
-  path = os.path.abspath(dst)
-  if os.path.exists(path):
-    raise ValueError(f"--dst={dst!r} already exists; expected a new path (nothing is overwritten)")
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, {"params": params})
-
-
-def load_params(path: str, target=None):
-  """The params pytree of a checkpoint written by `save_params` (this module's layout).
-
-  `target`: optional pytree of jax.ShapeDtypeStruct (with shardings) matching the params, to restore
-  straight into sharded device arrays; without it, arrays come back unsharded.
-  """
-  import orbax.checkpoint as ocp
-
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise ValueError(f"checkpoint path {path!r} is not a directory; expected one written by "
-                     "npp_jax.convert (an orbax checkpoint holding {'params': ...})")
-  with ocp.StandardCheckpointer() as ckptr:
-    if target is None:
-      restored = ckptr.restore(path)
-    else:
-      restored = ckptr.restore(path, {"params": target})
-  if not isinstance(restored, dict) or "params" not in restored:
-    raise ValueError(f"{path} holds no 'params' entry; expected a checkpoint written by npp_jax.convert")
-  return restored["params"]
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Entry points.
 
 
@@ -264,11 +230,11 @@ def convert(kind: str, src: str, dst: str, config, ema: bool = False, to: str = 
   expected_shapes(kind, config)  # Validates the config before any file is read.
   if to == "jax":
     params = state_to_params(kind, load_torch_state(src, ema), config, what=f"checkpoint {src}")
-    save_params(dst, params)
+    checkpoints.save_params(dst, params)
     return
   import torch
 
-  params = load_params(src)
+  params = checkpoints.read_params(src)
   state = params_to_state(kind, params, config, what=f"checkpoint {src}")
   torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, dst)
 
@@ -283,31 +249,20 @@ def run(argv: Sequence[str]) -> None:
                       flag_values=fv)
   flags.DEFINE_bool("ema", False, "Read the checkpoint's 'ema' weights.", flag_values=fv)
   flags.DEFINE_enum("to", "jax", ["jax", "torch"], "Direction of the conversion.", flag_values=fv)
-  config_flags.DEFINE_config_file("config", None, "ml_collections config file (config.model, config.vq).",
-                                  flag_values=fv, sys_argv=list(argv))
-  try:
-    fv(list(argv))
-  except flags.Error as e:
-    raise ValueError(str(e).splitlines()[0]) from None
+  cli.define_config(fv, sys_argv=argv, help_string="A config file (config.model, config.vq).")
+  cli.parse(argv, fv)  # One-line ValueError for a bad flag, config file or key.
   for name in ("kind", "src", "dst", "config"):
     if fv[name].value is None:
       raise ValueError(f"--{name} is required; usage: python -m npp_jax.convert --kind=gpt|vq "
                        "--src=FILE --config=CONFIG --dst=DIR [--ema] [--to=torch]")
-  config = fv.config
-  try:
-    config.keys()
-  except OSError as e:  # config_flags reports a file it could not load at the config's first use.
-    raise ValueError(f"--config={fv['config'].config_filename!r} could not be loaded: "
-                     f"{str(e).strip().splitlines()[-1].strip()}") from None
-  convert(fv.kind, fv.src, fv.dst, config, ema=fv.ema, to=fv.to)
+  convert(fv.kind, fv.src, fv.dst, fv.config, ema=fv.ema, to=fv.to)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   try:
     run(sys.argv if argv is None else argv)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except cli.USER_ERRORS as e:  # Bad input or the file layer: one `error:` line, exit status 2.
+    return cli.report(e)
   return 0
 
 

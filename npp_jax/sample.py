@@ -349,16 +349,9 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=N
   check_params(params, model_config, f"checkpoint {s.checkpoint or '(given params)'}")
   vq_params = None
   if vq_cfg is not None:
-    from npp_jax import convert
+    from npp_jax import checkpoints
 
-    vq_params = convert.load_params(s.vq_checkpoint)
-    want = vq.param_shapes(config.vq)
-    flat = jax.tree_util.tree_flatten_with_path(vq_params)[0]
-    got = {"/".join(str(k.key) for k in path): tuple(np.shape(x)) for path, x in flat}
-    if got != want:
-      first = sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k])
-      raise ValueError(f"VQ checkpoint {s.vq_checkpoint} does not fit config.vq: {first[0]} is "
-                       f"{got.get(first[0], 'missing')} there, {want.get(first[0], 'absent')} in the config")
+    vq_params = checkpoints.load_vq_params(s.vq_checkpoint, config.vq)
   else:
     logging.info("No sample.vq_checkpoint: writing codes and labels only, no images.")
 

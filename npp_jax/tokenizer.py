@@ -34,7 +34,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from npp_jax import convert
+from npp_jax import checkpoints
 from npp_jax import data
 from npp_jax import files
 from npp_jax import sharding
@@ -399,9 +399,6 @@ def _gather(x: jax.Array) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # train_vq.
 
-# Fields of config.vq that change parameter shapes: a checkpoint of other values cannot be resumed.
-_VQ_ARCH = ("codebook_size", "codebook_embed_dim", "z_channels", "ch", "ch_mult", "num_res_blocks",
-            "image_size", "param_dtype")
 _USAGE_DECAY = 0.99  # EMA of the code distribution behind the running perplexity (~100 steps).
 
 
@@ -499,58 +496,6 @@ def _vq_functions(cfg: vq.VQConfig, hp: VQHparams, mesh):
   return init, step
 
 
-def _vq_arch(vq_config) -> dict:
-  return {k: list(vq_config[k]) if k == "ch_mult" else vq_config[k] for k in _VQ_ARCH}
-
-
-class _VQCheckpoints:
-  """orbax manager of WORKDIR/vq_checkpoints: `state` (the VQTrainState) and `meta` (architecture, step)."""
-
-  def __init__(self, directory: str, keep: int):
-    import orbax.checkpoint as ocp
-
-    self._ocp = ocp
-    self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=True))
-
-  def check_architecture(self, vq_config) -> None:
-    step = self.manager.latest_step()
-    if step is None:
-      return
-    try:
-      meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
-      saved = dict(meta["meta"]).get("vq", {})
-    except Exception as e:  # orbax raises many types for unreadable files; they all mean the same here.
-      raise ValueError(f"VQ checkpoint step {step} in {self.directory} is unreadable "
-                       f"({type(e).__name__}); expected a finished save: move it away") from None
-    want = _vq_arch(vq_config)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {want[k]!r}"
-            for k in want if saved.get(k) != want[k]]
-    if diff:
-      raise ValueError(f"{self.directory} holds a VQ of another architecture ({', '.join(diff)}); expected "
-                       "the same config.vq, or another --workdir")
-
-  def restore(self, abstract_state):
-    step = self.manager.latest_step()
-    out = self.manager.restore(step, args=self._ocp.args.Composite(
-        state=self._ocp.args.StandardRestore(abstract_state)))
-    return out["state"], step
-
-  def save(self, step: int, state, vq_config) -> None:
-    # A host copy (the state is replicated, and a VQ small): orbax's replica-parallel save of device
-    # arrays slices every replicated leaf per device, hundreds of small compiles on a CPU mesh.
-    args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(jax.device_get(state)),
-                                    meta=self._ocp.args.JsonSave({"vq": _vq_arch(vq_config), "step": step}))
-    self.manager.save(step, args=args, force=True)
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
 def _vq_batches(source: ImageSource, image_size: int, local: int, seed: int, start_step: int,
                 random_flip: bool, threads: int) -> Iterator[np.ndarray]:
   """uint8 [local, S, S, 3] per step: this process's rows of the global batch.
@@ -600,15 +545,14 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   VQ-16, which is fine for small data (the demo's digits) and as a starting point elsewhere.
 
   Data parallel over the mesh's batch axes (parameters replicated). Logs losses, codebook usage in the
-  batch and a running perplexity with clu writers; orbax checkpoints under WORKDIR/vq_checkpoints (keep
+  batch and a running perplexity (npp_jax.summaries); orbax checkpoints under WORKDIR/vq_checkpoints (keep
   vq_train.keep_checkpoints; a re-run resumes from the latest; SIGTERM saves and stops). At the end the
   parameters go to WORKDIR/vq in npp_jax.convert's layout (what extract and the sampler read); when that
   exists already, nothing is trained again.
   """
-  from clu import metric_writers
-  from clu import periodic_actions
+  from npp_jax import summaries
 
-  from npp_jax import train  # Its SIGTERM handler.
+
 
   # --- validate: nothing is compiled or written before this passes.
   t = config.vq_train
@@ -619,25 +563,26 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   _data_parallel(config, t.batch_size, "vq_train.batch_size")
   final_dir = os.path.join(workdir, "vq")
   if os.path.exists(final_dir):
-    check_vq_params(convert.load_params(final_dir), config.vq, final_dir)
+    check_vq_params(checkpoints.read_params(final_dir), config.vq, final_dir)
     logging.info("VQ already trained: %s holds its final parameters; not training again.", final_dir)
     return final_dir
   source = open_images(t.dataset, t.split, t.data_dir, "vq_train.dataset")
   ckpt_dir = os.path.join(workdir, "vq_checkpoints")
+  arch = checkpoints.architecture(config.vq, checkpoints.VQ_ARCH_FIELDS)
   if os.path.isdir(ckpt_dir):
-    _VQCheckpoints(ckpt_dir, t.keep_checkpoints).check_architecture(config.vq)
+    checkpoints.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, architecture=arch).check_architecture()
 
   # --- mesh, state (replicated: a VQ is small), checkpoint.
   mesh = sharding.make_mesh(config.mesh)
   init_fn, step_fn = _vq_functions(cfg, hp, mesh)
   rng = jax.random.key(hp.seed)
-  ckpt = _VQCheckpoints(ckpt_dir, t.keep_checkpoints)
+  ckpt = checkpoints.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, architecture=arch)
   start = 0
-  if ckpt.manager.latest_step() is not None:
+  if ckpt.latest_step() is not None:
     rep = NamedSharding(mesh, P())
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                             jax.eval_shape(init_fn, rng))
-    state, start = ckpt.restore(abstract)
+    state, _, start = ckpt.restore(abstract)
     logging.info("Resumed VQ training from step %d in %s.", start, ckpt_dir)
   else:
     state = init_fn(rng)
@@ -647,12 +592,12 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
 
   # --- logging and data.
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  writer = summaries.create_default_writer(workdir, just_logging=not is_main)
   if start == 0 and is_main:
     writer.write_hparams({f"vq.{k}": str(v) for k, v in config.vq.items()}
                          | {f"vq_train.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
                             for k, v in t.items()})
-  report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer)
+  report = summaries.ReportProgress(num_train_steps=t.steps, writer=writer)
   local = t.batch_size // jax.process_count()
   batches = _Prefetch(_vq_batches(source, cfg.image_size, local, hp.seed, start, t.random_flip,
                                   _num_threads(t.num_threads)))
@@ -660,7 +605,7 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   # --- loop.
   step, t_log, step_log = start, time.perf_counter(), start
   try:
-    with train.Preemption() as preempt:
+    with checkpoints.Preemption() as preempt:
       pending = None
       while step < t.steps:
         images = sharding.global_batch({"images": next(batches)}, mesh)["images"]
@@ -674,16 +619,16 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           if not all(np.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite VQ metrics at step {step}: {metrics}; stopped without "
-                                     f"saving, the last checkpoint is step {ckpt.manager.latest_step()}")
+                                     f"saving, the last checkpoint is step {ckpt.latest_step()}")
           now = time.perf_counter()
           metrics["step_s"] = (now - t_log) / (step - step_log)
           t_log, step_log = now, step
           writer.write_scalars(step, metrics)
-        stop = preempt.requested or ckpt.manager.reached_preemption(step)
+        stop = preempt.requested or ckpt.reached_preemption(step)
         if stop:
           logging.warning("Preemption requested: saving VQ step %d and stopping.", step)
         if stop or step % t.checkpoint_every_steps == 0 or step == t.steps:
-          ckpt.save(step, state, config.vq)
+          ckpt.save(step, state, force=True)
         if stop:
           break
   finally:
@@ -692,7 +637,7 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
     writer.flush()
   if step < t.steps:
     return None  # Stopped by SIGTERM after saving: the same command resumes.
-  convert.save_params(final_dir, jax.device_get(state.params))  # Host copy: see _VQCheckpoints.save.
+  checkpoints.save_params(final_dir, jax.device_get(state.params))
   logging.info("VQ trained for %d steps; final parameters in %s.", step, final_dir)
   return final_dir
 
@@ -793,7 +738,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source: Optional[Im
   if source.num_classes > config.model.num_classes:
     raise ValueError(f"{source.name} has {source.num_classes} classes; expected at most "
                      f"model.num_classes={config.model.num_classes}")
-  params = convert.load_params(e.vq_checkpoint)
+  params = checkpoints.read_params(e.vq_checkpoint)
   check_vq_params(params, config.vq, e.vq_checkpoint)
   tmp_dir = os.path.join(workdir, "extract_tmp", split)
   settings = _extract_settings(e, cfg, source)

@@ -6,7 +6,6 @@ step (one compiled function per patch size k), checkpoint, loop.
 import dataclasses
 import functools
 import os
-import signal
 import time
 from typing import Any
 
@@ -158,29 +157,6 @@ def train_step(state: TrainState, batch: dict, *, model: gpt.GPT, tx, lr_fn, k: 
 
 # ------------------------------------------------------------------------------------------------- loop
 
-class Preemption:
-  """SIGTERM (TPU maintenance, SLURM time limit) asks the loop to save and stop at the next step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. a notebook worker): no handler, no preemption save.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train until the schedule (or train.max_steps) ends; re-running the same command resumes."""
   # --- validate: nothing is compiled or written before this passes.
@@ -188,8 +164,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = None
   if os.path.isdir(ckpt_dir):
-    ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
-    ckpt.check_architecture(config.model)
+    ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints,
+                                    architecture=checkpoints.architecture(config.model))
+    ckpt.check_architecture()
   init_params = None
   if config.train.init_from and (ckpt is None or ckpt.latest_step() is None):
     init_params = checkpoints.load_params(config.train.init_from)
@@ -219,7 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- checkpoint: resume, or start from init_from.
   os.makedirs(ckpt_dir, exist_ok=True)
   if ckpt is None:
-    ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
+    ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints,
+                                    architecture=checkpoints.architecture(config.model))
   start = 0
   if ckpt.latest_step() is not None:
     state, data_state, start = ckpt.restore(abstract_state)
@@ -270,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_log, step_log, compiled_log = time.time(), start, 0.0
   t_loop = time.perf_counter()
   step = start
-  with Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+  with checkpoints.Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     while step < p.total_steps:
       k = schedule.k_at(step)
       local = next(it)
@@ -309,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if stop:
         logging.warning("Preemption requested: saving step %d and stopping.", step)
       if save_now:
-        ckpt.save(step, state, data.iterator_state(it), config.model, force=True)
+        ckpt.save(step, state, data.iterator_state(it), force=True)
       if stop:
         break
   ckpt.close()

@@ -1,7 +1,7 @@
 """The checkpoint converter, end to end through its command line, against the PyTorch reference.
 
 The reference (tests/torch_reference.py) is saved in every form the releases use, converted with
-`convert.run`, loaded with `convert.load_params`, and run in Flax. Tolerances (fp32, CPU): GPT logits
+`convert.run`, loaded with `checkpoints.read_params`, and run in Flax. Tolerances (fp32, CPU): GPT logits
 and patch losses within 1e-4 relative; VQ codes identical and images within 1e-4 relative; round trips
 JAX -> torch -> JAX bit-exact.
 """
@@ -18,6 +18,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 torch = pytest.importorskip("torch")
 
 import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+from npp_jax import checkpoints  # noqa: E402
 from npp_jax import convert  # noqa: E402
 from npp_jax import npp  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
@@ -109,7 +110,7 @@ def gpt_setup(config_path, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("gpt")
   src = save_form(tmp / "ckpt.pt", model.state_dict(), "model")
   run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
-  return config, model, convert.load_params(str(tmp / "jax")), tmp
+  return config, model, checkpoints.read_params(str(tmp / "jax")), tmp
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def vq_setup(config_path, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("vq")
   src = save_form(tmp / "vq.pt", model.state_dict(), "model")
   run_cli("--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
-  return config, model, convert.load_params(str(tmp / "jax")), tmp
+  return config, model, checkpoints.read_params(str(tmp / "jax")), tmp
 
 
 # ------------------------------------------------------------------------------------------------ GPT
@@ -152,10 +153,10 @@ def test_gpt_every_checkpoint_form(gpt_setup, config_path, tmp_path, form):
   src = save_form(tmp_path / "ckpt.pt", model.state_dict(), form, other)
   ema = ["--ema"] if form == "ema" else []
   run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema)
-  chex.assert_trees_all_equal(flat_np(convert.load_params(str(tmp_path / "jax"))), flat_np(params))
+  chex.assert_trees_all_equal(flat_np(checkpoints.read_params(str(tmp_path / "jax"))), flat_np(params))
   if form == "ema":  # Without --ema the same file gives the "model" weights.
     run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax_model'}")
-    got = convert.load_params(str(tmp_path / "jax_model"))
+    got = checkpoints.read_params(str(tmp_path / "jax_model"))
     np.testing.assert_array_equal(got["norm"]["scale"], np.asarray(params["norm"]["scale"]) + 1.0)
 
 
@@ -169,7 +170,7 @@ def test_gpt_round_trip_through_torch(gpt_setup, config_path, tmp_path):
   for key, value in model.state_dict().items():
     assert torch.equal(fresh.state_dict()[key], value), key
   run_cli("--kind=gpt", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
-  chex.assert_trees_all_equal(flat_np(convert.load_params(str(tmp_path / "again"))), flat_np(params))
+  chex.assert_trees_all_equal(flat_np(checkpoints.read_params(str(tmp_path / "again"))), flat_np(params))
 
 
 def test_load_params_into_a_sharded_target(gpt_setup):
@@ -177,7 +178,7 @@ def test_load_params_into_a_sharded_target(gpt_setup):
   mesh = jax.make_mesh((8,), ("data",), (AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
-  got = convert.load_params(str(tmp / "jax"), target)
+  got = checkpoints.read_params(str(tmp / "jax"), target)
   for leaf in jax.tree.leaves(got):
     assert isinstance(leaf, jax.Array) and leaf.sharding == replicated
   chex.assert_trees_all_equal(flat_np(got), flat_np(params))
@@ -214,7 +215,7 @@ def test_vq_checkpoint_forms(vq_setup, config_path, tmp_path, form):
   src = save_form(tmp_path / "vq.pt", model.state_dict(), form, other)
   ema = ["--ema"] if form == "ema" else []
   run_cli("--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema)
-  chex.assert_trees_all_equal(flat_np(convert.load_params(str(tmp_path / "jax"))), flat_np(params))
+  chex.assert_trees_all_equal(flat_np(checkpoints.read_params(str(tmp_path / "jax"))), flat_np(params))
 
 
 def test_vq_round_trip_through_torch(vq_setup, config_path, tmp_path):
@@ -226,7 +227,7 @@ def test_vq_round_trip_through_torch(vq_setup, config_path, tmp_path):
   for key, value in model.state_dict().items():
     assert torch.equal(fresh.state_dict()[key], value), key
   run_cli("--kind=vq", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
-  chex.assert_trees_all_equal(flat_np(convert.load_params(str(tmp_path / "again"))), flat_np(params))
+  chex.assert_trees_all_equal(flat_np(checkpoints.read_params(str(tmp_path / "again"))), flat_np(params))
 
 
 # --------------------------------------------------------------------------------------------- Errors
@@ -282,7 +283,7 @@ def test_bad_arguments(gpt_setup, config_path, tmp_path, capsys):
     run_cli("--kind=vit", src, f"--config={config_path}", f"--dst={tmp_path / 'a'}")
   with pytest.raises(ValueError, match="--config is required"):
     run_cli("--kind=gpt", src, f"--dst={tmp_path / 'a'}")
-  with pytest.raises(ValueError, match="could not be loaded"):
+  with pytest.raises(ValueError, match="no such file"):
     run_cli("--kind=gpt", src, f"--config={tmp_path / 'none.py'}", f"--dst={tmp_path / 'a'}")
   with pytest.raises(ValueError, match="is not a file"):
     run_cli("--kind=gpt", f"--src={tmp_path / 'none.pt'}", f"--config={config_path}",

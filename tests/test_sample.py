@@ -280,7 +280,7 @@ def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params)
 
 def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
   from PIL import Image
-  from npp_jax import convert
+  from npp_jax import checkpoints
   from npp_jax.models import vq
 
   config = job_config(classes=(3, 7), num_images=6, grid_rows=2, grid_cols=2)
@@ -288,11 +288,11 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
   config.vq.codebook_size, config.vq.ch, config.vq.ch_mult = 64, 32, (1, 1)
   config.vq.z_channels, config.vq.num_res_blocks, config.vq.image_size = 32, 1, 8
   vq_dir = str(tmp_path / "vq")
-  convert.save_params(vq_dir, vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0)))
+  checkpoints.save_params(vq_dir, vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0)))
   config.sample.vq_checkpoint = vq_dir
   # The GPT comes from disk here: a converted checkpoint, read by npp_jax.checkpoints.load_params.
   gpt_dir = str(tmp_path / "gpt")
-  convert.save_params(gpt_dir, tiny_params)
+  checkpoints.save_params(gpt_dir, tiny_params)
   config.sample.checkpoint = gpt_dir
   config.sample.use_ema = True  # A converted checkpoint holds one set of weights: refused, nothing written.
   with pytest.raises(ValueError, match="converted checkpoint"):

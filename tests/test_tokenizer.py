@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from npp_jax import config_lib
-from npp_jax import convert
+from npp_jax import checkpoints
 from npp_jax import data
 from npp_jax import digits
 from npp_jax import sharding
@@ -48,7 +48,7 @@ def vq_params(tmp_path_factory):
                                     sharding.make_mesh(c.mesh))
   params = jax.device_get(init(jax.random.key(3)).params)
   path = str(tmp_path_factory.mktemp("vq") / "vq")
-  convert.save_params(path, params)
+  checkpoints.save_params(path, params)
   return cfg, params, path
 
 
@@ -109,7 +109,7 @@ def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
   c = tiny_config()
   out = tokenizer.train_vq(c, workdir)
   assert out == os.path.join(workdir, "vq")
-  params = convert.load_params(out)
+  params = checkpoints.read_params(out)
   tokenizer.check_vq_params(params, c.vq, out)
   scalars = read_scalars(workdir)
   losses = [v for _, v in scalars["loss"]]
