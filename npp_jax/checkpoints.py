@@ -240,8 +240,11 @@ def load_params(path, *, ema: bool = False) -> dict:
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"{p} holds no finished checkpoint")
+  # A run saved by several processes names devices this process does not have: restore onto one device.
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(fallback_sharding=one_device)))["state"]
   except Exception as e:
     raise CheckpointError(f"checkpoint step {step} in {p} is corrupt or partial "
                           f"({type(e).__name__})") from None
