@@ -2,7 +2,7 @@
 
     python benchmarks/extract.py [--aug=tencrop|flip|none] [--images=1024] [--batch_size=256]
 
-Runs the real job (npp_jax.tokenizer.extract: host crops in threads overlapping the jitted encoder,
+Runs the real job (npp_jax.extract.extract: host crops on grain's threads overlapping the jitted encoder,
 shard files, the final code data set) on random 32x32 uint8 images held in memory, with the demo's VQ
 (configs/demo.py's vq) at random weights. A first run on one batch compiles the encoder; the
 timed run reuses it, so compile time is excluded. images_per_s counts source images (each encoded as
@@ -22,14 +22,15 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from npp_jax import checkpoints
 from npp_jax import config_lib
-from npp_jax import convert
-from npp_jax import tokenizer
+from npp_jax import extract
+from npp_jax import images as images_lib
 from npp_jax.models import vq
 import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("aug", "tencrop", sorted(tokenizer.AUGS), "Views per image: the release's ten-crop, etc.")
+flags.DEFINE_enum("aug", "tencrop", sorted(images_lib.AUGS), "Views per image: the release's ten-crop, etc.")
 flags.DEFINE_integer("images", 1024, "Images in the timed run.")
 flags.DEFINE_integer("batch_size", 256, "extract.batch_size: images per step and per shard.")
 
@@ -45,17 +46,17 @@ def main(_):
   with tempfile.TemporaryDirectory() as tmp:
     params = jax.jit(vq.init_params, static_argnums=0)(cfg, jax.random.key(0))
     config.extract.vq_checkpoint = os.path.join(tmp, "vq")
-    convert.save_params(config.extract.vq_checkpoint, jax.device_get(params))
+    checkpoints.save_params(config.extract.vq_checkpoint, jax.device_get(params))
     n = FLAGS.batch_size
-    warm = tokenizer.ArraySource("random", images[:n], labels[:n], config.model.num_classes)
+    warm = images_lib.ArraySource("random", images[:n], labels[:n], config.model.num_classes)
     t0 = time.perf_counter()
-    tokenizer.extract(config, os.path.join(tmp, "warmup"), source=warm)
+    extract.extract(config, os.path.join(tmp, "warmup"), source=warm)
     first = time.perf_counter() - t0
-    source = tokenizer.ArraySource("random", images, labels, config.model.num_classes)
+    source = images_lib.ArraySource("random", images, labels, config.model.num_classes)
     t0 = time.perf_counter()
-    out = tokenizer.extract(config, os.path.join(tmp, "timed"), source=source)
+    out = extract.extract(config, os.path.join(tmp, "timed"), source=source)
     total = time.perf_counter() - t0
-  n_aug = tokenizer.AUGS[FLAGS.aug]
+  n_aug = images_lib.AUGS[FLAGS.aug]
   result = {
       "benchmark": "extract", "images_per_s": round(out["images_per_s"], 1),
       "views_per_s": round(out["images_per_s"] * n_aug, 1),

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from npp_jax import files
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
@@ -63,12 +64,6 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _absolute(path) -> epath.Path:
-  # orbax wants absolute paths; a path with a scheme (gs://) is one already and must reach epath untouched.
-  p = epath.Path(path)
-  return p if "://" in str(path) else p.absolute()
-
-
 # ---------------------------------------------------------------------------------------------- shapes
 
 
@@ -101,7 +96,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory, *, keep: int, architecture: dict | None = None, async_save: bool = True):
-    self.directory = _absolute(directory)
+    self.directory = files.absolute(directory)
     self.architecture = architecture
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
@@ -185,7 +180,7 @@ def _host_replicas(state):
 
 def save_params(path, params) -> None:
   """Write `{"params": params}` to a new directory `path` (never over an existing one)."""
-  target = _absolute(path)
+  target = files.absolute(path)
   if target.exists():
     raise ValueError(f"{path!r} already exists; expected a new path (nothing is overwritten)")
   with ocp.StandardCheckpointer() as ckptr:
@@ -198,7 +193,7 @@ def read_params(path, target=None):
   `target`: optional pytree of jax.ShapeDtypeStruct (with shardings) matching the params, to restore
   straight into sharded device arrays; without it, arrays come back unsharded.
   """
-  p = _absolute(path)
+  p = files.absolute(path)
   if not p.is_dir():
     raise ValueError(f"checkpoint path {str(path)!r} is not a directory; expected one written by "
                      "npp_jax.convert or train_vq (an orbax checkpoint holding {'params': ...})")
@@ -225,7 +220,7 @@ def load_params(path, *, ema: bool = False) -> dict:
 
   With ema=True the EMA weights are returned when the run kept them (an error otherwise).
   """
-  p = _absolute(path)
+  p = files.absolute(path)
   if not p.exists():
     raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; expected a training workdir, its "
                           "checkpoints/ folder, or a directory written by npp_jax.convert")

@@ -167,7 +167,7 @@ def sample_config() -> ml_collections.ConfigDict:
 
 
 def vq_train_config() -> ml_collections.ConfigDict:
-  """`--mode=train_vq` (npp_jax.tokenizer.train_vq): a VQ of config.vq's architecture trained on images.
+  """`--mode=train_vq` (npp_jax.train_vq): a VQ of config.vq's architecture trained on images.
 
   Reconstruction (L2, optionally L1) plus the quantizer's codebook and commitment losses; LlamaGen's
   perceptual and adversarial losses are not part of this trainer. Defaults are LlamaGen's VQ recipe.
@@ -197,7 +197,7 @@ def vq_train_config() -> ml_collections.ConfigDict:
 
 
 def extract_config() -> ml_collections.ConfigDict:
-  """`--mode=extract` (npp_jax.tokenizer.extract): a data set's images -> a code data set (npp_jax.data)."""
+  """`--mode=extract` (npp_jax.extract): a data set's images -> a code data set (npp_jax.data)."""
   e = ml_collections.ConfigDict()
   e.dataset = "imagenet2012"  # As vq_train.dataset: "digits", a TFDS name or directory, an image folder.
   e.data_dir = ""

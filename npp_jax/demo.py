@@ -20,12 +20,13 @@ from absl import logging
 
 from npp_jax import costs
 from npp_jax import digits
+from npp_jax import extract
 from npp_jax import files
 from npp_jax import npp
 from npp_jax import sample
 from npp_jax import scoring
-from npp_jax import tokenizer
 from npp_jax import train
+from npp_jax import train_vq
 from npp_jax.models import gpt
 
 
@@ -70,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   d = config.demo
 
   _stage("1/5 train the VQ tokenizer on the digits")
-  vq_dir = tokenizer.train_vq(config, os.path.join(workdir, "vq"))
+  vq_dir = train_vq.train_vq(config, os.path.join(workdir, "vq"))
   if vq_dir is None:
     print("Stopped during VQ training (SIGTERM); run the same command again to resume.")
     return {}
@@ -80,7 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for split in ("train", "test"):
     c = ml_collections.ConfigDict(config.to_dict())
     c.extract.vq_checkpoint, c.extract.output, c.extract.split = vq_dir, codes_dir, split
-    tokenizer.extract(c, os.path.join(workdir, "extract"))
+    extract.extract(c, os.path.join(workdir, "extract"))
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.path = codes_dir
 

@@ -51,11 +51,11 @@ def _run():
     from npp_jax import sample
     sample.sample_and_save(config, workdir)
   elif FLAGS.mode == "extract":
-    from npp_jax import tokenizer
-    tokenizer.extract(config, workdir)
+    from npp_jax import extract
+    extract.extract(config, workdir)
   elif FLAGS.mode == "train_vq":
-    from npp_jax import tokenizer
-    tokenizer.train_vq(config, workdir)
+    from npp_jax import train_vq
+    train_vq.train_vq(config, workdir)
   elif FLAGS.mode == "demo":
     from npp_jax import demo
     demo.run(config, workdir)

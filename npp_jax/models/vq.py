@@ -5,7 +5,7 @@ Module names follow the PyTorch release one to one ("conv_blocks_3/res_1/norm1" 
 "The VQ-16 tokenizer"). Images are NHWC in [-1, 1]; codes are int32 [B, h, w].
 
   model = VQModel(VQConfig.from_config(config.vq))
-  codes = encode_fn(params, images, cfg)          # jitted, pure: callers shard the batch
+  codes = encode_fn(params, images, cfg)          # jitted, pure: callers shard the batch; uint8 or [-1, 1]
   images = decode_fn(params, codes, cfg)
 """
 import dataclasses
@@ -19,6 +19,16 @@ import ml_collections
 import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# uint8 -> [-1, 1] as the release's ToTensor + Normalize(0.5, 0.5): (p / 255 - 0.5) / 0.5 in fp32. A table
+# gathered on device: XLA turns the division into a multiplication that differs in the last bit.
+PIXEL_VALUES = ((np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5))
+                / np.float32(0.5)).astype(np.float32)
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 pixels -> fp32 in [-1, 1], bit for bit the release's preprocessing."""
+  return jnp.take(jnp.asarray(PIXEL_VALUES), images.astype(jnp.int32), axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +351,12 @@ class VQModel(nn.Module):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def encode_fn(params, images: jax.Array, cfg: VQConfig) -> jax.Array:
-  """params (the "params" collection), images [B, H, W, 3] in [-1, 1] -> codes [B, h, w] int32."""
+  """params (the "params" collection), images [B, H, W, 3] -> codes [B, h, w] int32.
+
+  uint8 images are mapped to [-1, 1] as the release does (`to_float`); float images are taken as they are.
+  """
+  if images.dtype == jnp.uint8:
+    images = to_float(images)
   codes, _, _ = VQModel(cfg).apply({"params": params}, images, method=VQModel.encode)
   return codes
 

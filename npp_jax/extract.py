@@ -1,0 +1,269 @@
+"""Extraction: one split of a data set's images -> a code data set (npp_jax.data), with the release's views.
+
+  python -m npp_jax.main --mode=extract --config=configs/b.py --workdir=W \
+      --config.extract.vq_checkpoint=/ckpt/vq16 --config.extract.data_dir=/data/tfds   # -> W/codes
+
+Each global batch of extract.batch_size images becomes a shard WORKDIR/extract_tmp/<split>/shard_*.npz as
+soon as it is encoded; a re-run encodes only missing shards, then streams them into the data set. On several
+processes every process reads, crops and encodes its rows of each batch; the codes are gathered and process
+0 alone writes (the shards, then the data set), so the result is the one-process result.
+"""
+import dataclasses
+import time
+from typing import Any, Iterator, Optional
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from npp_jax import checkpoints
+from npp_jax import data
+from npp_jax import files
+from npp_jax import images as images_lib
+from npp_jax import sharding
+from npp_jax import validate
+from npp_jax.models import vq
+
+
+def encode_views(params, views: np.ndarray, cfg: vq.VQConfig, mesh) -> np.ndarray:
+  """This process's uint8 views [L, n_aug, S, S, 3] -> codes [P * L, n_aug, h, w] of all processes' rows.
+
+  One view index at a time, so memory follows the batch size, not batch size x n_aug.
+  """
+  batch = sharding.data_sharding(mesh)
+  codes = [vq.encode_fn(params, jax.make_array_from_process_local_data(
+      batch, np.ascontiguousarray(views[:, a])), cfg) for a in range(views.shape[1])]
+  return sharding.gather(jnp.stack(codes, axis=1))
+
+
+def rows(config, batch_size: int, process_count: int | None = None) -> tuple[int, int]:
+  """(images each process reads per batch, rows it feeds the devices): the rows are padded up to a
+  multiple of the process's data-parallel devices, so any batch size works on any mesh."""
+  procs = jax.process_count() if process_count is None else process_count
+  shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
+  dp = shape[0] * shape[1]
+  if batch_size % procs:
+    raise ValueError(f"extract.batch_size={batch_size}; expected a multiple of the {procs} processes")
+  if dp % procs:
+    raise ValueError(f"mesh {shape} has a data-parallel size {dp} that the {procs} processes cannot share; "
+                     "expected mesh.shape data x fsdp to be a multiple of the process count")
+  local, per = batch_size // procs, dp // procs
+  return local, -(-local // per) * per
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+@dataclasses.dataclass
+class _Job:
+  """What the checks decided; `finished` is set when the split exists already (nothing to do)."""
+  config: Any
+  cfg: vq.VQConfig
+  split: str
+  n_aug: int
+  batch_size: int
+  output: epath.Path
+  tmp_dir: epath.Path
+  finished: Optional[dict] = None
+  source: Any = None
+  params: Any = None
+  settings: Optional[dict] = None
+
+
+def _check_config(config) -> tuple[vq.VQConfig, int, int, str]:
+  """(VQ config, views per image, batch size, split) of a valid config.extract; one-line ValueErrors."""
+  e = config.extract
+  cfg = vq.VQConfig.from_config(config.vq)
+  if e.aug not in images_lib.AUGS:
+    raise ValueError(f"extract.aug={e.aug!r}; expected one of {sorted(images_lib.AUGS)}")
+  if e.aug == "tencrop" and (not isinstance(e.crop_range, (int, float)) or not 1.0 <= e.crop_range <= 2.0):
+    raise ValueError(f"extract.crop_range={e.crop_range!r}; expected a number in [1, 2] (the release: 1.1 "
+                     "or 1.05)")
+  batch_size = validate.positive_int(e.batch_size, "extract.batch_size")
+  model_grid = tuple(int(g) for g in config.model.grid)
+  if cfg.grid != model_grid:
+    raise ValueError(f"vq.image_size={cfg.image_size} with downsampling {cfg.downsample} gives "
+                     f"{cfg.grid[0]}x{cfg.grid[1]} codes but model.grid={model_grid}; expected the same grid")
+  if cfg.codebook_size != config.model.vocab_size:
+    raise ValueError(f"vq.codebook_size={cfg.codebook_size} but model.vocab_size={config.model.vocab_size}; "
+                     "expected the tokenizer's codebook size")
+  where = "expected a VQ checkpoint directory (npp_jax.convert --kind=vq, or --mode=train_vq's WORKDIR/vq)"
+  if not e.vq_checkpoint:
+    raise ValueError(f"extract.vq_checkpoint is empty; {where}")
+  if not epath.Path(e.vq_checkpoint).is_dir():
+    raise ValueError(f"extract.vq_checkpoint={e.vq_checkpoint!r} does not exist; {where}")
+  split = validate.split_name(e.split, "extract.split")
+  rows(config, batch_size)
+  return cfg, images_lib.AUGS[e.aug], batch_size, split
+
+
+def _settings(e, cfg: vq.VQConfig, source) -> dict:
+  return {"dataset": source.name, "data_dir": e.data_dir, "split": e.split, "aug": e.aug,
+          "crop_range": float(e.crop_range) if e.aug == "tencrop" else None, "batch_size": e.batch_size,
+          "image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
+          "vq_checkpoint": str(files.absolute(e.vq_checkpoint)), "num_examples": source.num_examples}
+
+
+def _plan(config, workdir, source) -> _Job:
+  """Every check, the source and the VQ parameters, before anything is compiled or written."""
+  cfg, n_aug, batch_size, split = _check_config(config)
+  e = config.extract
+  output = epath.Path(e.output or epath.Path(workdir) / "codes")
+  job = _Job(config, cfg, split, n_aug, batch_size, output, epath.Path(workdir) / "extract_tmp" / split)
+  existing = files.read_json(output / "code_dataset.json")  # npp_jax.data's record of finished splits.
+  if existing is not None:
+    job.finished = existing.get("splits", {}).get(split)
+    if job.finished:
+      return job
+    want = {"grid": list(cfg.grid), "n_aug": n_aug, "vocab_size": cfg.codebook_size,
+            "num_classes": config.model.num_classes}
+    diff = [f"{k}={existing.get(k)} there, {v} now" for k, v in want.items() if existing.get(k) != v]
+    if diff:
+      raise ValueError(f"code data set {output} was made with other settings ({'; '.join(diff)}); expected "
+                       "the same, or another extract.output")
+  job.source = source or images_lib.open_images(e.dataset, split, e.data_dir, "extract.dataset")
+  if job.source.num_classes > config.model.num_classes:
+    raise ValueError(f"{job.source.name} has {job.source.num_classes} classes; expected at most "
+                     f"model.num_classes={config.model.num_classes}")
+  job.params = checkpoints.load_vq_params(e.vq_checkpoint, config.vq)
+  job.settings = _settings(e, cfg, job.source)
+  files.check_same_settings(job.tmp_dir / "settings.json", job.settings, job.tmp_dir, "shards",
+                            f"expected the same settings, or delete {job.tmp_dir}")
+  return job
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def extract(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
+  """Encode one split of images into a code data set at extract.output (default WORKDIR/codes).
+
+  A split that is already finished there is left alone. Returns a summary (examples, shards encoded and
+  reused, images/s). `source` (an images.ImageSource) replaces opening extract.dataset (benchmarks,
+  notebooks with images in memory).
+  """
+  job = _plan(config, workdir, source)
+  summary = {"output": str(job.output), "split": job.split, "n_aug": job.n_aug, "shards_encoded": 0,
+             "shards_reused": 0}
+  if job.finished:
+    logging.info("Split %r of %s already exists (%d examples); nothing to extract.", job.split, job.output,
+                 job.finished["num_examples"])
+    print(f"extract: split '{job.split}' of {job.output} already exists; skipping", flush=True)
+    return {**summary, "num_examples": job.finished["num_examples"], "skipped": True}
+  num_shards = -(-job.source.num_examples // job.batch_size)
+  done = _done_shards(job, num_shards)
+  if jax.process_index() == 0:
+    job.tmp_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(job.tmp_dir / "settings.json", job.settings)
+  logging.info("Extracting %s split %r: %d images x %d views (%s), %d shards of %d, %d already done.",
+               job.source.name, job.split, job.source.num_examples, job.n_aug, config.extract.aug,
+               num_shards, job.batch_size, int(done.sum()))
+  encoded, elapsed = _encode(job, [i for i in range(num_shards) if not done[i]], done)
+  summary["shards_encoded"] = num_shards - int(done.sum())
+  summary["shards_reused"] = int(done.sum())
+  summary["images_per_s"] = encoded / elapsed if encoded else None
+  if encoded:
+    logging.info("Encoded %d images (%d views each) in %.1f s: %.1f images/s.", encoded, job.n_aug, elapsed,
+                 encoded / elapsed)
+  if jax.process_index() == 0:
+    _write_dataset(job, num_shards)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("npp_jax.extract")
+  return {**summary, "num_examples": job.source.num_examples, "skipped": False}
+
+
+def _shard_path(job: _Job, i: int, num_shards: int) -> epath.Path:
+  return job.tmp_dir / f"shard_{i:0{max(6, len(str(num_shards)))}d}.npz"
+
+
+def _done_shards(job: _Job, num_shards: int) -> np.ndarray:
+  done = np.array([_shard_path(job, i, num_shards).exists() for i in range(num_shards)], bool)
+  if jax.process_count() > 1:  # Process 0's view of the files decides, so every process agrees.
+    from jax.experimental import multihost_utils
+
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  return done
+
+
+def _views(job: _Job, todo: list[int], local: int, device_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(uint8 views [device_rows, n_aug, S, S, 3], labels [device_rows]) of this process's rows of each shard
+  in `todo`, prepared one shard ahead on grain's threads (host work overlaps the device's)."""
+  e, n, size = job.config.extract, job.source.num_examples, job.cfg.image_size
+  threads = images_lib.num_threads(e.num_threads)
+
+  def prepare(i: int):
+    start = i * job.batch_size + jax.process_index() * local
+    stop = min(start + local, n)
+    views = np.zeros((device_rows, job.n_aug, size, size, 3), np.uint8)  # Rows past the end: padding.
+    labels = np.zeros((device_rows,), np.int32)
+    if stop > start:
+      images, got = job.source.read(start, stop)
+      views[:stop - start] = np.stack(images_lib.parallel_map(
+          lambda im: images_lib.augment(images_lib.to_rgb(im), e.aug, size, e.crop_range), images, threads))
+      labels[:stop - start] = got
+    return views, labels
+
+  if not todo:
+    return
+  # One reading thread: sources read in order (an image folder is one forward pass).
+  ds = grain.MapDataset.source(todo).map(prepare)
+  it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)))
+  try:
+    yield from it
+  finally:
+    it.close()
+
+
+def _encode(job: _Job, todo: list[int], done: np.ndarray) -> tuple[int, float]:
+  """Encode the shards in `todo`, process 0 writing each as it is done; (images encoded, seconds)."""
+  from tqdm import tqdm
+
+  n, num_shards, is_main = job.source.num_examples, len(done), jax.process_index() == 0
+  local, device_rows = rows(job.config, job.batch_size)
+  mesh = sharding.make_mesh(job.config.mesh)
+  params = jax.device_put(job.params, sharding.replicated(mesh))
+  code_dtype = np.uint16 if job.cfg.codebook_size <= 2**16 else np.int32
+  count = lambda i: min((i + 1) * job.batch_size, n) - i * job.batch_size
+  bar = tqdm(total=n, initial=sum(count(i) for i in range(num_shards) if done[i]), unit="img",
+             desc=f"extract {job.split}", disable=not is_main, smoothing=0.3)
+  t0, encoded = time.perf_counter(), 0
+  views = _views(job, todo, local, device_rows)
+  try:
+    for i, (v, labels) in zip(todo, views):
+      codes = encode_views(params, v, job.cfg, mesh)
+      if jax.process_count() > 1:
+        labels = sharding.gather(jax.make_array_from_process_local_data(sharding.data_sharding(mesh), labels))
+      # Gathered rows are [process 0's device_rows, process 1's, ...]: drop each one's padding.
+      unpad = lambda x: x.reshape(-1, device_rows, *x.shape[1:])[:, :local].reshape(-1, *x.shape[1:])
+      codes, labels = unpad(codes)[:count(i)], unpad(labels)[:count(i)]
+      if is_main:
+        files.atomic_write(_shard_path(job, i, num_shards),
+                           lambda f: np.savez(f, codes=codes.astype(code_dtype), labels=labels))
+      encoded += count(i)
+      bar.update(count(i))
+  finally:
+    bar.close()
+    views.close()
+  return encoded, time.perf_counter() - t0
+
+
+def _write_dataset(job: _Job, num_shards: int) -> None:
+  """The code data set from the shards in order; the shards are deleted unless extract.keep_shards."""
+  with data.CodeDatasetWriter(str(job.output), job.cfg.grid, job.n_aug, job.cfg.codebook_size,
+                              job.config.model.num_classes, split=job.split,
+                              overwrite=True) as writer:  # Replaces only an unfinished split.
+    for i in range(num_shards):
+      with _shard_path(job, i, num_shards).open("rb") as f, np.load(f) as z:
+        writer.add(z["codes"], z["labels"])
+  if not job.config.extract.keep_shards:
+    job.tmp_dir.rmtree()
+    if not any(job.tmp_dir.parent.iterdir()):
+      job.tmp_dir.parent.rmdir()
+  logging.info("Wrote split %r of %s: %d examples, %d views each.", job.split, job.output,
+               job.source.num_examples, job.n_aug)

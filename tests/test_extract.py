@@ -1,0 +1,172 @@
+"""Extraction on 8 fake CPU devices: codes equal to the encoder's, resume after a crash and after lost shards,
+TFDS ImageFolder, and bad inputs refused before anything is written."""
+import glob
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from npp_jax import checkpoints
+from npp_jax import data
+from npp_jax import digits
+from npp_jax import extract
+from npp_jax import images as images_lib
+from npp_jax import sharding
+from npp_jax import train_vq
+from npp_jax.models import vq
+from vq_helpers import tiny_config  # noqa: E402  (tests/ is on sys.path)
+
+N_TEST = 500  # Digits in the "test" split: the extraction tests encode all of them.
+
+
+@pytest.fixture(scope="module")
+def vq_params(tmp_path_factory):
+  """Random VQ parameters saved as a converted checkpoint: codes of random weights vary a lot."""
+  c = tiny_config()
+  cfg = vq.VQConfig.from_config(c.vq)
+  # train_vq's compiled init (cached per process), so the module compiles the VQ init once.
+  init, _ = train_vq._vq_functions(cfg, train_vq.VQHparams.from_config(c.vq_train),
+                                    sharding.make_mesh(c.mesh))
+  params = jax.device_get(init(jax.random.key(3)).params)
+  path = str(tmp_path_factory.mktemp("vq") / "vq")
+  checkpoints.save_params(path, params)
+  return cfg, params, path
+
+
+# ---------------------------------------------------------------------------------------------- extract
+
+
+def expected_digit_codes(params, cfg):
+  images, labels = digits.load_digits("test")
+  plain = np.asarray(vq.encode_fn(params, images, cfg))
+  mirror = np.asarray(vq.encode_fn(params, np.ascontiguousarray(images[:, :, ::-1]), cfg))
+  return np.stack([plain, mirror], axis=1), labels
+
+
+def read_split(path, split):
+  source = __import__("tensorflow_datasets").builder_from_directory(path).as_data_source(split)
+  records = [source[i] for i in range(len(source))]
+  return np.stack([r["codes"] for r in records]).astype(np.int32), np.array([r["label"] for r in records])
+
+
+def test_extract_digits_flip_gives_the_encoders_codes(tmp_path, vq_params):
+  cfg, params, path = vq_params
+  workdir = str(tmp_path / "w")
+  c = tiny_config(**{"extract.vq_checkpoint": path})
+  out = extract.extract(c, workdir)
+  assert out["num_examples"] == N_TEST and out["shards_encoded"] == 4 and out["images_per_s"] > 0
+  meta = data.load_metadata(os.path.join(workdir, "codes"), "test")
+  assert (meta.grid, meta.n_aug, meta.vocab_size, meta.num_classes) == ((16, 16), 2, 64, 10)
+  codes, labels = read_split(os.path.join(workdir, "codes"), "test")
+  want_codes, want_labels = expected_digit_codes(params, cfg)
+  assert len(np.unique(want_codes)) > 8  # Random weights: a meaningful comparison.
+  np.testing.assert_array_equal(labels, want_labels)
+  np.testing.assert_array_equal(codes, want_codes)
+  it = data.make_train_iterator(os.path.join(workdir, "codes"), global_batch_size=50, seed=0, split="test")
+  batch = next(it)
+  assert batch["codes"].shape == (50, 16, 16) and batch["labels"].shape == (50,)
+  assert not os.path.exists(os.path.join(workdir, "extract_tmp", "test"))  # keep_shards=False.
+  # A finished split is left alone.
+  again = extract.extract(c, workdir)
+  assert again["skipped"] and again["shards_encoded"] == 0
+
+
+def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params, monkeypatch):
+  cfg, params, path = vq_params
+  workdir = str(tmp_path / "w")
+  c = tiny_config(**{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.batch_size": 64})
+  real = extract.encode_views
+  calls = []
+
+  def crash_on_third(*args, **kw):
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError("killed")
+    return real(*args, **kw)
+
+  monkeypatch.setattr(extract, "encode_views", crash_on_third)
+  with pytest.raises(RuntimeError, match="killed"):
+    extract.extract(c, workdir)
+  tmp = os.path.join(workdir, "extract_tmp", "test")
+  assert len(glob.glob(os.path.join(tmp, "shard_*.npz"))) == 2
+  assert not os.path.exists(os.path.join(workdir, "codes"))
+  monkeypatch.setattr(extract, "encode_views", real)
+  out = extract.extract(c, workdir)
+  assert (out["shards_encoded"], out["shards_reused"]) == (6, 2)  # 500 images in 8 shards of 64.
+  first, labels = read_split(os.path.join(workdir, "codes"), "test")
+
+  # Lose the data set and one shard: only that shard is encoded again, and the result is the same.
+  shutil.rmtree(os.path.join(workdir, "codes"))
+  os.remove(sorted(glob.glob(os.path.join(tmp, "shard_*.npz")))[5])
+  out = extract.extract(c, workdir)
+  assert (out["shards_encoded"], out["shards_reused"]) == (1, 7)
+  codes, labels2 = read_split(os.path.join(workdir, "codes"), "test")
+  np.testing.assert_array_equal(codes, first)
+  np.testing.assert_array_equal(labels2, labels)
+  np.testing.assert_array_equal(codes, expected_digit_codes(params, cfg)[0])
+  # Shards of other settings are refused instead of mixed in.
+  shutil.rmtree(os.path.join(workdir, "codes"))
+  with pytest.raises(ValueError, match="other settings"):
+    extract.extract(tiny_config(**{"extract.vq_checkpoint": path, "extract.batch_size": 128}), workdir)
+
+
+def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
+  _, _, path = vq_params
+  workdir = str(tmp_path / "w")
+  cases = (({"model.grid": (8, 8)}, "model.grid"),
+           ({"model.vocab_size": 128}, "model.vocab_size"),
+           ({"extract.vq_checkpoint": ""}, "vq_checkpoint is empty"),
+           ({"extract.vq_checkpoint": str(tmp_path / "missing")}, "does not exist"),
+           ({"extract.dataset": "no_such_dataset_xyz"}, "not a TFDS data set"),
+           ({"extract.aug": "fivecrop"}, "extract.aug"),
+           ({"extract.aug": "tencrop", "extract.crop_range": 0.9}, "crop_range"),
+           ({"extract.batch_size": 0}, "extract.batch_size"),
+           ({"extract.split": "train[:10]"}, "plain split name"),
+           ({"model.num_classes": 5}, "at most model.num_classes"))
+  for overrides, match in cases:
+    c = tiny_config(**{"extract.vq_checkpoint": path, **overrides})
+    with pytest.raises(ValueError, match=match) as e:
+      extract.extract(c, workdir)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(workdir), overrides
+  # A checkpoint of another architecture.
+  c = tiny_config(**{"extract.vq_checkpoint": path, "vq.codebook_embed_dim": 4})
+  with pytest.raises(ValueError, match="do not fit config.vq"):
+    extract.extract(c, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_extract_reads_a_tfds_image_folder(tmp_path, vq_params):
+  """root/<split>/<class>/*.png through TFDS's ImageFolder, ten-crop of images of several sizes."""
+  import tensorflow_datasets as tfds
+
+  cfg, params, path = vq_params
+  root = tmp_path / "images"
+  rng = np.random.default_rng(0)
+  sizes = [(40, 48), (35, 35), (80, 72), (36, 60)]
+  for k, name in enumerate(("cat", "dog", "owl")):
+    os.makedirs(root / "train" / name)
+    for j in range(3):
+      h, w = sizes[(k + j) % len(sizes)]
+      image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      Image.fromarray(image).save(root / "train" / name / f"{j}.png")
+  workdir = str(tmp_path / "w")
+  c = tiny_config(**{"extract.vq_checkpoint": path, "extract.dataset": str(root), "extract.split": "train",
+                     "extract.aug": "tencrop", "extract.batch_size": 5})
+  out = extract.extract(c, workdir)
+  # Batches of 5 on 8 devices: padded to 8 rows on the way in, trimmed on the way out.
+  assert out["num_examples"] == 9 and out["n_aug"] == 10 and out["shards_encoded"] == 2
+  codes, labels = read_split(os.path.join(workdir, "codes"), "train")
+  # ImageFolder's own order (a fixed shuffle) and labels (sorted class names).
+  records = list(tfds.as_numpy(tfds.folder_dataset.ImageFolder(str(root)).as_dataset("train")))
+  np.testing.assert_array_equal(labels, [r["label"] for r in records])
+  assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  for r, got in zip(records, codes):
+    name = r["image/filename"].decode()
+    image = np.asarray(Image.open(name).convert("RGB"))
+    views = images_lib.augment(image, "tencrop", 32, 1.1)
+    want = np.asarray(vq.encode_fn(params, vq.PIXEL_VALUES[views], cfg))
+    np.testing.assert_array_equal(got, want)

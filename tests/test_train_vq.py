@@ -1,0 +1,84 @@
+"""VQ training on 8 fake CPU devices: learns, logs codebook usage, resumes, is not redone, saves and stops on
+SIGTERM, and refuses bad inputs before anything is written."""
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from npp_jax import checkpoints
+from npp_jax import train_vq
+from npp_jax.models import vq
+from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
+from vq_helpers import tiny_config  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------- train_vq
+
+
+def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
+  workdir = str(tmp_path / "w")
+  c = tiny_config()
+  out = train_vq.train_vq(c, workdir)
+  assert out == os.path.join(workdir, "vq")
+  params = checkpoints.read_params(out)
+  checkpoints.check_param_shapes(params, vq.param_shapes(c.vq), out)
+  scalars = read_scalars(workdir)
+  losses = [v for _, v in scalars["loss"]]
+  assert len(losses) == 6 and np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  for tag in ("usage_batch", "perplexity_running", "perplexity_batch"):
+    values = [v for _, v in scalars[tag]]
+    assert len(values) == 6
+  assert all(0 < v <= 1 for _, v in scalars["usage_batch"])
+  assert all(1 <= v <= 64 for _, v in scalars["perplexity_running"])
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "vq_checkpoints")) if s.isdigit())
+  assert steps == [3, 6]
+
+  # Finished: a re-run returns the same parameters without a step.
+  events = sorted(os.listdir(workdir))
+  assert train_vq.train_vq(c, workdir) == out
+  assert sorted(os.listdir(workdir)) == events
+  # A longer run resumes from step 6 (final params removed, as if the run had never finished).
+  shutil.rmtree(out)
+  train_vq.train_vq(tiny_config(**{"vq_train.steps": 8, "vq_train.checkpoint_every_steps": 4}), workdir)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "vq_checkpoints")) if s.isdigit())
+  assert steps == [6, 8]
+  new_steps = sorted(s for s, _ in read_scalars(workdir)["loss"])
+  assert new_steps[-2:] == [7, 8] and new_steps.count(7) == 1
+
+
+def test_train_vq_saves_and_stops_on_sigterm_then_resumes(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "w")
+  c = tiny_config(**{"vq_train.checkpoint_every_steps": 100})
+  real = train_vq._vq_batches
+
+  def batches_then_sigterm(*args, **kw):
+    for i, batch in enumerate(real(*args, **kw)):
+      if i == 2:  # As a scheduler would: the loop saves the step it is at and returns.
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(train_vq, "_vq_batches", batches_then_sigterm)
+  assert train_vq.train_vq(c, workdir) is None
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "vq_checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and 1 <= steps[0] < 6
+  assert not os.path.exists(os.path.join(workdir, "vq"))
+  monkeypatch.setattr(train_vq, "_vq_batches", real)
+  assert train_vq.train_vq(c, workdir) == os.path.join(workdir, "vq")
+  assert max(s for s, _ in read_scalars(workdir)["loss"]) == 6
+
+
+def test_train_vq_refuses_bad_input_before_writing(tmp_path):
+  workdir = str(tmp_path / "w")
+  for overrides, match in (({"vq_train.dataset": "no_such_dataset_xyz"}, "not a TFDS data set"),
+                           ({"vq_train.dataset": "/no/such/folder"}, "does not exist"),
+                           ({"vq_train.batch_size": 12}, "data-parallel size 8"),
+                           ({"vq_train.l2_weight": 0.0}, "both 0"),
+                           ({"vq_train.split": "valid"}, "expected one of"),
+                           ({"vq.norm_groups": 5}, "norm_groups")):
+    c = tiny_config(**overrides)
+    with pytest.raises(ValueError, match=match) as e:
+      train_vq.train_vq(c, workdir)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(workdir)
