@@ -98,7 +98,8 @@ def test_notebook_runs_top_to_bottom_outside_the_repository(tmp_path, monkeypatc
 
   out = "\n".join(texts(c) for c in code_cells(nb))
   assert "8 cpu device(s)" in out and "NPP_SKIP_INSTALL=1" in out
-  assert "0 tench, 1 goldfish" in out and "batch 8 = 8 device(s) x 1" in out and "images/s" in out
+  # float32: the CPU's compute dtype ("auto" picks bfloat16 on a GPU or TPU).
+  assert "0 tench, 1 goldfish" in out and "float32, batch 8 = 8 device(s) x 1" in out and "images/s" in out
   [run] = glob.glob(str(content / "npp_samples" / "run_*"))
   with np.load(os.path.join(run, "samples", "samples_4.npz")) as f:
     images, labels, codes = f["arr_0"], f["labels"], f["codes"]
