@@ -31,10 +31,20 @@ elif prog == "gcloud" and "--command" in argv:  # What the worker's login shell 
 elif prog == "sbatch":  # Runs the batch script (its first argument that is not an option) as SLURM would.
   i = next(i for i, a in enumerate(argv) if not a.startswith("-"))
   sys.exit(subprocess.call(["bash", *argv[i:]], env={{**os.environ, "SLURM_JOB_ID": "4242"}}))
-elif prog == "srun" and os.environ.get("STUB_SRUN_RUNS"):  # Runs the step locally, forwarding SIGTERM.
-  child = subprocess.Popen([a for a in argv if not a.startswith("--kill-on-bad-exit")])
-  signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
-  sys.exit(child.wait())
+elif prog == "srun" and os.environ.get("STUB_SRUN_RUNS"):
+  # Runs the step as STUB_SRUN_RUNS local tasks with SLURM's task variables, forwards SIGTERM (to the tasks in
+  # STUB_SRUN_TERM_TASKS only, if set: SIGTERM reaching one host first) and exits with the highest status.
+  n, cmd = int(os.environ["STUB_SRUN_RUNS"]), [a for a in argv if not a.startswith("--kill-on-bad-exit")]
+  tasks = []
+  for i in range(n):
+    env = {{**os.environ, "SLURM_NTASKS": str(n), "SLURM_PROCID": str(i), "SLURM_LOCALID": "0",
+           "SLURM_STEP_NUM_NODES": str(n), "SLURM_STEP_NODELIST": "127.0.0.1"}}
+    log = os.environ.get("STUB_SRUN_LOG")
+    out = open(log.format(i), "a") if log else None
+    tasks.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+  term = [int(t) for t in os.environ.get("STUB_SRUN_TERM_TASKS", ",".join(map(str, range(n)))).split(",")]
+  signal.signal(signal.SIGTERM, lambda *_: [tasks[t].send_signal(signal.SIGTERM) for t in term])
+  sys.exit(max(t.wait() for t in tasks))
 elif prog == "python3" and argv[:2] == ["-m", "venv"]:  # The worker's system Python builds the venv.
   os.makedirs(os.path.join(argv[2], "bin"))
   for name in ("python", "pip"):
@@ -54,13 +64,12 @@ elif prog == "python":  # The training step: runs STUB_SECONDS, or until SIGTERM
 '''
 
 
-@pytest.fixture
-def stubs(tmp_path):
-  """(env, calls()) with every stub first on PATH and a fresh HOME (the simulated TPU worker's)."""
+def install_stubs(tmp_path, progs=("gcloud", "sbatch", "srun", "scontrol", "python3", "python")):
+  """(env, calls(prog=None)): the stubs for `progs` first on PATH, a fresh HOME (the simulated TPU worker's)."""
   bin_dir, home = tmp_path / "bin", tmp_path / "home"
   bin_dir.mkdir()
   home.mkdir()
-  for prog in ("gcloud", "sbatch", "srun", "scontrol", "python3", "python"):
+  for prog in progs:
     (bin_dir / prog).write_text(STUB.format(python=sys.executable, preempted=PREEMPTED))
     (bin_dir / prog).chmod(0o755)
   calls = tmp_path / "calls.jsonl"
@@ -71,6 +80,11 @@ def stubs(tmp_path):
     return [c for c in lines if prog in (None, c["prog"])]
 
   return env, read
+
+
+@pytest.fixture
+def stubs(tmp_path):
+  return install_stubs(tmp_path)
 
 
 def readme_commands(tool):
