@@ -8,6 +8,7 @@
 # processes agree on a step, save it and exit with the trainer's "preempted" status, and only then does this
 # script requeue the job (scontrol requeue), whose next start resumes from that checkpoint. A run that
 # finished, or failed, is not requeued. Requeued starts append to the same log (--open-mode=append).
+# Submit from the Python environment the nodes should run (sbatch passes the environment on to srun).
 #SBATCH --job-name=npp_jax
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive

@@ -33,7 +33,10 @@ worker() {
   rm -rf npp_jax configs setup.py  # Files deleted from the checkout must not linger here.
   tar -xzf ~/npp_jax.tar.gz
   setup=$(sha256sum setup.py | cut -d' ' -f1)
-  [ -x .venv/bin/python ] || python3 -m venv .venv
+  if [ ! -x .venv/bin/pip ]; then  # Not yet, or a half-made one (no pip): start over.
+    rm -rf .venv
+    python3 -m venv .venv || { echo "$(hostname): python3 -m venv failed; install python3-venv" >&2; exit 1; }
+  fi
   if [ "$(cat .venv/setup.sha256 2>/dev/null || true)" != "$setup" ]; then
     .venv/bin/pip install -q "$jax_pip" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
     .venv/bin/pip install -q -e .
