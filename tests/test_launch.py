@@ -222,3 +222,18 @@ def test_gpu_slurm_requeues_only_a_preempted_step(stubs, term, step_status, requ
     assert calls("scontrol")[0]["argv"] == ["requeue", "4242"]
   else:
     assert calls("scontrol") == []
+
+
+def test_tpu_pod_rebuilds_a_half_made_venv(stubs):
+  env, calls = stubs
+  venv_bin = os.path.join(env["HOME"], "npp_jax", ".venv", "bin")
+  os.makedirs(venv_bin)
+  with open(os.path.join(venv_bin, "python"), "w") as f:  # `python3 -m venv` stopped before pip (no ensurepip).
+    f.write("#!/bin/sh\nexit 1\n")
+  os.chmod(os.path.join(venv_bin, "python"), 0o755)
+  env = {**env, "TPU": "t", "ZONE": "z", "WORKDIR": "/w", "DATA": "/d"}
+  out = subprocess.run(["bash", "launch/tpu_pod.sh", "configs/tiny.py"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert len(calls("python3")) == 1 and len(calls("pip")) == 2
+  assert len(_worker_runs(calls, wait_for=1)) == 1
