@@ -17,22 +17,9 @@ from ml_collections import config_dict
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-# LlamaGen's GPT sizes: name -> (n_layer, n_head, dim). NPP.md, "Reported results".
-MODEL_SIZES = {
-    "GPT-B": (12, 12, 768),
-    "GPT-L": (24, 16, 1024),
-    "GPT-XL": (36, 20, 1280),
-    "GPT-XXL": (48, 24, 1536),
-    "GPT-XXXL": (48, 40, 2560),
-    "GPT-1B": (22, 32, 2048),
-    "GPT-3B": (24, 32, 3200),
-    "GPT-7B": (32, 32, 4096),
-}
-
-
 def model_config(name: str = "GPT-B") -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
-  # A name from MODEL_SIZES, or "custom" with n_layer / n_head / dim set (tiny test and demo models).
+  # A name from models/gpt.py MODEL_SIZES, or "custom" with n_layer / n_head / dim set (tiny models).
   m.name = name
   m.n_layer = config_dict.placeholder(int)
   m.n_head = config_dict.placeholder(int)

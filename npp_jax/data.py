@@ -10,26 +10,26 @@ On disk it is a TFDS data set in array_record format (random access, no TensorFl
                                               max code and max label; a split is listed once finalized
 
 Writing: `write_code_dataset` for arrays in memory, `CodeDatasetWriter` for jobs that produce codes as
-they go (code extraction), `from_npy_folder` / `python -m npp_jax.data` for folders of per-image .npy files
-made by the PyTorch LlamaGen release.
+they go (code extraction); npp_jax.npy_codes converts the PyTorch LlamaGen release's per-image .npy files.
 
 Reading: `make_train_iterator` is an infinite grain iterator of local batches, one fresh shuffle and one
 random augmentation per image per epoch, remainder dropped, global batches split across processes; its
 state (JSON; {"next_index": steps consumed} without worker processes) restores it exactly.
 `make_eval_iterator` is one ordered pass.
 """
-import argparse
 import dataclasses
 import json
-import math
 import os
-import re
 from typing import Any, Optional, Sequence
 
 from absl import flags
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+
+from npp_jax import files
+from npp_jax import validate
 
 _NAME = "npp_codes"  # TFDS data set name: the prefix of every shard file.
 _VERSION = "1.0.0"
@@ -79,20 +79,7 @@ def _tfds_info(out_dir, grid, n_aug, vocab_size, num_classes) -> tfds.core.Datas
       features=_features(grid, n_aug, vocab_size))
 
 
-def _check_positive_int(name: str, value) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  return int(value)
-
-
-def _check_split_name(split) -> str:
-  # TFDS parses "+", "[" and "%" in split names as split arithmetic; keep names plain.
-  if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_]+", split):
-    raise ValueError(f"split must be a name of letters, digits and '_', got {split!r}")
-  return split
-
-
-def _check_grid(grid) -> tuple[int, int]:
+def check_grid(grid) -> tuple[int, int]:
   try:
     h, w = (int(g) for g in grid)
   except (TypeError, ValueError):
@@ -102,7 +89,7 @@ def _check_grid(grid) -> tuple[int, int]:
   return h, w
 
 
-def _as_examples(codes, labels, *, vocab_size: int, num_classes: int, where=lambda i: f"at example {i}"):
+def as_examples(codes, labels, *, vocab_size: int, num_classes: int, where=lambda i: f"at example {i}"):
   """Checked (codes [N, n_aug, h, w] int64, labels [N] int64); a one-line ValueError for the first fault.
 
   `where(i)` names example i in the message: its index in the split, or the file it came from.
@@ -135,18 +122,15 @@ def _as_examples(codes, labels, *, vocab_size: int, num_classes: int, where=lamb
 
 def _read_meta(path) -> Optional[dict[str, Any]]:
   try:
-    with open(os.path.join(path, _META_FILE)) as f:
-      return json.load(f)
+    return json.loads((epath.Path(path) / _META_FILE).read_text())
   except FileNotFoundError:
     return None
 
 
 def _write_meta(path, meta: dict[str, Any]) -> None:
   # Write-then-rename, so that a crash never leaves a half-written record of which splits are complete.
-  tmp = os.path.join(path, _META_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(path, _META_FILE))
+  files.atomic_write(str(epath.Path(path) / _META_FILE),
+                     lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
 
 
 class CodeDatasetWriter:
@@ -160,16 +144,17 @@ class CodeDatasetWriter:
 
   def __init__(self, out_dir: str, grid: Sequence[int], n_aug: int, vocab_size: int, num_classes: int, *,
                split: str = "train", overwrite: bool = False, examples_per_shard: Optional[int] = None):
-    self.out_dir = os.fspath(out_dir)
-    self.grid = _check_grid(grid)
-    self.n_aug = _check_positive_int("n_aug", n_aug)
-    self.vocab_size = _check_positive_int("vocab_size", vocab_size)
-    self.num_classes = _check_positive_int("num_classes", num_classes)
-    self.split = _check_split_name(split)
+    self.out_dir = os.fspath(out_dir)  # A str for TFDS; epath.Path(self.out_dir) for our own file work.
+    self._dir = epath.Path(self.out_dir)
+    self.grid = check_grid(grid)
+    self.n_aug = validate.positive_int(n_aug, "n_aug")
+    self.vocab_size = validate.positive_int(vocab_size, "vocab_size")
+    self.num_classes = validate.positive_int(num_classes, "num_classes")
+    self.split = validate.split_name(split)
     if examples_per_shard is None:
       example_bytes = self.n_aug * self.grid[0] * self.grid[1] * _code_dtype(self.vocab_size).itemsize
       examples_per_shard = max(1, _SHARD_BYTES // example_bytes)
-    examples_per_shard = _check_positive_int("examples_per_shard", examples_per_shard)
+    examples_per_shard = validate.positive_int(examples_per_shard, "examples_per_shard")
     self._meta = self._open_dataset(overwrite)
     info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
     # overwrite=False: TFDS loads the splits already on disk and appends ours beside them.
@@ -183,12 +168,12 @@ class CodeDatasetWriter:
     meta = _read_meta(self.out_dir)
     self._made_dir = self._made_dataset = False
     if meta is None:
-      if os.path.isdir(self.out_dir) and os.listdir(self.out_dir):
+      if self._dir.is_dir() and any(self._dir.iterdir()):
         raise ValueError(f"{self.out_dir} exists and is not a code data set (no {_META_FILE}); "
                          f"expected a new or empty directory")
-      self._made_dir = not os.path.isdir(self.out_dir)
+      self._made_dir = not self._dir.is_dir()
       self._made_dataset = True
-      os.makedirs(self.out_dir, exist_ok=True)
+      self._dir.mkdir(parents=True, exist_ok=True)
       meta = {"format": _FORMAT, "grid": list(self.grid), "n_aug": self.n_aug,
               "vocab_size": self.vocab_size, "num_classes": self.num_classes, "splits": {}}
       _write_meta(self.out_dir, meta)
@@ -210,21 +195,21 @@ class CodeDatasetWriter:
   def _remove_split(self, meta: dict[str, Any]) -> None:
     meta["splits"].pop(self.split, None)
     _write_meta(self.out_dir, meta)
-    if os.path.exists(os.path.join(self.out_dir, "dataset_info.json")):
+    if (self._dir / "dataset_info.json").exists():
       info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
       info.read_from_directory(self.out_dir)
       info.set_splits(tfds.core.SplitDict([s for name, s in info.splits.items() if name != self.split]))
       info.write_to_directory(self.out_dir)
     prefix = f"{_NAME}-{self.split}."
-    for f in os.listdir(self.out_dir):
-      if f.startswith(prefix):
-        os.remove(os.path.join(self.out_dir, f))
+    for f in self._dir.iterdir():
+      if f.name.startswith(prefix):
+        f.unlink()
 
   def add(self, codes, labels) -> None:
     """Appends a batch: codes [B, n_aug, h, w] (or [B, h, w] when n_aug = 1), labels [B]. Checked first."""
     if self._done:
       raise ValueError(f"split '{self.split}' of {self.out_dir} is already finalized")
-    codes, labels = _as_examples(codes, labels, vocab_size=self.vocab_size, num_classes=self.num_classes,
+    codes, labels = as_examples(codes, labels, vocab_size=self.vocab_size, num_classes=self.num_classes,
                                  where=lambda i: f"at example {self.num_examples + i}")
     if codes.shape[1:] != (self.n_aug, *self.grid):
       raise ValueError(f"codes batch is [B, n_aug, h, w] = {codes.shape}, the writer expects "
@@ -259,10 +244,9 @@ class CodeDatasetWriter:
     if self._made_dataset and not self._meta["splits"]:
       # This writer created the data set: leave the directory as it found it.
       for f in (_META_FILE, "dataset_info.json", "features.json", "metadata.json"):
-        if os.path.exists(os.path.join(self.out_dir, f)):
-          os.remove(os.path.join(self.out_dir, f))
-      if self._made_dir and not os.listdir(self.out_dir):
-        os.rmdir(self.out_dir)
+        (self._dir / f).unlink(missing_ok=True)
+      if self._made_dir and not any(self._dir.iterdir()):
+        self._dir.rmdir()
 
   def __enter__(self) -> "CodeDatasetWriter":
     return self
@@ -277,9 +261,9 @@ class CodeDatasetWriter:
 def write_code_dataset(out_dir: str, codes, labels, *, vocab_size: int, num_classes: int,
                        split: str = "train", overwrite: bool = False) -> CodeDatasetMetadata:
   """Writes codes [N, n_aug, h, w] (or [N, h, w]) and labels [N] as `split` of the data set at out_dir."""
-  vocab_size = _check_positive_int("vocab_size", vocab_size)
-  num_classes = _check_positive_int("num_classes", num_classes)
-  codes, labels = _as_examples(codes, labels, vocab_size=vocab_size, num_classes=num_classes)
+  vocab_size = validate.positive_int(vocab_size, "vocab_size")
+  num_classes = validate.positive_int(num_classes, "num_classes")
+  codes, labels = as_examples(codes, labels, vocab_size=vocab_size, num_classes=num_classes)
   with CodeDatasetWriter(out_dir, codes.shape[2:], codes.shape[1], vocab_size, num_classes,
                          split=split, overwrite=overwrite) as writer:
     chunk = max(1, (16 << 20) // codes[0].nbytes)  # Bounds the memory of the serialised examples.
@@ -290,94 +274,10 @@ def write_code_dataset(out_dir: str, codes, labels, *, vocab_size: int, num_clas
 
 def _tfds_split_names(path) -> list[str]:
   try:
-    with open(os.path.join(path, "dataset_info.json")) as f:
-      return [s["name"] for s in json.load(f).get("splits", [])]
+    info = json.loads((epath.Path(path) / "dataset_info.json").read_text())
+    return [s["name"] for s in info.get("splits", [])]
   except FileNotFoundError:
     return []
-
-
-# ----------------------------------------------------------------------------------------------------------
-# LlamaGen's extraction output: <src>/<name>_codes/{i}.npy and <src>/<name>_labels/{i}.npy, one per image.
-
-
-def _npy_index(folder: str) -> dict[int, str]:
-  files = {}
-  for f in os.listdir(folder):
-    m = re.fullmatch(r"(\d+)\.npy", f)
-    if m:
-      files[int(m.group(1))] = os.path.join(folder, f)
-  return files
-
-
-def _one_subfolder(src: str, suffix: str) -> str:
-  found = sorted(d for d in os.listdir(src) if d.endswith(suffix) and os.path.isdir(os.path.join(src, d)))
-  if len(found) != 1:
-    raise ValueError(f"expected exactly one '*{suffix}' folder in {src}, found {found or 'none'}")
-  return os.path.join(src, found[0])
-
-
-def _npy_codes(path: str, grid) -> np.ndarray:
-  """One image's codes, stored as [1, n_aug, h*w], [n_aug, h*w] or [h*w] -> [n_aug, h, w]."""
-  x = np.load(path)
-  if x.ndim == 3 and x.shape[0] == 1:
-    x = x[0]
-  if x.ndim == 1:
-    x = x[None]
-  if x.ndim != 2:
-    raise ValueError(
-        f"{path} holds codes of shape {x.shape}; expected [1, n_aug, h*w], [n_aug, h*w] or [h*w]")
-  if grid is None:
-    side = math.isqrt(x.shape[1])
-    if side * side != x.shape[1]:
-      raise ValueError(f"{path} has {x.shape[1]} codes per grid, not a square; pass grid=(h, w)")
-    grid = (side, side)
-  if grid[0] * grid[1] != x.shape[1]:
-    raise ValueError(f"{path} has {x.shape[1]} codes per grid, expected h*w = {grid[0] * grid[1]}")
-  return x.reshape(x.shape[0], *grid)
-
-
-def _npy_label(path: str) -> np.ndarray:
-  y = np.load(path)
-  if y.size != 1:
-    raise ValueError(f"{path} holds a label of shape {y.shape}; expected [1] or a scalar")
-  return y.reshape(())
-
-
-def from_npy_folder(src: str, out_dir: str, *, vocab_size: int, num_classes: int, grid=None,
-                    split: str = "train", overwrite: bool = False, batch: int = 1024) -> CodeDatasetMetadata:
-  """Converts a LlamaGen code folder (`*_codes/{i}.npy`, `*_labels/{i}.npy`) into split `split` of out_dir.
-
-  Images are taken in the order of i. The files are streamed (ImageNet does not fit in memory), so a bad
-  file part-way stops the job and removes what was written of the split.
-  """
-  if not os.path.isdir(src):
-    raise ValueError(f"{src} is not a directory")
-  grid = None if grid is None else _check_grid(grid)
-  code_dir = _one_subfolder(src, "_codes")
-  code_files, label_files = _npy_index(code_dir), _npy_index(_one_subfolder(src, "_labels"))
-  if not code_files:
-    raise ValueError(f"no {{i}}.npy files in {code_dir}")
-  if code_files.keys() != label_files.keys():
-    missing = sorted(code_files.keys() ^ label_files.keys())[0]
-    side = "labels" if missing in code_files else "codes"
-    raise ValueError(f"image {missing} has no {side} file in {src}; expected matching {{i}}.npy in both")
-  order = sorted(code_files)
-  first = _npy_codes(code_files[order[0]], grid)
-  n_aug, grid = first.shape[0], first.shape[1:]
-  with CodeDatasetWriter(out_dir, grid, n_aug, vocab_size, num_classes,
-                         split=split, overwrite=overwrite) as writer:
-    for start in range(0, len(order), batch):
-      ids = order[start:start + batch]
-      codes = [_npy_codes(code_files[i], grid) for i in ids]
-      for i, c in zip(ids, codes):
-        if c.shape != first.shape:
-          raise ValueError(
-              f"{code_files[i]} holds codes of shape {c.shape}, the first image's are {first.shape}")
-      codes, labels = _as_examples(  # Checked here too, to name the offending file.
-          np.stack(codes), np.stack([_npy_label(label_files[i]) for i in ids]), vocab_size=vocab_size,
-          num_classes=num_classes, where=lambda j: f"in {code_files[ids[j]]} / {label_files[ids[j]]}")
-      writer.add(codes, labels)
-  return load_metadata(out_dir, split)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,7 +286,7 @@ def from_npy_folder(src: str, out_dir: str, *, vocab_size: int, num_classes: int
 
 def load_metadata(path: str, split: str = "train") -> CodeDatasetMetadata:
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise ValueError(f"no code data set at {path}: the directory does not exist")
   meta = _read_meta(path)
   if meta is None:
@@ -402,6 +302,12 @@ def load_metadata(path: str, split: str = "train") -> CodeDatasetMetadata:
       num_examples=s["num_examples"], grid=tuple(meta["grid"]), n_aug=meta["n_aug"],
       vocab_size=meta["vocab_size"], num_classes=meta["num_classes"], max_code=s["max_code"],
       max_label=s["max_label"])
+
+
+def finished_splits(path: str) -> list[str]:
+  """Names of the splits of the code data set at `path` that are complete (readable); [] if none."""
+  meta = _read_meta(os.fspath(path))
+  return sorted(meta["splits"]) if meta else []
 
 
 def _open_split(path: str, split: str):
@@ -451,8 +357,8 @@ class _TrainBatch:
 
 
 def _local_batch(batch_size: int, process_index: int, process_count: int, what: str) -> int:
-  _check_positive_int(what, batch_size)
-  _check_positive_int("process_count", process_count)
+  validate.positive_int(batch_size, what)
+  validate.positive_int(process_count, "process_count")
   if batch_size % process_count:
     raise ValueError(f"{what} {batch_size} is not divisible by process_count {process_count}")
   if not 0 <= process_index < process_count:
@@ -554,30 +460,3 @@ def restore_iterator(it: grain.DatasetIterator, state: dict[str, Any]) -> grain.
                      f"{sorted(it.get_state())}); was it saved with another worker_count?")
   it.set_state(state)
   return it
-
-
-# ----------------------------------------------------------------------------------------------------------
-# python -m npp_jax.data --from_npy=DIR --out=DIR --vocab_size=16384 --num_classes=1000
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(description="Convert LlamaGen per-image .npy codes to a code data set.")
-  parser.add_argument("--from_npy", required=True, help="folder with *_codes/ and *_labels/ subfolders")
-  parser.add_argument("--out", required=True, help="code data set directory to write")
-  parser.add_argument("--vocab_size", type=int, required=True)
-  parser.add_argument("--num_classes", type=int, required=True)
-  parser.add_argument("--grid", default=None, help="h,w of the code grid; default: square")
-  parser.add_argument("--split", default="train")
-  parser.add_argument("--overwrite", action="store_true", help="replace the split if it exists")
-  args = parser.parse_args(argv)
-  grid = None if args.grid is None else tuple(int(g) for g in args.grid.split(","))
-  try:
-    meta = from_npy_folder(args.from_npy, args.out, vocab_size=args.vocab_size, num_classes=args.num_classes,
-                           grid=grid, split=args.split, overwrite=args.overwrite)
-  except ValueError as e:
-    parser.exit(2, f"error: {e}\n")
-  print(f"wrote split '{args.split}' of {args.out}: {meta}")
-
-
-if __name__ == "__main__":
-  main()

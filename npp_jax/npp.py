@@ -222,6 +222,3 @@ def num_patches(grid: Sequence[int], k: int) -> int:
   h, w = grid
   return (h // k) * (w // k)
 
-
-def patch_grid(grid: Sequence[int], k: int) -> tuple[int, int]:
-  return grid[0] // k, grid[1] // k

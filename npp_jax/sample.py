@@ -10,18 +10,21 @@ position or the number of devices.
 """
 import dataclasses
 import functools
-import os
 import zipfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from npp_jax import config_lib
+from npp_jax import checkpoints
 from npp_jax import files
+from npp_jax import sharding
+from npp_jax import validate
 from npp_jax.models import gpt
 
 
@@ -156,7 +159,7 @@ def _compiled_sampler(cfg: gpt.GPTConfig, mesh, use_cfg: bool, top_k: int, use_t
 
   if mesh is None:
     return jax.jit(run)
-  rep, batch = NamedSharding(mesh, P()), batch_sharding(mesh)
+  rep, batch = sharding.replicated(mesh), batch_sharding(mesh)
   return jax.jit(run, in_shardings=(rep, batch, rep, rep, rep, rep, rep, rep), out_shardings=batch)
 
 
@@ -186,9 +189,17 @@ def sample_codes(params, labels, rng, *, cfg: gpt.GPTConfig, cfg_scale: float = 
   labels = jnp.asarray(labels, jnp.int32)
   if mesh is not None:
     mesh = _auto_axes(mesh)
-    rep = NamedSharding(mesh, P())
-    params, rng = jax.device_put((params, rng), rep)
+    params, rng = jax.device_put((params, rng), sharding.replicated(mesh))
     labels = jax.device_put(labels, batch_sharding(mesh))
+  return _sample_placed(params, labels, rng, cfg=cfg, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                        temperature=temperature, top_k=top_k, top_p=top_p, first_index=first_index,
+                        mesh=mesh)
+
+
+def _sample_placed(params, labels, rng, *, cfg, cfg_scale, cfg_interval, temperature, top_k, top_p,
+                   first_index, mesh):
+  """sample_codes without its checks and placement: params unscanned (replicated over `mesh`, an Auto
+  mesh, when given), labels int32 (batch-sharded); the job checks and places once, then calls this."""
   fn = _compiled_sampler(cfg, mesh, cfg_scale > 1.0, int(top_k), top_p < 1.0)
   return fn(params, labels, rng, jnp.int32(first_index), jnp.float32(cfg_scale), jnp.int32(cfg_interval),
             jnp.float32(temperature), jnp.float32(top_p))
@@ -215,31 +226,32 @@ def _compute_dtype(sample_config, model_config):
 
 
 def check_params(params, model_config, what: str) -> None:
-  """One-line error when a parameter tree does not have the shapes of config.model."""
-  want = gpt.param_shapes(model_config)
-  flat = jax.tree_util.tree_flatten_with_path(gpt.unstack_layers(params))[0]
-  got = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x)) for path, x in flat}
-  if got == want:
-    return
-  size = ""
+  """One-line error when a parameter tree does not have the shapes of config.model (naming the release
+  size it looks like, if any)."""
+  got = checkpoints.param_shapes_of(gpt.unstack_layers(params))
   n_layer = sum(1 for k in got if k.startswith("layers_") and k.endswith("attention/wo/kernel"))
   dim = got.get("tok_embeddings/embedding", (0, 0))[-1]
-  names = [name for name, (l, _, d) in config_lib.MODEL_SIZES.items() if (l, d) == (n_layer, dim)]
-  if names:
-    size = f" (it looks like {names[0]})"
-  diff = sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k])
-  first = diff[0]
-  raise ValueError(f"{what} does not fit model.name={model_config.name!r}{size}: {first} is "
-                   f"{got.get(first, 'missing')} in the checkpoint, {want.get(first, 'absent')} in the "
-                   "config; expected a checkpoint of the configured model (set --config.model.name)")
+  names = [name for name, (l, _, d) in gpt.MODEL_SIZES.items() if (l, d) == (n_layer, dim)]
+  size = f" (it looks like {names[0]})" if names else ""
+  try:
+    checkpoints.check_param_shapes(gpt.unstack_layers(params), gpt.param_shapes(model_config),
+                                   f"{what} does not fit model.name={model_config.name!r}{size}")
+  except ValueError as e:
+    raise ValueError(f"{e}; expected a checkpoint of the configured model (set --config.model.name)"
+                     ) from None
+
+
+def _absolute(path: str) -> str:
+  # A path with a scheme (gs://) is absolute already and must stay as it is.
+  return "" if not path else path if "://" in path else str(epath.Path(path).absolute())
 
 
 def _settings(config) -> dict:
   """What fixes the content of sample i: a resumed run must agree on all of it."""
   s = config.sample
   return {
-      "checkpoint": os.path.abspath(s.checkpoint) if s.checkpoint else "", "use_ema": bool(s.use_ema),
-      "vq_checkpoint": os.path.abspath(s.vq_checkpoint) if s.vq_checkpoint else "",
+      "checkpoint": _absolute(s.checkpoint), "use_ema": bool(s.use_ema),
+      "vq_checkpoint": _absolute(s.vq_checkpoint),
       "classes": [int(c) for c in s.classes], "cfg_scale": float(s.cfg_scale),
       "cfg_interval": int(s.cfg_interval), "temperature": float(s.temperature), "top_k": int(s.top_k),
       "top_p": float(s.top_p), "seed": int(s.seed), "dtype": str(s.dtype),
@@ -247,9 +259,9 @@ def _settings(config) -> dict:
   }
 
 
-def _merge(path: str, shard_paths: list[str], n: int) -> None:
+def _merge(path: epath.Path, shard_paths: list[epath.Path], n: int) -> None:
   """One .npz of all shards, streamed: 50k images (10 GB) never sit in memory at once."""
-  with np.load(shard_paths[0]) as z:
+  with shard_paths[0].open("rb") as f, np.load(f) as z:
     keys = {k: (z[k].shape[1:], z[k].dtype) for k in z.files}
 
   def write(f):
@@ -260,13 +272,13 @@ def _merge(path: str, shard_paths: list[str], n: int) -> None:
                     "shape": (n, *shape)}
           np.lib.format.write_array_header_1_0(out, header)
           for shard in shard_paths:
-            with np.load(shard) as z:
+            with shard.open("rb") as f_in, np.load(f_in) as z:
               out.write(np.ascontiguousarray(z[key], dtype=dtype).tobytes())
 
-  files.atomic_write(path, write)
+  files.atomic_write(str(path), write)
 
 
-def _write_grid(path: str, images_of, labels: np.ndarray, sample_config, num_classes: int) -> None:
+def _write_grid(path: epath.Path, images_of, labels: np.ndarray, sample_config, num_classes: int) -> None:
   """PNG, one class per row: row r shows the first images of the r-th class sampled (sample.classes, or
   all classes in order), at most grid_rows rows of grid_cols images."""
   from PIL import Image
@@ -283,7 +295,29 @@ def _write_grid(path: str, images_of, labels: np.ndarray, sample_config, num_cla
     for c in range(len(row)):
       grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = cells[i]
       i += 1
-  files.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+  files.atomic_write(str(path), lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  """A sampling job checked against its config, before anything is loaded, compiled or written."""
+  cfg: gpt.GPTConfig  # Unscanned, in the sampling compute dtype.
+  vq_cfg: Any  # vq.VQConfig, or None: codes only.
+  mesh: jax.sharding.Mesh
+  out_dir: epath.Path
+  settings: dict
+  num_images: int
+  batch_size: int
+
+  @property
+  def spans(self) -> list[tuple[int, int]]:
+    """[start, end) of the samples in each shard: one shard per global batch."""
+    n, bs = self.num_images, self.batch_size
+    return [(a, min(a + bs, n)) for a in range(0, n, bs)]
+
+  def shard_path(self, span) -> epath.Path:
+    width = len(str(self.num_images))
+    return self.out_dir / f"shard_{span[0]:0{width}d}-{span[1]:0{width}d}.npz"
 
 
 def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> str:
@@ -293,17 +327,29 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=N
   setting is checked before anything compiles or is written. `params` (GPT parameters) replaces loading
   sample.checkpoint (tests, notebooks).
   """
-  from npp_jax import sharding
-
+  job = _check_job(config, workdir, params is not None)
+  files.check_same_settings(str(job.out_dir / "meta.json"), job.settings, str(job.out_dir), "samples",
+                            "expected the same settings or another --workdir")
   s = config.sample
-  model_config = config.model
-  cfg = dataclasses.replace(gpt.GPTConfig.from_config(model_config), scan_layers=False,
-                            dtype=_compute_dtype(s, model_config))
+  if params is None:
+    params = checkpoints.load_params(s.checkpoint, ema=s.use_ema)
+  check_params(params, config.model, f"checkpoint {s.checkpoint or '(given params)'}")
+  vq_params = None
+  if job.vq_cfg is not None:
+    vq_params = checkpoints.load_vq_params(s.vq_checkpoint, config.vq)
+  else:
+    logging.info("No sample.vq_checkpoint: writing codes and labels only, no images.")
+  return str(_run_job(job, s, params, vq_params))
+
+
+def _check_job(config, workdir, have_params: bool) -> _Job:
+  """The whole job's settings, checked; one-line ValueErrors, nothing loaded or written."""
+  s = config.sample
+  cfg = dataclasses.replace(gpt.GPTConfig.from_config(config.model), scan_layers=False,
+                            dtype=_compute_dtype(s, config.model))
   _check_sampling_args(cfg, s.cfg_scale, s.cfg_interval, s.temperature, s.top_k, s.top_p)
-  if int(s.num_images) != s.num_images or s.num_images < 1:
-    raise ValueError(f"sample.num_images={s.num_images}; expected a positive integer")
-  if int(s.batch_size) != s.batch_size or s.batch_size < 1:
-    raise ValueError(f"sample.batch_size={s.batch_size}; expected a positive integer")
+  n, bs = validate.positive_int(s.num_images, "sample.num_images"), validate.positive_int(
+      s.batch_size, "sample.batch_size")
   if s.grid_rows < 1 or s.grid_cols < 1:
     raise ValueError(f"sample.grid_rows={s.grid_rows}, sample.grid_cols={s.grid_cols}; expected >= 1")
   bad = [c for c in s.classes if int(c) != c or not 0 <= c < cfg.num_classes]
@@ -311,103 +357,101 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=N
     raise ValueError(f"sample.classes holds class id {bad[0]} out of range; expected ids in "
                      f"[0, {cfg.num_classes})")
   mesh = sharding.make_mesh(config.mesh)
-  if s.batch_size % mesh.size:
-    raise ValueError(f"sample.batch_size={s.batch_size} over {mesh.size} devices; expected a multiple of "
+  if bs % mesh.size:
+    raise ValueError(f"sample.batch_size={bs} over {mesh.size} devices; expected a multiple of "
                      f"{mesh.size} (every device decodes the same number of samples)")
-  if params is None and not s.checkpoint:
+  if not have_params and not s.checkpoint:
     raise ValueError("sample.checkpoint is empty; expected a training workdir or a converted checkpoint")
-  if params is None and not os.path.exists(s.checkpoint):
+  if not have_params and not epath.Path(s.checkpoint).exists():
     raise ValueError(f"sample.checkpoint={s.checkpoint!r} does not exist; expected a training workdir, its "
                      "checkpoints/ folder, or a converted checkpoint")
-  vq_cfg = None
-  if s.vq_checkpoint:
-    from npp_jax.models import vq
+  vq_cfg = _check_vq(config, cfg) if s.vq_checkpoint else None
+  return _Job(cfg, vq_cfg, mesh, epath.Path(workdir) / "samples", _settings(config), n, bs)
 
-    if "vq" not in config:
-      raise ValueError("sample.vq_checkpoint is set but the config has no vq section; expected config.vq "
-                       "(config_lib.vq_config()) describing the tokenizer")
-    if not os.path.isdir(s.vq_checkpoint):
-      raise ValueError(f"sample.vq_checkpoint={s.vq_checkpoint!r} is not a directory; expected a VQ "
-                       "checkpoint converted with npp_jax.convert --kind=vq, or '' for codes only")
-    vq_cfg = vq.VQConfig.from_config(config.vq)
-    if vq_cfg.codebook_size != cfg.vocab_size:
-      raise ValueError(f"vq.codebook_size={vq_cfg.codebook_size} but model.vocab_size={cfg.vocab_size}; "
-                       "expected the tokenizer the model was trained on")
-    if vq_cfg.grid != cfg.grid:
-      raise ValueError(f"vq.image_size={vq_cfg.image_size} gives a {vq_cfg.grid} code grid but "
-                       f"model.grid={cfg.grid}; expected the same grid")
-  out_dir = os.path.join(workdir, "samples")
-  settings = _settings(config)
-  meta_path = os.path.join(out_dir, "meta.json")
-  files.check_same_settings(meta_path, settings, out_dir, "samples",
-                            "expected the same settings or another --workdir")
 
-  if params is None:
-    from npp_jax import checkpoints
+def _check_vq(config, cfg: gpt.GPTConfig):
+  """The VQ that turns codes into images must fit the GPT's codebook and grid."""
+  from npp_jax.models import vq
 
-    params = checkpoints.load_params(s.checkpoint, ema=s.use_ema)
-  check_params(params, model_config, f"checkpoint {s.checkpoint or '(given params)'}")
-  vq_params = None
-  if vq_cfg is not None:
-    from npp_jax import checkpoints
+  s = config.sample
+  if "vq" not in config:
+    raise ValueError("sample.vq_checkpoint is set but the config has no vq section; expected config.vq "
+                     "(config_lib.vq_config()) describing the tokenizer")
+  if not epath.Path(s.vq_checkpoint).is_dir():
+    raise ValueError(f"sample.vq_checkpoint={s.vq_checkpoint!r} is not a directory; expected a VQ "
+                     "checkpoint converted with npp_jax.convert --kind=vq, or '' for codes only")
+  vq_cfg = vq.VQConfig.from_config(config.vq)
+  if vq_cfg.codebook_size != cfg.vocab_size:
+    raise ValueError(f"vq.codebook_size={vq_cfg.codebook_size} but model.vocab_size={cfg.vocab_size}; "
+                     "expected the tokenizer the model was trained on")
+  if vq_cfg.grid != cfg.grid:
+    raise ValueError(f"vq.image_size={vq_cfg.image_size} gives a {vq_cfg.grid} code grid but "
+                     f"model.grid={cfg.grid}; expected the same grid")
+  return vq_cfg
 
-    vq_params = checkpoints.load_vq_params(s.vq_checkpoint, config.vq)
-  else:
-    logging.info("No sample.vq_checkpoint: writing codes and labels only, no images.")
 
+def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
+  """Samples the shards not on disk yet, then the merged .npz and the PNG grid (process 0 writes)."""
   is_main = jax.process_index() == 0
-  n, bs = int(s.num_images), int(s.batch_size)
-  all_labels = sample_labels(s, cfg.num_classes, np.arange(n))
-  width = len(str(n))
-  spans = [(start, min(start + bs, n)) for start in range(0, n, bs)]
-  shard_paths = [os.path.join(out_dir, f"shard_{a:0{width}d}-{b:0{width}d}.npz") for a, b in spans]
-  merged = os.path.join(out_dir, f"samples_{n}.npz")
+  n, bs, cfg = job.num_images, job.batch_size, job.cfg
   if is_main:
-    os.makedirs(out_dir, exist_ok=True)
-    files.write_json(meta_path, settings)
-
-  params = jax.device_put(gpt.unstack_layers(params), NamedSharding(mesh, P()))
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(str(job.out_dir / "meta.json"), job.settings)
+  # Placed once for the whole job: every batch reuses the same device copies.
+  rep = sharding.replicated(job.mesh)
+  params = jax.device_put(gpt.unstack_layers(params), rep)
   if vq_params is not None:
-    vq_params = jax.device_put(vq_params, NamedSharding(mesh, P()))
-  rng = jax.random.key(int(s.seed))
-  todo = [i for i, path in enumerate(shard_paths) if not os.path.exists(path)]
+    vq_params = jax.device_put(vq_params, rep)
+  rng = jax.device_put(jax.random.key(int(s.seed)), rep)
+  spans = job.spans
+  todo = [i for i, span in enumerate(spans) if not job.shard_path(span).exists()]
   done = n - sum(spans[i][1] - spans[i][0] for i in todo)
   if done:
-    logging.info("Resuming: %d of %d samples already in %s.", done, n, out_dir)
+    logging.info("Resuming: %d of %d samples already in %s.", done, n, job.out_dir)
   from tqdm import tqdm
 
   bar = tqdm(total=n, initial=done, unit="img", desc="sampling", disable=not is_main, smoothing=0.3)
   for i in todo:
     a, b = spans[i]
     labels = sample_labels(s, cfg.num_classes, np.arange(a, a + bs))  # Padded to bs past the end.
-    codes = sample_codes(params, labels, rng, cfg=cfg, cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval,
-                         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, first_index=a,
-                         mesh=mesh)
-    out = {"codes": _gather(codes)[:b - a], "labels": labels[:b - a]}
+    codes = _sample_placed(params, jax.device_put(labels, batch_sharding(job.mesh)), rng, cfg=cfg,
+                           cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval, temperature=s.temperature,
+                           top_k=s.top_k, top_p=s.top_p, first_index=a, mesh=job.mesh)
+    out = {"codes": sharding.gather(codes)[:b - a], "labels": labels[:b - a]}
     if vq_params is not None:
-      out["arr_0"] = _decode_images(vq_params, out["codes"], vq_cfg, mesh)
+      out["arr_0"] = _decode_images(vq_params, out["codes"], job.vq_cfg, job.mesh)
     if is_main:
-      files.atomic_write(shard_paths[i], lambda f: np.savez(f, **out))
+      files.atomic_write(str(job.shard_path(spans[i])), lambda f: np.savez(f, **out))
     bar.update(b - a)
   bar.close()
-
-  if is_main and (todo or not os.path.exists(merged)):
-    _merge(merged, shard_paths, n)
-    if vq_params is not None:
-      def images_of(indices):
-        shards = {}
-        for j in sorted(set(int(i) // bs for i in indices)):  # Each shard read once.
-          with np.load(shard_paths[j]) as z:
-            shards[j] = z["arr_0"]
-        return np.stack([shards[i // bs][i % bs] for i in indices])
-
-      _write_grid(os.path.join(out_dir, f"samples_{n}.png"), images_of, all_labels, s, cfg.num_classes)
-    logging.info("Wrote %d %s to %s.", n, "images" if vq_params is not None else "code grids", merged)
+  merged = job.out_dir / f"samples_{n}.npz"
+  if is_main and (todo or not merged.exists()):
+    _write_outputs(job, s, merged, vq_params is not None)
   if jax.process_count() > 1:  # Nobody returns a path before process 0 has written it.
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("npp_jax.sample.sample_and_save")
   return merged
+
+
+def _write_outputs(job: _Job, s, merged: epath.Path, images: bool) -> None:
+  """The merged .npz of every shard and, with images, the PNG grid of the first samples per class."""
+  paths = [job.shard_path(span) for span in job.spans]
+  _merge(merged, paths, job.num_images)
+  if images:
+    bs = job.batch_size
+
+    def images_of(indices):
+      shards = {}
+      for j in sorted(set(int(i) // bs for i in indices)):  # Each shard read once.
+        with paths[j].open("rb") as f, np.load(f) as z:
+          shards[j] = z["arr_0"]
+      return np.stack([shards[i // bs][i % bs] for i in indices])
+
+    all_labels = sample_labels(s, job.cfg.num_classes, np.arange(job.num_images))
+    _write_grid(job.out_dir / f"samples_{job.num_images}.png", images_of, all_labels, s,
+                job.cfg.num_classes)
+  logging.info("Wrote %d %s to %s.", job.num_images, "images" if images else "code grids", merged)
 
 
 # Images per device per VQ decode call: the decoder's activations at 256 px take ~0.2 GB per image, so a
@@ -426,7 +470,7 @@ def _decode_images(vq_params, codes: np.ndarray, vq_cfg, mesh) -> np.ndarray:
     padded = np.zeros((chunk, *codes.shape[1:]), np.int32)  # One shape: one compile.
     padded[:len(piece)] = piece
     images = vq.decode_fn(vq_params, jax.device_put(padded, batch_sharding(mesh)), vq_cfg)
-    out.append(_gather(_to_uint8(images))[:len(piece)])
+    out.append(sharding.gather(_to_uint8(images))[:len(piece)])
   return np.concatenate(out)
 
 
@@ -434,11 +478,3 @@ def _decode_images(vq_params, codes: np.ndarray, vq_cfg, mesh) -> np.ndarray:
 def _to_uint8(images):
   # Truncating cast after clip(127.5 x + 128), as the release converts its samples.
   return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

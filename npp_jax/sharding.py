@@ -106,3 +106,20 @@ def gather(x: jax.Array) -> np.ndarray:
   from jax.experimental import multihost_utils
 
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put(tree: Any, sharding: NamedSharding) -> Any:
+  """Host values that every process holds whole -> global arrays laid out as `sharding`.
+
+  jax.device_put cannot reach another process's devices; here each process fills only its own shards
+  (from the same whole value), so it works on one process or many. PRNG key arrays stay keys.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(one, tree)

@@ -5,7 +5,6 @@ step (one compiled function per patch size k), checkpoint, loop.
 """
 import dataclasses
 import functools
-import os
 import time
 from typing import Any
 
@@ -14,17 +13,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
+from etils import epath
 
 from npp_jax import checkpoints
 from npp_jax import costs
 from npp_jax import data
+from npp_jax import loop
 from npp_jax import npp
+from npp_jax import optim
 from npp_jax import sharding
+from npp_jax import summaries
 from npp_jax.models import gpt
 
 
@@ -61,18 +61,12 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
     raise ValueError(f"npp.epoch_rate={config.npp.epoch_rate!r}; expected a number in (0, 1)")
   if not 0.0 <= o.ema_decay < 1.0:
     raise ValueError(f"optim.ema_decay={o.ema_decay!r}; expected a number in [0, 1)")
-  mesh_shape = sharding.mesh_shape(config.mesh.shape, num_devices)
-  dp = mesh_shape[0] * mesh_shape[1]
   b = t.global_batch_size
-  if b % t.grad_accum_steps or (b // t.grad_accum_steps) % dp:
-    raise ValueError(f"train.global_batch_size={b} with grad_accum_steps={t.grad_accum_steps} does not "
-                     f"split over the data-parallel size {dp} (mesh {mesh_shape}); expected a multiple "
-                     f"of {dp * t.grad_accum_steps}")
-  if b % process_count:
-    raise ValueError(f"train.global_batch_size={b}; expected a multiple of the {process_count} processes")
+  sharding.check_batch(b, config.mesh, "train.global_batch_size", num_devices=num_devices,
+                       process_count=process_count, micro_batches=t.grad_accum_steps)
   if not config.data.path:
     raise ValueError("data.path is empty; expected the directory of a code data set "
-                     "(python -m npp_jax.data, or --mode=extract)")
+                     "(python -m npp_jax.npy_codes, or --mode=extract)")
   meta = data.load_metadata(config.data.path, split="train")
   if tuple(meta.grid) != tuple(cfg.grid):
     raise ValueError(f"the data set {config.data.path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
@@ -96,13 +90,10 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
 # ---------------------------------------------------------------------------------------- model and step
 
 def make_optimizer(config, schedule: npp.Schedule) -> tuple[optax.GradientTransformation, Any]:
+  """(AdamW of optim.py, the per-step learning rate of the NPP schedule)."""
   o = config.optim
   lr = schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)
-  # Weight decay only on >= 2-D weights (matrices and embeddings), as the release.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-      optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask))
+  tx = optim.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
   return tx, lr
 
 
@@ -155,156 +146,174 @@ def train_step(state: TrainState, batch: dict, *, model: gpt.GPT, tx, lr_fn, k: 
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
-# ------------------------------------------------------------------------------------------------- loop
+# ------------------------------------------------------------------------------------------------- run
+
+@dataclasses.dataclass
+class _Run:
+  """What the sections below share: mesh, model, optimizer and the (sharded) state being trained."""
+  mesh: Any
+  axis_rules: Any
+  model: gpt.GPT
+  tx: Any
+  lr_fn: Any
+  state: TrainState
+  state_sharding: Any
+  abstract_state: Any
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train until the schedule (or train.max_steps) ends; re-running the same command resumes."""
-  # --- validate: nothing is compiled or written before this passes.
+  # Validate: nothing is compiled or written before this passes.
   p = plan(config, jax.device_count(), jax.process_count())
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  ckpt, init_params = _open_checkpoints(config, ckpt_dir)
+  it = data.make_train_iterator(
+      config.data.path, global_batch_size=config.train.global_batch_size,
+      seed=config.data.shuffle_seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=config.data.worker_count)
+  run = _build(config, p)
+  if ckpt is None:
+    ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints,
+                                    architecture=checkpoints.architecture(config.model))
+  start = _resume(config, run, ckpt, init_params, it)
+  steps = _CompiledSteps(config, run)
+  writer, hooks = _writer(config, workdir, p.total_steps, start)
+  logging.info("Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
+               "FLOP ratio %.3f vs next-token training.", config.model.name,
+               gpt.count_params(p.cfg) / 1e6, [(s.k, s.epochs) for s in p.schedule.stages],
+               p.steps_per_epoch, p.total_steps, p.schedule.token_ratio(),
+               costs.schedule_flop_ratio(p.schedule, p.cfg))
+  t_loop = time.perf_counter()
+  step, last = _loop(config, p, run, it, ckpt, steps, writer, hooks, start)
+  ckpt.close()
+  writer.flush()
+  wall, compile_s = time.perf_counter() - t_loop, steps.compile_s()
+  return {"step": step, **last, "loop_s": wall, "compile_s": compile_s, "train_s": wall - compile_s,
+          "stopped_early": step < p.total_steps}
+
+
+def _open_checkpoints(config, ckpt_dir: epath.Path):
+  """(Checkpointer of an existing run or None, init_from parameters or None), checked before any compile."""
   ckpt = None
-  if os.path.isdir(ckpt_dir):
+  if ckpt_dir.is_dir():
     ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints,
                                     architecture=checkpoints.architecture(config.model))
     ckpt.check_architecture()
   init_params = None
   if config.train.init_from and (ckpt is None or ckpt.latest_step() is None):
     init_params = checkpoints.load_params(config.train.init_from)
-    _check_params_match(init_params, config)
+    checkpoints.check_param_shapes(
+        init_params, gpt.param_shapes(config.model),
+        f"train.init_from={config.train.init_from!r} holds parameters of another model (expected the "
+        f"shapes of model {config.model.name})")
+  return ckpt, init_params
 
-  # --- mesh and data.
+
+def _build(config, p: Plan) -> _Run:
+  """Mesh, model, optimizer and a fresh state created already sharded (eval_shape, then jit)."""
   mesh = sharding.make_mesh(config.mesh)
   axis_rules = sharding.rules(config.mesh)
-  cfg, schedule = p.cfg, p.schedule
-  it = data.make_train_iterator(
-      config.data.path, global_batch_size=config.train.global_batch_size,
-      seed=config.data.shuffle_seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count)
-
-  # --- model and state, created already sharded.
-  model = gpt.GPT(cfg)
-  tx, lr_fn = make_optimizer(config, schedule)
-  init_fn, rng = init_state(model, tx, cfg, config.seed, config.optim.ema_decay > 0)
+  model = gpt.GPT(p.cfg)
+  tx, lr_fn = make_optimizer(config, p.schedule)
+  init_fn, rng = init_state(model, tx, p.cfg, config.seed, config.optim.ema_decay > 0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     abstract = jax.eval_shape(init_fn, rng)
     state_sharding = sharding.logical_shardings(abstract, mesh, axis_rules)
     state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_sharding)(rng)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(abstract), state_sharding)
-  batch_sharding = sharding.data_sharding(mesh)
+  return _Run(mesh, axis_rules, model, tx, lr_fn, state, state_sharding, abstract_state)
 
-  # --- checkpoint: resume, or start from init_from.
-  os.makedirs(ckpt_dir, exist_ok=True)
-  if ckpt is None:
-    ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints,
-                                    architecture=checkpoints.architecture(config.model))
-  start = 0
+
+def _resume(config, run: _Run, ckpt, init_params, it) -> int:
+  """The step to start from: the latest checkpoint's (state and data position restored), else 0."""
   if ckpt.latest_step() is not None:
-    state, data_state, start = ckpt.restore(abstract_state)
+    run.state, data_state, start = ckpt.restore(run.abstract_state)
     data.restore_iterator(it, data_state)
-    logging.info("Resumed from step %d in %s.", start, ckpt_dir)
-  elif init_params is not None:
+    logging.info("Resumed from step %d in %s.", start, ckpt.directory)
+    return start
+  if init_params is not None:
     params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, s.dtype), s.sharding),
-                          _layout_like(init_params, cfg), abstract_state.params)
-    state = state.replace(params=params, ema=params if state.ema != () else ())
+                          _layout_like(init_params, run.model.cfg), run.abstract_state.params)
+    run.state = run.state.replace(params=params, ema=params if run.state.ema != () else ())
     logging.info("Initialised parameters from %s.", config.train.init_from)
+  return 0
 
-  # --- one compiled step per k, reused for the whole stage; compiled ahead of time so its cost and
-  # memory are logged apart from the steps.
-  accum = config.train.grad_accum_steps
-  steps, compile_s = {}, {}
 
-  def compiled_step(k, state, batch):
-    if k not in steps:
-      fn = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, k=k, accum=accum,
-                             ema_decay=float(config.optim.ema_decay))
+class _CompiledSteps:
+  """One step per k, compiled ahead of time on first use and kept for the whole stage, so its cost and
+  memory are logged apart from the steps."""
+
+  def __init__(self, config, run: _Run):
+    self.config, self.run = config, run
+    self.batch_sharding = sharding.data_sharding(run.mesh)
+    self._steps, self._compile_s = {}, {}
+
+  def compile_s(self) -> float:
+    return sum(self._compile_s.values())
+
+  def __call__(self, k: int, state, batch):
+    if k not in self._steps:
+      r = self.run
+      fn = functools.partial(train_step, model=r.model, tx=r.tx, lr_fn=r.lr_fn, k=k,
+                             accum=self.config.train.grad_accum_steps,
+                             ema_decay=float(self.config.optim.ema_decay))
       t0 = time.perf_counter()
-      steps[k] = jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, None), donate_argnums=0).lower(state, batch).compile()
-      compile_s[k] = time.perf_counter() - t0
-      mem = steps[k].memory_analysis()
-      logging.info("Compiled the k=%d step in %.1f s%s.", k, compile_s[k],
+      self._steps[k] = jax.jit(fn, in_shardings=(r.state_sharding, self.batch_sharding),
+                               out_shardings=(r.state_sharding, None),
+                               donate_argnums=0).lower(state, batch).compile()
+      self._compile_s[k] = time.perf_counter() - t0
+      mem = self._steps[k].memory_analysis()
+      logging.info("Compiled the k=%d step in %.1f s%s.", k, self._compile_s[k],
                    f"; per device: {mem.argument_size_in_bytes / 2**20:.0f} MiB arguments, "
                    f"{mem.temp_size_in_bytes / 2**20:.0f} MiB temporaries" if mem else "")
-    return steps[k]
+    return self._steps[k]
 
-  # --- logging.
+
+def _writer(config, workdir, total_steps: int, start: int):
+  """Metric writer (TensorBoard on process 0, logging elsewhere) and the progress / profile hooks."""
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  writer = summaries.create_default_writer(str(workdir), just_logging=not is_main)
   if start == 0 and is_main:
     writer.write_hparams(_flat_hparams(config))
-  hooks = [periodic_actions.ReportProgress(num_train_steps=p.total_steps, writer=writer)]
+  hooks = [summaries.ReportProgress(num_train_steps=total_steps, writer=writer)]
   if config.train.profile and is_main:
-    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+    hooks.append(summaries.Profile(num_profile_steps=5, logdir=str(workdir)))
+  return writer, hooks
+
+
+def _throughput(config, p: Plan, peak, k: int, step: int, step_s: float) -> dict:
+  """The log line's scalars beside the step's metrics: k, speed, cost so far, epoch, MFU."""
+  b = config.train.global_batch_size
+  out = {"k": k, "tokens_per_s": b * npp.num_patches(p.cfg.grid, k) / step_s,
+         "relative_cost": costs.cumulative_relative_cost(p.schedule, p.cfg, step),
+         "epoch": step / p.steps_per_epoch}
+  util = costs.mfu(costs.train_step_flops(p.cfg, k, b).total, step_s, jax.device_count(), peak)
+  if util is not None:
+    out["mfu"] = util
+  return out
+
+
+def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, writer, hooks, start: int):
+  """Steps until the end of the schedule or a preemption; returns (last step, last logged scalars)."""
   peak = costs.peak_flops_per_device(override=config.train.peak_flops_per_device)
-  logging.info("Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
-               "FLOP ratio %.3f vs next-token training.", config.model.name,
-               gpt.count_params(cfg) / 1e6, [(s.k, s.epochs) for s in schedule.stages],
-               p.steps_per_epoch, p.total_steps, schedule.token_ratio(),
-               costs.schedule_flop_ratio(schedule, cfg))
-
-  # --- loop.
-  last = {}
-  t_log, step_log, compiled_log = time.time(), start, 0.0
-  t_loop = time.perf_counter()
   step = start
-  with checkpoints.Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+  with checkpoints.Preemption() as preempt, jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
+    lp = loop.Loop(total_steps=p.total_steps, log_every=config.train.log_every_steps,
+                   checkpoint_every=config.train.checkpoint_every_steps, writer=writer, preemption=preempt,
+                   last_saved=ckpt.latest_step, wait=ckpt.wait, reached_preemption=ckpt.reached_preemption,
+                   hooks=hooks, excluded_s=steps.compile_s, start=start)
     while step < p.total_steps:
-      k = schedule.k_at(step)
+      k = p.schedule.k_at(step)
       local = next(it)
-      batch = sharding.global_batch({"codes": local["codes"], "labels": local["labels"]}, mesh)
-      state, metrics = compiled_step(k, state, batch)(state, batch)
+      batch = sharding.global_batch({"codes": local["codes"], "labels": local["labels"]}, run.mesh)
+      run.state, metrics = steps(k, run.state, batch)(run.state, batch)
       step += 1
-      for hook in hooks:
-        hook(step)
-      log_now = step % config.train.log_every_steps == 0 or step == p.total_steps
-      # Read the flag once: a SIGTERM landing mid-save stops the loop one step later, after its own save.
-      stop = preempt.requested or ckpt.reached_preemption(step)
-      save_now = stop or step % config.train.checkpoint_every_steps == 0 or step == p.total_steps
-      if log_now or save_now:
-        # Checked before every save too (param_norm is of the updated parameters), so no checkpoint ever
-        # holds non-finite weights, whatever the log and checkpoint intervals.
-        metrics = jax.device_get(metrics)
-        if not all(np.isfinite(v) for v in metrics.values()):
-          ckpt.wait()
-          raise FloatingPointError(
-              f"non-finite metrics at step {step} (k={k}): {metrics}; stopped without saving, the last "
-              f"good checkpoint is step {ckpt.latest_step()} in {ckpt_dir}")
-      if log_now:
-        # Seconds per step since the last log, less any compilation that fell in between.
-        compiled = sum(compile_s.values())
-        dt = (time.time() - t_log - (compiled - compiled_log)) / max(step - step_log, 1)
-        t_log, step_log, compiled_log = time.time(), step, compiled
-        flops = costs.train_step_flops(cfg, k, config.train.global_batch_size).total
-        last = {**{k_: float(v) for k_, v in metrics.items()}, "k": k, "step_s": dt,
-                "tokens_per_s": config.train.global_batch_size * npp.num_patches(cfg.grid, k) / dt,
-                "relative_cost": costs.cumulative_relative_cost(schedule, cfg, step),
-                "epoch": step / p.steps_per_epoch}
-        util = costs.mfu(flops, dt, jax.device_count(), peak)
-        if util is not None:
-          last["mfu"] = util
-        writer.write_scalars(step, last)
-      if stop:
-        logging.warning("Preemption requested: saving step %d and stopping.", step)
-      if save_now:
-        ckpt.save(step, state, data.iterator_state(it), force=True)
-      if stop:
+      save = lambda s: ckpt.save(s, run.state, data.iterator_state(it), force=True)
+      if lp.end_of_step(step, metrics, save, extra=functools.partial(_throughput, config, p, peak, k),
+                        note=f" (k={k})"):
         break
-  ckpt.close()
-  writer.flush()
-  wall = time.perf_counter() - t_loop
-  return {"step": step, **last, "loop_s": wall, "compile_s": sum(compile_s.values()),
-          "train_s": wall - sum(compile_s.values()), "stopped_early": step < p.total_steps}
-
-
-def _check_params_match(params, config) -> None:
-  want = gpt.param_shapes(config.model)
-  got = {"/".join(str(getattr(q, "key", q)) for q in path): tuple(np.shape(x))
-         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  if got != want:
-    bad = sorted(set(got.items()) ^ set(want.items()))[:4]
-    raise ValueError(f"train.init_from={config.train.init_from!r} holds parameters of another model "
-                     f"(first differences: {bad}); expected the shapes of model {config.model.name}")
+  return step, lp.last
 
 
 def _layout_like(params, cfg: gpt.GPTConfig):

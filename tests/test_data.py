@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from npp_jax import data
+from npp_jax import npy_codes
 
 N, N_AUG, GRID, VOCAB = 10, 3, (2, 4), 50
 GLOBAL_BATCH = 4  # 10 examples -> 2 steps per epoch, 2 examples dropped every epoch.
@@ -353,7 +354,7 @@ def test_from_npy_folder(tmp_path, code_shape, label_shape, n_aug):
   codes, labels = _random_codes(rng, (12, n_aug, 4, 4)), rng.integers(1, 7, size=12)
   _llamagen_folder(tmp_path / "src", codes, labels, code_shape, label_shape)
   out = str(tmp_path / "out")
-  meta = data.from_npy_folder(str(tmp_path / "src"), out, vocab_size=VOCAB, num_classes=7)
+  meta = npy_codes.from_npy_folder(str(tmp_path / "src"), out, vocab_size=VOCAB, num_classes=7)
   assert (meta.num_examples, meta.grid, meta.n_aug) == (12, (4, 4), n_aug)
   got = list(data.make_eval_iterator(out, batch_size=12, split="train"))[0]
   np.testing.assert_array_equal(got["codes"], codes[:, 0])
@@ -367,16 +368,16 @@ def test_from_npy_folder_cli_and_errors(tmp_path):
   _llamagen_folder(src, codes, labels, (1, 1, 8), (1,))
   out = str(tmp_path / "out")
   with pytest.raises(ValueError, match="8 codes per grid, not a square; pass grid"):
-    data.from_npy_folder(str(src), out, vocab_size=VOCAB, num_classes=4)
-  data.main([f"--from_npy={src}", f"--out={out}", f"--vocab_size={VOCAB}", "--num_classes=4", "--grid=2,4"])
+    npy_codes.from_npy_folder(str(src), out, vocab_size=VOCAB, num_classes=4)
+  npy_codes.main([f"--from_npy={src}", f"--out={out}", f"--vocab_size={VOCAB}", "--num_classes=4", "--grid=2,4"])
   got = list(data.make_eval_iterator(out, batch_size=3, split="train"))[0]
   np.testing.assert_array_equal(got["codes"], codes[:, 0])
   os.remove(src / "imagenet256_labels" / "1.npy")
   with pytest.raises(ValueError, match="image 1 has no labels file"):
-    data.from_npy_folder(str(src), str(tmp_path / "out2"), vocab_size=VOCAB, num_classes=4, grid=(2, 4))
+    npy_codes.from_npy_folder(str(src), str(tmp_path / "out2"), vocab_size=VOCAB, num_classes=4, grid=(2, 4))
   np.save(src / "imagenet256_labels" / "1.npy", np.array([9]))
   with pytest.raises(ValueError, match=r"label 9 in \S+1.npy / \S+1.npy is >= num_classes 4"):
-    data.from_npy_folder(str(src), str(tmp_path / "out3"), vocab_size=VOCAB, num_classes=4, grid=(2, 4))
+    npy_codes.from_npy_folder(str(src), str(tmp_path / "out3"), vocab_size=VOCAB, num_classes=4, grid=(2, 4))
   assert not os.path.exists(tmp_path / "out3")
 
 

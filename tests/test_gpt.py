@@ -129,7 +129,7 @@ def test_parameter_counts_of_every_release_size():
   # Release counts with vocab 16384 and 1000 classes (B: 110.9M as LlamaGen reports 111M).
   expected_m = {"GPT-B": 110.9, "GPT-L": 342.9, "GPT-XL": 774.7, "GPT-XXL": 1411.0,
                 "GPT-XXXL": 3893.0, "GPT-1B": 1199.6, "GPT-3B": 3096.7, "GPT-7B": 6614.6}
-  for name, (n_layer, n_head, dim) in config_lib.MODEL_SIZES.items():
+  for name, (n_layer, n_head, dim) in gpt.MODEL_SIZES.items():
     cfg = gpt.GPTConfig.from_config(config_lib.model_config(name))
     n = gpt.count_params(cfg)  # jax.eval_shape: no memory.
     # Independent count from the layout in NPP.md.

@@ -17,13 +17,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from npp_jax import config_lib
 from npp_jax import npp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole block in the backward pass.
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# LlamaGen's GPT sizes: name -> (n_layer, n_head, dim). NPP.md, "Reported results".
+MODEL_SIZES = {
+    "GPT-B": (12, 12, 768),
+    "GPT-L": (24, 16, 1024),
+    "GPT-XL": (36, 20, 1280),
+    "GPT-XXL": (48, 24, 1536),
+    "GPT-XXXL": (48, 40, 2560),
+    "GPT-1B": (22, 32, 2048),
+    "GPT-3B": (24, 32, 3200),
+    "GPT-7B": (32, 32, 4096),
 }
 
 
@@ -64,15 +76,15 @@ class GPTConfig:
   @classmethod
   def from_config(cls, m: ml_collections.ConfigDict) -> "GPTConfig":
     if m.name == "custom":
-      if not (m.n_layer and m.n_head and m.dim):
-        raise ValueError("model.name='custom' needs model.n_layer, model.n_head and model.dim; got "
-                         f"{m.n_layer}, {m.n_head}, {m.dim}")
+      if not all(isinstance(x, int) and x >= 1 for x in (m.n_layer, m.n_head, m.dim)):  # -1 is truthy.
+        raise ValueError("model.name='custom' needs model.n_layer, model.n_head and model.dim; expected "
+                         f"positive integers, got {m.n_layer}, {m.n_head}, {m.dim}")
       n_layer, n_head, dim = m.n_layer, m.n_head, m.dim
-    elif m.name in config_lib.MODEL_SIZES:
-      n_layer, n_head, dim = config_lib.MODEL_SIZES[m.name]
+    elif m.name in MODEL_SIZES:
+      n_layer, n_head, dim = MODEL_SIZES[m.name]
     else:
       raise ValueError(f"unknown model.name={m.name!r}; expected one of "
-                       f"{sorted(config_lib.MODEL_SIZES)} or 'custom'")
+                       f"{sorted(MODEL_SIZES)} or 'custom'")
     if dim % n_head or (dim // n_head) % 4:
       raise ValueError(f"model dim={dim} with n_head={n_head}; expected dim / n_head divisible by 4 "
                        "(2D RoPE rotates hd/4 pairs by row and hd/4 by column)")
