@@ -19,7 +19,6 @@ state dict, a bare state dict (FSDP exports), and with --ema the "ema" entry. `-
 
 torch is imported only inside the functions that need it (`pip install .[torch]`).
 """
-import os
 import re
 import sys
 from typing import Any, Sequence
@@ -28,9 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from etils import epath
 
 from npp_jax import checkpoints
 from npp_jax import cli
+from npp_jax import files
+from npp_jax import preflight
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
@@ -141,15 +143,15 @@ def load_torch_state(src: str, ema: bool = False) -> dict[str, np.ndarray]:
 
   import torch
 
-  if not os.path.isfile(src):
+  path = epath.Path(src)
+  if not path.is_file():
     raise ValueError(f"--src={src!r} is not a file; expected a PyTorch checkpoint (.pt)")
   try:
     # Training scripts store their argparse.Namespace next to the weights; it holds only plain values.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(src, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"torch.load(weights_only=True) refused {src}: {first}") from None
+    with torch.serialization.safe_globals([argparse.Namespace]), path.open("rb") as f:
+      obj = torch.load(f, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch.load fails on a bad file with many types; each means "not loadable".
+    raise ValueError(_unloadable(src, e, pickle.UnpicklingError)) from None
   if not isinstance(obj, dict):
     raise ValueError(f"{src} holds a {type(obj).__name__}; expected a dict (a state dict or a checkpoint)")
   if ema:
@@ -174,6 +176,25 @@ def load_torch_state(src: str, ema: bool = False) -> dict[str, np.ndarray]:
         key = key[len(prefix):]
     out[key] = value.detach().to(torch.float32).cpu().numpy()
   return out
+
+
+def _unloadable(src: str, e: Exception, unpickling_error: type) -> str:
+  """What a file torch.load(weights_only=True) could not read is, in one line."""
+  with epath.Path(src).open("rb") as f:
+    head = f.read(4096)
+  text = str(e)
+  if isinstance(e, unpickling_error) and "truncated" not in text:
+    called = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    what = f"a pickle that calls {called.group(1)}" if called else "a pickle of more than tensors and plain values"
+    return (f"--src={src!r} holds {what}: refused, nothing in it was run (torch.load(weights_only=True) "
+            "loads tensors and plain values only); expected a checkpoint written by torch.save")
+  if head.startswith(b"PK") or isinstance(e, EOFError) or "truncated" in text:
+    return (f"--src={src!r} is a truncated or corrupt PyTorch file ({epath.Path(src).stat().length} bytes; "
+            f"{type(e).__name__}); expected a complete checkpoint: copy it again")
+  if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+    return f"--src={src!r} is a text file, not a PyTorch checkpoint; expected a file written by torch.save"
+  return (f"--src={src!r} is not a PyTorch checkpoint ({type(e).__name__}); expected a file written by "
+          "torch.save")
 
 
 def state_to_params(kind: str, state: dict[str, np.ndarray], config, what: str = "the checkpoint"):
@@ -225,7 +246,7 @@ def convert(kind: str, src: str, dst: str, config, ema: bool = False, to: str = 
     raise ValueError(f"--to={to!r}; expected 'jax' or 'torch'")
   if ema and to == "torch":
     raise ValueError("--ema selects the EMA weights of a PyTorch checkpoint; it does not apply to --to=torch")
-  if os.path.exists(dst):
+  if epath.Path(dst).exists():
     raise ValueError(f"--dst={dst!r} already exists; expected a new path (nothing is overwritten)")
   expected_shapes(kind, config)  # Validates the config before any file is read.
   if to == "jax":
@@ -234,9 +255,13 @@ def convert(kind: str, src: str, dst: str, config, ema: bool = False, to: str = 
     return
   import torch
 
+  # A training workdir or the other model's weights: say what it is before orbax reads any array.
+  preflight.expect_weights("--src", src, (f"{kind}_params",),
+                           f"a {kind.upper()} params directory (what npp_jax.convert --kind={kind} writes)")
   params = checkpoints.read_params(src)
   state = params_to_state(kind, params, config, what=f"checkpoint {src}")
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, dst)
+  state = {"model": {k: torch.from_numpy(v) for k, v in state.items()}}
+  files.atomic_write(dst, lambda f: torch.save(state, f))
 
 
 def run(argv: Sequence[str]) -> None:

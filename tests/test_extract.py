@@ -17,7 +17,8 @@ from npp_jax import images as images_lib
 from npp_jax import sharding
 from npp_jax import train_vq
 from npp_jax.models import vq
-from vq_helpers import tiny_config  # noqa: E402  (tests/ is on sys.path)
+from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
+from vq_helpers import tiny_config  # noqa: E402
 
 N_TEST = 500  # Digits in the "test" split: the extraction tests encode all of them.
 
@@ -111,6 +112,26 @@ def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params
   shutil.rmtree(os.path.join(workdir, "codes"))
   with pytest.raises(ValueError, match="other settings"):
     extract.extract(tiny_config(**{"extract.vq_checkpoint": path, "extract.batch_size": 128}), workdir)
+
+
+def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
+  """The shards and their settings go through the file layer: a gs:// workdir works as a local one (served
+  from a folder, tests/fake_gcs.py) and nothing lands under a mangled <cwd>/gs:/ path."""
+  cfg, params, path = vq_params
+  monkeypatch.chdir(tmp_path)
+  out_dir = str(tmp_path / "codes")
+  c = tiny_config(**{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.output": out_dir})
+  with fake_gcs(tmp_path / "gcs"):
+    out = extract.extract(c, "gs://bucket/w")
+    again = extract.extract(c, "gs://bucket/w")
+  assert out["shards_encoded"] == 4 and again["skipped"]
+  assert sorted(os.listdir(tmp_path / "gcs" / "bucket" / "w" / "extract_tmp" / "test")) == [
+      "settings.json", *[f"shard_{i:06d}.npz" for i in range(4)]]
+  codes, labels = read_split(out_dir, "test")
+  want_codes, want_labels = expected_digit_codes(params, cfg)
+  np.testing.assert_array_equal(codes, want_codes)
+  np.testing.assert_array_equal(labels, want_labels)
+  assert not os.path.exists(tmp_path / "gs:")
 
 
 def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
