@@ -12,8 +12,10 @@ import time
 
 import pytest
 
+from npp_jax.loop import EXIT_PREEMPTED
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREEMPTED = 75  # The trainer's exit status after a SIGTERM-triggered save (gpu_slurm.sh requeues on it).
+PREEMPTED = EXIT_PREEMPTED  # The trainer's status after a SIGTERM-triggered save: gpu_slurm.sh requeues on it.
 
 # One stub for every program; it acts on its own name. Each call appends {"prog", "argv", "event"} to $CALLS.
 STUB = r'''#!{python}
