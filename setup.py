@@ -37,6 +37,7 @@ setuptools.setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "torch>=2.4",
+            "pytorch-fid>=0.3.0",  # The FID Inception parity tests build pytorch-fid's own modules.
         ],
     },
 )

@@ -104,7 +104,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = sample_config()
   c.vq_train = vq_train_config()
   c.extract = extract_config()
+  c.evaluate = evaluate_config()
   return c
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+  """`--mode=evaluate` (npp_jax.evaluate): FID, sFID, IS, precision and recall as the ADM evaluator."""
+  e = ml_collections.ConfigDict()
+  e.samples = ""  # ADM npz, arr_0 uint8 [N, H, W, 3]: what --mode=sample writes (samples/samples_N.npz).
+  # An ADM reference npz (images and/or mu, sigma, mu_s, sigma_s), a statistics npz this mode wrote, or a
+  # data set ("digits", a TFDS name or directory, an image folder) whose statistics are then cached.
+  e.reference = ""
+  e.reference_split = "train"  # Data set references only, as reference_num_images and data_dir.
+  e.reference_num_images = 50000  # The split's first images.
+  e.data_dir = ""
+  e.image_size = 256  # Data set references are centre-cropped to this (ADM's crop), as the samples are.
+  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (converted once into WORKDIR/inception), or that
+  # params directory. Nothing is downloaded.
+  e.inception = ""
+  e.preprocess = "adm"  # "adm": the TF graph's resize and scaling; "pytorch_fid": pytorch-fid's.
+  e.resize_to = 299  # Inception input size; 299 gives the published features (smaller: smoke tests only).
+  e.batch_size = 256  # Global images per feature step and per cached shard (a multiple of the devices).
+  e.num_samples = 0  # 0: every image of evaluate.samples; n: the first n.
+  e.fid_method = "sqrtm"  # "sqrtm": the evaluator's scipy.linalg.sqrtm; "eigh": same value, faster on CPU.
+  e.neighbours = 3  # k of the precision / recall manifolds.
+  e.is_split_size = 5000  # Inception Score splits (10 for 50,000 samples).
+  e.distance_block = 10000  # Rows and columns per precision / recall distance block.
+  return e
 
 
 def vq_config() -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=train|sample|extract|train_vq|demo]"""
+"""python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=train|sample|extract|train_vq|demo|evaluate]"""
 import os
 import sys
 
@@ -10,7 +10,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs of this run.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "extract", "train_vq", "demo"], "The job to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "extract", "train_vq", "demo", "evaluate"],
+                  "The job to run.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "jax.distributed.initialize(): 'auto' does it when launched as one of several processes "
                   "(SLURM with several tasks, a TPU pod, Open MPI, or the three flags below given).")
@@ -59,6 +60,9 @@ def _run():
   elif FLAGS.mode == "demo":
     from npp_jax import demo
     demo.run(config, workdir)
+  elif FLAGS.mode == "evaluate":
+    from npp_jax import evaluate
+    evaluate.evaluate(config, workdir)
 
 
 if __name__ == "__main__":

@@ -400,7 +400,7 @@ EVALUATE = {
     "evaluate.inception": TEXT, "evaluate.preprocess": one_of("adm", "pytorch_fid"),
     "evaluate.resize_to": ("an integer >= 75 (Inception-v3's smallest input; 299 is the published one)",
                            lambda v: _is_int(v) and v >= 75),
-    "evaluate.batch_size": POSITIVE_INT, "evaluate.num_samples": COUNT, "evaluate.every_steps": COUNT,
+    "evaluate.batch_size": POSITIVE_INT, "evaluate.num_samples": COUNT,
     "evaluate.fid_method": one_of("sqrtm", "eigh"), "evaluate.neighbours": POSITIVE_INT,
     "evaluate.is_split_size": POSITIVE_INT, "evaluate.distance_block": POSITIVE_INT,
 }
