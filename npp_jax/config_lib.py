@@ -114,6 +114,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
   e.samples = ""  # ADM npz, arr_0 uint8 [N, H, W, 3]: what --mode=sample writes (samples/samples_N.npz).
   # An ADM reference npz (images and/or mu, sigma, mu_s, sigma_s), a statistics npz this mode wrote, or a
   # data set ("digits", a TFDS name or directory, an image folder) whose statistics are then cached.
+  # Set in --mode=sample, it scores the images just sampled.
   e.reference = ""
   e.reference_split = "train"  # Data set references only, as reference_num_images and data_dir.
   e.reference_num_images = 50000  # The split's first images.

@@ -324,19 +324,52 @@ def _stats_file(path: epath.Path, pool3, spatial, e) -> dict:
   return stats
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> dict:
-  """Scores config.evaluate.samples against config.evaluate.reference; returns the metrics.json dict.
+@dataclasses.dataclass
+class Inputs:
+  """Everything a scoring run reads, checked and loaded (`prepare`) before anything is written."""
+  reference: Reference
+  params: dict
+  converted: bool  # The weights came from the .pth file: save them as WORKDIR/inception.
+  samples: NpzImages | None = None
 
-  Every input is checked (and the weights loaded) before anything is written or compiled. `step` is the
-  TensorBoard step the numbers are logged at (a training step; 0 for a standalone run).
-  """
+
+def prepare(config: ml_collections.ConfigDict, *, samples: bool = True) -> Inputs:
+  """Checks config.evaluate, opens the reference and loads the weights; samples=False leaves the samples
+  to come (--mode=sample scores what it writes: its images are checked here, before any sampling)."""
   e = config.evaluate
   _check_config(config)
-  samples = open_samples(e)
-  _check_count(samples, f"evaluate.samples={e.samples!r}", e)
+  images = None
+  if samples:
+    images = open_samples(e)
+    _check_count(images, f"evaluate.samples={e.samples!r}", e)
+  else:
+    if not config.sample.vq_checkpoint:
+      raise ValueError("evaluate.reference is set but sample.vq_checkpoint is empty: codes only, no images "
+                       "to score; expected a VQ checkpoint, or evaluate.reference='' to sample without scoring")
+    if config.sample.num_images < min_images(e):
+      raise ValueError(f"sample.num_images={config.sample.num_images} with evaluate.reference set; expected "
+                       f"at least {min_images(e)} images to score (precision and recall use k = "
+                       f"{e.neighbours} neighbours)")
   ref = open_reference(e)
   _check_count(ref.images, f"evaluate.reference={e.reference!r}", e)
   params, converted = load_inception(e.inception)
+  return Inputs(ref, params, converted, images)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int = 0, *,
+             inputs: Inputs | None = None, samples_path: str | None = None) -> dict:
+  """Scores config.evaluate.samples against config.evaluate.reference; returns the metrics.json dict.
+
+  Every input is checked (and the weights loaded) before anything is written or compiled. `step` is the
+  TensorBoard step the numbers are logged at (a training step; 0 for a standalone run). `inputs` from
+  `prepare(config, samples=False)` with `samples_path` scores a file written since (the sampling job's).
+  """
+  e = config.evaluate
+  if inputs is None:
+    inputs = prepare(config)
+  if inputs.samples is None:
+    inputs.samples = open_npz_images(epath.Path(samples_path), "the samples")
+  samples, ref, params, converted = inputs.samples, inputs.reference, inputs.params, inputs.converted
   mesh = sharding.make_mesh(config.mesh)
 
   work = epath.Path(workdir)
@@ -367,7 +400,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> 
       ref_stats = dict(zip(STATS_KEYS, (*metrics.statistics(ref_pool3), *metrics.statistics(ref_spatial))))
   result = _scores(e, params, pool3, sample_stats, ref_stats, ref_pool3)
   result.update(num_samples=samples.num, num_reference=None if ref.images is None else ref.images.num,
-                samples=str(e.samples), reference=str(e.reference), preprocess=str(e.preprocess),
+                samples=str(samples.path), reference=str(e.reference), preprocess=str(e.preprocess),
                 resize_to=int(e.resize_to), fid_method=str(e.fid_method))
   if is_main:
     files.write_json(str(work / "metrics.json"), result)

@@ -50,7 +50,12 @@ def _run():
     train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == "sample":
     from npp_jax import sample
-    sample.sample_and_save(config, workdir)
+    if not config.evaluate.reference:
+      sample.sample_and_save(config, workdir)
+    else:  # Score what is sampled; the scoring inputs are checked before the first sample.
+      from npp_jax import evaluate
+      inputs = evaluate.prepare(config, samples=False)
+      evaluate.evaluate(config, workdir, inputs=inputs, samples_path=sample.sample_and_save(config, workdir))
   elif FLAGS.mode == "extract":
     from npp_jax import extract
     extract.extract(config, workdir)

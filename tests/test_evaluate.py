@@ -176,3 +176,49 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(files, tmp_path, case,
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error:") and message in last, out.stderr[-2000:]
   assert not work.exists()
+
+
+def test_sample_mode_scores_what_it_wrote(files, tmp_path):
+  """--mode=sample with evaluate.reference set: samples, then scores them; bad scoring inputs stop it first."""
+  from helpers import random_params, tiny_model_config
+  from npp_jax import checkpoints
+  from npp_jax import config_lib
+  from npp_jax.models import gpt
+  from npp_jax.models import vq
+
+  model = tiny_model_config()  # 8x8 codes of 64; the VQ below decodes them to 16 px images.
+  checkpoints.save_params(tmp_path / "gpt", random_params(gpt.GPTConfig.from_config(model))[1])
+  v = config_lib.vq_config()
+  v.codebook_size, v.ch, v.ch_mult, v.z_channels, v.num_res_blocks, v.image_size = 64, 32, (1, 1), 32, 1, 16
+  checkpoints.save_params(tmp_path / "vq", vq.init_params(vq.VQConfig.from_config(v), jax.random.key(0)))
+  overrides = {f"model.{k}": model[k] for k in ("n_layer", "n_head", "dim", "vocab_size", "num_classes",
+                                                "multiple_of", "grid")}
+  overrides.update({f"vq.{k}": v[k] for k in ("codebook_size", "ch", "ch_mult", "z_channels",
+                                              "num_res_blocks", "image_size")})
+  overrides.update({"sample.checkpoint": tmp_path / "gpt", "sample.vq_checkpoint": tmp_path / "vq",
+                    "sample.num_images": 8, "sample.batch_size": 8, "evaluate.reference": files["samples"],
+                    "evaluate.resize_to": SIZE, "evaluate.batch_size": 8, "evaluate.fid_method": "eigh"})
+
+  def run(workdir, **more):
+    fields = dict(overrides, **more)
+    args = [f"--config.{k}={str(x).replace(' ', '')}" for k, x in fields.items()]
+    return subprocess.run([sys.executable, "-m", "npp_jax.main", "--mode=sample", "--config=configs/tiny.py",
+                           f"--workdir={workdir}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+  out = run(tmp_path / "bad", **{"evaluate.inception": tmp_path / inception.WEIGHTS_FILE})
+  assert out.returncode != 0 and "error: evaluate.inception=" in out.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "bad").exists()  # Refused before the first sample.
+
+  work = tmp_path / "run"
+  out = run(work, **{"evaluate.inception": files["weights"]})
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads((work / "metrics.json").read_text())
+  assert result["num_samples"] == 8 and result["samples"].endswith("samples/samples_8.npz")
+  with np.load(work / "samples" / "samples_8.npz") as z:
+    images = z["arr_0"]
+  assert images.shape == (8, 16, 16, 3)
+  pool3, _ = features_here(files["params"], images)
+  with np.load(work / "sample_stats.npz") as z:
+    np.testing.assert_allclose(z["pool3"], pool3, rtol=1e-4, atol=1e-5)  # The images it wrote.
+  assert result["fid"] > 0 and result["inception_score"] >= 1.0
