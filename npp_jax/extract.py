@@ -44,15 +44,35 @@ def rows(config, batch_size: int, process_count: int | None = None) -> tuple[int
   """(images each process reads per batch, rows it feeds the devices): the rows are padded up to a
   multiple of the process's data-parallel devices, so any batch size works on any mesh."""
   procs = jax.process_count() if process_count is None else process_count
-  shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
-  dp = shape[0] * shape[1]
+  dp = sharding.data_parallel_size(config.mesh)
   if batch_size % procs:
     raise ValueError(f"extract.batch_size={batch_size}; expected a multiple of the {procs} processes")
   if dp % procs:
-    raise ValueError(f"mesh {shape} has a data-parallel size {dp} that the {procs} processes cannot share; "
-                     "expected mesh.shape data x fsdp to be a multiple of the process count")
+    raise ValueError(f"mesh.shape={tuple(config.mesh.shape)} has a data-parallel size {dp} that the {procs} "
+                     "processes cannot share; expected data x fsdp to be a multiple of the process count")
   local, per = batch_size // procs, dp // procs
   return local, -(-local // per) * per
+
+
+def process_share(shard: int, batch_size: int, num_examples: int, process_index: int,
+                  local: int) -> tuple[int, int]:
+  """[start, stop) of the examples one process reads and encodes of a shard: the shard's rows cut into
+  equal consecutive parts, one per process (empty past the end of the data set)."""
+  start = min(shard * batch_size + process_index * local, num_examples)
+  return start, min(start + local, num_examples)
+
+
+def merge_rows(ids: np.ndarray, codes: np.ndarray, labels: np.ndarray, start: int,
+               count: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rows gathered from every process's devices (in the mesh's device order, padding rows with id -1)
+  -> the codes and labels of examples start .. start + count - 1, in order."""
+  keep = ids >= 0
+  order = np.argsort(ids[keep], kind="stable")
+  got = ids[keep][order]
+  if not np.array_equal(got, np.arange(start, start + count)):
+    raise RuntimeError(f"extraction gathered examples {got[:8].tolist()}... for a shard of examples "
+                       f"[{start}, {start + count}): the processes did not share the shard")
+  return codes[keep][order], labels[keep][order]
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -192,22 +212,22 @@ def _done_shards(job: _Job, num_shards: int) -> np.ndarray:
 
 
 def _views(job: _Job, todo: list[int], local: int, device_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(uint8 views [device_rows, n_aug, S, S, 3], labels [device_rows]) of this process's rows of each shard
-  in `todo`, prepared one shard ahead on grain's threads (host work overlaps the device's)."""
+  """(uint8 views [device_rows, n_aug, S, S, 3], (example id, label) int32 [device_rows, 2]) of this
+  process's rows of each shard in `todo`, prepared one shard ahead on grain's threads (host work overlaps
+  the device's)."""
   e, n, size = job.config.extract, job.source.num_examples, job.cfg.image_size
   threads = images_lib.num_threads(e.num_threads)
 
   def prepare(i: int):
-    start = i * job.batch_size + jax.process_index() * local
-    stop = min(start + local, n)
+    start, stop = process_share(i, job.batch_size, n, jax.process_index(), local)
     views = np.zeros((device_rows, job.n_aug, size, size, 3), np.uint8)  # Rows past the end: padding.
-    labels = np.zeros((device_rows,), np.int32)
+    meta = np.full((device_rows, 2), -1, np.int32)  # (example id, label); id -1: a padding row.
     if stop > start:
       images, got = job.source.read(start, stop)
       views[:stop - start] = np.stack(images_lib.parallel_map(
           lambda im: images_lib.augment(images_lib.to_rgb(im), e.aug, size, e.crop_range), images, threads))
-      labels[:stop - start] = got
-    return views, labels
+      meta[:stop - start] = np.stack([np.arange(start, stop), got], axis=1)
+    return views, meta
 
   if not todo:
     return
@@ -227,7 +247,7 @@ def _encode(job: _Job, todo: list[int], done: np.ndarray) -> tuple[int, float]:
   n, num_shards, is_main = job.source.num_examples, len(done), jax.process_index() == 0
   local, device_rows = rows(job.config, job.batch_size)
   mesh = sharding.make_mesh(job.config.mesh)
-  params = jax.device_put(job.params, sharding.replicated(mesh))
+  params = sharding.put(job.params, sharding.replicated(mesh))  # Works on several processes too.
   code_dtype = np.uint16 if job.cfg.codebook_size <= 2**16 else np.int32
   count = lambda i: min((i + 1) * job.batch_size, n) - i * job.batch_size
   bar = tqdm(total=n, initial=sum(count(i) for i in range(num_shards) if done[i]), unit="img",
@@ -235,13 +255,10 @@ def _encode(job: _Job, todo: list[int], done: np.ndarray) -> tuple[int, float]:
   t0, encoded = time.perf_counter(), 0
   views = _views(job, todo, local, device_rows)
   try:
-    for i, (v, labels) in zip(todo, views):
+    for i, (v, meta) in zip(todo, views):
       codes = encode_views(params, v, job.cfg, mesh)
-      if jax.process_count() > 1:
-        labels = sharding.gather(jax.make_array_from_process_local_data(sharding.data_sharding(mesh), labels))
-      # Gathered rows are [process 0's device_rows, process 1's, ...]: drop each one's padding.
-      unpad = lambda x: x.reshape(-1, device_rows, *x.shape[1:])[:, :local].reshape(-1, *x.shape[1:])
-      codes, labels = unpad(codes)[:count(i)], unpad(labels)[:count(i)]
+      meta = sharding.gather(jax.make_array_from_process_local_data(sharding.data_sharding(mesh), meta))
+      codes, labels = merge_rows(meta[:, 0], codes, meta[:, 1], i * job.batch_size, count(i))
       if is_main:
         files.atomic_write(_shard_path(job, i, num_shards),
                            lambda f: np.savez(f, codes=codes.astype(code_dtype), labels=labels))

@@ -134,6 +134,36 @@ def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
   assert not os.path.exists(tmp_path / "gs:")
 
 
+@pytest.mark.parametrize("num_examples,batch_size,processes,per_process_devices",
+                         [(500, 64, 2, 4), (9, 5, 1, 8), (13, 8, 4, 2), (7, 8, 4, 2), (30, 12, 2, 4)])
+def test_processes_share_each_shard_and_the_gather_comes_back_in_order(num_examples, batch_size, processes,
+                                                                      per_process_devices):
+  """Several processes without starting them: every example of a shard is read by exactly one process,
+  and rows gathered from the devices in any device order (padding rows among them) come back in example
+  order, as one process writes them."""
+  local = batch_size // processes
+  device_rows = -(-local // per_process_devices) * per_process_devices
+  rng = np.random.default_rng(num_examples)
+  for shard in range(-(-num_examples // batch_size)):
+    count = min((shard + 1) * batch_size, num_examples) - shard * batch_size
+    ids = np.full((processes, device_rows), -1)
+    for p in range(processes):
+      start, stop = extract.process_share(shard, batch_size, num_examples, p, local)
+      assert stop - start <= local
+      ids[p, :stop - start] = np.arange(start, stop)
+    assert sorted(ids[ids >= 0].tolist()) == list(range(shard * batch_size, shard * batch_size + count))
+    # The mesh may order the devices (and so the processes' blocks) any way: shuffle the device rows.
+    per_device = ids.reshape(processes * per_process_devices, -1)
+    gathered = per_device[rng.permutation(len(per_device))].reshape(-1)
+    codes = np.stack([gathered * 3 + 1, gathered * 5 + 2], axis=1)  # Stand-ins that name their example.
+    got_codes, got_labels = extract.merge_rows(gathered, codes, gathered % 7, shard * batch_size, count)
+    want = np.arange(shard * batch_size, shard * batch_size + count)
+    np.testing.assert_array_equal(got_codes, np.stack([want * 3 + 1, want * 5 + 2], axis=1))
+    np.testing.assert_array_equal(got_labels, want % 7)
+  with pytest.raises(RuntimeError, match="did not share"):  # An example lost between the processes.
+    extract.merge_rows(np.array([0, 2, -1, 3]), np.zeros((4, 2)), np.zeros(4), 0, 4)
+
+
 def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
   _, _, path = vq_params
   workdir = str(tmp_path / "w")
