@@ -79,11 +79,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.init_from = ""  # A checkpoint directory whose parameters start this run (converted weights).
   c.train.profile = False
   c.train.peak_flops_per_device = 0.0  # For MFU where the device is not in costs.PEAK_FLOPS (0: look up).
+  # Held-out k = 1 NLL and class information (eval/ in TensorBoard) at the end of every stage and, when > 0,
+  # every eval_every_steps steps; on the first eval_batches batches of data.eval_split (0 batches: no eval).
+  c.train.eval_every_steps = 0
+  c.train.eval_batches = 16
+  # Several processes agree every N steps on stopping for a SIGTERM (one host round trip each time).
+  c.train.preemption_sync_every_steps = 10
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # Directory of the code data set (npp_jax.data); required for training.
   c.data.worker_count = 0
   c.data.shuffle_seed = 0
+  c.data.eval_split = ""  # "": "test" or else "validation", whichever the data set has (neither: no eval).
 
   # Mesh axes (data, fsdp, tensor); -1 takes the devices left. Logical-axis rules map parameter and
   # activation axes onto them (maxtext style): model code names axes, the config decides the layout.

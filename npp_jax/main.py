@@ -46,8 +46,10 @@ def _run():
                jax.devices()[0].device_kind)
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == "train":
+    from npp_jax import loop
     from npp_jax import train
-    train.train_and_evaluate(config, workdir)
+    if train.train_and_evaluate(config, workdir)["stopped_early"]:
+      sys.exit(loop.EXIT_PREEMPTED)  # Saved on SIGTERM; a launcher runs the same command again to resume.
   elif FLAGS.mode == "sample":
     from npp_jax import sample
     if not config.evaluate.reference:

@@ -6,7 +6,7 @@ step (one compiled function per patch size k), checkpoint, loop.
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
@@ -24,6 +24,7 @@ from npp_jax import loop
 from npp_jax import npp
 from npp_jax import optim
 from npp_jax import sharding
+from npp_jax import validate
 from npp_jax import summaries
 from npp_jax.models import gpt
 
@@ -47,6 +48,7 @@ class Plan:
   meta: Any
   steps_per_epoch: int
   total_steps: int
+  eval_split: str | None  # The held-out split evaluated during training; None: no evaluation.
 
 
 def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> Plan:
@@ -84,7 +86,26 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
   schedule = npp.Schedule.from_config(config, steps_per_epoch)
   schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)  # Validates the LR knobs.
   total = schedule.total_steps if t.max_steps <= 0 else min(t.max_steps, schedule.total_steps)
-  return Plan(cfg, schedule, meta, steps_per_epoch, total)
+  return Plan(cfg, schedule, meta, steps_per_epoch, total, _eval_split(config, cfg))
+
+
+def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
+  """The split to evaluate (data.eval_split, else "test" or "validation" if the data set has one)."""
+  t, path = config.train, config.data.path
+  for name, low in (("eval_every_steps", 0), ("eval_batches", 0), ("preemption_sync_every_steps", 1)):
+    if isinstance(t[name], bool) or not isinstance(t[name], int) or t[name] < low:
+      raise ValueError(f"train.{name}={t[name]!r}; expected an integer >= {low}")
+  split = config.data.eval_split
+  if not split:
+    found = [s for s in ("test", "validation") if s in data.finished_splits(path)]
+    split = found[0] if found else None
+  if t.eval_batches == 0 or split is None:
+    return None
+  meta = data.load_metadata(path, validate.split_name(split, "data.eval_split"))
+  if meta.max_code >= cfg.vocab_size or meta.max_label >= cfg.num_classes:
+    raise ValueError(f"split {split!r} of {path} holds code {meta.max_code} and label {meta.max_label}; "
+                     f"expected codes < {cfg.vocab_size} and labels < {cfg.num_classes}")
+  return split
 
 
 # ---------------------------------------------------------------------------------------- model and step
@@ -146,6 +167,54 @@ def train_step(state: TrainState, batch: dict, *, model: gpt.GPT, tx, lr_fn, k: 
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
+# ------------------------------------------------------------------------------------------ evaluation
+
+def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
+  """Sums over the batch's real rows (mask): k = 1 NLL in nats per image, with the true and the null class."""
+  codes, mask = batch["codes"], batch["mask"].astype(jnp.float32)
+  targets = codes.reshape(codes.shape[0], -1)
+
+  def image_nll(labels):  # [B]: the sum over the image's tokens.
+    logits = model.apply({"params": params}, codes, labels, patch_size=1, train=False)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].sum(-1)
+
+  cond = image_nll(batch["labels"])
+  null = image_nll(jnp.full_like(batch["labels"], num_classes))
+  return {"nll": jnp.sum(cond * mask), "null_nll": jnp.sum(null * mask), "images": jnp.sum(mask)}
+
+
+class Evaluator:
+  """Held-out k = 1 NLL (nats per token) and class information (null-class NLL minus true-class NLL, nats
+  per image) on the first `max_batches` batches of a split, read once and kept on the host: every
+  evaluation of a run sees the same images, so its curve compares like with like."""
+
+  def __init__(self, model: gpt.GPT, mesh, params_sharding, path: str, split: str, batch_size: int,
+               max_batches: int):
+    self.mesh, self.path, self.split = mesh, path, split
+    self.batch_size, self.max_batches = batch_size, max_batches
+    self.tokens = model.cfg.grid[0] * model.cfg.grid[1]
+    self.seconds = 0.0  # Time spent evaluating: the trainer leaves it out of its step time.
+    self._batches = None
+    self._fn = jax.jit(functools.partial(eval_step, model=model, num_classes=model.cfg.num_classes),
+                       in_shardings=(params_sharding, sharding.data_sharding(mesh)))
+
+  def __call__(self, params) -> dict[str, float]:
+    t0 = time.perf_counter()
+    if self._batches is None:
+      it = data.make_eval_iterator(self.path, batch_size=self.batch_size, split=self.split,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+      self._batches = [b for _, b in zip(range(self.max_batches), it)]
+    sums = {"nll": 0.0, "null_nll": 0.0, "images": 0.0}
+    for local in self._batches:
+      out = jax.device_get(self._fn(params, sharding.global_batch(local, self.mesh)))
+      for key in sums:
+        sums[key] += float(out[key])
+    self.seconds += time.perf_counter() - t0
+    return {"eval/nll": sums["nll"] / (sums["images"] * self.tokens),
+            "eval/class_info": (sums["null_nll"] - sums["nll"]) / sums["images"]}
+
+
 # ------------------------------------------------------------------------------------------------- run
 
 @dataclasses.dataclass
@@ -161,8 +230,14 @@ class _Run:
   abstract_state: Any
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train until the schedule (or train.max_steps) ends; re-running the same command resumes."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       on_log: Callable[[int, Mapping[str, float]], None] | None = None) -> dict:
+  """Train until the schedule (or train.max_steps) ends; re-running the same command resumes.
+
+  Returns the last logged scalars and the last evaluation ("eval/nll", "eval/class_info"), with "step"
+  and "stopped_early" (True when a SIGTERM stopped it after saving). on_log(step, scalars) is called after
+  every log line (a console progress bar).
+  """
   # Validate: nothing is compiled or written before this passes.
   p = plan(config, jax.device_count(), jax.process_count())
   ckpt_dir = epath.Path(workdir) / "checkpoints"
@@ -177,6 +252,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     architecture=checkpoints.architecture(config.model))
   start = _resume(config, run, ckpt, init_params, it)
   steps = _CompiledSteps(config, run)
+  evaluator = None
+  if p.eval_split is not None:
+    evaluator = Evaluator(run.model, run.mesh, run.state_sharding.params, config.data.path, p.eval_split,
+                          config.train.global_batch_size // config.train.grad_accum_steps,
+                          config.train.eval_batches)
   writer, hooks = _writer(config, workdir, p.total_steps, start)
   logging.info("Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
                "FLOP ratio %.3f vs next-token training.", config.model.name,
@@ -184,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                p.steps_per_epoch, p.total_steps, p.schedule.token_ratio(),
                costs.schedule_flop_ratio(p.schedule, p.cfg))
   t_loop = time.perf_counter()
-  step, last = _loop(config, p, run, it, ckpt, steps, writer, hooks, start)
+  step, last = _loop(config, p, run, it, ckpt, steps, evaluator, writer, hooks, start, on_log)
   ckpt.close()
   writer.flush()
   wall, compile_s = time.perf_counter() - t_loop, steps.compile_s()
@@ -294,15 +374,19 @@ def _throughput(config, p: Plan, peak, k: int, step: int, step_s: float) -> dict
   return out
 
 
-def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, writer, hooks, start: int):
+def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, evaluator, writer, hooks,
+          start: int, on_log):
   """Steps until the end of the schedule or a preemption; returns (last step, last logged scalars)."""
   peak = costs.peak_flops_per_device(override=config.train.peak_flops_per_device)
-  step = start
+  t, step, last_eval = config.train, start, {}
+  eval_at = {s.end_step for s in p.schedule.stages} | {p.total_steps}  # And every t.eval_every_steps.
   with checkpoints.Preemption() as preempt, jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
-    lp = loop.Loop(total_steps=p.total_steps, log_every=config.train.log_every_steps,
-                   checkpoint_every=config.train.checkpoint_every_steps, writer=writer, preemption=preempt,
+    lp = loop.Loop(total_steps=p.total_steps, log_every=t.log_every_steps,
+                   checkpoint_every=t.checkpoint_every_steps, writer=writer, preemption=preempt,
                    last_saved=ckpt.latest_step, wait=ckpt.wait, reached_preemption=ckpt.reached_preemption,
-                   hooks=hooks, excluded_s=steps.compile_s, start=start)
+                   hooks=[*hooks, ckpt.check_saves], start=start, sync_every=t.preemption_sync_every_steps,
+                   on_log=on_log,
+                   excluded_s=lambda: steps.compile_s() + (evaluator.seconds if evaluator else 0.0))
     while step < p.total_steps:
       k = p.schedule.k_at(step)
       local = next(it)
@@ -313,7 +397,21 @@ def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, writer, h
       if lp.end_of_step(step, metrics, save, extra=functools.partial(_throughput, config, p, peak, k),
                         note=f" (k={k})"):
         break
-  return step, lp.last
+      if evaluator is not None and (step in eval_at or (t.eval_every_steps and
+                                                         step % t.eval_every_steps == 0)):
+        last_eval = _evaluate(evaluator, run.state.params, p, step, writer)
+  return step, {**lp.last, **last_eval}
+
+
+def _evaluate(evaluator: Evaluator, params, p: Plan, step: int, writer) -> dict:
+  """One held-out evaluation, written under eval/ beside the cost so far (quality against cost)."""
+  out = evaluator(params)
+  out["eval/relative_cost"] = costs.cumulative_relative_cost(p.schedule, p.cfg, step)
+  out["eval/epoch"] = step / p.steps_per_epoch
+  writer.write_scalars(step, out)
+  logging.info("Step %d: held-out NLL %.4f nats/token, class information %.3f nats/image (%s split).",
+               step, out["eval/nll"], out["eval/class_info"], evaluator.split)
+  return {"eval/nll": out["eval/nll"], "eval/class_info": out["eval/class_info"]}
 
 
 def _layout_like(params, cfg: gpt.GPTConfig):

@@ -1,5 +1,6 @@
 """The trainer end to end on 8 fake CPU devices: meshes, stages, resume after SIGKILL, accumulation, EMA,
 and every bad input it must refuse before compiling or writing."""
+import dataclasses
 import functools
 import os
 import shutil
@@ -18,7 +19,9 @@ import pytest
 
 from npp_jax import checkpoints
 from npp_jax import config_lib
+from npp_jax import costs
 from npp_jax import data
+from npp_jax import loop
 from npp_jax import train
 from npp_jax.models import gpt
 from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
@@ -114,7 +117,8 @@ def test_sigterm_saves_and_stops_then_resumes(dataset, uninterrupted, tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out[-2000:]
+  # A status a launcher tells from "finished" (0): saved, stopped early, run the same command again.
+  assert proc.returncode == loop.EXIT_PREEMPTED, out[-2000:]
   assert "Preemption requested" in out
   _run_main(workdir, dataset)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
@@ -189,6 +193,8 @@ BAD = [
     ({"npp.epoch_rate": 1.5}, "npp.epoch_rate=1.5; expected a number in \\(0, 1\\)"),
     ({"npp.epoch_rate": 0.0}, "npp.epoch_rate=0.0"),
     ({"model.grid": (8, 8)}, "holds 16x16 code grids; expected model.grid=\\(8, 8\\)"),
+    ({"data.eval_split": "valid"}, "has no finished split 'valid'"),
+    ({"train.eval_batches": -1}, "train.eval_batches=-1; expected an integer >= 0"),
 ]
 
 
@@ -265,3 +271,47 @@ def test_init_from_loads_parameters(dataset, uninterrupted, tmp_path):
   c = tiny(dataset, **{"train.init_from": uninterrupted, "model.dim": 32})
   with pytest.raises(ValueError, match="holds parameters of another model"):
     train.train_and_evaluate(c, str(tmp_path / "run2"))
+
+
+# ------------------------------------------------------------------------------------- held-out evaluation
+
+@pytest.fixture(scope="module")
+def dataset_with_test(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("codes_eval") / "ds")
+  codes, labels = make_codes(64)
+  data.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
+  codes, labels = make_codes(21, seed=7)  # 21 images: the second eval batch of 16 is padded.
+  data.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10, split="test")
+  return path, codes[:, 0], labels
+
+
+@pytest.mark.parametrize("mesh_shape, eval_batches, n_images", [((8, 1, 1), 2, 21), ((2, 4, 1), 1, 16)])
+def test_held_out_eval_matches_numpy(dataset_with_test, tmp_path, mesh_shape, eval_batches, n_images):
+  path, codes, labels = dataset_with_test
+  c = tiny(path, **{"mesh.shape": mesh_shape, "train.max_steps": 9, "train.eval_every_steps": 3,
+                    "train.eval_batches": eval_batches, "train.checkpoint_every_steps": 9})
+  workdir = str(tmp_path / "run")
+  out = train.train_and_evaluate(c, workdir)
+  scalars = read_scalars(workdir)
+  # Every 3 steps, at the end of stage k=4 (step 8) and at the end of the run.
+  assert [s for s, _ in scalars["eval/nll"]] == [3, 6, 8, 9]
+  p = train.plan(c, jax.device_count())
+  cfg = dataclasses.replace(p.cfg, scan_layers=False)
+  params = checkpoints.load_params(workdir)  # Step 9's: the last evaluation's parameters.
+  codes, labels = codes[:n_images], labels[:n_images]
+
+  def image_nll(lbls):  # The model's k = 1 logits, then a float64 NumPy log-softmax: nats per image.
+    logits = np.asarray(gpt.GPT(cfg).apply({"params": params}, jnp.asarray(codes), jnp.asarray(lbls),
+                                           patch_size=1), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, codes.reshape(len(codes), -1, 1), -1)[..., 0].sum(-1)
+
+  cond, null = image_nll(labels), image_nll(np.full_like(labels, 10))
+  want_nll, want_info = cond.mean() / 256, (null - cond).mean()
+  np.testing.assert_allclose(dict(scalars["eval/nll"])[9], want_nll, rtol=1e-5)
+  np.testing.assert_allclose(dict(scalars["eval/class_info"])[9], want_info, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(out["eval/nll"], want_nll, rtol=1e-5)
+  assert abs(want_info) > 0.05, want_info  # The labels matter to the model: the check above is not 0 == 0.
+  assert dict(scalars["eval/relative_cost"])[8] == pytest.approx(
+      costs.cumulative_relative_cost(p.schedule, p.cfg, 8), rel=1e-6)
