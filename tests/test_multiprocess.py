@@ -18,13 +18,16 @@ import pytest
 
 from npp_jax import checkpoints
 from npp_jax import data
-from npp_jax import loop
+from npp_jax.loop import EXIT_PREEMPTED
 from test_launch import install_stubs  # noqa: E402  (tests/ is on sys.path)
 from test_train import make_codes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 8  # Two checkpoints (every 4 steps) in the first stage (k = 4): one compiled step per process.
-EXIT_PREEMPTED = getattr(loop, "EXIT_PREEMPTED", None)
+STEPS = 16  # Four checkpoints (every 4 steps), all in the first stage (k = 4): one compiled step per process.
+# 16 epochs put steps 0-16 in stage k = 4; the processes agree on stopping every 2 steps (a SIGTERM between
+# agreements waits for the next one).
+RUN = ["--config.train.epochs=16", f"--config.train.max_steps={STEPS}",
+       "--config.train.preemption_sync_every_steps=2"]
 _launches = itertools.count()
 
 
@@ -53,7 +56,7 @@ def _start(workdir, dataset, processes):
   """`processes` CLI processes sharing 8 CPU devices; returns [(Popen, log path)]; logs go to files."""
   env = _env(processes)
   cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-         f"--config.data.path={dataset}", f"--config.train.max_steps={STEPS}"]
+         f"--config.data.path={dataset}", *RUN]
   if processes > 1:
     cmd += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={processes}"]
   out, launch = [], next(_launches)
@@ -106,8 +109,8 @@ def test_two_processes_train_as_one_process_does(dataset, two_processes, tmp_pat
   _train(one, dataset, 1)
   a, b = _params(two_processes), _params(one)
   # Same data, same global batch, same mesh (8, 1, 1); only the all-reduce differs (gloo across processes
-  # vs. in-process), so sums may round differently: float32 round-off through 8 Adam steps (measured
-  # 2026-11-25: at most 9.7e-7 apart, 1 of 18 leaves bit-equal).
+  # vs. in-process), so sums may round differently: float32 round-off through the Adam steps (measured
+  # 2026-11-25 over 16 steps: at most 9.6e-7 apart).
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6), a, b)
   assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(a)) > 0.01  # Not a vacuous comparison.
 
@@ -128,12 +131,12 @@ def _sbatch(stub_env, workdir, dataset, term_after_checkpoint=None):
   """launch/gpu_slurm.sh as the batch job, its srun a stub that runs 2 real tasks with SLURM's variables.
 
   With term_after_checkpoint, SIGTERM goes to the batch script once that checkpoint exists, as SLURM's
-  --signal=B:TERM does; the stub srun forwards it to task 1 only. Returns (status, [task logs])."""
+  --signal=B:TERM does; the stub srun forwards it to task 1 only. Returns (status, the script's output, [task logs])."""
   logs = f"{workdir}.{next(_launches)}.{{}}.log"
   env = {**_env(2), **stub_env, "SLURM_JOB_ID": str(_slurm_port() - 61440), "STUB_SRUN_RUNS": "2",
          "STUB_SRUN_TERM_TASKS": "1", "STUB_SRUN_LOG": logs}
   cmd = ["bash", "launch/gpu_slurm.sh", "configs/tiny.py", workdir, dataset, "--config.model.dtype=float32",
-         f"--config.train.max_steps={STEPS}"]
+         *RUN]
   script = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
   if term_after_checkpoint is not None:
@@ -154,9 +157,6 @@ def _sbatch(stub_env, workdir, dataset, term_after_checkpoint=None):
 
 
 @pytest.mark.timeout(500)
-@pytest.mark.xfail(EXIT_PREEMPTED is None, run=False, strict=True,
-                   reason="agreed preemption (npp_jax.loop.EXIT_PREEMPTED, issue 10 item 3) is not in yet: "
-                          "today a SIGTERM to one of two processes deadlocks them")
 def test_sigterm_to_one_process_stops_both_at_one_step_requeue_resumes_bit_exact(dataset, two_processes,
                                                                                  tmp_path):
   """Through launch/gpu_slurm.sh: the time limit's SIGTERM reaches one of the two tasks; both save one agreed
