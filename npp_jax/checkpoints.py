@@ -41,6 +41,10 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used; the files are always left as they are."""
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint that could not be written (a full disk, permissions); the finished ones are left intact."""
+
+
 class Preemption:
   """SIGTERM (TPU maintenance, SLURM time limit) asks the loop to save and stop at the next step."""
 
@@ -98,6 +102,7 @@ class Checkpointer:
   def __init__(self, directory, *, keep: int, architecture: dict | None = None, async_save: bool = True):
     self.directory = files.absolute(directory)
     self.architecture = architecture
+    self._pending, self._failed = None, False  # The step of the async save in flight; a save failed.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
@@ -149,17 +154,86 @@ class Checkpointer:
     meta = {"architecture": self.architecture, "step": int(step)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(_host_replicas(state)),
                               data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave(meta))
-    return self._manager.save(step, args=args, force=force)
+    self.check_saves()  # An earlier save that failed stops the run before another one starts.
+    try:
+      saved = self._manager.save(step, args=args, force=force)
+    except Exception as e:  # orbax reports an earlier async save's failure here, or this save's own.
+      earlier = self._pending is not None and not _finished(self.directory / str(self._pending))
+      raise self._save_failed(self._pending if earlier else int(step), e) from None
+    if saved:
+      self._pending = int(step)
+    return saved
+
+  def check_saves(self, step: int | None = None) -> None:
+    """CheckpointSaveError once the pending asynchronous save has ended without its step folder. Cheap:
+    the trainers call it after every step (a loop hook), so a full disk stops the run right after the
+    save that failed, not one checkpoint interval later when orbax would first report it."""
+    del step  # The loop hook's argument.
+    if self._pending is None or self._manager.is_saving_in_progress():
+      return
+    pending, self._pending = self._pending, None
+    if not _finished(self.directory / str(pending)):
+      try:
+        self._manager.wait_until_finished()
+        cause = None
+      except Exception as e:  # noqa: BLE001  orbax re-raises the background thread's error here.
+        cause = e
+      raise self._save_failed(pending, cause)
+
+  def _save_failed(self, step: int | None, e: Exception | None) -> CheckpointSaveError:
+    if not self._failed:
+      self._failed = True
+      try:  # Stop orbax's save threads now: left running, they fail again at exit, with tracebacks.
+        self._manager.close()
+      except Exception:  # noqa: BLE001  The error that matters is the one being raised.
+        pass
+    good = [s for s in _finished_steps(self.directory) if s != step]
+    last = f"step {good[-1]} (left intact)" if good else "none (no step of this run finished)"
+    return CheckpointSaveError(f"saving checkpoint step {step} in {self.directory} failed: {_cause(e)}; the "
+                               f"run stopped there; the last good checkpoint is {last}")
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_failed(self._pending, e) from None
+    self.check_saves()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    if self._failed:  # _save_failed closed the manager; there is no second error to say.
+      return
+    try:
+      self.wait()
+    finally:
+      if not self._failed:
+        self._manager.close()
+
+
+def _finished(step_dir: epath.Path) -> bool:
+  # A local save renames its temporary folder at the end; on a bucket the marker file says it finished.
+  return step_dir.exists() and ("://" not in str(step_dir) or (step_dir / "commit_success.txt").exists())
+
+
+def _finished_steps(directory: epath.Path) -> list[int]:
+  try:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _finished(p))
+  except OSError:
+    return []
+
+
+def _cause(e: Exception | None) -> str:
+  """The OS reason inside orbax's and tensorstore's wrapped errors, else their first line."""
+  if e is None:
+    return "the step folder was not written"
+  text = " ".join(str(e).split())
+  for reason in ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                 "Permission denied", "File too large"):
+    if reason in text:
+      return f"{reason} ({type(e).__name__})"
+  return f"{type(e).__name__}: {text[:200]}"
 
 
 def _host_replicas(state):
@@ -197,8 +271,14 @@ def read_params(path, target=None):
   if not p.is_dir():
     raise ValueError(f"checkpoint path {str(path)!r} is not a directory; expected one written by "
                      "npp_jax.convert or train_vq (an orbax checkpoint holding {'params': ...})")
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(p) if target is None else ckptr.restore(p, {"params": target})
+  if target is None:
+    # Saved on other devices (e.g. by another process count): restore onto one local device.
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+      restored = ckptr.restore(p, args=ocp.args.StandardRestore(fallback_sharding=one_device))
+  else:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(p, {"params": target})
   if not isinstance(restored, dict) or "params" not in restored:
     raise ValueError(f"{path} holds no 'params' entry; expected a checkpoint written by npp_jax.convert")
   return restored["params"]

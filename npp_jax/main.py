@@ -62,8 +62,10 @@ def _run():
     from npp_jax import extract
     extract.extract(config, workdir)
   elif FLAGS.mode == "train_vq":
+    from npp_jax import loop
     from npp_jax import train_vq
-    train_vq.train_vq(config, workdir)
+    if train_vq.train_vq(config, workdir) is None:
+      sys.exit(loop.EXIT_PREEMPTED)  # Saved on SIGTERM; the same command resumes.
   elif FLAGS.mode == "demo":
     from npp_jax import demo
     demo.run(config, workdir)

@@ -12,7 +12,7 @@ A re-run resumes from WORKDIR/vq_checkpoints; a finished run (WORKDIR/vq exists)
 """
 import dataclasses
 import functools
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax
 import grain
@@ -227,7 +227,8 @@ def _writer(config, workdir, start: int):
   return writer
 
 
-def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
+def train_vq(config: ml_collections.ConfigDict, workdir: str, *,
+             on_log: Optional[Callable[[int, Mapping[str, float]], None]] = None) -> Optional[str]:
   """Train a VQ tokenizer of config.vq's architecture on images; returns WORKDIR/vq (its final params),
   or None when a SIGTERM stopped it early (after saving a checkpoint to resume from).
 
@@ -235,7 +236,8 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   batch and a running perplexity (npp_jax.summaries); orbax checkpoints under WORKDIR/vq_checkpoints (keep
   vq_train.keep_checkpoints; a re-run resumes from the latest; SIGTERM saves and stops). At the end the
   parameters go to WORKDIR/vq, a params directory (what extract and the sampler read); when that exists
-  already, nothing is trained again.
+  already, nothing is trained again. on_log(step, scalars) is called after each logged line (the demo's
+  progress bar).
   """
   p = _plan(config, workdir)
   if p.source is None:
@@ -253,7 +255,7 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   batches = _vq_batches(p.source, cfg.image_size, t.batch_size // jax.process_count(), p.hp.seed, start,
                         t.random_flip, images_lib.num_threads(t.num_threads))
   try:
-    state, step = _loop(config, p, mesh, ckpt, writer, batches, state, start)
+    state, step = _loop(config, p, mesh, ckpt, writer, batches, state, start, on_log)
   finally:
     batches.close()
     ckpt.close()
@@ -265,15 +267,15 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   return str(p.final_dir)
 
 
-def _loop(config, p: _Plan, mesh, ckpt, writer, batches, state, start: int):
+def _loop(config, p: _Plan, mesh, ckpt, writer, batches, state, start: int, on_log=None):
   t = config.vq_train
   _, step_fn = _vq_functions(p.cfg, p.hp, mesh)
   step, pending = start, None
   with checkpoints.Preemption() as preempt:
     lp = loop.Loop(total_steps=t.steps, log_every=t.log_every_steps, checkpoint_every=t.checkpoint_every_steps,
                    writer=writer, preemption=preempt, last_saved=ckpt.latest_step, wait=ckpt.wait,
-                   reached_preemption=ckpt.reached_preemption, what="VQ ", start=start,
-                   hooks=[summaries.ReportProgress(num_train_steps=t.steps, writer=writer)])
+                   reached_preemption=ckpt.reached_preemption, what="VQ ", start=start, on_log=on_log,
+                   hooks=[summaries.ReportProgress(num_train_steps=t.steps, writer=writer), ckpt.check_saves])
     while step < t.steps:
       images = sharding.global_batch({"images": next(batches)}, mesh)["images"]
       if pending is not None:  # At most two steps in flight: the host cannot queue up batches.
