@@ -345,7 +345,7 @@ def prepare(config: ml_collections.ConfigDict, *, samples: bool = True) -> Input
   else:
     if not config.sample.vq_checkpoint:
       raise ValueError("evaluate.reference is set but sample.vq_checkpoint is empty: codes only, no images "
-                       "to score; expected a VQ checkpoint, or evaluate.reference='' to sample without scoring")
+                       "to score; expected a VQ checkpoint, or evaluate.reference='' to sample only")
     if config.sample.num_images < min_images(e):
       raise ValueError(f"sample.num_images={config.sample.num_images} with evaluate.reference set; expected "
                        f"at least {min_images(e)} images to score (precision and recall use k = "
@@ -376,7 +376,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int = 0, *,
   is_main = jax.process_index() == 0
   if is_main:
     work.mkdir(parents=True, exist_ok=True)
-    if converted and not (work / "inception").exists():
+    # One process only: orbax's save is collective across processes, and the conversion is a convenience.
+    if converted and jax.process_count() == 1 and not (work / "inception").exists():
       from npp_jax import checkpoints
       checkpoints.save_params(work / "inception", params)
       logging.info("Converted %s into %s: pass that directory as evaluate.inception next time.",

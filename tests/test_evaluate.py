@@ -179,7 +179,8 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(files, tmp_path, case,
 
 
 def test_sample_mode_scores_what_it_wrote(files, tmp_path):
-  """--mode=sample with evaluate.reference set: samples, then scores them; bad scoring inputs stop it first."""
+  """--mode=sample with evaluate.reference set: samples, then scores them; bad scoring inputs stop it
+  before the first sample."""
   from helpers import random_params, tiny_model_config
   from npp_jax import checkpoints
   from npp_jax import config_lib
