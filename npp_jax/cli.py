@@ -9,6 +9,7 @@ is loaded once more here, step by step, to say which step failed: the happy path
 """
 import difflib
 import importlib.util
+import logging as pylogging
 import os
 import re
 import sys
@@ -22,9 +23,10 @@ from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
 EXIT_BAD_INPUT = 2
-# Errors that bad input or the environment (a path, a disk, a permission) cause; anything else is a bug and
-# keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
+# Errors that bad input or the environment (a path, a full disk, a permission) cause, and a run that diverged
+# (the loop's one-line FloatingPointError names the last good checkpoint); anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 _EXAMPLE = "configs/b.py"
 
 
@@ -76,17 +78,45 @@ def report(error: BaseException | str) -> int:
 
 
 def fail(error: BaseException | str) -> NoReturn:
-  sys.exit(report(error))
+  code = report(error)
+  # The process only shuts down from here: what libraries log while it does (asyncio's "Task exception was
+  # never retrieved" for orbax's abandoned writes) must not follow the error line.
+  pylogging.disable(pylogging.CRITICAL)
+  sys.exit(code)
 
 
 def run(fn: Callable[[], Any], show_traceback: bool = False) -> Any:
-  """Calls fn(); bad input (ValueError) and environment errors (OSError) end in `fail`."""
+  """Calls fn(); USER_ERRORS end in `fail`. Without show_traceback, the tracebacks that libraries log from
+  their background threads (orbax's async saves) shrink to their one-line message: the error that stops
+  the run says the cause once, last."""
+  if not show_traceback:
+    for name in ("absl", "asyncio"):
+      pylogging.getLogger(name).addFilter(_drop_library_tracebacks)
+    sys.excepthook = _quiet_closed_loop(sys.excepthook)
   try:
     return fn()
   except USER_ERRORS as e:
     if show_traceback:
       raise
     fail(e)
+
+
+def _quiet_closed_loop(hook):
+  """tensorstore reports each write still in flight when orbax's save fails, through sys.excepthook, as
+  "RuntimeError: Event loop is closed" (orbax closed the save's event loop at the first error): a
+  traceback per write, none of them the cause. Every other exception reaches the previous hook."""
+  def quiet(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    hook(kind, value, tb)
+  return quiet
+
+
+def _drop_library_tracebacks(record: pylogging.LogRecord) -> bool:
+  # Library code only (site-packages, or asyncio reporting a library's task); the message line stays.
+  if record.exc_info and (record.name == "asyncio" or f"{os.sep}site-packages{os.sep}" in record.pathname):
+    record.exc_info, record.exc_text = None, None
+  return True
 
 
 def _os_error(e: OSError) -> str:

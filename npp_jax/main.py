@@ -5,10 +5,11 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+
+from npp_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
+cli.define_config()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs of this run.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "extract", "train_vq", "demo", "evaluate"],
                   "The job to run.")
@@ -24,18 +25,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  try:
-    _run()
-  except ValueError as e:  # Bad input: our checks raise ValueError with a one-line message.
-    if FLAGS.traceback:
-      raise
-    sys.exit(f"error: {e}")
+  # Bad input (ValueError) and the environment (OSError) end in one `error:` line, exit status 2.
+  cli.run(_run, show_traceback=FLAGS.traceback)
 
 
 def _run():
   import jax  # After absl parsed the flags: JAX reads its own (e.g. --jax_platforms) at import.
 
   from npp_jax import distributed
+  from npp_jax import preflight
 
   launch = distributed.resolve(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id, os.environ)
@@ -45,6 +43,8 @@ def _run():
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   config, workdir = FLAGS.config, FLAGS.workdir
+  # Every field the mode reads, the workdir and the kind of each weights path: before any compile or write.
+  preflight.check(FLAGS.mode, config, workdir)
   if FLAGS.mode == "train":
     from npp_jax import loop
     from npp_jax import train
@@ -75,4 +75,4 @@ def _run():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser)

@@ -99,6 +99,8 @@ TRAIN = {
     "optim.weight_decay": NON_NEGATIVE, "optim.b1": FRACTION, "optim.b2": FRACTION, "optim.eps": POSITIVE,
     "optim.grad_clip": NON_NEGATIVE, "optim.warmup_epochs": NON_NEGATIVE, "optim.decay_ratio": CLOSED_FRACTION,
     "optim.ema_decay": FRACTION, "data.path": TEXT, "data.worker_count": COUNT, "data.shuffle_seed": INT,
+    "data.eval_split": TEXT, "train.eval_every_steps": COUNT, "train.eval_batches": COUNT,
+    "train.preemption_sync_every_steps": POSITIVE_INT,
 }
 SAMPLE = {
     "sample.use_ema": BOOL, "sample.vq_checkpoint": TEXT, "sample.num_images": POSITIVE_INT,
@@ -205,8 +207,8 @@ def _writable(path: epath.Path, what: str) -> None:
 GPT_KINDS = ("gpt_workdir", "gpt_checkpoints", "gpt_params")
 VQ_KINDS = ("vq_params",)
 _KIND_WORDS = {
-    "missing": "does not exist", "file": "is a file", "torch": "is a PyTorch file (convert it first: python "
-    "-m npp_jax.convert)", "empty": "is an empty directory", "code_dataset": "is a code data set",
+    "missing": "does not exist", "file": "is a file", "text": "is a text file",
+    "torch": "is a PyTorch file (convert it first: python -m npp_jax.convert)", "empty": "is an empty directory", "code_dataset": "is a code data set",
     "gpt_workdir": "is a GPT training workdir", "gpt_checkpoints": "is a GPT training checkpoints folder",
     "gpt_params": "is a GPT params directory", "vq_workdir": "is a VQ training workdir",
     "vq_checkpoints": "is a VQ training checkpoints folder", "vq_params": "is a VQ params directory",
@@ -263,8 +265,10 @@ def weights_kind(path) -> str:
     return "missing"
   if not p.is_dir():
     with p.open("rb") as f:
-      head = f.read(4)
-    return "torch" if head.startswith(b"PK") or p.suffix in (".pt", ".pth", ".bin") else "file"
+      head = f.read(512)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):  # torch.save's zip, or a legacy pickle.
+      return "torch" if p.suffix in (".pt", ".pth", ".bin", ".ckpt") or head.startswith(b"\x80") else "file"
+    return "text" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "file"
   names = {c.name for c in p.iterdir()}
   if not names:
     return "empty"
@@ -322,6 +326,8 @@ def _train(config, work, num_devices, process_count, *, weights: bool = True) ->
   sharding.check_batch(config.train.global_batch_size, config.mesh, "train.global_batch_size",
                        num_devices=num_devices, process_count=process_count,
                        micro_batches=config.train.grad_accum_steps)
+  if config.data.eval_split:
+    check_split(config, "data.eval_split")
   if not config.npp.stages:
     _expect(config, "npp.epoch_rate", OPEN_FRACTION)
   if config.optim.end_lr > config.optim.lr:
