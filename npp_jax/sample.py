@@ -96,29 +96,30 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
+def _pick(logits, t, keys, scale, interval, temperature, top_p, *, use_cfg: bool, top_k: int,
+          use_top_p: bool):
+  """Next token [B] from the last position's logits of all sequences [B or 2B, V] at step t."""
+  if use_cfg:
+    pair = logits.reshape(-1, 2, logits.shape[-1])  # Rows 2b, 2b+1: sample b's cond, uncond.
+    cond, uncond = pair[:, 0], pair[:, 1]
+    # The release guides the prefill token and decode-loop iteration i (token i + 1) while
+    # i <= cfg_interval, i.e. tokens 0 .. cfg_interval + 1; -1 guides all of them.
+    on = (interval < 0) | (t <= interval + 1)
+    logits = jnp.where(on, guide(cond, uncond, scale), cond)
+  if top_k == 1:  # Top-1 filtering leaves one token: its argmax, whatever the temperature.
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p)
+  step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
+  return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled_sampler(cfg: gpt.GPTConfig, mesh, use_cfg: bool, top_k: int, use_top_p: bool):
   """One jitted sampler per (model, mesh, static sampling options); jit caches shapes beneath it."""
   rows, cols = cfg.grid
   n = rows * cols
   decoder = gpt.Decoder(cfg)
-  greedy = top_k == 1
-
-  def pick(logits, t, keys, scale, interval, temperature, top_p):
-    """Next token [B] from the last position's logits of all sequences [B or 2B, V]."""
-    if use_cfg:
-      pair = logits.reshape(-1, 2, logits.shape[-1])  # Rows 2b, 2b+1: sample b's cond, uncond.
-      cond, uncond = pair[:, 0], pair[:, 1]
-      # The release guides the prefill token and decode-loop iteration i (token i + 1) while
-      # i <= cfg_interval, i.e. tokens 0 .. cfg_interval + 1; -1 guides all of them.
-      on = (interval < 0) | (t <= interval + 1)
-      logits = jnp.where(on, guide(cond, uncond, scale), cond)
-    if greedy:  # Top-1 filtering leaves one token: its argmax, whatever the temperature.
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                           use_top_p=use_top_p)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-    return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+  pick = functools.partial(_pick, use_cfg=use_cfg, top_k=top_k, use_top_p=use_top_p)
 
   def constrain(x):
     if mesh is None:
@@ -189,8 +190,8 @@ def sample_codes(params, labels, rng, *, cfg: gpt.GPTConfig, cfg_scale: float = 
   labels = jnp.asarray(labels, jnp.int32)
   if mesh is not None:
     mesh = _auto_axes(mesh)
-    params, rng = jax.device_put((params, rng), sharding.replicated(mesh))
-    labels = jax.device_put(labels, batch_sharding(mesh))
+    params, rng = sharding.put((params, rng), sharding.replicated(mesh))
+    labels = sharding.put(labels, batch_sharding(mesh))
   return _sample_placed(params, labels, rng, cfg=cfg, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                         temperature=temperature, top_k=top_k, top_p=top_p, first_index=first_index,
                         mesh=mesh)
@@ -397,14 +398,15 @@ def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
   if is_main:
     job.out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(str(job.out_dir / "meta.json"), job.settings)
-  # Placed once for the whole job: every batch reuses the same device copies.
+  # Placed once for the whole job: every batch reuses the same device copies. On several processes each
+  # fills its own devices' shards; each process samples its devices' share of every batch.
   rep = sharding.replicated(job.mesh)
-  params = jax.device_put(gpt.unstack_layers(params), rep)
+  params = sharding.put(gpt.unstack_layers(params), rep)
   if vq_params is not None:
-    vq_params = jax.device_put(vq_params, rep)
-  rng = jax.device_put(jax.random.key(int(s.seed)), rep)
+    vq_params = sharding.put(vq_params, rep)
+  rng = sharding.put(jax.random.key(int(s.seed)), rep)
   spans = job.spans
-  todo = [i for i, span in enumerate(spans) if not job.shard_path(span).exists()]
+  todo = _shards_to_do(job)
   done = n - sum(spans[i][1] - spans[i][0] for i in todo)
   if done:
     logging.info("Resuming: %d of %d samples already in %s.", done, n, job.out_dir)
@@ -414,7 +416,7 @@ def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
   for i in todo:
     a, b = spans[i]
     labels = sample_labels(s, cfg.num_classes, np.arange(a, a + bs))  # Padded to bs past the end.
-    codes = _sample_placed(params, jax.device_put(labels, batch_sharding(job.mesh)), rng, cfg=cfg,
+    codes = _sample_placed(params, sharding.put(labels, batch_sharding(job.mesh)), rng, cfg=cfg,
                            cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval, temperature=s.temperature,
                            top_k=s.top_k, top_p=s.top_p, first_index=a, mesh=job.mesh)
     out = {"codes": sharding.gather(codes)[:b - a], "labels": labels[:b - a]}
@@ -432,6 +434,17 @@ def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
 
     multihost_utils.sync_global_devices("npp_jax.sample.sample_and_save")
   return merged
+
+
+def _shards_to_do(job: _Job) -> list[int]:
+  """Shards not on disk yet, as process 0 sees them: every process must run the same batches (each one
+  is a collective), even where a process sees another filesystem."""
+  missing = np.array([not job.shard_path(span).exists() for span in job.spans])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+  return [int(i) for i in np.flatnonzero(missing)]
 
 
 def _write_outputs(job: _Job, s, merged: epath.Path, images: bool) -> None:
@@ -469,7 +482,7 @@ def _decode_images(vq_params, codes: np.ndarray, vq_cfg, mesh) -> np.ndarray:
     piece = codes[start:start + chunk]
     padded = np.zeros((chunk, *codes.shape[1:]), np.int32)  # One shape: one compile.
     padded[:len(piece)] = piece
-    images = vq.decode_fn(vq_params, jax.device_put(padded, batch_sharding(mesh)), vq_cfg)
+    images = vq.decode_fn(vq_params, sharding.put(padded, batch_sharding(mesh)), vq_cfg)
     out.append(sharding.gather(_to_uint8(images))[:len(piece)])
   return np.concatenate(out)
 

@@ -118,6 +118,8 @@ def put(tree: Any, sharding: NamedSharding) -> Any:
     return jax.device_put(tree, sharding)
 
   def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # Global already: reshard in place.
+      return jax.device_put(x, sharding)
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       return jax.random.wrap_key_data(one(jax.random.key_data(x)))
     x = np.asarray(x)

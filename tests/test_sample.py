@@ -1,6 +1,8 @@
 """The KV-cache decoder against the full forward pass, the sampler against NumPy and step-by-step
 references, data-parallel sampling on 8 fake devices, and the sampling job (codes, images, resume)."""
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -343,3 +345,68 @@ def test_job_refuses_to_mix_settings_on_resume(tmp_path, tiny_params):
   sample.sample_and_save(job_config(num_images=8), str(tmp_path), params=tiny_params)
   with pytest.raises(ValueError, match="seed"):
     sample.sample_and_save(job_config(num_images=8, seed=1), str(tmp_path), params=tiny_params)
+
+
+# ------------------------------------------------------------------------------------ several processes
+
+_CONFIG_FILE = """
+from npp_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  m = c.model
+  m.name, m.n_layer, m.n_head, m.dim, m.multiple_of, m.dtype = "custom", 2, 4, 32, 32, "float32"
+  m.vocab_size, m.num_classes, m.grid = 64, 10, (4, 4)
+  c.vq.codebook_size, c.vq.ch, c.vq.ch_mult = 64, 32, (1, 1)
+  c.vq.z_channels, c.vq.num_res_blocks, c.vq.image_size = 32, 1, 8
+  c.sample.num_images, c.sample.batch_size, c.sample.cfg_scale, c.sample.top_k = 20, 16, 2.0, 16
+  c.sample.checkpoint, c.sample.vq_checkpoint = {gpt!r}, {vq!r}
+  c.mesh.shape = (-1, 1, 1)
+  return c
+"""
+
+
+def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
+  """2 processes x 4 CPU devices (loopback, the CLI's flags) sample what 1 process x 8 devices samples:
+  each process decodes its devices' share, process 0 writes the npz and the PNG once; a resumed run
+  samples only the missing shard."""
+  from npp_jax import checkpoints
+  from npp_jax.models import vq
+  from test_multiprocess import ROOT, _env, _free_port  # noqa: E402
+
+  config_path = tmp_path / "cfg.py"
+  config_path.write_text(_CONFIG_FILE.format(gpt=str(tmp_path / "gpt"), vq=str(tmp_path / "vq")))
+  config = config_lib.load(str(config_path))
+  checkpoints.save_params(str(tmp_path / "gpt"), tiny_params)
+  checkpoints.save_params(str(tmp_path / "vq"),
+                          vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0)))
+  one = sample.sample_and_save(config, str(tmp_path / "one"))  # This process: 8 devices.
+
+  def two_processes():
+    cmd = [sys.executable, "-m", "npp_jax.main", "--mode=sample", f"--config={config_path}",
+           f"--workdir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{_free_port()}",
+           "--num_processes=2"]
+    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+
+  two_processes()
+  samples = tmp_path / "two" / "samples"
+  two = samples / "samples_20.npz"
+  with np.load(one) as a, np.load(two) as b:
+    assert sorted(a.files) == sorted(b.files) == ["arr_0", "codes", "labels"]
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key])
+  png = samples / "samples_20.png"
+  assert png.read_bytes() == (tmp_path / "one" / "samples" / "samples_20.png").read_bytes()
+  # Resume: the second shard and the outputs are gone; only that shard is sampled again.
+  first = (samples / "shard_00-16.npz").stat().st_mtime_ns
+  for name in ("shard_16-20.npz", "samples_20.npz", "samples_20.png"):
+    (samples / name).unlink()
+  two_processes()
+  assert (samples / "shard_00-16.npz").stat().st_mtime_ns == first
+  with np.load(one) as a, np.load(two) as b:
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key])
