@@ -236,30 +236,7 @@ def open_images(dataset: str, split: str, data_dir: str = "", field: str = "data
     images, labels = digits.load_digits(split)
     return ArraySource("digits", float_to_uint8(images), labels, digits.NUM_CLASSES)
 
-  import tensorflow_datasets as tfds
-
-  path = epath.Path(dataset).expanduser()
-  if path.is_dir():
-    if (path / "dataset_info.json").exists():
-      builder = tfds.builder_from_directory(str(path))
-    else:
-      builder = tfds.folder_dataset.ImageFolder(str(path))
-      if not builder.info.splits:
-        raise ValueError(f"{field}={dataset!r} is a folder without <split>/<class>/ image subfolders; "
-                         "expected root/<split>/<class>/*.png|jpg or a prepared TFDS directory")
-  elif "/" in dataset or dataset.startswith((".", "~")):  # A path (local or gs://) that is not there.
-    raise ValueError(f"{field}={dataset!r} does not exist; expected an image folder, a prepared TFDS "
-                     "directory, a TFDS name or 'digits'")
-  else:
-    try:
-      builder = tfds.builder(dataset, data_dir=data_dir or None)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise ValueError(f"{field}={dataset!r} is not a TFDS data set, an existing folder or 'digits'; "
-                       "expected one of those") from None
-    if not builder.is_prepared():
-      where = data_dir or "(TFDS default)"
-      raise ValueError(f"TFDS data set {dataset!r} is not prepared under data_dir={where!r}; expected it "
-                       "built beforehand (`tfds build`; imagenet2012 needs --manual_dir)")
+  builder = _tfds_builder(dataset, data_dir, field)
   splits = sorted(builder.info.splits)
   if split not in splits:
     raise ValueError(f"{dataset} has no split {split!r}; expected one of {splits}")
@@ -269,4 +246,45 @@ def open_images(dataset: str, split: str, data_dir: str = "", field: str = "data
                                                                              "num_classes"):
     raise ValueError(f"{dataset} has features {sorted(features)}; expected an image feature and a class "
                      f"label ({image_key!r}, {label_key!r})")
-  return TfdsSource(dataset, builder, split, image_key, label_key)
+  source = TfdsSource(dataset, builder, split, image_key, label_key)
+  if not source.random_access:
+    _need_tensorflow(field, dataset, "a TFRecord TFDS data set")
+  return source
+
+
+def _tfds_builder(dataset: str, data_dir: str, field: str):
+  import tensorflow_datasets as tfds
+
+  path = epath.Path(dataset).expanduser()
+  if path.is_dir():
+    if (path / "dataset_info.json").exists():
+      return tfds.builder_from_directory(str(path))
+    _need_tensorflow(field, dataset, "an image folder")
+    builder = tfds.folder_dataset.ImageFolder(str(path))
+    if not builder.info.splits:
+      raise ValueError(f"{field}={dataset!r} is a folder without <split>/<class>/ image subfolders; "
+                       "expected root/<split>/<class>/*.png|jpg or a prepared TFDS directory")
+    return builder
+  if "/" in dataset or dataset.startswith((".", "~")):  # A path (local or gs://) that is not there.
+    raise ValueError(f"{field}={dataset!r} does not exist; expected an image folder, a prepared TFDS "
+                     "directory, a TFDS name or 'digits'")
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"{field}={dataset!r} is not a TFDS data set, an existing folder or 'digits'; "
+                     "expected one of those") from None
+  if not builder.is_prepared():
+    where = data_dir or "(TFDS default)"
+    raise ValueError(f"TFDS data set {dataset!r} is not prepared under data_dir={where!r}; expected it "
+                     "built beforehand (`tfds build`; imagenet2012 needs --manual_dir)")
+  return builder
+
+
+def _need_tensorflow(field: str, dataset: str, what: str) -> None:
+  """TFDS reads image folders and TFRecord files through TensorFlow, which the package does not install."""
+  try:
+    import tensorflow  # noqa: F401
+  except ImportError:
+    raise ValueError(f"{field}={dataset!r} is {what}, which TFDS reads through TensorFlow; expected "
+                     "TensorFlow installed (pip install tensorflow-cpu), or the data set prepared as "
+                     "array_record (tfds build --file_format=array_record)") from None

@@ -192,6 +192,7 @@ def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
 
 def test_extract_reads_a_tfds_image_folder(tmp_path, vq_params):
   """root/<split>/<class>/*.png through TFDS's ImageFolder, ten-crop of images of several sizes."""
+  pytest.importorskip("tensorflow")  # TFDS reads image folders through it.
   import tensorflow_datasets as tfds
 
   cfg, params, path = vq_params

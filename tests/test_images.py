@@ -1,6 +1,8 @@
 """The release's preprocessing against a NumPy reference, and image sources (prepared TFDS directories read in
 order and streamed into train_vq's batches)."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -61,10 +63,39 @@ def test_center_crop_of_a_wide_image_and_pixel_values():
   np.testing.assert_array_equal(vq.PIXEL_VALUES[images_lib.float_to_uint8(images[:20])], images[:20])
 
 
+def test_an_image_folder_without_tensorflow_is_refused_in_one_line(tmp_path):
+  """TensorFlow is no dependency of the package; TFDS needs it for image folders: a one-line error up front."""
+  root = tmp_path / "images"
+  os.makedirs(root / "train" / "cat")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "cat" / "0.png")
+  code = ("import importlib.abc, importlib.util, sys\n"
+          "class NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"  # `import` fails.
+          "  def find_spec(self, name, path, target=None):\n"
+          "    if name.split('.')[0] == 'tensorflow':\n"
+          "      return importlib.util.spec_from_loader(name, self)\n"
+          "  def create_module(self, spec):\n"
+          "    raise ModuleNotFoundError(f'No module named {spec.name!r}')\n"
+          "  def exec_module(self, module):\n"
+          "    pass\n"
+          "sys.meta_path.insert(0, NoTensorFlow())\n"
+          "from npp_jax import images\n"
+          "try:\n"
+          f"  images.open_images({str(root)!r}, 'train', field='extract.dataset')\n"
+          "except ValueError as e:\n"
+          "  print('error:', e)\n")
+  root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=root_dir, capture_output=True, text=True, timeout=300)
+  assert out.stdout.strip() == (f"error: extract.dataset={str(root)!r} is an image folder, which TFDS reads "
+                                "through TensorFlow; expected TensorFlow installed (pip install tensorflow-cpu), "
+                                "or the data set prepared as array_record (tfds build --file_format=array_record)"
+                                ), out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
 def test_prepared_tfds_directories_read_in_order_and_stream(tmp_path, file_format):
   """A prepared TFDS data set: random access (array_record) or slices (TFRecord), JPEG/PNG bytes decoded
   by PIL; train_vq's batches from it."""
+  pytest.importorskip("tensorflow")  # TFDS's writer encodes the images with it.
   import tensorflow_datasets as tfds
 
   rng = np.random.default_rng(1)
