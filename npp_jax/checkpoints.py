@@ -257,6 +257,10 @@ def save_params(path, params) -> None:
   target = files.absolute(path)
   if target.exists():
     raise ValueError(f"{path!r} already exists; expected a new path (nothing is overwritten)")
+  if jax.process_count() > 1:  # Every process has looked before the save (a collective) creates it.
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("npp_jax.checkpoints.save_params")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, {"params": params})
 
