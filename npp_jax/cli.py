@@ -93,6 +93,7 @@ def run(fn: Callable[[], Any], show_traceback: bool = False) -> Any:
     for name in ("absl", "asyncio"):
       pylogging.getLogger(name).addFilter(_drop_library_tracebacks)
     sys.excepthook = _quiet_closed_loop(sys.excepthook)
+    sys.unraisablehook = _quiet_closed_loop_unraisable(sys.unraisablehook)
   try:
     return fn()
   except USER_ERRORS as e:
@@ -102,14 +103,25 @@ def run(fn: Callable[[], Any], show_traceback: bool = False) -> Any:
 
 
 def _quiet_closed_loop(hook):
-  """tensorstore reports each write still in flight when orbax's save fails, through sys.excepthook, as
-  "RuntimeError: Event loop is closed" (orbax closed the save's event loop at the first error): a
-  traceback per write, none of them the cause. Every other exception reaches the previous hook."""
+  """tensorstore reports each write still in flight when orbax's save fails as "RuntimeError: Event loop
+  is closed" (orbax closed the save's event loop at the first error), through sys.excepthook or
+  sys.unraisablehook: a traceback per write, none of them the cause. Every other exception reaches the
+  previous hook."""
   def quiet(kind, value, tb):
-    if kind is RuntimeError and str(value) == "Event loop is closed":
-      return
-    hook(kind, value, tb)
+    if not _closed_loop(value):
+      hook(kind, value, tb)
   return quiet
+
+
+def _quiet_closed_loop_unraisable(hook):
+  def quiet(unraisable):
+    if not _closed_loop(unraisable.exc_value):
+      hook(unraisable)
+  return quiet
+
+
+def _closed_loop(value) -> bool:
+  return type(value) is RuntimeError and str(value) == "Event loop is closed"
 
 
 def _drop_library_tracebacks(record: pylogging.LogRecord) -> bool:
