@@ -6,7 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="Next Patch Prediction for autoregressive image generation, in JAX/Flax.",
     packages=setuptools.find_packages(include=["npp_jax", "npp_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # As jax 0.7.1 (the lower bound below).
     # Lower bounds are the oldest releases the code runs with, tested: CI runs the suite with every direct
     # dependency pinned to its bound (.ci/lower-bounds.txt). No TensorFlow: it has no macOS or Linux aarch64
     # wheels of the -cpu build and clashes with the `tensorflow` preinstalled on Colab and TPU VMs, so
@@ -42,6 +42,8 @@ setuptools.setup(
             "ipykernel>=6.29",
             "torch>=2.4",
             "pytorch-fid>=0.3.0",  # The FID Inception parity tests build pytorch-fid's own modules.
+            # tests/test_gcs.py serves gs:// on loopback (the oldest release tried; older ones untested).
+            "gcp-storage-emulator>=2026.7.19",
         ],
     },
 )
