@@ -238,6 +238,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   and "stopped_early" (True when a SIGTERM stopped it after saving). on_log(step, scalars) is called after
   every log line (a console progress bar).
   """
+  # From here on a SIGTERM asks for a save and a stop at the loop's next agreed step, however early it
+  # comes (restoring, compiling): a process that died alone would leave the others in a collective.
+  with checkpoints.Preemption() as preempt:
+    return _train(config, workdir, preempt, on_log)
+
+
+def _train(config, workdir, preempt, on_log) -> dict:
   # Validate: nothing is compiled or written before this passes.
   p = plan(config, jax.device_count(), jax.process_count())
   ckpt_dir = epath.Path(workdir) / "checkpoints"
@@ -264,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                p.steps_per_epoch, p.total_steps, p.schedule.token_ratio(),
                costs.schedule_flop_ratio(p.schedule, p.cfg))
   t_loop = time.perf_counter()
-  step, last = _loop(config, p, run, it, ckpt, steps, evaluator, writer, hooks, start, on_log)
+  step, last = _loop(config, p, run, it, ckpt, steps, evaluator, writer, hooks, start, preempt, on_log)
   ckpt.close()
   writer.flush()
   wall, compile_s = time.perf_counter() - t_loop, steps.compile_s()
@@ -375,12 +382,12 @@ def _throughput(config, p: Plan, peak, k: int, step: int, step_s: float) -> dict
 
 
 def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, evaluator, writer, hooks,
-          start: int, on_log):
+          start: int, preempt, on_log):
   """Steps until the end of the schedule or a preemption; returns (last step, last logged scalars)."""
   peak = costs.peak_flops_per_device(override=config.train.peak_flops_per_device)
   t, step, last_eval = config.train, start, {}
   eval_at = {s.end_step for s in p.schedule.stages} | {p.total_steps}  # And every t.eval_every_steps.
-  with checkpoints.Preemption() as preempt, jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
     lp = loop.Loop(total_steps=p.total_steps, log_every=t.log_every_steps,
                    checkpoint_every=t.checkpoint_every_steps, writer=writer, preemption=preempt,
                    last_saved=ckpt.latest_step, wait=ckpt.wait, reached_preemption=ckpt.reached_preemption,

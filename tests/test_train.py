@@ -125,6 +125,22 @@ def test_sigterm_saves_and_stops_then_resumes(dataset, uninterrupted, tmp_path):
                checkpoints.load_params(uninterrupted), checkpoints.load_params(workdir))
 
 
+def test_sigterm_before_the_loop_saves_the_first_step(dataset, tmp_path, monkeypatch):
+  """A SIGTERM while the state is built (or restored, or compiled) is a stop request, not death."""
+  build = train._build
+
+  def build_then_sigterm(*args):
+    out = build(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(train, "_build", build_then_sigterm)
+  workdir = tmp_path / "run"
+  out = train.train_and_evaluate(tiny(dataset), str(workdir))
+  assert out["stopped_early"] and out["step"] == 1
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
+
+
 def _one_step(c, batch, accum):
   p = train.plan(c, jax.device_count())
   model = gpt.GPT(p.cfg)
