@@ -30,6 +30,8 @@ def main(argv):
 
 
 def _run():
+  if FLAGS.mode == "demo":  # The demo keeps the console for its progress; it logs INFO to WORKDIR/log.txt.
+    logging.set_verbosity(logging.WARNING)
   import jax  # After absl parsed the flags: JAX reads its own (e.g. --jax_platforms) at import.
 
   from npp_jax import distributed

@@ -124,7 +124,8 @@ EXTRACT = {
     "extract.crop_range": ("a number >= 1", lambda v: _is_num(v) and v >= 1), "extract.batch_size": POSITIVE_INT,
     "extract.output": TEXT, "extract.keep_shards": BOOL, "extract.num_threads": COUNT,
 }
-DEMO = {"demo.baseline": BOOL, "demo.classifier_epochs": POSITIVE_INT, "demo.grid_cols": POSITIVE_INT}
+DEMO = {"demo.seeds": POSITIVE_INT, "demo.classifier_epochs": POSITIVE_INT, "demo.grid_cols": POSITIVE_INT,
+        "demo.png_scale": POSITIVE_INT}
 
 
 def check_model(config) -> None:
