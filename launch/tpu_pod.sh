@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a TPU VM pod slice: every worker runs the same command; jax.distributed finds its peers.
 #
-#   TPU=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://bucket/npp-b DATA=gs://bucket/imagenet256_codes \
+#   TPU=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://bucket/npp-b DATA=/mnt/gcs/imagenet256_codes \
 #     bash launch/tpu_pod.sh configs/b.py [--config.KEY=VALUE ...]
 #
 # Each launch copies the package, configs/ and setup.py (nothing else: no venvs, workdirs or .git) to

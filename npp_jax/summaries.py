@@ -21,7 +21,9 @@ class MetricWriter:
 
   def __init__(self, logdir: str | os.PathLike | None = None):
     self._events = None
-    if logdir is not None:
+    if logdir is not None and "://" in os.fspath(logdir):
+      self._events = _ObjectEventWriter(os.fspath(logdir))
+    elif logdir is not None:
       # Imported here: the `tensorboard` wheel is only needed by the process that writes event files.
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
       self._events = EventFileWriter(os.fspath(logdir))
@@ -76,6 +78,40 @@ class MetricWriter:
     if self._events is not None:
       self._events.close()
       self._events = None
+
+
+class _ObjectEventWriter:
+  """Event records for a gs:// (any epath scheme) logdir. tensorboard's EventFileWriter goes through TF's
+  gfile when TensorFlow is importable, and TF's GCS client ignores STORAGE_EMULATOR_HOST and gcsfs's
+  credentials; objects cannot be appended to, so, as TF's GCS file does on flush, the whole event file is
+  uploaded again (epath, atomically per object) every `flush_secs` and on flush()/close()."""
+
+  def __init__(self, logdir: str, flush_secs: float = 120.0):
+    import io
+    import socket
+
+    from etils import epath
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    self._path = epath.Path(logdir) / (f"events.out.tfevents.{int(time.time()):010d}."
+                                       f"{socket.gethostname()}.{os.getpid()}")
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    self._buf, self._flush_secs, self._last = io.BytesIO(), flush_secs, time.monotonic()
+    self._records = RecordWriter(self._buf)
+    self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self.flush()
+
+  def add_event(self, event) -> None:
+    self._records.write(event.SerializeToString())
+    if time.monotonic() - self._last >= self._flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    self._path.write_bytes(self._buf.getvalue())
+    self._last = time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
 
 
 def create_default_writer(logdir: str | os.PathLike | None, *, just_logging: bool = False) -> MetricWriter:

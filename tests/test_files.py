@@ -10,9 +10,17 @@ import pytest
 
 from npp_jax import checkpoints
 from npp_jax import convert
+from npp_jax import data
+from npp_jax import evaluate
 from npp_jax import extract
 from npp_jax import files
 from npp_jax import images
+from npp_jax import main
+from npp_jax import npy_codes
+from npp_jax import preflight
+from npp_jax import sample
+from npp_jax import summaries
+from npp_jax import train
 from npp_jax import train_vq
 from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
 
@@ -65,7 +73,8 @@ def _bypasses(source: str) -> list[str]:
   return found
 
 
-@pytest.mark.parametrize("module", [files, checkpoints, convert, images, extract, train_vq],
+@pytest.mark.parametrize("module", [files, checkpoints, convert, images, extract, train_vq, data, sample, train,
+                                    summaries, preflight, main, npy_codes, evaluate],
                          ids=lambda m: m.__name__)
 def test_no_user_path_reaches_open_or_os(module):
   assert _bypasses(inspect.getsource(module)) == [], f"{module.__name__} bypasses etils.epath"

@@ -142,7 +142,7 @@ def test_tpu_pod_readme_example_reaches_the_worker_verbatim(stubs):
   assert [c["argv"][:3] for c in calls("pip")] == [["install", "-q", "jax[tpu]"], ["install", "-q", "-e"]]
   (run,) = _worker_runs(calls, wait_for=1)
   assert run["argv"] == ["-m", "npp_jax.main", "--config=configs/l.py", "--workdir=gs://my-bucket/npp-l",
-                         "--config.data.path=gs://my-bucket/imagenet256_codes", *EXAMPLE_ARGS]
+                         "--config.data.path=/mnt/gcs/imagenet256_codes", *EXAMPLE_ARGS]
   logs = os.listdir(os.path.join(home, "npp_jax", "logs"))
   assert logs == [f"{os.uname().nodename}.log"]
 
