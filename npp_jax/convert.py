@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from etils import epath
+from flax import traverse_util
 
 from npp_jax import checkpoints
 from npp_jax import cli
@@ -116,17 +117,6 @@ def _mismatch_error(what: str, missing: list[str], unexpected: list[str], missha
   return ValueError(f"{what} does not match the config; " + "; ".join(parts))
 
 
-def _nest(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for path, x in flat.items():
-    node = tree
-    *modules, leaf = path.split("/")
-    for m in modules:
-      node = node.setdefault(m, {})
-    node[leaf] = x
-  return tree
-
-
 def _flatten(tree) -> dict[str, Any]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(str(getattr(p, "key", p)) for p in path): x for path, x in flat}
@@ -212,7 +202,7 @@ def state_to_params(kind: str, state: dict[str, np.ndarray], config, what: str =
   if missing or unexpected or misshaped:
     raise _mismatch_error(what, missing, unexpected, misshaped)
   flat = {p: np.asarray(jnp.asarray(to_flax(p, state[n]), dtype)) for n, p in names.items()}
-  return _nest(flat)
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def params_to_state(kind: str, params, config, what: str = "the params") -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 IMAGE_SIZE = 299
 NUM_CLASSES = 1008
@@ -274,14 +275,7 @@ def state_to_params(state: dict[str, np.ndarray], what: str = "the Inception wei
     raise ValueError("; ".join(problems))
   flat = {path: np.asarray(convert.to_flax(path, np.asarray(state[name], np.float32)), np.float32)
           for name, path in names.items()}
-  tree: dict = {}
-  for path, x in flat.items():
-    node = tree
-    *modules, leaf = path.split("/")
-    for m in modules:
-      node = node.setdefault(m, {})
-    node[leaf] = x
-  return tree
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def check_params(params, what: str) -> None:
