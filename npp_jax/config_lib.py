@@ -133,7 +133,11 @@ def evaluate_config() -> ml_collections.ConfigDict:
   e.preprocess = "adm"  # "adm": the TF graph's resize and scaling; "pytorch_fid": pytorch-fid's.
   e.resize_to = 299  # Inception input size; 299 gives the published features (smaller: smoke tests only).
   e.batch_size = 256  # Global images per feature step and per cached shard (a multiple of the devices).
-  e.num_samples = 0  # 0: every image of evaluate.samples; n: the first n.
+  e.num_samples = 0  # 0: every image of evaluate.samples; n: the first n (and the samples per every_steps).
+  # > 0: training samples num_samples images (config.sample's settings, sample.seed every time) every this
+  # many steps and at its end, and logs eval/fid, sfid, inception_score, precision, recall (in memory;
+  # needs sample.vq_checkpoint, evaluate.reference and evaluate.inception). 0: off.
+  e.every_steps = 0
   e.fid_method = "sqrtm"  # "sqrtm": the evaluator's scipy.linalg.sqrtm; "eigh": same value, faster on CPU.
   e.neighbours = 3  # k of the precision / recall manifolds.
   e.is_split_size = 5000  # Inception Score splits (10 for 50,000 samples).

@@ -163,6 +163,18 @@ def _feature_fn(mesh, recipe: str, size: int):
   return jax.jit(fn, in_shardings=(sharding.replicated(mesh), batch), out_shardings=(batch, batch))
 
 
+def batch_features(fn, params, mesh, read, a: int, b: int, batch_size: int, shape) -> tuple[np.ndarray, ...]:
+  """(pool3, spatial) of images [a, b) (b - a <= batch_size), read(start, stop) -> uint8 rows; every
+  process reads only its own rows of the global batch, padded with zeros past b."""
+  per_process = batch_size // jax.process_count()
+  lo = a + jax.process_index() * per_process
+  local = np.zeros((per_process, *shape), np.uint8)
+  if lo < b:
+    local[:min(b, lo + per_process) - lo] = read(lo, min(b, lo + per_process))
+  batch = sharding.global_batch({"x": local}, mesh)["x"]
+  return tuple(sharding.gather(x)[:b - a] for x in fn(params, batch))
+
+
 def compute_features(images, params, mesh, e, cache_dir: epath.Path, settings: dict,
                      desc: str) -> tuple[np.ndarray, np.ndarray]:
   """(pool3 [N, 2048], spatial [N, S]) of every image, one cached shard file per global batch."""
@@ -186,16 +198,10 @@ def compute_features(images, params, mesh, e, cache_dir: epath.Path, settings: d
     logging.info("Resuming: features of %d of %d %s images already in %s.", done, n, desc, cache_dir)
   fn = _feature_fn(mesh, e.preprocess, int(e.resize_to))
   params = jax.device_put(params, sharding.replicated(mesh))
-  per_process = bs // jax.process_count()
   bar = tqdm(total=n, initial=done, unit="img", desc=f"features ({desc})", disable=not is_main)
   for i in todo:
     a, b = spans[i]
-    lo = a + jax.process_index() * per_process  # This process's rows of the (padded) global batch.
-    local = np.zeros((per_process, *images.shape[1:]), np.uint8)
-    if lo < b:
-      local[:min(b, lo + per_process) - lo] = images.read(lo, min(b, lo + per_process))
-    batch = sharding.global_batch({"x": local}, mesh)["x"]
-    pool3, spatial = (sharding.gather(x)[:b - a] for x in fn(params, batch))
+    pool3, spatial = batch_features(fn, params, mesh, images.read, a, b, bs, images.shape[1:])
     if is_main:
       files.atomic_write(str(paths[i]), lambda f: np.savez(f, pool3=pool3, spatial=spatial))
     bar.update(b - a)
@@ -382,23 +388,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int = 0, *,
       checkpoints.save_params(work / "inception", params)
       logging.info("Converted %s into %s: pass that directory as evaluate.inception next time.",
                    e.inception, work / "inception")
-  common = {"preprocess": str(e.preprocess), "resize_to": int(e.resize_to),
-            "batch_size": int(e.batch_size), "weights": _fingerprint(params)}
+  common = _common(e, params)
   pool3, spatial = compute_features(
       samples, params, mesh, e, work / "evaluate" / "samples",
       dict(common, source=str(samples.path), num=samples.num), "samples")
   sample_stats = _stats_file(work / "sample_stats.npz", pool3, spatial, e)
 
-  ref_stats, ref_pool3 = ref.stats or {}, ref.pool3
-  if ref.images is not None:
-    ref_pool3, ref_spatial = compute_features(
-        ref.images, params, mesh, e, work / "evaluate" / "reference",
-        dict(common, source=ref.name, num=ref.images.num, split=str(e.reference_split),
-             image_size=int(e.image_size)), "reference")
-    if ref.from_dataset:
-      ref_stats = _stats_file(work / "reference_stats.npz", ref_pool3, ref_spatial, e)
-    elif "mu" not in ref_stats:
-      ref_stats = dict(zip(STATS_KEYS, (*metrics.statistics(ref_pool3), *metrics.statistics(ref_spatial))))
+  ref_stats, ref_pool3 = reference_statistics(ref, params, mesh, e, work)
   result = _scores(e, params, pool3, sample_stats, ref_stats, ref_pool3)
   result.update(num_samples=samples.num, num_reference=None if ref.images is None else ref.images.num,
                 samples=str(samples.path), reference=str(e.reference), preprocess=str(e.preprocess),
@@ -407,6 +403,37 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int = 0, *,
     files.write_json(str(work / "metrics.json"), result)
   _log(result, workdir, step)
   return result
+
+
+def _common(e, params) -> dict:
+  """The settings every cached feature shard depends on."""
+  return {"preprocess": str(e.preprocess), "resize_to": int(e.resize_to),
+          "batch_size": int(e.batch_size), "weights": _fingerprint(params)}
+
+
+def reference_statistics(ref: Reference, params, mesh, e, work: epath.Path) -> tuple[dict, Any]:
+  """(mu, sigma, mu_s, sigma_s of the reference, its pool3 features or None): the file's statistics, else
+  those of its images' features (cached under WORKDIR/evaluate/reference-*; a data set's also written to
+  WORKDIR/reference_stats.npz, a reference for later runs)."""
+  ref_stats, ref_pool3 = ref.stats or {}, ref.pool3
+  if ref.images is not None:
+    ref_pool3, ref_spatial = compute_features(
+        ref.images, params, mesh, e, work / "evaluate" / "reference",
+        dict(_common(e, params), source=ref.name, num=ref.images.num, split=str(e.reference_split),
+             image_size=int(e.image_size)), "reference")
+    if ref.from_dataset:
+      ref_stats = _stats_file(work / "reference_stats.npz", ref_pool3, ref_spatial, e)
+    elif "mu" not in ref_stats:
+      ref_stats = dict(zip(STATS_KEYS, (*metrics.statistics(ref_pool3), *metrics.statistics(ref_spatial))))
+  return ref_stats, ref_pool3
+
+
+def scores(e, params, pool3, spatial, ref_stats: dict, ref_pool3) -> dict:
+  """fid, sfid, inception_score, precision, recall of sample features against the reference's."""
+  mu, sigma = metrics.statistics(pool3)
+  mu_s, sigma_s = metrics.statistics(spatial)
+  return _scores(e, params, pool3, {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s},
+                 ref_stats, ref_pool3)
 
 
 def _scores(e, params, pool3, sample_stats, ref_stats, ref_pool3) -> dict:

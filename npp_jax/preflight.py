@@ -317,18 +317,11 @@ def check(mode: str, config: ml_collections.ConfigDict, workdir, *, num_devices:
    "evaluate": _evaluate}[mode](config, work, num_devices, process_count)
 
 
-def check_local_dataset(field: str, path) -> None:
-  """Code data sets are array_record files, which array_record's C++ reader and writer open natively: a
-  gs:// (any scheme) path fails there, after the whole extraction or at the first batch."""
-  if "://" in str(path):
-    raise ValueError(f"{field}={str(path)!r} is a {str(path).split('://')[0]}:// path; code data sets "
-                     "(array_record) need a local or FUSE-mounted directory (e.g. a bucket mounted with "
-                     "gcsfuse)")
-
-
 def _train(config, work, num_devices, process_count, *, weights: bool = True) -> None:
   check_model(config)
   _expect_all(config, TRAIN)
+  if weights and _expect(config, "evaluate.every_steps", COUNT):
+    check_sample_metrics(config, num_devices, process_count)
   check_keep(config, "train.keep_checkpoints", work / "checkpoints")
   check_mesh(config, num_devices)
   from npp_jax import sharding
@@ -348,7 +341,6 @@ def _train(config, work, num_devices, process_count, *, weights: bool = True) ->
   if not config.data.path:
     raise ValueError("data.path is empty; expected the directory of a code data set (python -m "
                      "npp_jax.npy_codes, or --mode=extract)")
-  check_local_dataset("data.path", config.data.path)
   if config.train.init_from:
     expect_weights("train.init_from", config.train.init_from, GPT_KINDS, GPT_WANTED)
 
@@ -383,8 +375,6 @@ def _extract(config, work, num_devices, process_count, *, weights: bool = True) 
   _expect_all(config, EXTRACT)
   check_split(config, "extract.split")
   check_mesh(config, num_devices)
-  check_local_dataset("extract.output" if config.extract.output else "extract.output (\"\": WORKDIR/codes)",
-                      config.extract.output or f"{work}/codes")
   if weights:
     path = _get(config, "extract.vq_checkpoint")
     if not path:
@@ -419,10 +409,37 @@ EVALUATE = {
     "evaluate.inception": TEXT, "evaluate.preprocess": one_of("adm", "pytorch_fid"),
     "evaluate.resize_to": ("an integer >= 75 (Inception-v3's smallest input; 299 is the published one)",
                            lambda v: _is_int(v) and v >= 75),
-    "evaluate.batch_size": POSITIVE_INT, "evaluate.num_samples": COUNT,
+    "evaluate.batch_size": POSITIVE_INT, "evaluate.num_samples": COUNT, "evaluate.every_steps": COUNT,
     "evaluate.fid_method": one_of("sqrtm", "eigh"), "evaluate.neighbours": POSITIVE_INT,
     "evaluate.is_split_size": POSITIVE_INT, "evaluate.distance_block": POSITIVE_INT,
 }
+
+
+def check_sample_metrics(config, num_devices: int, process_count: int) -> None:
+  """evaluate.every_steps > 0: training also samples (config.sample) and scores (config.evaluate); the
+  fields both read, and the files named (npp_jax.sample_metrics loads and checks their contents)."""
+  _evaluate(config, None, num_devices, process_count)
+  _sample(config, None, num_devices, process_count, weights=False)
+  e, s = config.evaluate, config.sample
+  if e.num_samples < e.neighbours + 1:
+    raise ValueError(f"evaluate.num_samples={e.num_samples!r} with evaluate.every_steps={e.every_steps}; "
+                     f"expected at least {e.neighbours + 1} samples per evaluation (precision and recall use "
+                     f"k = {e.neighbours} neighbours)")
+  if s.use_ema and not config.optim.ema_decay > 0:
+    raise ValueError("sample.use_ema=True with evaluate.every_steps set, but optim.ema_decay=0 keeps no EMA; "
+                     "expected optim.ema_decay > 0 or sample.use_ema=False")
+  if not s.vq_checkpoint:
+    raise ValueError("evaluate.every_steps is set but sample.vq_checkpoint is empty; expected " + VQ_WANTED
+                     + " to decode the samples into images")
+  check_vq(config)
+  expect_weights("sample.vq_checkpoint", s.vq_checkpoint, VQ_KINDS, VQ_WANTED)
+  if not e.reference:
+    raise ValueError("evaluate.every_steps is set but evaluate.reference is empty; expected an ADM "
+                     "reference npz, a statistics npz of --mode=evaluate, or a data set")
+  if not e.inception or not epath.Path(e.inception).exists():
+    raise ValueError(f"evaluate.inception={e.inception!r} " + ("is empty" if not e.inception else
+                     "does not exist") + " while evaluate.every_steps is set; expected pytorch-fid's "
+                     "pt_inception-2015-12-05-6726825d.pth or the params directory --mode=evaluate made")
 
 
 def _evaluate(config, work, num_devices, process_count) -> None:

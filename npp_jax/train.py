@@ -23,6 +23,7 @@ from npp_jax import data
 from npp_jax import loop
 from npp_jax import npp
 from npp_jax import optim
+from npp_jax import sample_metrics
 from npp_jax import sharding
 from npp_jax import validate
 from npp_jax import summaries
@@ -249,6 +250,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
   p = plan(config, jax.device_count(), jax.process_count())
   ckpt_dir = epath.Path(workdir) / "checkpoints"
   ckpt, init_params = _open_checkpoints(config, ckpt_dir)
+  scorer = sample_metrics.prepare(config, workdir, p)  # FID etc. of samples; None when off.
   it = data.make_train_iterator(
       config.data.path, global_batch_size=config.train.global_batch_size,
       seed=config.data.shuffle_seed, process_index=jax.process_index(),
@@ -271,7 +273,8 @@ def _train(config, workdir, preempt, on_log) -> dict:
                p.steps_per_epoch, p.total_steps, p.schedule.token_ratio(),
                costs.schedule_flop_ratio(p.schedule, p.cfg))
   t_loop = time.perf_counter()
-  step, last = _loop(config, p, run, it, ckpt, steps, evaluator, writer, hooks, start, preempt, on_log)
+  step, last = _loop(config, p, run, it, ckpt, steps, evaluator, writer, hooks, start, preempt, on_log,
+                     scorer)
   ckpt.close()
   writer.flush()
   wall, compile_s = time.perf_counter() - t_loop, steps.compile_s()
@@ -382,7 +385,7 @@ def _throughput(config, p: Plan, peak, k: int, step: int, step_s: float) -> dict
 
 
 def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, evaluator, writer, hooks,
-          start: int, preempt, on_log):
+          start: int, preempt, on_log, scorer=None):
   """Steps until the end of the schedule or a preemption; returns (last step, last logged scalars)."""
   peak = costs.peak_flops_per_device(override=config.train.peak_flops_per_device)
   t, step, last_eval = config.train, start, {}
@@ -393,7 +396,8 @@ def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, evaluator
                    last_saved=ckpt.latest_step, wait=ckpt.wait, reached_preemption=ckpt.reached_preemption,
                    hooks=[*hooks, ckpt.check_saves], start=start, sync_every=t.preemption_sync_every_steps,
                    on_log=on_log,
-                   excluded_s=lambda: steps.compile_s() + (evaluator.seconds if evaluator else 0.0))
+                   excluded_s=lambda: steps.compile_s() + (evaluator.seconds if evaluator else 0.0)
+                   + (scorer.seconds if scorer else 0.0))
     while step < p.total_steps:
       k = p.schedule.k_at(step)
       local = next(it)
@@ -407,6 +411,8 @@ def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, evaluator
       if evaluator is not None and (step in eval_at or (t.eval_every_steps and
                                                          step % t.eval_every_steps == 0)):
         last_eval = _evaluate(evaluator, run.state.params, p, step, writer)
+      if scorer is not None and scorer.due(step):
+        last_eval = {**last_eval, **scorer(run.state, step, writer)}
   return step, {**lp.last, **last_eval}
 
 
