@@ -317,6 +317,15 @@ def check(mode: str, config: ml_collections.ConfigDict, workdir, *, num_devices:
    "evaluate": _evaluate}[mode](config, work, num_devices, process_count)
 
 
+def check_local_dataset(field: str, path) -> None:
+  """Code data sets are array_record files, which array_record's C++ reader and writer open natively: a
+  gs:// (any scheme) path fails there, after the whole extraction or at the first batch."""
+  if "://" in str(path):
+    raise ValueError(f"{field}={str(path)!r} is a {str(path).split('://')[0]}:// path; code data sets "
+                     "(array_record) need a local or FUSE-mounted directory (e.g. a bucket mounted with "
+                     "gcsfuse)")
+
+
 def _train(config, work, num_devices, process_count, *, weights: bool = True) -> None:
   check_model(config)
   _expect_all(config, TRAIN)
@@ -341,6 +350,7 @@ def _train(config, work, num_devices, process_count, *, weights: bool = True) ->
   if not config.data.path:
     raise ValueError("data.path is empty; expected the directory of a code data set (python -m "
                      "npp_jax.npy_codes, or --mode=extract)")
+  check_local_dataset("data.path", config.data.path)
   if config.train.init_from:
     expect_weights("train.init_from", config.train.init_from, GPT_KINDS, GPT_WANTED)
 
@@ -375,6 +385,8 @@ def _extract(config, work, num_devices, process_count, *, weights: bool = True) 
   _expect_all(config, EXTRACT)
   check_split(config, "extract.split")
   check_mesh(config, num_devices)
+  check_local_dataset("extract.output" if config.extract.output else "extract.output (\"\": WORKDIR/codes)",
+                      config.extract.output or f"{work}/codes")
   if weights:
     path = _get(config, "extract.vq_checkpoint")
     if not path:
