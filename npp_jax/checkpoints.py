@@ -237,14 +237,15 @@ def _cause(e: Exception | None) -> str:
 
 
 def _host_replicas(state):
-  """On one process, replicated leaves as one host copy: orbax's replica-parallel save of a replicated
-  device array slices it per device, hundreds of small compiles on a CPU mesh (the VQ's whole state). The
-  bytes written and restored are the same."""
+  """On one process, every multi-device leaf as one host copy. Orbax's replica-parallel save slices each
+  replicated shard with small jitted ops: hundreds of compiles on a CPU mesh (the VQ's whole state), and
+  under jax.set_mesh (the GPT trainer) jax 0.7, our lower bound, refuses them (single-device arguments in
+  a mesh context). The bytes written and restored are the same; restore places them by the target."""
   if jax.process_count() > 1:
     return state
   def one(x):
-    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 and x.sharding.is_fully_replicated:
-      return np.asarray(x.addressable_data(0))
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+      return np.asarray(x.addressable_data(0)) if x.sharding.is_fully_replicated else np.asarray(x)
     return x
   return jax.tree.map(one, state)
 
