@@ -49,6 +49,8 @@ def _env(processes):
   """This environment without any launcher's variables, 8 // processes CPU devices per process."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "OMPI_"))}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+  if processes == 1:  # The run's compilation cache (conftest.py); multi-process runs compile their own.
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_", "JAX_PERSISTENT_"))})
   return env
 
 
