@@ -145,8 +145,8 @@ def table(report: Mapping[str, Any], write: Callable[[str], None] = print) -> No
           f"{_cell(r, 'eval_nll', '.3f'):>13s} {_cell(r, 'class_info', '.2f'):>11s} "
           f"{_cell(r, 'accuracy', '.3f'):>12s} {_cell(r, 'frechet', '.1f'):>12s}")
   cal = report["calibration"]
-  write("  held-out NLL: nats per token at k = 1 on the test digits; class info: nats per image the label is "
-        "worth (log 10 = 2.30 at most)")
+  write("  held-out NLL: nats per token at k = 1 on the test digits; class info: NLL with the null class minus "
+        "NLL with the true one, nats per image")
   write(f"  accuracy: chance {cal['chance_accuracy']:.2f} | real test digits {cal['real_test_accuracy']:.3f} | "
         f"VQ reconstructions of them (ceiling) {cal['vq_reconstruction_accuracy']:.3f}")
   write(f"  Frechet (lower is better): real train vs real test digits (floor) {cal['real_frechet']:.1f} | "
