@@ -41,8 +41,8 @@ def gcs(tmp_path_factory):
   url = f"http://127.0.0.1:{port}"
   log = open(tmp_path_factory.mktemp("emulator") / "log.txt", "w")
   # tests/gcs_emulator.py: the emulator plus the generation headers real GCS sends and tensorstore needs.
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "start", "--host=127.0.0.1",
-                           f"--port={port}", "--in-memory", "--default-bucket=bucket"],
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "start",
+                           "--host=127.0.0.1", f"--port={port}", "--in-memory", "--default-bucket=bucket"],
                           stdout=log, stderr=subprocess.STDOUT)
   deadline = time.time() + 60
   while True:
