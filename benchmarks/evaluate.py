@@ -2,27 +2,30 @@
 
     python benchmarks/evaluate.py [--images=64] [--batch_size=32] [--size=256] [--preprocess=adm]
 
-Runs the job's own loop (npp_jax.evaluate.compute_features: slices of an ADM npz read from disk, the
+Runs the job's own loop (npp_jax.features.compute_features: slices of an ADM npz read from disk, the
 resize to 299 px and the network jitted over all devices, one cached shard file per batch) on random
 uint8 images with random weights. A first call on one batch compiles; the timed call reuses the compiled
 function, so compile time is excluded. The machine may be shared: load_avg_1m says how busy it was.
 """
+
 import datetime
 import json
 import os
 import tempfile
 import time
 
-import jax
-import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 from etils import epath
+import jax
+import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+import numpy as np
 
 from npp_jax import config_lib
-from npp_jax import evaluate
 from npp_jax import sharding
+from npp_jax.fid import features
+from npp_jax.fid import images as image_sets
 from npp_jax.models import inception
-import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("images", 64, "Images in the timed run.")
@@ -58,25 +61,41 @@ def main(_):
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory() as tmp:
     path = epath.Path(tmp) / "samples.npz"
-    np.savez(path, arr_0=rng.integers(0, 256, (FLAGS.images, FLAGS.size, FLAGS.size, 3), dtype=np.uint8))
-    images = evaluate.open_npz_images(path, "samples")
-    warm = evaluate.NpzImages(path, (FLAGS.batch_size, *images.shape[1:]))
+    np.savez(
+      path, arr_0=rng.integers(0, 256, (FLAGS.images, FLAGS.size, FLAGS.size, 3), dtype=np.uint8)
+    )
+    images = image_sets.open_npz_images(path, "samples")
+    warm = image_sets.NpzImages(path, (FLAGS.batch_size, *images.shape[1:]))
     t0 = time.perf_counter()
-    evaluate.compute_features(warm, params, mesh, e, epath.Path(tmp) / "warm", {"run": "warm"}, "warmup")
+    features.compute_features(
+      warm, params, mesh, e, epath.Path(tmp) / "warm", {"run": "warm"}, "warmup"
+    )
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pool3, _ = evaluate.compute_features(images, params, mesh, e, epath.Path(tmp) / "timed", {"run": "timed"},
-                                         "timed")
+    pool3, _ = features.compute_features(
+      images, params, mesh, e, epath.Path(tmp) / "timed", {"run": "timed"}, "timed"
+    )
     total = time.perf_counter() - t0
   assert pool3.shape == (FLAGS.images, 2048) and np.isfinite(pool3).all()
-  print(json.dumps({
-      "benchmark": "evaluate_features", "machine": machine.describe(), "devices": jax.device_count(),
-      "date": datetime.date.today().isoformat(), "images": FLAGS.images, "batch_size": FLAGS.batch_size,
-      "input_px": FLAGS.size, "network_px": inception.IMAGE_SIZE, "preprocess": FLAGS.preprocess,
-      "images_per_s": round(FLAGS.images / total, 2), "first_batch_incl_compile_s": round(first, 1),
-      "minutes_per_50k": round(50000 / (FLAGS.images / total) / 60, 1),
-      "load_avg_1m": round(os.getloadavg()[0], 2),
-  }))
+  print(
+    json.dumps(
+      {
+        "benchmark": "evaluate_features",
+        "machine": machine.describe(),
+        "devices": jax.device_count(),
+        "date": datetime.date.today().isoformat(),
+        "images": FLAGS.images,
+        "batch_size": FLAGS.batch_size,
+        "input_px": FLAGS.size,
+        "network_px": inception.IMAGE_SIZE,
+        "preprocess": FLAGS.preprocess,
+        "images_per_s": round(FLAGS.images / total, 2),
+        "first_batch_incl_compile_s": round(first, 1),
+        "minutes_per_50k": round(50000 / (FLAGS.images / total) / 60, 1),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

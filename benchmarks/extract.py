@@ -12,25 +12,29 @@ Measured (2-core AMD EPYC shared with other jobs, load ~3.6; 1 CPU device, fp32,
 batch 256): tencrop 67 images/s (669 views/s), none 607 images/s: the encoder, not the crops, sets the
 pace (a view costs the same with or without ten-crop).
 """
+
 import datetime
 import json
 import os
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import jax
+import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 import numpy as np
-from absl import app, flags
 
 from npp_jax import checkpoints
 from npp_jax import config_lib
-from npp_jax import extract
-from npp_jax import images as images_lib
+from npp_jax.data import images as images_lib
+from npp_jax.jobs import extract
 from npp_jax.models import vq
-import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("aug", "tencrop", sorted(images_lib.AUGS), "Views per image: the release's ten-crop, etc.")
+flags.DEFINE_enum(
+  "aug", "tencrop", sorted(images_lib.AUGS), "Views per image: the release's ten-crop, etc."
+)
 flags.DEFINE_integer("images", 1024, "Images in the timed run.")
 flags.DEFINE_integer("batch_size", 256, "extract.batch_size: images per step and per shard.")
 
@@ -58,18 +62,30 @@ def main(_):
     total = time.perf_counter() - t0
   n_aug = images_lib.AUGS[FLAGS.aug]
   result = {
-      "benchmark": "extract", "images_per_s": round(out["images_per_s"], 1),
-      "views_per_s": round(out["images_per_s"] * n_aug, 1),
-      "images_per_s_with_writing": round(FLAGS.images / total, 1),
-      "compile_s_approx": round(max(first - n / out["images_per_s"], 0.0), 2),
-      "aug": FLAGS.aug, "n_aug": n_aug, "images": FLAGS.images, "batch_size": FLAGS.batch_size,
-      "vq": {"ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "num_res_blocks": cfg.num_res_blocks,
-             "z_channels": cfg.z_channels, "codebook": [cfg.codebook_size, cfg.codebook_embed_dim],
-             "image_size": cfg.image_size, "params_m": round(vq.count_params(cfg) / 1e6, 3),
-             "dtype": config.vq.dtype},
-      "device": machine.describe(), "devices": jax.device_count(), "jax": jax.__version__,
-      "load_avg_1m": round(os.getloadavg()[0], 2),
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    "benchmark": "extract",
+    "images_per_s": round(out["images_per_s"], 1),
+    "views_per_s": round(out["images_per_s"] * n_aug, 1),
+    "images_per_s_with_writing": round(FLAGS.images / total, 1),
+    "compile_s_approx": round(max(first - n / out["images_per_s"], 0.0), 2),
+    "aug": FLAGS.aug,
+    "n_aug": n_aug,
+    "images": FLAGS.images,
+    "batch_size": FLAGS.batch_size,
+    "vq": {
+      "ch": cfg.ch,
+      "ch_mult": list(cfg.ch_mult),
+      "num_res_blocks": cfg.num_res_blocks,
+      "z_channels": cfg.z_channels,
+      "codebook": [cfg.codebook_size, cfg.codebook_embed_dim],
+      "image_size": cfg.image_size,
+      "params_m": round(vq.count_params(cfg) / 1e6, 3),
+      "dtype": config.vq.dtype,
+    },
+    "device": machine.describe(),
+    "devices": jax.device_count(),
+    "jax": jax.__version__,
+    "load_avg_1m": round(os.getloadavg()[0], 2),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
   }
   print(json.dumps(result), flush=True)
 

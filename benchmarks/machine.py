@@ -1,4 +1,5 @@
 """The machine a benchmark ran on, for its JSON line (docs/performance.md names machine and date)."""
+
 import os
 import platform
 

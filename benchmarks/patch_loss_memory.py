@@ -6,6 +6,7 @@ Ours scores one [B, n/k^2, V] logits tensor against k^2 targets per position; th
 repeats the logits k^2 times first. Prints one JSON line with the bytes XLA allocates for each (arguments +
 temporaries + outputs of the compiled value-and-grad), so the k^2 saving is read off the compiler.
 """
+
 import argparse
 import datetime
 import json
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from npp_jax import npp  # noqa: E402
 import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+
+from npp_jax import npp  # noqa: E402
 
 
 def repeated_loss(logits, targets):
@@ -39,8 +41,13 @@ def main():
   ap.add_argument("--grid", type=int, default=16)
   ap.add_argument("--vocab", type=int, default=16384)
   args = ap.parse_args()
-  out = {"batch": args.batch, "grid": args.grid, "vocab": args.vocab,
-         "device": machine.describe(), "date": datetime.date.today().isoformat()}
+  out = {
+    "batch": args.batch,
+    "grid": args.grid,
+    "vocab": args.vocab,
+    "device": machine.describe(),
+    "date": datetime.date.today().isoformat(),
+  }
   for k in (1, 2, 4):
     n = npp.num_patches((args.grid, args.grid), k)
     logits = jax.ShapeDtypeStruct((args.batch, n, args.vocab), jnp.float32)
@@ -49,7 +56,9 @@ def main():
     out[f"repeated_bytes_k{k}"] = allocated(repeated_loss, logits, targets)
   for k in (2, 4):
     out[f"ours_k1_over_k{k}"] = round(out["ours_bytes_k1"] / out[f"ours_bytes_k{k}"], 2)
-    out[f"repeated_over_ours_k{k}"] = round(out[f"repeated_bytes_k{k}"] / out[f"ours_bytes_k{k}"], 2)
+    out[f"repeated_over_ours_k{k}"] = round(
+      out[f"repeated_bytes_k{k}"] / out[f"ours_bytes_k{k}"], 2
+    )
   print(json.dumps(out))
 
 

@@ -6,6 +6,7 @@ Both runs go through train.train_and_evaluate on the same synthetic code data se
 JSON line: measured_ratio (NPP training seconds / next-token training seconds, compilation excluded;
 measured_ratio_with_compile includes it) next to token_ratio (0.578 for L=3, r=0.5) and flop_ratio.
 """
+
 import argparse
 import datetime
 import json
@@ -16,10 +17,14 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from npp_jax import config_lib, costs, data, npp  # noqa: E402
-from npp_jax import train  # noqa: E402
-from npp_jax.models import gpt  # noqa: E402
 import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+
+from npp_jax import config_lib  # noqa: E402
+from npp_jax import costs  # noqa: E402
+from npp_jax.data import code_dataset  # noqa: E402
+from npp_jax import npp  # noqa: E402
+from npp_jax.jobs import train  # noqa: E402
+from npp_jax.models import gpt  # noqa: E402
 
 
 def main():
@@ -37,7 +42,9 @@ def main():
   rs = np.random.default_rng(0)
   labels = rs.integers(0, 10, args.examples)
   codes = rs.integers(0, args.vocab, (args.examples, 2, 16, 16))
-  data.write_code_dataset(os.path.join(tmp, "codes"), codes, labels, vocab_size=args.vocab, num_classes=10)
+  code_dataset.write_code_dataset(
+    os.path.join(tmp, "codes"), codes, labels, vocab_size=args.vocab, num_classes=10
+  )
 
   def config(stages):
     c = config_lib.base_config()
@@ -62,17 +69,22 @@ def main():
   cfg = gpt.GPTConfig.from_config(npp_cfg.model)
   schedule = npp.Schedule.from_config(npp_cfg, steps_per_epoch=args.examples // args.batch)
   out = {
-      "model": {"layers": args.layers, "dim": args.dim, "vocab": args.vocab, "grid": 16},
-      "batch": args.batch, "epochs": args.epochs, "steps": runs["ntp"]["step"],
-      "schedule": [[s.k, s.epochs] for s in schedule.stages],
-      "npp_train_s": round(runs["npp"]["train_s"], 2), "ntp_train_s": round(runs["ntp"]["train_s"], 2),
-      "npp_compile_s": round(runs["npp"]["compile_s"], 2), "ntp_compile_s": round(runs["ntp"]["compile_s"], 2),
-      "measured_ratio": round(runs["npp"]["train_s"] / runs["ntp"]["train_s"], 3),
-      "measured_ratio_with_compile": round(runs["npp"]["loop_s"] / runs["ntp"]["loop_s"], 3),
-      "token_ratio": round(schedule.token_ratio(), 3),
-      "flop_ratio": round(costs.schedule_flop_ratio(schedule, cfg), 3),
-      "device": machine.describe(), "cpu_count": os.cpu_count(),
-      "date": datetime.date.today().isoformat(),
+    "model": {"layers": args.layers, "dim": args.dim, "vocab": args.vocab, "grid": 16},
+    "batch": args.batch,
+    "epochs": args.epochs,
+    "steps": runs["ntp"]["step"],
+    "schedule": [[s.k, s.epochs] for s in schedule.stages],
+    "npp_train_s": round(runs["npp"]["train_s"], 2),
+    "ntp_train_s": round(runs["ntp"]["train_s"], 2),
+    "npp_compile_s": round(runs["npp"]["compile_s"], 2),
+    "ntp_compile_s": round(runs["ntp"]["compile_s"], 2),
+    "measured_ratio": round(runs["npp"]["train_s"] / runs["ntp"]["train_s"], 3),
+    "measured_ratio_with_compile": round(runs["npp"]["loop_s"] / runs["ntp"]["loop_s"], 3),
+    "token_ratio": round(schedule.token_ratio(), 3),
+    "flop_ratio": round(costs.schedule_flop_ratio(schedule, cfg), 3),
+    "device": machine.describe(),
+    "cpu_count": os.cpu_count(),
+    "date": datetime.date.today().isoformat(),
   }
   print(json.dumps(out))
 

@@ -5,6 +5,7 @@
 Prints one JSON line: step_s_k{1,2,4} (median seconds), tokens_per_s_k*, compile_s_k*, and the schedule's
 predicted relative cost (token_ratio, flop_ratio) next to the one these step times give (measured_ratio).
 """
+
 import argparse
 import datetime
 import functools
@@ -20,10 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ml_collections import config_flags  # noqa: E402
-from npp_jax import costs, npp, train  # noqa: E402
-from npp_jax.models import gpt  # noqa: E402
 import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+from ml_collections import config_flags  # noqa: E402
+
+from npp_jax import costs  # noqa: E402
+from npp_jax import npp  # noqa: E402
+from npp_jax.jobs import train  # noqa: E402
+from npp_jax.models import gpt  # noqa: E402
 
 
 def load_config(path):
@@ -37,7 +41,9 @@ def main():
   ap.add_argument("--config", default="configs/b.py")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=3, help="timed steps per k, after one warm-up step")
-  ap.add_argument("--dtype", default="float32", help="compute dtype (float32 on CPU, bfloat16 on GPU/TPU)")
+  ap.add_argument(
+    "--dtype", default="float32", help="compute dtype (float32 on CPU, bfloat16 on GPU/TPU)"
+  )
   ap.add_argument("--ks", default="1,2,4")
   args = ap.parse_args()
 
@@ -51,17 +57,28 @@ def main():
   state = jax.jit(lambda r: nn.unbox(init_fn(r)))(rng)
   h, w = cfg.grid
   rs = np.random.default_rng(0)
-  batch = {"codes": jnp.asarray(rs.integers(0, cfg.vocab_size, (args.batch, h, w)), jnp.int32),
-           "labels": jnp.asarray(rs.integers(0, cfg.num_classes, (args.batch,)), jnp.int32)}
+  batch = {
+    "codes": jnp.asarray(rs.integers(0, cfg.vocab_size, (args.batch, h, w)), jnp.int32),
+    "labels": jnp.asarray(rs.integers(0, cfg.num_classes, (args.batch,)), jnp.int32),
+  }
 
-  out = {"config": args.config, "model": config.model.name, "params_m": round(gpt.count_params(cfg) / 1e6, 1),
-         "batch": args.batch, "dtype": args.dtype, "grid": list(cfg.grid),
-         "device": machine.describe(),
-         "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat()}
+  out = {
+    "config": args.config,
+    "model": config.model.name,
+    "params_m": round(gpt.count_params(cfg) / 1e6, 1),
+    "batch": args.batch,
+    "dtype": args.dtype,
+    "grid": list(cfg.grid),
+    "device": machine.describe(),
+    "cpu_count": os.cpu_count(),
+    "date": datetime.date.today().isoformat(),
+  }
   peak = costs.peak_flops_per_device()
   for k in [int(x) for x in args.ks.split(",")]:
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=k, accum=1),
-                   donate_argnums=0)
+    step = jax.jit(
+      functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=k, accum=1),
+      donate_argnums=0,
+    )
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     out[f"compile_s_k{k}"] = round(time.perf_counter() - t0, 2)
@@ -84,7 +101,9 @@ def main():
   if all(f"step_s_k{k}" in out for k in (1, 2, 4)):
     out["ratio_k2_k1"] = round(out["step_s_k2"] / out["step_s_k1"], 3)
     out["ratio_k4_k1"] = round(out["step_s_k4"] / out["step_s_k1"], 3)
-    spent = sum(st.epochs * out[f"step_s_k{st.k}"] for st in schedule.stages if f"step_s_k{st.k}" in out)
+    spent = sum(
+      st.epochs * out[f"step_s_k{st.k}"] for st in schedule.stages if f"step_s_k{st.k}" in out
+    )
     out["schedule"] = [[st.k, st.epochs] for st in schedule.stages]
     out["token_ratio"] = round(schedule.token_ratio(), 3)
     out["flop_ratio"] = round(costs.schedule_flop_ratio(schedule, cfg), 3)

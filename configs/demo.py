@@ -9,6 +9,7 @@
 k = 2, 1 (patch_level 2, the release README's setting) leaves 4x4 then 8x8 patch grids. The sizes below
 come from timings on 2 CPU cores (docs/performance.md, "The demo").
 """
+
 import ml_collections
 
 from npp_jax import config_lib
@@ -62,7 +63,9 @@ def get_config(arg: str | None = None):
   c.sample.num_images = 500  # 50 per digit: enough for a stable Frechet distance in 64 features.
   c.sample.batch_size = 128  # A multiple of any device count up to 128; the last batch is padded.
   c.sample.cfg_scale = 2.0
-  c.sample.temperature = 0.9  # Picked on the recipe's checkpoints against guidance 3.0, 4.0 and temperature 1.0.
+  c.sample.temperature = (
+    0.9  # Picked on the recipe's checkpoints against guidance 3.0, 4.0 and temperature 1.0.
+  )
   c.sample.grid_cols = 10
 
   # The demo job's own knobs (npp_jax.demo): they mean something only with this digits recipe, so they
@@ -70,8 +73,12 @@ def get_config(arg: str | None = None):
   c.demo = ml_collections.ConfigDict()
   c.demo.classifier_epochs = 6
   c.demo.grid_cols = 10  # Samples per class row in the PNG grids.
-  c.demo.png_scale = 3  # Nearest-neighbour upscaling of the PNG grids (32 px digits are hard to see).
-  c.demo.seeds = 1  # GPT seeds per row (the VQ and the scorer are shared); 2 or more give the table a spread.
+  c.demo.png_scale = (
+    3  # Nearest-neighbour upscaling of the PNG grids (32 px digits are hard to see).
+  )
+  c.demo.seeds = (
+    1  # GPT seeds per row (the VQ and the scorer are shared); 2 or more give the table a spread.
+  )
   if arg == "smoke":  # Every stage in seconds, for the tests.
     c.model.n_layer, c.model.n_head, c.model.dim = 1, 1, 32
     c.vq_train.steps, c.vq_train.batch_size = 20, 32

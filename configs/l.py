@@ -1,8 +1,9 @@
 """GPT-L class-conditional on ImageNet 256 (16x16 VQ-16 codes): the paper's recipe (NPP.md).
 
-  python -m npp_jax.main --config=configs/l.py --workdir=DIR --config.data.path=CODES
-  python -m npp_jax.main --config=configs/l.py:runlocal ...   # shrunk model and batch, for a laptop
+python -m npp_jax.main --config=configs/l.py --workdir=DIR --config.data.path=CODES
+python -m npp_jax.main --config=configs/l.py:runlocal ...   # shrunk model and batch, for a laptop
 """
+
 import pathlib
 
 from npp_jax import config_lib
@@ -12,7 +13,9 @@ common = config_lib.load_module(pathlib.Path(__file__).with_name("common.py"))
 
 def get_config(arg: str | None = None):
   arg = config_lib.config_arg(arg, "runlocal")
-  c = config_lib.base_config()  # Its defaults are the paper's recipe: batch 256, lr 1e-4, 300 epochs, L = 3.
+  c = (
+    config_lib.base_config()
+  )  # Its defaults are the paper's recipe: batch 256, lr 1e-4, 300 epochs, L = 3.
   c.model.name = "GPT-L"
   c.sample.cfg_scale = 1.75  # Guidance: the reported best for GPT-L (FID 2.76).
   return common.runlocal(c) if arg == "runlocal" else c

@@ -1,7 +1,8 @@
 """A 2-layer model on a 16x16 grid of 256 codes: end-to-end runs on a laptop CPU in seconds (tests).
 
-  python -m npp_jax.main --config=configs/tiny.py --workdir=DIR --config.data.path=CODES
+python -m npp_jax.main --config=configs/tiny.py --workdir=DIR --config.data.path=CODES
 """
+
 from npp_jax import config_lib
 
 
@@ -13,7 +14,9 @@ def get_config(arg: str | None = None):
   c.model.vocab_size, c.model.num_classes = 256, 10
   c.model.multiple_of = 32
   c.model.dtype = "float32"
-  c.model.token_dropout = c.model.resid_dropout = c.model.ffn_dropout = 0.0  # Tests compare exact losses.
+  c.model.token_dropout = c.model.resid_dropout = c.model.ffn_dropout = (
+    0.0  # Tests compare exact losses.
+  )
   c.train.global_batch_size = 16  # Divides over 1, 2, 4 or 8 devices (the tests use 8).
   c.train.epochs = 8
   c.train.log_every_steps = 1

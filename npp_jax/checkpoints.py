@@ -11,30 +11,51 @@ read. Every weight load of the project goes through this module.
 
 Paths go through etils.epath, so `gs://...` (and any scheme epath knows) works wherever a local path does.
 """
+
 import signal
 from typing import Any, Sequence
 
+from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
-from etils import epath
 
 from npp_jax import files
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
 # Fields that change the parameter shapes or their meaning; anything else may change between runs.
-ARCH_FIELDS = ("name", "n_layer", "n_head", "dim", "n_kv_head", "vocab_size", "num_classes",
-               "multiple_of", "ffn_dim_multiplier", "scan_layers")
-VQ_ARCH_FIELDS = ("codebook_size", "codebook_embed_dim", "z_channels", "ch", "ch_mult", "num_res_blocks",
-                  "image_size", "param_dtype")
+ARCH_FIELDS = (
+  "name",
+  "n_layer",
+  "n_head",
+  "dim",
+  "n_kv_head",
+  "vocab_size",
+  "num_classes",
+  "multiple_of",
+  "ffn_dim_multiplier",
+  "scan_layers",
+)
+VQ_ARCH_FIELDS = (
+  "codebook_size",
+  "codebook_embed_dim",
+  "z_channels",
+  "ch",
+  "ch_mult",
+  "num_res_blocks",
+  "image_size",
+  "param_dtype",
+)
 _ITEMS = ("state", "data", "meta")
 
 
 def architecture(section, fields: Sequence[str] = ARCH_FIELDS) -> dict:
   """The fields of a config section (config.model, or config.vq with VQ_ARCH_FIELDS) as JSON values."""
-  return {f: list(section[f]) if isinstance(section[f], (tuple, list)) else section[f] for f in fields}
+  return {
+    f: list(section[f]) if isinstance(section[f], (tuple, list)) else section[f] for f in fields
+  }
 
 
 class CheckpointError(ValueError):
@@ -55,7 +76,9 @@ class Preemption:
   def __enter__(self):
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. a notebook worker): no handler, no preemption save.
+    except (
+      ValueError
+    ):  # Not the main thread (e.g. a notebook worker): no handler, no preemption save.
       self._previous = None
     return self
 
@@ -85,8 +108,10 @@ def check_param_shapes(params, expected: dict[str, tuple[int, ...]], what: str) 
   if got == want:
     return
   first = (sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k]))[0]
-  raise ValueError(f"{what}: {first} is {got.get(first, 'missing')} there, {want.get(first, 'absent')} "
-                   "in the config")
+  raise ValueError(
+    f"{what}: {first} is {got.get(first, 'missing')} there, {want.get(first, 'absent')} "
+    "in the config"
+  )
 
 
 # ------------------------------------------------------------------------------------------ Checkpointer
@@ -99,12 +124,18 @@ class Checkpointer:
   it may be left out only to read (latest_step, restore).
   """
 
-  def __init__(self, directory, *, keep: int, architecture: dict | None = None, async_save: bool = True):
+  def __init__(
+    self, directory, *, keep: int, architecture: dict | None = None, async_save: bool = True
+  ):
     self.directory = files.absolute(directory)
     self.architecture = architecture
-    self._pending, self._failed = None, False  # The step of the async save in flight; a save failed.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    self._pending, self._failed = (
+      None,
+      False,
+    )  # The step of the async save in flight; a save failed.
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
@@ -120,14 +151,18 @@ class Checkpointer:
     diff = {k: (saved.get(k), want[k]) for k in want if saved.get(k) != want[k]}
     if diff:
       pretty = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-      raise CheckpointError(f"{self.directory} holds a checkpoint of another model ({pretty}); "
-                            "expected the same architecture: use another --workdir")
+      raise CheckpointError(
+        f"{self.directory} holds a checkpoint of another model ({pretty}); "
+        "expected the same architecture: use another --workdir"
+      )
 
   def _corrupt(self, step: int, e: Exception) -> CheckpointError:
     first = str(e).splitlines()[0][:200] if str(e) else ""
-    return CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt or partial "
-                           f"({type(e).__name__}{': ' + first if first else ''}); it was left untouched: "
-                           "move it away to resume from an earlier step")
+    return CheckpointError(
+      f"checkpoint step {step} in {self.directory} is corrupt or partial "
+      f"({type(e).__name__}{': ' + first if first else ''}); it was left untouched: "
+      "move it away to resume from an earlier step"
+    )
 
   def _read_meta(self, step: int) -> dict:
     try:
@@ -139,25 +174,36 @@ class Checkpointer:
   def restore(self, abstract_state: Any) -> tuple[Any, dict, int]:
     """(state placed as abstract_state's shardings, data iterator state, step) of the latest step."""
     step = self.latest_step()
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=ocp.args.JsonRestore(),
+      meta=ocp.args.JsonRestore(),
+    )
     try:
       out = self._manager.restore(step, args=args)
     except Exception as e:
       raise self._corrupt(step, e) from None
     return out["state"], dict(out["data"]), step
 
-  def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
+  def save(
+    self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False
+  ) -> bool:
     if self.architecture is None:
-      raise ValueError(f"Checkpointer({self.directory}) was opened without an architecture; expected one "
-                       "to save")
+      raise ValueError(
+        f"Checkpointer({self.directory}) was opened without an architecture; expected one to save"
+      )
     meta = {"architecture": self.architecture, "step": int(step)}
-    args = ocp.args.Composite(state=ocp.args.StandardSave(_host_replicas(state)),
-                              data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave(meta))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(_host_replicas(state)),
+      data=ocp.args.JsonSave(data_state or {}),
+      meta=ocp.args.JsonSave(meta),
+    )
     self.check_saves()  # An earlier save that failed stops the run before another one starts.
     try:
       saved = self._manager.save(step, args=args, force=force)
-    except Exception as e:  # orbax reports an earlier async save's failure here, or this save's own.
+    except (
+      Exception
+    ) as e:  # orbax reports an earlier async save's failure here, or this save's own.
       earlier = self._pending is not None and not _finished(self.directory / str(self._pending))
       raise self._save_failed(self._pending if earlier else int(step), e) from None
     if saved:
@@ -189,8 +235,10 @@ class Checkpointer:
         pass
     good = [s for s in _finished_steps(self.directory) if s != step]
     last = f"step {good[-1]} (left intact)" if good else "none (no step of this run finished)"
-    return CheckpointSaveError(f"saving checkpoint step {step} in {self.directory} failed: {_cause(e)}; the "
-                               f"run stopped there; the last good checkpoint is {last}")
+    return CheckpointSaveError(
+      f"saving checkpoint step {step} in {self.directory} failed: {_cause(e)}; the "
+      f"run stopped there; the last good checkpoint is {last}"
+    )
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
@@ -214,7 +262,9 @@ class Checkpointer:
 
 def _finished(step_dir: epath.Path) -> bool:
   # A local save renames its temporary folder at the end; on a bucket the marker file says it finished.
-  return step_dir.exists() and ("://" not in str(step_dir) or (step_dir / "commit_success.txt").exists())
+  return step_dir.exists() and (
+    "://" not in str(step_dir) or (step_dir / "commit_success.txt").exists()
+  )
 
 
 def _finished_steps(directory: epath.Path) -> list[int]:
@@ -229,8 +279,13 @@ def _cause(e: Exception | None) -> str:
   if e is None:
     return "the step folder was not written"
   text = " ".join(str(e).split())
-  for reason in ("No space left on device", "Disk quota exceeded", "Read-only file system",
-                 "Permission denied", "File too large"):
+  for reason in (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+    "File too large",
+  ):
     if reason in text:
       return f"{reason} ({type(e).__name__})"
   return f"{type(e).__name__}: {text[:200]}"
@@ -243,10 +298,12 @@ def _host_replicas(state):
   a mesh context). The bytes written and restored are the same; restore places them by the target."""
   if jax.process_count() > 1:
     return state
+
   def one(x):
     if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
       return np.asarray(x.addressable_data(0)) if x.sharding.is_fully_replicated else np.asarray(x)
     return x
+
   return jax.tree.map(one, state)
 
 
@@ -274,8 +331,10 @@ def read_params(path, target=None):
   """
   p = files.absolute(path)
   if not p.is_dir():
-    raise ValueError(f"checkpoint path {str(path)!r} is not a directory; expected one written by "
-                     "npp_jax.convert or train_vq (an orbax checkpoint holding {'params': ...})")
+    raise ValueError(
+      f"checkpoint path {str(path)!r} is not a directory; expected one written by "
+      "npp_jax.convert or train_vq (an orbax checkpoint holding {'params': ...})"
+    )
   if target is None:
     # Saved on other devices (e.g. by another process count): restore onto one local device.
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -285,14 +344,18 @@ def read_params(path, target=None):
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(p, {"params": target})
   if not isinstance(restored, dict) or "params" not in restored:
-    raise ValueError(f"{path} holds no 'params' entry; expected a checkpoint written by npp_jax.convert")
+    raise ValueError(
+      f"{path} holds no 'params' entry; expected a checkpoint written by npp_jax.convert"
+    )
   return restored["params"]
 
 
 def load_vq_params(path, vq_config) -> dict:
   """VQ params from a params directory, checked against config.vq's architecture (one-line error)."""
   params = read_params(path)
-  check_param_shapes(params, vq.param_shapes(vq_config), f"VQ parameters in {path} do not fit config.vq")
+  check_param_shapes(
+    params, vq.param_shapes(vq_config), f"VQ parameters in {path} do not fit config.vq"
+  )
   return params
 
 
@@ -307,31 +370,41 @@ def load_params(path, *, ema: bool = False) -> dict:
   """
   p = files.absolute(path)
   if not p.exists():
-    raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; expected a training workdir, its "
-                          "checkpoints/ folder, or a directory written by npp_jax.convert")
+    raise CheckpointError(
+      f"checkpoint path {str(path)!r} does not exist; expected a training workdir, its "
+      "checkpoints/ folder, or a directory written by npp_jax.convert"
+    )
   if (p / "checkpoints").is_dir():
     p = p / "checkpoints"
   if not _is_manager_dir(p):  # A converted release checkpoint.
     if ema:
-      raise CheckpointError(f"{p} is a converted checkpoint; it holds one set of weights (convert with "
-                            "--ema to take the release's EMA weights)")
+      raise CheckpointError(
+        f"{p} is a converted checkpoint; it holds one set of weights (convert with "
+        "--ema to take the release's EMA weights)"
+      )
     return gpt.unstack_layers(read_params(p))
-  manager = ocp.CheckpointManager(p, item_names=_ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+    p, item_names=_ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
+  )
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"{p} holds no finished checkpoint")
   # A run saved by several processes names devices this process does not have: restore onto one device.
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(fallback_sharding=one_device)))["state"]
+    state = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=one_device))
+    )["state"]
   except Exception as e:
-    raise CheckpointError(f"checkpoint step {step} in {p} is corrupt or partial "
-                          f"({type(e).__name__})") from None
+    raise CheckpointError(
+      f"checkpoint step {step} in {p} is corrupt or partial ({type(e).__name__})"
+    ) from None
   if ema:
     if not state.get("ema"):
-      raise CheckpointError(f"checkpoint step {step} in {p} has no EMA weights (train.ema_decay was "
-                            "0); expected a run trained with optim.ema_decay > 0, or use_ema=False")
+      raise CheckpointError(
+        f"checkpoint step {step} in {p} has no EMA weights (train.ema_decay was "
+        "0); expected a run trained with optim.ema_decay > 0, or use_ema=False"
+      )
     params = state["ema"]
   else:
     params = state["params"]

@@ -1,4 +1,4 @@
-"""Command-line conventions shared by `npp_jax.main`, `npp_jax.convert` and `npp_jax.data` (absl flags).
+"""Command-line conventions shared by `npp_jax.main`, `npp_jax.convert` and `npp_jax.npy_codes` (absl flags).
 
 A bad command line or config ends in one line on stderr, `error: ...`, naming the file, flag or key and what
 was expected, and exit status 2; `--traceback` (where defined) shows the full traceback instead.
@@ -7,6 +7,7 @@ absl and ml_collections report config problems as tracebacks (a missing file onl
 an unknown key as a KeyError inside flag parsing). So when parsing fails, or yields no config, the config file
 is loaded once more here, step by step, to say which step failed: the happy path runs absl's code unchanged.
 """
+
 import difflib
 import importlib.util
 import logging as pylogging
@@ -34,12 +35,20 @@ class ConfigError(ValueError):
   """A config file or override that cannot be used."""
 
 
-def define_config(flag_values: flags.FlagValues = flags.FLAGS, sys_argv: Sequence[str] | None = None,
-                  help_string: str = "A config file (configs/*.py), optionally FILE:ARG for get_config(ARG).",
-                  ) -> None:
+def define_config(
+  flag_values: flags.FlagValues = flags.FLAGS,
+  sys_argv: Sequence[str] | None = None,
+  help_string: str = "A config file (configs/*.py), optionally FILE:ARG for get_config(ARG).",
+) -> None:
   """--config=FILE[:ARG] plus --config.a.b=VALUE overrides, locked: a misspelled key is an error."""
-  config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values, lock_config=True,
-                                  sys_argv=None if sys_argv is None else list(sys_argv))
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    help_string,
+    flag_values=flag_values,
+    lock_config=True,
+    sys_argv=None if sys_argv is None else list(sys_argv),
+  )
 
 
 def parse(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -54,8 +63,10 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> l
       # config_flags defers a file it could not load (a missing file) to the config's first use.
       spec = _config_spec(argv)
       problem, _ = load_config_file(spec) if spec is not None else (None, None)
-      raise ConfigError(problem or f"--config={spec!r} gave no ConfigDict; expected a config file such as "
-                        f"{_EXAMPLE}")
+      raise ConfigError(
+        problem
+        or f"--config={spec!r} gave no ConfigDict; expected a config file such as {_EXAMPLE}"
+      )
   return rest
 
 
@@ -107,9 +118,11 @@ def _quiet_closed_loop(hook):
   is closed" (orbax closed the save's event loop at the first error), through sys.excepthook or
   sys.unraisablehook: a traceback per write, none of them the cause. Every other exception reaches the
   previous hook."""
+
   def quiet(kind, value, tb):
     if not _closed_loop(value):
       hook(kind, value, tb)
+
   return quiet
 
 
@@ -117,6 +130,7 @@ def _quiet_closed_loop_unraisable(hook):
   def quiet(unraisable):
     if not _closed_loop(unraisable.exc_value):
       hook(unraisable)
+
   return quiet
 
 
@@ -126,7 +140,9 @@ def _closed_loop(value) -> bool:
 
 def _drop_library_tracebacks(record: pylogging.LogRecord) -> bool:
   # Library code only (site-packages, or asyncio reporting a library's task); the message line stays.
-  if record.exc_info and (record.name == "asyncio" or f"{os.sep}site-packages{os.sep}" in record.pathname):
+  if record.exc_info and (
+    record.name == "asyncio" or f"{os.sep}site-packages{os.sep}" in record.pathname
+  ):
     record.exc_info, record.exc_text = None, None
   return True
 
@@ -139,6 +155,7 @@ def _os_error(e: OSError) -> str:
 
 
 # ------------------------------------------------------------------------------------------ diagnosis
+
 
 def explain(error: Exception, argv: Sequence[str]) -> str:
   """One line for a failed parse: the config file's problem, an unknown or mistyped key, or absl's own."""
@@ -186,8 +203,10 @@ def load_config_file(spec: str) -> tuple[str | None, Any]:
   if not path:
     return f"--config is empty; expected a config file such as {_EXAMPLE}", None
   if not os.path.exists(path):
-    return (f"--config={path!r}: no such file (from {os.getcwd()}); expected a config file such as "
-            f"{_EXAMPLE}"), None
+    return (
+      f"--config={path!r}: no such file (from {os.getcwd()}); expected a config file such as "
+      f"{_EXAMPLE}"
+    ), None
   if not os.path.isfile(path):
     return f"--config={path!r} is a directory; expected a config file such as {_EXAMPLE}", None
   try:
@@ -205,23 +224,32 @@ def load_config_file(spec: str) -> tuple[str | None, Any]:
     return f"config file {path} raised {_where(e, path)}", None
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
-    return (f"config file {path} defines no get_config(); expected a function get_config(arg=None) that "
-            "returns an ml_collections.ConfigDict"), None
+    return (
+      f"config file {path} defines no get_config(); expected a function get_config(arg=None) that "
+      "returns an ml_collections.ConfigDict"
+    ), None
   try:
     config = get_config(*([arg] if arg else []))
   except Exception as e:
     return f"config file {path}: {call} raised {_where(e, path)}", None
   if not isinstance(config, config_dict.ConfigDict):
-    return (f"config file {path}: {call} returned {type(config).__name__}; expected an "
-            "ml_collections.ConfigDict"), None
+    return (
+      f"config file {path}: {call} returned {type(config).__name__}; expected an "
+      "ml_collections.ConfigDict"
+    ), None
   return None, config
 
 
 def _where(e: Exception, path: str) -> str:
-  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
-           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  lines = [
+    f.lineno
+    for f in traceback.extract_tb(e.__traceback__)
+    if os.path.abspath(f.filename) == os.path.abspath(path)
+  ]
   first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-  return f"{type(e).__name__}{': ' + first if first else ''}" + (f" (line {lines[-1]})" if lines else "")
+  return f"{type(e).__name__}{': ' + first if first else ''}" + (
+    f" (line {lines[-1]})" if lines else ""
+  )
 
 
 def _keys(node: config_dict.ConfigDict, prefix: str = "") -> list[str]:
@@ -243,8 +271,12 @@ def unknown_key(config: config_dict.ConfigDict, path: str, spec: str | None) -> 
     if name not in node:
       keys = _keys(config)
       close = difflib.get_close_matches(path, keys, n=1, cutoff=0.5)
-      hint = f"did you mean --config.{close[0]}?" if close else "expected an existing key of the config"
-      return f"--config.{path}: the config{f' ({spec})' if spec else ''} has no key {path!r}; {hint}"
+      hint = (
+        f"did you mean --config.{close[0]}?" if close else "expected an existing key of the config"
+      )
+      return (
+        f"--config.{path}: the config{f' ({spec})' if spec else ''} has no key {path!r}; {hint}"
+      )
     node = node[name]
   return None
 

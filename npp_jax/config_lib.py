@@ -5,6 +5,7 @@ No recipes live here: config files under `configs/` (one per model size, `tiny.p
 still accepts them from the command line. `load` reads a config file as `--config=` does, for code that is
 not the command line (tests, benchmarks, notebooks).
 """
+
 import importlib.util
 import os
 import pathlib
@@ -64,7 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
   c.optim.grad_clip = 1.0
-  c.optim.warmup_epochs = 5.0  # Paper appendix (the release's code default is 1); restarts every stage.
+  c.optim.warmup_epochs = (
+    5.0  # Paper appendix (the release's code default is 1); restarts every stage.
+  )
   c.optim.decay_ratio = 0.2  # Linear decay to end_lr over this last fraction of every stage.
   c.optim.ema_decay = 0.0  # 0 turns the EMA off, as in the release.
 
@@ -76,9 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 2000
   c.train.keep_checkpoints = 3
-  c.train.init_from = ""  # A checkpoint directory whose parameters start this run (converted weights).
+  c.train.init_from = (
+    ""  # A checkpoint directory whose parameters start this run (converted weights).
+  )
   c.train.profile = False
-  c.train.peak_flops_per_device = 0.0  # For MFU where the device is not in costs.PEAK_FLOPS (0: look up).
+  c.train.peak_flops_per_device = (
+    0.0  # For MFU where the device is not in costs.PEAK_FLOPS (0: look up).
+  )
   # Held-out k = 1 NLL and class information (eval/ in TensorBoard) at the end of every stage and, when > 0,
   # every eval_every_steps steps; on the first eval_batches batches of data.eval_split (0 batches: no eval).
   c.train.eval_every_steps = 0
@@ -87,10 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.preemption_sync_every_steps = 10
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # Directory of the code data set (npp_jax.data); required for training.
+  c.data.path = (
+    ""  # Directory of the code data set (npp_jax.data.code_dataset); required for training.
+  )
   c.data.worker_count = 0
   c.data.shuffle_seed = 0
-  c.data.eval_split = ""  # "": "test" or else "validation", whichever the data set has (neither: no eval).
+  c.data.eval_split = (
+    ""  # "": "test" or else "validation", whichever the data set has (neither: no eval).
+  )
 
   # Mesh axes (data, fsdp, tensor); -1 takes the devices left. Logical-axis rules map parameter and
   # activation axes onto them (maxtext style): model code names axes, the config decides the layout.
@@ -98,14 +109,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.shape = (-1, 1, 1)
   c.mesh.axes = ("data", "fsdp", "tensor")
   c.mesh.rules = (
-      ("batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("vocab", "tensor"),
-      ("heads", "tensor"),
-      ("mlp", "tensor"),
-      ("classes", None),
-      ("layers", None),
-      ("norm", None),
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("classes", None),
+    ("layers", None),
+    ("norm", None),
   )
   c.vq = vq_config()
   c.sample = sample_config()
@@ -116,9 +127,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def evaluate_config() -> ml_collections.ConfigDict:
-  """`--mode=evaluate` (npp_jax.evaluate): FID, sFID, IS, precision and recall as the ADM evaluator."""
+  """`--mode=evaluate` (npp_jax.jobs.evaluate): FID, sFID, IS, precision and recall as the ADM evaluator."""
   e = ml_collections.ConfigDict()
-  e.samples = ""  # ADM npz, arr_0 uint8 [N, H, W, 3]: what --mode=sample writes (samples/samples_N.npz).
+  e.samples = (
+    ""  # ADM npz, arr_0 uint8 [N, H, W, 3]: what --mode=sample writes (samples/samples_N.npz).
+  )
   # An ADM reference npz (images and/or mu, sigma, mu_s, sigma_s), a statistics npz this mode wrote, or a
   # data set ("digits", a TFDS name or directory, an image folder) whose statistics are then cached.
   # Set in --mode=sample, it scores the images just sampled.
@@ -126,19 +139,29 @@ def evaluate_config() -> ml_collections.ConfigDict:
   e.reference_split = "train"  # Data set references only, as reference_num_images and data_dir.
   e.reference_num_images = 50000  # The split's first images.
   e.data_dir = ""
-  e.image_size = 256  # Data set references are centre-cropped to this (ADM's crop), as the samples are.
+  e.image_size = (
+    256  # Data set references are centre-cropped to this (ADM's crop), as the samples are.
+  )
   # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (converted once into WORKDIR/inception), or that
   # params directory. Nothing is downloaded.
   e.inception = ""
   e.preprocess = "adm"  # "adm": the TF graph's resize and scaling; "pytorch_fid": pytorch-fid's.
-  e.resize_to = 299  # Inception input size; 299 gives the published features (smaller: smoke tests only).
-  e.batch_size = 256  # Global images per feature step and per cached shard (a multiple of the devices).
-  e.num_samples = 0  # 0: every image of evaluate.samples; n: the first n (and the samples per every_steps).
+  e.resize_to = (
+    299  # Inception input size; 299 gives the published features (smaller: smoke tests only).
+  )
+  e.batch_size = (
+    256  # Global images per feature step and per cached shard (a multiple of the devices).
+  )
+  e.num_samples = (
+    0  # 0: every image of evaluate.samples; n: the first n (and the samples per every_steps).
+  )
   # > 0: training samples num_samples images (config.sample's settings, sample.seed every time) every this
   # many steps and at its end, and logs eval/fid, sfid, inception_score, precision, recall (in memory;
   # needs sample.vq_checkpoint, evaluate.reference and evaluate.inception). 0: off.
   e.every_steps = 0
-  e.fid_method = "sqrtm"  # "sqrtm": the evaluator's scipy.linalg.sqrtm; "eigh": same value, faster on CPU.
+  e.fid_method = (
+    "sqrtm"  # "sqrtm": the evaluator's scipy.linalg.sqrtm; "eigh": same value, faster on CPU.
+  )
   e.neighbours = 3  # k of the precision / recall manifolds.
   e.is_split_size = 5000  # Inception Score splits (10 for 50,000 samples).
   e.distance_block = 10000  # Rows and columns per precision / recall distance block.
@@ -170,41 +193,55 @@ def vq_config() -> ml_collections.ConfigDict:
 
 
 def sample_config() -> ml_collections.ConfigDict:
-  """`python -m npp_jax.main --mode=sample`: class-conditional samples (npp_jax.sample.sample_and_save)."""
+  """`python -m npp_jax.main --mode=sample`: class-conditional samples (npp_jax.jobs.sample.sample_and_save)."""
   s = ml_collections.ConfigDict()
-  s.checkpoint = ""  # A training workdir, its checkpoints/ folder, or a converted checkpoint (required).
+  s.checkpoint = (
+    ""  # A training workdir, its checkpoints/ folder, or a converted checkpoint (required).
+  )
   s.use_ema = False  # Take the run's EMA weights (an error if the run kept none).
   s.vq_checkpoint = ""  # A converted VQ checkpoint (config.vq); "" writes codes only, no images.
   s.num_images = 50000  # Any count: the last batch is padded to batch_size and trimmed.
   s.classes = ()  # Class ids, cycled over the samples; () cycles all classes (50 each for 50k of 1000).
-  s.cfg_scale = 2.0  # GPT-B's best (NPP.md); configs/<size>.py set each size's. 1 turns guidance off.
-  s.cfg_interval = -1  # -1 guides every token; n >= 0 guides tokens 0 .. n + 1 only, as the release.
+  s.cfg_scale = (
+    2.0  # GPT-B's best (NPP.md); configs/<size>.py set each size's. 1 turns guidance off.
+  )
+  s.cfg_interval = (
+    -1
+  )  # -1 guides every token; n >= 0 guides tokens 0 .. n + 1 only, as the release.
   s.temperature = 1.0
   s.top_k = 0  # 0 = off; 1 = greedy.
   s.top_p = 1.0  # 1.0 = off.
   s.seed = 0
-  s.batch_size = 64  # Global images per step (a multiple of the device count); one shard file per step.
-  s.dtype = "auto"  # Compute dtype: "auto" is float32 on CPU (bf16 decode measured 1.4x slower there),
+  s.batch_size = (
+    64  # Global images per step (a multiple of the device count); one shard file per step.
+  )
+  s.dtype = (
+    "auto"  # Compute dtype: "auto" is float32 on CPU (bf16 decode measured 1.4x slower there),
+  )
   #                   model.dtype elsewhere; or one of float32 / bfloat16 / float16.
-  s.grid_rows = 4  # PNG: one row per class (sample.classes, else classes 0, 1, ...), at most this many
+  s.grid_rows = (
+    4  # PNG: one row per class (sample.classes, else classes 0, 1, ...), at most this many
+  )
   s.grid_cols = 8  # rows of this many images.
   return s
 
 
 def vq_train_config() -> ml_collections.ConfigDict:
-  """`--mode=train_vq` (npp_jax.train_vq): a VQ of config.vq's architecture trained on images.
+  """`--mode=train_vq` (npp_jax.jobs.train_vq): a VQ of config.vq's architecture trained on images.
 
   Reconstruction (L2, optionally L1) plus the quantizer's codebook and commitment losses; LlamaGen's
   perceptual and adversarial losses are not part of this trainer. Defaults are LlamaGen's VQ recipe.
   """
   t = ml_collections.ConfigDict()
-  # "digits" (npp_jax.digits, the demo), a TFDS name prepared under data_dir (e.g. "imagenet2012"), a
+  # "digits" (npp_jax.data.digits, the demo), a TFDS name prepared under data_dir (e.g. "imagenet2012"), a
   # prepared TFDS directory, or an image folder root/<split>/<class>/*.{png,jpg} (TFDS ImageFolder).
   t.dataset = "imagenet2012"
   t.data_dir = ""  # TFDS data_dir for a TFDS name; "" is TFDS's default (~/tensorflow_datasets).
   t.split = "train"
   t.steps = 400_000  # About 40 ImageNet epochs at batch 128.
-  t.batch_size = 128  # Global images per step (a multiple of the data-parallel size and of the processes).
+  t.batch_size = (
+    128  # Global images per step (a multiple of the data-parallel size and of the processes).
+  )
   t.lr = 1e-4  # Constant.
   t.b1 = 0.9
   t.b2 = 0.95
@@ -222,9 +259,11 @@ def vq_train_config() -> ml_collections.ConfigDict:
 
 
 def extract_config() -> ml_collections.ConfigDict:
-  """`--mode=extract` (npp_jax.extract): a data set's images -> a code data set (npp_jax.data)."""
+  """`--mode=extract` (npp_jax.jobs.extract): a data set's images -> a code data set (npp_jax.data.code_dataset)."""
   e = ml_collections.ConfigDict()
-  e.dataset = "imagenet2012"  # As vq_train.dataset: "digits", a TFDS name or directory, an image folder.
+  e.dataset = (
+    "imagenet2012"  # As vq_train.dataset: "digits", a TFDS name or directory, an image folder.
+  )
   e.data_dir = ""
   e.split = "train"  # One split per run (digits: train / test / all).
   # The release's augmentations (LlamaGen extract_codes_c2i): "tencrop" resizes the short side to
@@ -232,8 +271,12 @@ def extract_config() -> ml_collections.ConfigDict:
   # those of its mirror image (n_aug 10); "flip": the centre crop and its mirror (2); "none": the crop (1).
   e.aug = "tencrop"
   e.crop_range = 1.1  # Ten-crop only; the release uses 1.1 (1.05 is its other setting).
-  e.batch_size = 64  # Global images per step and per temporary shard; every step encodes n_aug x this.
-  e.vq_checkpoint = ""  # A converted (npp_jax.convert --kind=vq) or train_vq'd (WORKDIR/vq) VQ; required.
+  e.batch_size = (
+    64  # Global images per step and per temporary shard; every step encodes n_aug x this.
+  )
+  e.vq_checkpoint = (
+    ""  # A converted (npp_jax.convert --kind=vq) or train_vq'd (WORKDIR/vq) VQ; required.
+  )
   e.output = ""  # Code data set directory; "" is WORKDIR/codes.
   e.keep_shards = False  # Keep WORKDIR/extract_tmp/<split> after the data set is written.
   e.num_threads = 0  # Host threads decoding and cropping images; 0: min(16, CPU count).
@@ -244,8 +287,10 @@ def config_arg(arg: str | None, *accepted: str) -> str:
   """A config file's argument (`--config=FILE:ARG`), "" for none; a word it does not know is an error."""
   arg = arg or ""
   if arg and arg not in accepted:
-    raise ValueError(f"unknown config argument {arg!r}; expected "
-                     + (f"none or one of {', '.join(map(repr, accepted))}" if accepted else "none"))
+    raise ValueError(
+      f"unknown config argument {arg!r}; expected "
+      + (f"none or one of {', '.join(map(repr, accepted))}" if accepted else "none")
+    )
   return arg
 
 
@@ -255,8 +300,9 @@ def load_module(path: str | os.PathLike):
   if not p.is_absolute() and not p.exists():
     p = REPO_ROOT / p
   if not p.is_file():
-    raise ValueError(f"config file {str(path)!r} not found (relative paths: from {os.getcwd()} "
-                     f"or {REPO_ROOT})")
+    raise ValueError(
+      f"config file {str(path)!r} not found (relative paths: from {os.getcwd()} or {REPO_ROOT})"
+    )
   spec = importlib.util.spec_from_file_location(f"npp_config_{p.stem}", p)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

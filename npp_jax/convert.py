@@ -19,16 +19,17 @@ state dict, a bare state dict (FSDP exports), and with --ema the "ema" entry. `-
 
 torch is imported only inside the functions that need it (`pip install .[torch]`).
 """
+
 import re
 import sys
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from etils import epath
 from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from npp_jax import checkpoints
 from npp_jax import cli
@@ -40,8 +41,8 @@ from npp_jax.models import vq
 KINDS = ("gpt", "vq")
 # Torch keys that name the same tensor in both frameworks only after a special rename.
 _SPECIAL_NAMES = {
-    "cls_embedding/embedding": "cls_embedding.embedding_table.weight",
-    "quantize/embedding": "quantize.embedding.weight",
+  "cls_embedding/embedding": "cls_embedding.embedding_table.weight",
+  "quantize/embedding": "quantize.embedding.weight",
 }
 # Buffers that are no weights: usage statistics and inference caches the release may have saved.
 _IGNORED = re.compile(r"(^|.*\.)(codebook_used|k_cache|v_cache|freqs_cis|causal_mask)$")
@@ -61,7 +62,9 @@ def torch_name(path: str) -> str:
     return _SPECIAL_NAMES[path]
   *modules, leaf = path.split("/")
   parts = [re.sub(r"^(.+)_(\d+)$", r"\1.\2", m) for m in modules]
-  parts.append("bias" if leaf == "bias" else "weight")  # kernel, scale and embedding are all "weight".
+  parts.append(
+    "bias" if leaf == "bias" else "weight"
+  )  # kernel, scale and embedding are all "weight".
   return ".".join(parts)
 
 
@@ -107,6 +110,7 @@ def _mismatch_error(what: str, missing: list[str], unexpected: list[str], missha
   def show(items):
     items = sorted(items)
     return ", ".join(items[:8]) + (f", ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+
   parts = []
   if missing:
     parts.append(f"missing {len(missing)} keys: {show(missing)}")
@@ -140,13 +144,19 @@ def load_torch_state(src: str, ema: bool = False) -> dict[str, np.ndarray]:
     # Training scripts store their argparse.Namespace next to the weights; it holds only plain values.
     with torch.serialization.safe_globals([argparse.Namespace]), path.open("rb") as f:
       obj = torch.load(f, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch.load fails on a bad file with many types; each means "not loadable".
+  except (
+    Exception
+  ) as e:  # torch.load fails on a bad file with many types; each means "not loadable".
     raise ValueError(_unloadable(src, e, pickle.UnpicklingError)) from None
   if not isinstance(obj, dict):
-    raise ValueError(f"{src} holds a {type(obj).__name__}; expected a dict (a state dict or a checkpoint)")
+    raise ValueError(
+      f"{src} holds a {type(obj).__name__}; expected a dict (a state dict or a checkpoint)"
+    )
   if ema:
     if not isinstance(obj.get("ema"), dict):
-      raise ValueError(f"--ema: {src} has no 'ema' state dict; its top-level keys are {sorted(obj)[:10]}")
+      raise ValueError(
+        f"--ema: {src} has no 'ema' state dict; its top-level keys are {sorted(obj)[:10]}"
+      )
     state = obj["ema"]
   else:
     wrapped = [k for k in ("model", "module", "state_dict") if isinstance(obj.get(k), dict)]
@@ -155,15 +165,17 @@ def load_torch_state(src: str, ema: bool = False) -> dict[str, np.ndarray]:
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
       state = obj  # A bare state dict, as FSDP exports write.
     else:
-      raise ValueError(f"{src} has no 'model', 'module' or 'state_dict' entry and is not a bare state "
-                       f"dict; its top-level keys are {sorted(map(str, obj))[:10]}")
+      raise ValueError(
+        f"{src} has no 'model', 'module' or 'state_dict' entry and is not a bare state "
+        f"dict; its top-level keys are {sorted(map(str, obj))[:10]}"
+      )
   out = {}
   for key, value in state.items():
     if not isinstance(value, torch.Tensor):
       raise ValueError(f"{src}: entry {key!r} is a {type(value).__name__}; expected a tensor")
     for prefix in _PREFIXES:
       while key.startswith(prefix):
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
     out[key] = value.detach().to(torch.float32).cpu().numpy()
   return out
 
@@ -175,16 +187,26 @@ def _unloadable(src: str, e: Exception, unpickling_error: type) -> str:
   text = str(e)
   if isinstance(e, unpickling_error) and "truncated" not in text:
     called = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    what = f"a pickle that calls {called.group(1)}" if called else "a pickle of more than tensors and plain values"
-    return (f"--src={src!r} holds {what}: refused, nothing in it was run (torch.load(weights_only=True) "
-            "loads tensors and plain values only); expected a checkpoint written by torch.save")
+    what = (
+      f"a pickle that calls {called.group(1)}"
+      if called
+      else "a pickle of more than tensors and plain values"
+    )
+    return (
+      f"--src={src!r} holds {what}: refused, nothing in it was run (torch.load(weights_only=True) "
+      "loads tensors and plain values only); expected a checkpoint written by torch.save"
+    )
   if head.startswith(b"PK") or isinstance(e, EOFError) or "truncated" in text:
-    return (f"--src={src!r} is a truncated or corrupt PyTorch file ({epath.Path(src).stat().length} bytes; "
-            f"{type(e).__name__}); expected a complete checkpoint: copy it again")
+    return (
+      f"--src={src!r} is a truncated or corrupt PyTorch file ({epath.Path(src).stat().length} bytes; "
+      f"{type(e).__name__}); expected a complete checkpoint: copy it again"
+    )
   if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
     return f"--src={src!r} is a text file, not a PyTorch checkpoint; expected a file written by torch.save"
-  return (f"--src={src!r} is not a PyTorch checkpoint ({type(e).__name__}); expected a file written by "
-          "torch.save")
+  return (
+    f"--src={src!r} is not a PyTorch checkpoint ({type(e).__name__}); expected a file written by "
+    "torch.save"
+  )
 
 
 def state_to_params(kind: str, state: dict[str, np.ndarray], config, what: str = "the checkpoint"):
@@ -213,12 +235,17 @@ def params_to_state(kind: str, params, config, what: str = "the params") -> dict
   shapes = expected_shapes(kind, config)
   missing = [p for p in shapes if p not in flat]
   unexpected = [p for p in flat if p not in shapes]
-  misshaped = [f"{p} {list(np.shape(flat[p]))} (expected {list(shapes[p])})"
-               for p in shapes if p in flat and tuple(np.shape(flat[p])) != shapes[p]]
+  misshaped = [
+    f"{p} {list(np.shape(flat[p]))} (expected {list(shapes[p])})"
+    for p in shapes
+    if p in flat and tuple(np.shape(flat[p])) != shapes[p]
+  ]
   if missing or unexpected or misshaped:
     raise _mismatch_error(what, missing, unexpected, misshaped)
-  state = {torch_name(p): np.ascontiguousarray(to_torch(p, np.asarray(flat[p], np.float32)))
-           for p in shapes}
+  state = {
+    torch_name(p): np.ascontiguousarray(to_torch(p, np.asarray(flat[p], np.float32)))
+    for p in shapes
+  }
   if kind == "vq":
     state["quantize.codebook_used"] = np.zeros((CODEBOOK_USED_SIZE,), np.float32)
   return state
@@ -235,7 +262,9 @@ def convert(kind: str, src: str, dst: str, config, ema: bool = False, to: str = 
   if to not in ("jax", "torch"):
     raise ValueError(f"--to={to!r}; expected 'jax' or 'torch'")
   if ema and to == "torch":
-    raise ValueError("--ema selects the EMA weights of a PyTorch checkpoint; it does not apply to --to=torch")
+    raise ValueError(
+      "--ema selects the EMA weights of a PyTorch checkpoint; it does not apply to --to=torch"
+    )
   if epath.Path(dst).exists():
     raise ValueError(f"--dst={dst!r} already exists; expected a new path (nothing is overwritten)")
   expected_shapes(kind, config)  # Validates the config before any file is read.
@@ -246,8 +275,12 @@ def convert(kind: str, src: str, dst: str, config, ema: bool = False, to: str = 
   import torch
 
   # A training workdir or the other model's weights: say what it is before orbax reads any array.
-  preflight.expect_weights("--src", src, (f"{kind}_params",),
-                           f"a {kind.upper()} params directory (what npp_jax.convert --kind={kind} writes)")
+  preflight.expect_weights(
+    "--src",
+    src,
+    (f"{kind}_params",),
+    f"a {kind.upper()} params directory (what npp_jax.convert --kind={kind} writes)",
+  )
   params = checkpoints.read_params(src)
   state = params_to_state(kind, params, config, what=f"checkpoint {src}")
   state = {"model": {k: torch.from_numpy(v) for k, v in state.items()}}
@@ -258,18 +291,22 @@ def run(argv: Sequence[str]) -> None:
   """The command line, parsed on a private flag set so that it can be called repeatedly (tests)."""
   fv = flags.FlagValues()
   flags.DEFINE_enum("kind", None, list(KINDS), "Which model: gpt or vq.", flag_values=fv)
-  flags.DEFINE_string("src", None, "PyTorch checkpoint (.pt), or an orbax directory with --to=torch.",
-                      flag_values=fv)
-  flags.DEFINE_string("dst", None, "Output: an orbax directory, or a .pt file with --to=torch.",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "src", None, "PyTorch checkpoint (.pt), or an orbax directory with --to=torch.", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "dst", None, "Output: an orbax directory, or a .pt file with --to=torch.", flag_values=fv
+  )
   flags.DEFINE_bool("ema", False, "Read the checkpoint's 'ema' weights.", flag_values=fv)
   flags.DEFINE_enum("to", "jax", ["jax", "torch"], "Direction of the conversion.", flag_values=fv)
   cli.define_config(fv, sys_argv=argv, help_string="A config file (config.model, config.vq).")
   cli.parse(argv, fv)  # One-line ValueError for a bad flag, config file or key.
   for name in ("kind", "src", "dst", "config"):
     if fv[name].value is None:
-      raise ValueError(f"--{name} is required; usage: python -m npp_jax.convert --kind=gpt|vq "
-                       "--src=FILE --config=CONFIG --dst=DIR [--ema] [--to=torch]")
+      raise ValueError(
+        f"--{name} is required; usage: python -m npp_jax.convert --kind=gpt|vq "
+        "--src=FILE --config=CONFIG --dst=DIR [--ema] [--to=torch]"
+      )
   convert(fv.kind, fv.src, fv.dst, fv.config, ema=fv.ema, to=fv.to)
 
 

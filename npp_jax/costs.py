@@ -3,6 +3,7 @@
 FLOPs follow the usual accounting (PaLM appendix B): 2 per multiply-add, a train step is 3x the forward
 pass, attention scores and mixing counted in full (4 * S^2 * D per layer, causal mask not discounted).
 """
+
 import dataclasses
 
 import jax
@@ -13,16 +14,16 @@ from npp_jax.models.gpt import GPTConfig
 # Dense bf16 peak per device, FLOP/s, by jax device_kind prefix. CPU has none: MFU is then not reported
 # unless train.peak_flops_per_device says otherwise.
 PEAK_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA A100": 312e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
 }
 
 
@@ -41,11 +42,15 @@ def train_step_flops(cfg: GPTConfig, k: int, batch_size: int) -> StepFlops:
   """FLOPs of one train step (forward + backward) at patch size k for a global batch."""
   seq = npp.num_patches(cfg.grid, k)  # 1 condition + n - 1 patches.
   hd = cfg.head_dim
-  per_layer = cfg.dim * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim
+  per_layer = (
+    cfg.dim * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim
+  )
   fwd_dense = 2 * seq * per_layer * cfg.n_layer
   fwd_attn = 4 * seq * seq * cfg.dim * cfg.n_layer
   fwd_logits = 2 * seq * cfg.dim * cfg.vocab_size
-  return StepFlops(3.0 * batch_size * fwd_dense, 3.0 * batch_size * fwd_attn, 3.0 * batch_size * fwd_logits)
+  return StepFlops(
+    3.0 * batch_size * fwd_dense, 3.0 * batch_size * fwd_attn, 3.0 * batch_size * fwd_logits
+  )
 
 
 def schedule_flop_ratio(schedule: npp.Schedule, cfg: GPTConfig) -> float:
@@ -75,7 +80,9 @@ def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
   return None
 
 
-def mfu(step_flops: float, step_seconds: float, num_devices: int, peak: float | None) -> float | None:
+def mfu(
+  step_flops: float, step_seconds: float, num_devices: int, peak: float | None
+) -> float | None:
   if not peak or step_seconds <= 0:
     return None
   return step_flops / step_seconds / (num_devices * peak)

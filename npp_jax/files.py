@@ -4,6 +4,7 @@ so `gs://...` (and any scheme epath knows) works wherever a local path does. Plu
 
 Never `os.path` / `open()` on a user path: `os.path.abspath("gs://b/run")` is `<cwd>/gs:/b/run`.
 """
+
 import json
 
 from etils import epath
@@ -37,8 +38,10 @@ def check_same_settings(path, settings: dict, folder, holds: str, expected: str)
   old = json.loads(path.read_text())
   diff = sorted(k for k in settings if old.get(k) != settings[k])
   if diff:
-    raise ValueError(f"{folder} holds {holds} of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
-                     f"{settings[diff[0]]!r} now); {expected}")
+    raise ValueError(
+      f"{folder} holds {holds} of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
+      f"{settings[diff[0]]!r} now); {expected}"
+    )
 
 
 def read_json(path):

@@ -11,13 +11,13 @@ A trainer runs its own steps and calls `Loop.end_of_step` after each one:
     if lp.end_of_step(step, metrics, save=lambda s: ckpt.save(s, state, ...)):
       break  # Preempted, after saving this step.
 """
+
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import logging
 import jax
 import numpy as np
-from absl import logging
-
 
 # The exit status of a run that saved and stopped early on SIGTERM (os.EX_TEMPFAIL: "try again"): a launcher
 # tells it from 0 ("finished") and requeues or re-runs the same command, which resumes.
@@ -51,14 +51,31 @@ class Loop:
   on_log(step, scalars): called after each logged line (a console progress bar, e.g. the demo's).
   """
 
-  def __init__(self, *, total_steps: int, log_every: int, checkpoint_every: int, writer, preemption: Any,
-               last_saved: Callable[[], Any], wait: Callable[[], None] = lambda: None,
-               reached_preemption: Callable[[int], bool] | None = None, hooks: Sequence[Callable] = (),
-               excluded_s: Callable[[], float] = lambda: 0.0, what: str = "", start: int = 0,
-               sync_every: int = 1, agree: Callable[[bool], bool] | None = None,
-               process_count: int | None = None,
-               on_log: Callable[[int, Mapping[str, float]], None] | None = None):
-    self.total_steps, self.log_every, self.checkpoint_every = total_steps, log_every, checkpoint_every
+  def __init__(
+    self,
+    *,
+    total_steps: int,
+    log_every: int,
+    checkpoint_every: int,
+    writer,
+    preemption: Any,
+    last_saved: Callable[[], Any],
+    wait: Callable[[], None] = lambda: None,
+    reached_preemption: Callable[[int], bool] | None = None,
+    hooks: Sequence[Callable] = (),
+    excluded_s: Callable[[], float] = lambda: 0.0,
+    what: str = "",
+    start: int = 0,
+    sync_every: int = 1,
+    agree: Callable[[bool], bool] | None = None,
+    process_count: int | None = None,
+    on_log: Callable[[int, Mapping[str, float]], None] | None = None,
+  ):
+    self.total_steps, self.log_every, self.checkpoint_every = (
+      total_steps,
+      log_every,
+      checkpoint_every,
+    )
     self.writer, self.preemption, self.hooks = writer, preemption, list(hooks)
     self.last_saved, self.wait, self.reached_preemption = last_saved, wait, reached_preemption
     self.excluded_s, self.what = excluded_s, what
@@ -82,8 +99,14 @@ class Loop:
       return False  # The flag stays set: the next agreement sees it.
     return self.agree(local)
 
-  def end_of_step(self, step: int, metrics: Mapping[str, Any], save: Callable[[int], Any],
-                  extra: Callable[[int, float], Mapping[str, float]] | None = None, note: str = "") -> bool:
+  def end_of_step(
+    self,
+    step: int,
+    metrics: Mapping[str, Any],
+    save: Callable[[int], Any],
+    extra: Callable[[int, float], Mapping[str, float]] | None = None,
+    note: str = "",
+  ) -> bool:
     """Hooks, then log / check / save as the intervals and preemption say; True means stop now.
 
     metrics: the step's (device) scalars; read back only on log and save steps. extra(step, step_s):
@@ -101,8 +124,9 @@ class Loop:
       if not all(np.isfinite(v) for v in metrics.values()):
         self.wait()
         raise FloatingPointError(
-            f"non-finite {self.what}metrics at step {step}{note}: {metrics}; stopped without saving, "
-            f"the last good checkpoint is step {self.last_saved()}")
+          f"non-finite {self.what}metrics at step {step}{note}: {metrics}; stopped without saving, "
+          f"the last good checkpoint is step {self.last_saved()}"
+        )
     if log_now:
       self._log(step, metrics, extra)
     if stop:

@@ -8,6 +8,7 @@
 Nothing here knows about the transformer: the model calls `aggregate` on its embeddings, the trainer calls
 `group_targets` and `patch_loss` on its logits and `Schedule` for k and the learning rate at a step.
 """
+
 import dataclasses
 import functools
 from typing import Sequence
@@ -24,8 +25,9 @@ def check_patch_size(k: int, grid: Sequence[int]) -> None:
   h, w = grid
   if not isinstance(k, int) or k < 1 or h % k or w % k:
     raise ValueError(
-        f"patch size k={k!r} does not divide the {h}x{w} code grid; expected a positive integer "
-        f"dividing both sides, e.g. one of {[p for p in PATCH_SIZES if h % p == 0 and w % p == 0]}")
+      f"patch size k={k!r} does not divide the {h}x{w} code grid; expected a positive integer "
+      f"dividing both sides, e.g. one of {[p for p in PATCH_SIZES if h % p == 0 and w % p == 0]}"
+    )
 
 
 def _blocks(x: jax.Array, grid: Sequence[int], k: int) -> jax.Array:
@@ -109,7 +111,7 @@ def release_stages(patch_level: int, epoch_rate: float, epochs: int) -> list[tup
     raise ValueError(f"npp.epoch_rate={epoch_rate!r}; expected a number in (0, 1)")
   if epochs <= 0:
     raise ValueError(f"train.epochs={epochs!r}; expected a positive number")
-  ends = [int(epochs * epoch_rate ** i) for i in range(patch_level - 1, -1, -1)]
+  ends = [int(epochs * epoch_rate**i) for i in range(patch_level - 1, -1, -1)]
   ks = [2 ** (patch_level - 1 - i) for i in range(patch_level)]  # k^2 = 4^(L-1), ..., 4, 1.
   stages, prev = [], 0
   for k, end in zip(ks, ends):
@@ -125,11 +127,14 @@ class Schedule:
   next stage, both for k and for the learning rate, so a stage never borrows a step of its neighbour.
   """
 
-  def __init__(self, stages: Sequence[tuple[int, float]], steps_per_epoch: int,
-               grid: Sequence[int] = (16, 16)):
+  def __init__(
+    self, stages: Sequence[tuple[int, float]], steps_per_epoch: int, grid: Sequence[int] = (16, 16)
+  ):
     if steps_per_epoch <= 0:
-      raise ValueError(f"steps_per_epoch={steps_per_epoch!r}; expected a positive integer (is the "
-                       "global batch larger than the data set?)")
+      raise ValueError(
+        f"steps_per_epoch={steps_per_epoch!r}; expected a positive integer (is the "
+        "global batch larger than the data set?)"
+      )
     if not stages:
       raise ValueError("the NPP schedule has no stage; expected at least one (k, epochs)")
     out, step = [], 0
@@ -139,12 +144,16 @@ class Schedule:
         raise ValueError(f"stage epochs={epochs!r} for k={k}; expected a positive number")
       n = int(round(epochs * steps_per_epoch))
       if n <= 0:
-        raise ValueError(f"stage k={k} of {epochs} epochs has no step at {steps_per_epoch} steps/epoch")
+        raise ValueError(
+          f"stage k={k} of {epochs} epochs has no step at {steps_per_epoch} steps/epoch"
+        )
       out.append(Stage(k=k, start_step=step, end_step=step + n, epochs=float(epochs)))
       step += n
     if out[-1].k != 1:
-      raise ValueError(f"the last stage has k={out[-1].k}; expected k=1 so that the final model is a "
-                       "plain next-token model")
+      raise ValueError(
+        f"the last stage has k={out[-1].k}; expected k=1 so that the final model is a "
+        "plain next-token model"
+      )
     self.stages = tuple(out)
     self.steps_per_epoch = steps_per_epoch
     self.grid = tuple(grid)
@@ -175,8 +184,9 @@ class Schedule:
   def k_at(self, step: int) -> int:
     return self.stage_at(step).k
 
-  def learning_rate(self, lr: float, end_lr: float, warmup_epochs: float,
-                    decay_ratio: float) -> optax.Schedule:
+  def learning_rate(
+    self, lr: float, end_lr: float, warmup_epochs: float, decay_ratio: float
+  ) -> optax.Schedule:
     """Per stage: linear warmup 0 -> lr, constant, linear decay to end_lr over the last decay_ratio.
 
     Warmup restarts in every stage (optimizer state carries over). The first step of a stage gets
@@ -221,4 +231,3 @@ class Schedule:
 def num_patches(grid: Sequence[int], k: int) -> int:
   h, w = grid
   return (h // k) * (w // k)
-

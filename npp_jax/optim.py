@@ -4,6 +4,7 @@ Weight decay goes by parameter NAME, not by rank: the release decays the >= 2-D 
 models, i.e. kernels and embeddings, never norm scales or biases. A rank test breaks under
 `model.scan_layers`, where the RMSNorm scales are stacked to [n_layer, D]; the name does not change.
 """
+
 import jax
 import optax
 
@@ -22,12 +23,20 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in DECAYED, params)
 
 
-def adamw(learning_rate, *, b1: float, b2: float, weight_decay: float, grad_clip: float = 0.0,
-          eps: float = 1e-8) -> optax.GradientTransformation:
+def adamw(
+  learning_rate,
+  *,
+  b1: float,
+  b2: float,
+  weight_decay: float,
+  grad_clip: float = 0.0,
+  eps: float = 1e-8,
+) -> optax.GradientTransformation:
   """Global-norm clipping (0 = off), then AdamW with decoupled decay on kernels and embeddings only.
 
   learning_rate: a float or an optax schedule (step -> rate).
   """
   return optax.chain(
-      optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
-      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
+    optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+  )

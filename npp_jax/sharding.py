@@ -3,12 +3,16 @@
 The mesh has three axes from the config: data (pure data parallel), fsdp (data parallel whose parameters and
 optimizer state are also split), tensor (model parallel inside a layer). A laptop CPU is a 1x1x1 mesh.
 """
+
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -21,12 +25,16 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"mesh.shape={tuple(shape)} cannot be filled from {num_devices} devices: "
-                       f"{num_devices} is not a multiple of {known}")
+      raise ValueError(
+        f"mesh.shape={tuple(shape)} cannot be filled from {num_devices} devices: "
+        f"{num_devices} is not a multiple of {known}"
+      )
     shape[shape.index(-1)] = num_devices // known
   if int(np.prod(shape)) != num_devices:
-    raise ValueError(f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices; "
-                     f"found {num_devices} ({jax.devices()[0].platform})")
+    raise ValueError(
+      f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices; "
+      f"found {num_devices} ({jax.devices()[0].platform})"
+    )
   return tuple(shape)
 
 
@@ -57,8 +65,15 @@ def data_parallel_size(mesh: Mesh | Any, num_devices: int | None = None) -> int:
   return shape[0] * shape[1]
 
 
-def check_batch(batch_size: int, mesh_config, field: str, *, num_devices: int | None = None,
-                process_count: int | None = None, micro_batches: int = 1) -> int:
+def check_batch(
+  batch_size: int,
+  mesh_config,
+  field: str,
+  *,
+  num_devices: int | None = None,
+  process_count: int | None = None,
+  micro_batches: int = 1,
+) -> int:
   """One-line ValueError unless `batch_size` (cut into `micro_batches` equal parts) splits evenly over
   the data-parallel devices and over the processes; returns the data-parallel size."""
   num_devices = jax.device_count() if num_devices is None else num_devices
@@ -67,8 +82,10 @@ def check_batch(batch_size: int, mesh_config, field: str, *, num_devices: int | 
   dp = shape[0] * shape[1]
   if batch_size % micro_batches or (batch_size // micro_batches) % dp:
     accum = f" with {micro_batches} micro-batches" if micro_batches > 1 else ""
-    raise ValueError(f"{field}={batch_size}{accum} does not split over the data-parallel size {dp} (mesh "
-                     f"{shape}); expected a multiple of {dp * micro_batches}")
+    raise ValueError(
+      f"{field}={batch_size}{accum} does not split over the data-parallel size {dp} (mesh "
+      f"{shape}); expected a multiple of {dp * micro_batches}"
+    )
   if batch_size % process_count:
     raise ValueError(f"{field}={batch_size}; expected a multiple of the {process_count} processes")
   return dp
@@ -93,7 +110,9 @@ def logical_shardings(boxed_tree, mesh: Mesh, axis_rules) -> Any:
 def global_batch(local: dict, mesh: Mesh) -> dict:
   """Per-process batch (leading axis = this process's share) -> global arrays split over the batch axes."""
   sharding = data_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
+  )
 
 
 def gather(x: jax.Array) -> np.ndarray:
@@ -124,4 +143,5 @@ def put(tree: Any, sharding: NamedSharding) -> Any:
       return jax.random.wrap_key_data(one(jax.random.key_data(x)))
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
   return jax.tree.map(one, tree)

@@ -8,6 +8,7 @@ with the `scalars` plugin's metadata), so TensorBoard and tests/helpers.read_sca
   writer = summaries.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   hooks = [summaries.ReportProgress(num_train_steps=n, writer=writer)]   # hook(step) after every step
 """
+
 import os
 import time
 from typing import Any, Mapping
@@ -26,6 +27,7 @@ class MetricWriter:
     elif logdir is not None:
       # Imported here: the `tensorboard` wheel is only needed by the process that writes event files.
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
       self._events = EventFileWriter(os.fspath(logdir))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -33,6 +35,7 @@ class MetricWriter:
     logging.info("[%d] %s", step, ", ".join(f"{tag}={v:.6g}" for tag, v in values.items()))
     if self._events is not None:
       from tensorboard.plugins.scalar import summary_v2
+
       for tag, value in values.items():
         self._add(step, summary_v2.scalar_pb(tag, value))
 
@@ -40,34 +43,49 @@ class MetricWriter:
     logging.info("[Hyperparameters] %s", dict(hparams))
     if self._events is not None:
       from tensorboard.plugins.hparams import summary_v2
+
       # The hparams plugin takes bool, int, float and str; anything else (tuples, None) as its text.
-      values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+      values = {
+        k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()
+      }
       self._add(0, summary_v2.hparams_pb(values))
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
     """{tag: uint8 [N, H, W, C] (C = 1, 3 or 4)}: each image PNG-encoded (PIL), shown by TensorBoard's
     image dashboard (tags "tag/0", "tag/1", ... when N > 1, as clu names them)."""
-    logging.info("[%d] images: %s", step, ", ".join(f"{t} {np.shape(v)}" for t, v in images.items()))
+    logging.info(
+      "[%d] images: %s", step, ", ".join(f"{t} {np.shape(v)}" for t, v in images.items())
+    )
     if self._events is None:
       return
     import io
 
     from PIL import Image
     from tensorboard.compat.proto import summary_pb2
+
     for tag, batch in images.items():
       batch = np.asarray(batch)
       if batch.ndim != 4 or batch.dtype != np.uint8 or batch.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"write_images: {tag} is {batch.dtype} {batch.shape}; expected uint8 [N, H, W, 1|3|4]")
+        raise ValueError(
+          f"write_images: {tag} is {batch.dtype} {batch.shape}; expected uint8 [N, H, W, 1|3|4]"
+        )
       for i, img in enumerate(batch):
         buf = io.BytesIO()
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
-        value = summary_pb2.Summary.Image(height=img.shape[0], width=img.shape[1], colorspace=img.shape[-1],
-                                          encoded_image_string=buf.getvalue())
+        value = summary_pb2.Summary.Image(
+          height=img.shape[0],
+          width=img.shape[1],
+          colorspace=img.shape[-1],
+          encoded_image_string=buf.getvalue(),
+        )
         name = tag if len(batch) == 1 else f"{tag}/{i}"
-        self._add(step, summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, image=value)]))
+        self._add(
+          step, summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, image=value)])
+        )
 
   def _add(self, step: int, summary) -> None:
     from tensorboard.compat.proto import event_pb2
+
     self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
   def flush(self) -> None:
@@ -93,8 +111,10 @@ class _ObjectEventWriter:
     from etils import epath
     from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
-    self._path = epath.Path(logdir) / (f"events.out.tfevents.{int(time.time()):010d}."
-                                       f"{socket.gethostname()}.{os.getpid()}")
+
+    self._path = epath.Path(logdir) / (
+      f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    )
     self._path.parent.mkdir(parents=True, exist_ok=True)
     self._buf, self._flush_secs, self._last = io.BytesIO(), flush_secs, time.monotonic()
     self._records = RecordWriter(self._buf)
@@ -114,7 +134,9 @@ class _ObjectEventWriter:
     self.flush()
 
 
-def create_default_writer(logdir: str | os.PathLike | None, *, just_logging: bool = False) -> MetricWriter:
+def create_default_writer(
+  logdir: str | os.PathLike | None, *, just_logging: bool = False
+) -> MetricWriter:
   """As clu's: TensorBoard events in logdir (process 0), log lines only where just_logging (the others)."""
   return MetricWriter(None if just_logging else logdir)
 
@@ -123,13 +145,17 @@ class ReportProgress:
   """hook(step) after every step: at most every `every_secs`, logs steps/s, progress and ETA, and writes
   steps_per_sec (clu's ReportProgress, without its work-unit notes)."""
 
-  def __init__(self, *, num_train_steps: int, writer: MetricWriter | None = None, every_secs: float = 60.0):
+  def __init__(
+    self, *, num_train_steps: int, writer: MetricWriter | None = None, every_secs: float = 60.0
+  ):
     self.num_train_steps, self.writer, self.every_secs = num_train_steps, writer, every_secs
     self._last: tuple[int, float] | None = None
 
   def __call__(self, step: int) -> None:
     now = time.monotonic()
-    if self._last is None:  # The first call starts the clock: the step before it includes compilation.
+    if (
+      self._last is None
+    ):  # The first call starts the clock: the step before it includes compilation.
       self._last = (step, now)
       return
     last_step, last_t = self._last
@@ -137,8 +163,14 @@ class ReportProgress:
       return
     rate = (step - last_step) / (now - last_t)
     eta_min = (self.num_train_steps - step) / rate / 60 if rate > 0 else float("inf")
-    logging.info("%.3g steps/s, %.1f%% (%d/%d), ETA: %.0f min", rate, 100 * step / self.num_train_steps,
-                 step, self.num_train_steps, eta_min)
+    logging.info(
+      "%.3g steps/s, %.1f%% (%d/%d), ETA: %.0f min",
+      rate,
+      100 * step / self.num_train_steps,
+      step,
+      self.num_train_steps,
+      eta_min,
+    )
     if self.writer is not None:
       self.writer.write_scalars(step, {"steps_per_sec": rate})
     self._last = (step, now)
@@ -148,8 +180,14 @@ class Profile:
   """hook(step): a jax.profiler trace of `num_profile_steps` steps from `first_profile` on, into logdir
   (TensorBoard's profile plugin reads it)."""
 
-  def __init__(self, *, logdir: str | os.PathLike, num_profile_steps: int = 5, first_profile: int = 10):
-    self.logdir, self.first, self.last = os.fspath(logdir), first_profile, first_profile + num_profile_steps
+  def __init__(
+    self, *, logdir: str | os.PathLike, num_profile_steps: int = 5, first_profile: int = 10
+  ):
+    self.logdir, self.first, self.last = (
+      os.fspath(logdir),
+      first_profile,
+      first_profile + num_profile_steps,
+    )
     self._on = False
 
   def __call__(self, step: int) -> None:

@@ -2,6 +2,7 @@
 
 Every check returns the value it accepted (normalised), so a caller writes `n = validate.positive_int(...)`.
 """
+
 import re
 from typing import Any
 
@@ -18,6 +19,8 @@ def positive_int(value: Any, name: str) -> int:
 def split_name(split: Any, field: str = "split") -> str:
   """A plain split name: TFDS parses '+', '[' and '%' as split arithmetic, which no job here asks for."""
   if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_]+", split):
-    raise ValueError(f"{field}={split!r}; a split must be a name of letters, digits and '_' (a plain split "
-                     "name, e.g. 'train')")
+    raise ValueError(
+      f"{field}={split!r}; a split must be a name of letters, digits and '_' (a plain split "
+      "name, e.g. 'train')"
+    )
   return split

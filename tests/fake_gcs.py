@@ -6,6 +6,7 @@ epath works unchanged; code that hands `gs://...` to `open()` / `os.*` instead w
 or fails, which the tests check. orbax's arrays go through tensorstore's own GCS driver, not epath, so
 orbax cannot be served this way (it would contact the real GCS).
 """
+
 import contextlib
 import os
 from unittest import mock
@@ -13,8 +14,21 @@ from unittest import mock
 from etils.epath import gpath
 from etils.epath import testing
 
-_FNS = ("open", "copy", "rename", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "remove",
-        "replace", "rmtree", "stat")
+_FNS = (
+  "open",
+  "copy",
+  "rename",
+  "exists",
+  "glob",
+  "isdir",
+  "listdir",
+  "makedirs",
+  "mkdir",
+  "remove",
+  "replace",
+  "rmtree",
+  "stat",
+)
 
 
 @contextlib.contextmanager
@@ -23,7 +37,9 @@ def fake_gcs(root):
 
   def local(p):
     s = os.fspath(p) if isinstance(p, (str, os.PathLike)) else p
-    return os.path.join(root, s[len("gs://"):]) if isinstance(s, str) and s.startswith("gs://") else p
+    return (
+      os.path.join(root, s[len("gs://") :]) if isinstance(s, str) and s.startswith("gs://") else p
+    )
 
   def wrap(original, path, *args, **kw):
     return original(local(path), *[local(a) for a in args], **kw)

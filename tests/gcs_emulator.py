@@ -3,6 +3,7 @@ the emulator's own arguments, with one fix. Real GCS answers every object downlo
 (and x-goog-metageneration); the emulator (2026.7.19) sends neither, and tensorstore then fails every read
 of an OCDBT manifest it has just written ("Malformed StorageGeneration"), i.e. every orbax checkpoint. The
 headers are added from the object's own metadata; nothing else changes."""
+
 import sys
 
 from gcp_storage_emulator.handlers import objects

@@ -1,4 +1,6 @@
 """The fixed inputs behind tests/data/golden.npz (see make_golden.py); shared with tests/test_golden.py."""
+
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,18 +8,16 @@ import numpy as np
 from npp_jax import config_lib
 from npp_jax import convert as convert_lib
 from npp_jax import npp
-from npp_jax import sample as sample_lib
+from npp_jax import sampling as sample_lib
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
-import helpers
-
 # Sampler settings that cover every branch of the decoder: plain, guided with an interval, top-k, top-p.
 SAMPLER_CASES = {
-    "plain": dict(cfg_scale=1.0),
-    "cfg": dict(cfg_scale=2.0, cfg_interval=3, temperature=0.9),
-    "topk": dict(cfg_scale=1.5, top_k=5),
-    "topp": dict(cfg_scale=1.0, top_p=0.8, temperature=1.1),
+  "plain": dict(cfg_scale=1.0),
+  "cfg": dict(cfg_scale=2.0, cfg_interval=3, temperature=0.9),
+  "topk": dict(cfg_scale=1.5, top_k=5),
+  "topp": dict(cfg_scale=1.0, top_p=0.8, temperature=1.1),
 }
 
 
@@ -46,7 +46,9 @@ def losses(cfg, model, params):
     logits = model.apply({"params": params}, jnp.asarray(codes), jnp.asarray(labels), patch_size=k)
     targets = npp.group_targets(jnp.asarray(codes), k)
     out[f"k{k}"] = np.asarray(npp.patch_loss(logits, targets), np.float64)
-  out["logits"] = np.asarray(model.apply({"params": params}, jnp.asarray(codes), jnp.asarray(labels)))
+  out["logits"] = np.asarray(
+    model.apply({"params": params}, jnp.asarray(codes), jnp.asarray(labels))
+  )
   return out
 
 
@@ -66,8 +68,12 @@ def torch_states():
   out = []
   for kind in ("gpt", "vq"):
     shapes = convert_lib.expected_shapes(kind, convert_config())
-    state = {convert_lib.torch_name(p): rng.standard_normal(convert_lib._torch_shape(p, s)).astype(np.float32)
-             for p, s in shapes.items()}
+    state = {
+      convert_lib.torch_name(p): rng.standard_normal(convert_lib._torch_shape(p, s)).astype(
+        np.float32
+      )
+      for p, s in shapes.items()
+    }
     out.append(state)
   return out
 

@@ -1,4 +1,5 @@
 """Helpers shared by several test files (tests/ is on sys.path under pytest)."""
+
 import glob
 import os
 
@@ -26,12 +27,17 @@ def random_params(cfg, seed=0):
   """Init, then make every weight random: the output layer starts at zero and would hide everything."""
   model = gpt.GPT(cfg)
   h, w = cfg.grid
-  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, h, w), jnp.int32),
-                               jnp.zeros((1,), jnp.int32))["params"])
+  params = nn.unbox(
+    model.init(jax.random.key(seed), jnp.zeros((1, h, w), jnp.int32), jnp.zeros((1,), jnp.int32))[
+      "params"
+    ]
+  )
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [0.3 * jax.random.normal(k, x.shape, x.dtype) + (1.0 if x.ndim == 1 else 0.0)
-            for k, x in zip(keys, leaves)]
+  leaves = [
+    0.3 * jax.random.normal(k, x.shape, x.dtype) + (1.0 if x.ndim == 1 else 0.0)
+    for k, x in zip(keys, leaves)
+  ]
   return model, jax.tree.unflatten(tree, leaves)
 
 

@@ -4,6 +4,7 @@ that today's code reproduces them exactly (codes, converted weights) or within f
 
   python tests/make_golden.py     # only to re-create the file on purpose; the test never writes it
 """
+
 import os
 import sys
 
@@ -11,12 +12,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
-
 import golden_setup  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def main():

@@ -5,19 +5,23 @@ The reference (tests/torch_reference.py) is saved in every form the releases use
 and patch losses within 1e-4 relative; VQ codes identical and images within 1e-4 relative; round trips
 JAX -> torch -> JAX bit-exact.
 """
+
 import argparse
 import os
 
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 
 import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+
 from npp_jax import checkpoints  # noqa: E402
 from npp_jax import convert  # noqa: E402
 from npp_jax import npp  # noqa: E402
@@ -26,7 +30,7 @@ from npp_jax.models import vq  # noqa: E402
 
 REL_TOL = 1e-4
 
-CONFIG_FILE = '''
+CONFIG_FILE = """
 from npp_jax import config_lib
 
 
@@ -43,7 +47,7 @@ def get_config():
   v.ch, v.ch_mult, v.num_res_blocks, v.z_channels = 32, (1, 2), 1, 32
   v.codebook_size, v.codebook_embed_dim, v.image_size = 64, 8, 16
   return c
-'''
+"""
 
 
 def rel_err(a, b):
@@ -60,21 +64,38 @@ def load_config(path):
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory):
   path = tmp_path_factory.mktemp("configs") / "tiny.py"
-  path.write_text(CONFIG_FILE.format(n_kv_head=2))  # Fewer KV heads than query heads: GQA is mapped too.
+  path.write_text(
+    CONFIG_FILE.format(n_kv_head=2)
+  )  # Fewer KV heads than query heads: GQA is mapped too.
   return str(path)
 
 
 def make_gpt(config, seed):
   m = config.model
-  model = ref.GPT(m.n_layer, m.n_head, m.dim, m.vocab_size, m.num_classes, m.grid, n_kv_head=m.n_kv_head,
-                  multiple_of=m.multiple_of)
+  model = ref.GPT(
+    m.n_layer,
+    m.n_head,
+    m.dim,
+    m.vocab_size,
+    m.num_classes,
+    m.grid,
+    n_kv_head=m.n_kv_head,
+    multiple_of=m.multiple_of,
+  )
   return ref.randomize_(model, seed).eval()
 
 
 def make_vq(config, seed):
   v = config.vq
-  model = ref.VQModel(v.codebook_size, v.codebook_embed_dim, v.z_channels, v.ch, v.ch_mult,
-                      v.num_res_blocks, v.norm_groups)
+  model = ref.VQModel(
+    v.codebook_size,
+    v.codebook_embed_dim,
+    v.z_channels,
+    v.ch,
+    v.ch_mult,
+    v.num_res_blocks,
+    v.norm_groups,
+  )
   return ref.randomize_(model, seed).eval()
 
 
@@ -149,13 +170,21 @@ def test_gpt_logits_and_patch_losses_match_reference(gpt_setup):
 @pytest.mark.parametrize("form", ["module", "state_dict", "bare", "ddp", "ema"])
 def test_gpt_every_checkpoint_form(gpt_setup, config_path, tmp_path, form):
   config, model, params, _ = gpt_setup
-  other = {k: v + 1.0 for k, v in model.state_dict().items()}  # Distinct "model" weights next to "ema".
+  other = {
+    k: v + 1.0 for k, v in model.state_dict().items()
+  }  # Distinct "model" weights next to "ema".
   src = save_form(tmp_path / "ckpt.pt", model.state_dict(), form, other)
   ema = ["--ema"] if form == "ema" else []
-  run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema)
-  chex.assert_trees_all_equal(flat_np(checkpoints.read_params(str(tmp_path / "jax"))), flat_np(params))
+  run_cli(
+    "--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema
+  )
+  chex.assert_trees_all_equal(
+    flat_np(checkpoints.read_params(str(tmp_path / "jax"))), flat_np(params)
+  )
   if form == "ema":  # Without --ema the same file gives the "model" weights.
-    run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax_model'}")
+    run_cli(
+      "--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax_model'}"
+    )
     got = checkpoints.read_params(str(tmp_path / "jax_model"))
     np.testing.assert_array_equal(got["norm"]["scale"], np.asarray(params["norm"]["scale"]) + 1.0)
 
@@ -163,21 +192,27 @@ def test_gpt_every_checkpoint_form(gpt_setup, config_path, tmp_path, form):
 def test_gpt_round_trip_through_torch(gpt_setup, config_path, tmp_path):
   config, model, params, tmp = gpt_setup
   pt = tmp_path / "back.pt"
-  run_cli("--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch")
+  run_cli(
+    "--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch"
+  )
   # The PyTorch side loads it with strict key matching, as the release does.
   fresh = make_gpt(config, seed=5)
   fresh.load_state_dict(torch.load(pt, weights_only=True)["model"], strict=True)
   for key, value in model.state_dict().items():
     assert torch.equal(fresh.state_dict()[key], value), key
   run_cli("--kind=gpt", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
-  chex.assert_trees_all_equal(flat_np(checkpoints.read_params(str(tmp_path / "again"))), flat_np(params))
+  chex.assert_trees_all_equal(
+    flat_np(checkpoints.read_params(str(tmp_path / "again"))), flat_np(params)
+  )
 
 
 def test_load_params_into_a_sharded_target(gpt_setup):
   _, _, params, tmp = gpt_setup
   mesh = jax.make_mesh((8,), ("data",), (AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params
+  )
   got = checkpoints.read_params(str(tmp / "jax"), target)
   for leaf in jax.tree.leaves(got):
     assert isinstance(leaf, jax.Array) and leaf.sharding == replicated
@@ -215,19 +250,25 @@ def test_vq_checkpoint_forms(vq_setup, config_path, tmp_path, form):
   src = save_form(tmp_path / "vq.pt", model.state_dict(), form, other)
   ema = ["--ema"] if form == "ema" else []
   run_cli("--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema)
-  chex.assert_trees_all_equal(flat_np(checkpoints.read_params(str(tmp_path / "jax"))), flat_np(params))
+  chex.assert_trees_all_equal(
+    flat_np(checkpoints.read_params(str(tmp_path / "jax"))), flat_np(params)
+  )
 
 
 def test_vq_round_trip_through_torch(vq_setup, config_path, tmp_path):
   config, model, params, tmp = vq_setup
   pt = tmp_path / "back.pt"
-  run_cli("--kind=vq", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch")
+  run_cli(
+    "--kind=vq", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch"
+  )
   fresh = make_vq(config, seed=6)
   fresh.load_state_dict(torch.load(pt, weights_only=True)["model"], strict=True)
   for key, value in model.state_dict().items():
     assert torch.equal(fresh.state_dict()[key], value), key
   run_cli("--kind=vq", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
-  chex.assert_trees_all_equal(flat_np(checkpoints.read_params(str(tmp_path / "again"))), flat_np(params))
+  chex.assert_trees_all_equal(
+    flat_np(checkpoints.read_params(str(tmp_path / "again"))), flat_np(params)
+  )
 
 
 # --------------------------------------------------------------------------------------------- Errors
@@ -257,7 +298,9 @@ def test_wrong_model_size_is_reported(vq_setup, config_path, tmp_path):
   """A VQ checkpoint read as a GPT: everything missing and unexpected, in one truncated line."""
   _, _, _, tmp = vq_setup
   with pytest.raises(ValueError, match=r"missing \d+ keys: .*\(\+\d+ more\); unexpected \d+ keys"):
-    run_cli("--kind=gpt", f"--src={tmp / 'vq.pt'}", f"--config={config_path}", f"--dst={tmp_path / 'x'}")
+    run_cli(
+      "--kind=gpt", f"--src={tmp / 'vq.pt'}", f"--config={config_path}", f"--dst={tmp_path / 'x'}"
+    )
 
 
 def test_existing_dst_is_refused(gpt_setup, config_path, tmp_path):
@@ -270,7 +313,9 @@ def test_existing_dst_is_refused(gpt_setup, config_path, tmp_path):
   pt = tmp_path / "exists.pt"
   pt.write_text("untouched")
   with pytest.raises(ValueError, match="already exists"):
-    run_cli("--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch")
+    run_cli(
+      "--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch"
+    )
   assert (dst / "keep").read_text() == "untouched" and pt.read_text() == "untouched"
 
 
@@ -286,8 +331,12 @@ def test_bad_arguments(gpt_setup, config_path, tmp_path, capsys):
   with pytest.raises(ValueError, match="no such file"):
     run_cli("--kind=gpt", src, f"--config={tmp_path / 'none.py'}", f"--dst={tmp_path / 'a'}")
   with pytest.raises(ValueError, match="is not a file"):
-    run_cli("--kind=gpt", f"--src={tmp_path / 'none.pt'}", f"--config={config_path}",
-            f"--dst={tmp_path / 'a'}")
+    run_cli(
+      "--kind=gpt",
+      f"--src={tmp_path / 'none.pt'}",
+      f"--config={config_path}",
+      f"--dst={tmp_path / 'a'}",
+    )
   # The module's entry point prints one line and exits non-zero instead of a traceback.
   assert convert.main(["convert", "--kind=gpt", src, f"--dst={tmp_path / 'a'}"]) == 2
   assert capsys.readouterr().err.startswith("error: --config is required")

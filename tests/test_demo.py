@@ -1,20 +1,28 @@
 """The first-run experience: the demo end to end (shrunk) and its resume (the notebook: test_notebook.py)."""
+
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("npp", "ntp", "ntp_equal_compute")
 
 
 def run_demo(workdir, *overrides):
-  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=demo", "--config=configs/demo.py:smoke",
-         f"--workdir={workdir}", *overrides]
+  cmd = [
+    sys.executable,
+    "-m",
+    "npp_jax.main",
+    "--mode=demo",
+    "--config=configs/demo.py:smoke",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
   # One CPU device, as on the laptop the demo is for (sharding has its own tests): on the 8 fake devices of
   # the test processes every one of the demo's many small programs compiles and runs partitioned.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -36,7 +44,12 @@ def test_demo_reports_three_rows_with_calibration(demo_run):
   report = json.load(open(os.path.join(workdir, "report.json")))
   for name in ROWS:
     r = report[name]
-    assert r["wall_s"] > 0 and 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["frechet"]) and r["frechet"] >= 0
+    assert (
+      r["wall_s"] > 0
+      and 0.0 <= r["accuracy"] <= 1.0
+      and np.isfinite(r["frechet"])
+      and r["frechet"] >= 0
+    )
     assert np.isfinite(r["eval_nll"]) and r["eval_nll"] > 0 and np.isfinite(r["class_info"]), r
   npp, ntp, equal = (report[n] for n in ROWS)
   assert npp["relative_cost"] < 0.7 and ntp["relative_cost"] == 1.0
@@ -46,8 +59,14 @@ def test_demo_reports_three_rows_with_calibration(demo_run):
   assert cal["chance_accuracy"] == 0.1 and cal["real_test_accuracy"] > 0.5
   assert 0.0 <= cal["vq_reconstruction_accuracy"] <= 1.0 and cal["real_frechet"] >= 0
   # The table, with a line per row and the calibration lines, on the console.
-  for text in ("NPP", "next-token, same epochs", "next-token, NPP's wall time", "chance 0.10", "(ceiling)",
-               "(floor)"):
+  for text in (
+    "NPP",
+    "next-token, same epochs",
+    "next-token, NPP's wall time",
+    "chance 0.10",
+    "(ceiling)",
+    "(floor)",
+  ):
     assert text in stdout, text
 
 
@@ -55,7 +74,9 @@ def test_demo_console_is_readable_and_outputs_exist(demo_run):
   workdir, stdout, stderr = demo_run
   # Library INFO chatter (absl, orbax, tfds) goes to the log file, not the console.
   console = stdout + stderr
-  assert not any(line.startswith("I1") or line.startswith("INFO") for line in console.splitlines()), console[-3000:]
+  assert not any(
+    line.startswith("I1") or line.startswith("INFO") for line in console.splitlines()
+  ), console[-3000:]
   log = open(os.path.join(workdir, "log.txt")).read()
   assert "Demo stage 3/5" in log and len(log.splitlines()) > 20
   # A progress bar per training stage (tqdm writes to stderr): VQ and the three GPTs.
@@ -68,8 +89,11 @@ def test_demo_console_is_readable_and_outputs_exist(demo_run):
     assert png.size[1] > 11 * 32 * scale and png.size[0] > 8 * 32 * scale
   # The same grids in TensorBoard, beside each GPT run's scalars; VQ reconstructions under the VQ run.
   from tensorboard.backend.event_processing import event_accumulator
+
   for run, tag in (("npp", "samples"), ("ntp_equal_compute", "samples"), ("vq", "reconstructions")):
-    acc = event_accumulator.EventAccumulator(os.path.join(workdir, run), size_guidance={"images": 0})
+    acc = event_accumulator.EventAccumulator(
+      os.path.join(workdir, run), size_guidance={"images": 0}
+    )
     acc.Reload()
     assert tag in acc.Tags()["images"], (run, acc.Tags())
 

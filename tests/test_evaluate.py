@@ -3,6 +3,7 @@
 Inception runs at its smallest input (evaluate.resize_to=75) on random weights: the architecture and the
 formulas are what is tested here (parity at 299 px: test_inception.py).
 """
+
 import json
 import os
 import subprocess
@@ -12,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import evaluate
-from npp_jax import metrics
 from npp_jax import sharding
+from npp_jax.fid import features
+from npp_jax.fid import metrics
+from npp_jax.fid import scores as fid_scores
 from npp_jax.models import inception
 
 torch = pytest.importorskip("torch")
@@ -25,9 +27,17 @@ SIZE = 75
 
 
 def run_main(workdir, **fields):
-  args = [sys.executable, "-m", "npp_jax.main", "--mode=evaluate", "--config=configs/tiny.py",
-          f"--workdir={workdir}", f"--config.evaluate.resize_to={SIZE}", "--config.evaluate.batch_size=8",
-          "--config.evaluate.fid_method=eigh"]
+  args = [
+    sys.executable,
+    "-m",
+    "npp_jax.main",
+    "--mode=evaluate",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.evaluate.resize_to={SIZE}",
+    "--config.evaluate.batch_size=8",
+    "--config.evaluate.fid_method=eigh",
+  ]
   args += [f"--config.evaluate.{k}={v}" for k, v in fields.items()]
   return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -38,13 +48,15 @@ def files(tmp_path_factory):
   state = random_state(seed=3)
   weights = d / inception.WEIGHTS_FILE
   torch.save(state, str(weights))
-  from npp_jax import digits
-  from npp_jax import images
+  from npp_jax.data import digits
+  from npp_jax.data import images
 
   # Real digits against real digits (the test split is the reference): neighbours exist both ways; the
   # last five are noise, which precision must count as off the reference's manifold.
   samples = images.float_to_uint8(digits.load_digits("train")[0][:20])
-  samples[15:] = np.random.default_rng(0).integers(0, 256, samples[15:].shape)  # Off the digits' manifold.
+  samples[15:] = np.random.default_rng(0).integers(
+    0, 256, samples[15:].shape
+  )  # Off the digits' manifold.
   np.savez(d / "samples.npz", arr_0=samples)
   bad_state = dict(state, **{"fc.weight": torch.zeros(1000, 2048)})
   torch.save(bad_state, str(d / "wrong_shape.pth"))
@@ -53,14 +65,19 @@ def files(tmp_path_factory):
   np.savez(d / "grey.npz", arr_0=samples[..., :1])
   np.savez(d / "three.npz", arr_0=samples[:3])
   params = inception.state_to_params({k: v.numpy() for k, v in state.items()})
-  return {"dir": d, "weights": str(weights), "samples": str(d / "samples.npz"), "params": params,
-          "images": samples}
+  return {
+    "dir": d,
+    "weights": str(weights),
+    "samples": str(d / "samples.npz"),
+    "params": params,
+    "images": samples,
+  }
 
 
 def features_here(params, images):
   """The same features on one device, in this process."""
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
-  fn = evaluate._feature_fn(mesh, "adm", SIZE)
+  fn = features.feature_fn(mesh, "adm", SIZE)
   pool3, spatial = fn(params, jax.device_put(images, sharding.data_sharding(mesh)))
   return np.asarray(pool3), np.asarray(spatial)
 
@@ -72,17 +89,28 @@ def low_rank_frechet(x, y):
   a, b = x - x.mean(0), y - y.mean(0)
   (n, m) = len(x), len(y)
   trace_sqrt = np.linalg.svd(b @ a.T, compute_uv=False).sum() / np.sqrt((n - 1) * (m - 1))
-  return (np.sum((x.mean(0) - y.mean(0)) ** 2) + (a * a).sum() / (n - 1) + (b * b).sum() / (m - 1)
-          - 2 * trace_sqrt)
+  return (
+    np.sum((x.mean(0) - y.mean(0)) ** 2)
+    + (a * a).sum() / (n - 1)
+    + (b * b).sum() / (m - 1)
+    - 2 * trace_sqrt
+  )
 
 
 def test_evaluate_end_to_end_then_resume_with_an_adm_reference(files, tmp_path):
-  from npp_jax import images
-  from npp_jax import digits
+  from npp_jax.data import digits
+  from npp_jax.data import images
 
   work = tmp_path / "run"
-  out = run_main(work, samples=files["samples"], reference="digits", reference_split="test",
-                 reference_num_images=24, image_size=32, inception=files["weights"])
+  out = run_main(
+    work,
+    samples=files["samples"],
+    reference="digits",
+    reference_split="test",
+    reference_num_images=24,
+    image_size=32,
+    inception=files["weights"],
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads((work / "metrics.json").read_text())
   assert result["num_samples"] == 20 and result["num_reference"] == 24
@@ -91,7 +119,10 @@ def test_evaluate_end_to_end_then_resume_with_an_adm_reference(files, tmp_path):
   with np.load(work / "sample_stats.npz") as z:
     np.testing.assert_allclose(z["pool3"], pool3, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(z["mu_s"], spatial.astype(np.float64).mean(0), rtol=1e-4, atol=1e-5)
-    assert z["sigma"].shape == (2048, 2048) and z["sigma_s"].shape == (63, 63)  # 7 x 3 x 3 at 75 px.
+    assert z["sigma"].shape == (2048, 2048) and z["sigma_s"].shape == (
+      63,
+      63,
+    )  # 7 x 3 x 3 at 75 px.
   ref_images = images.float_to_uint8(digits.load_digits("test")[0][:24])
   ref_pool3, ref_spatial = features_here(files["params"], ref_images)
   np.testing.assert_allclose(result["fid"], low_rank_frechet(pool3, ref_pool3), rtol=1e-3)
@@ -106,17 +137,20 @@ def test_evaluate_end_to_end_then_resume_with_an_adm_reference(files, tmp_path):
   assert 0 < result["precision"] < 1 and result["recall"] > 0, result  # Neither trivially 0 nor 1.
   assert (work / "reference_stats.npz").exists() and (work / "inception").is_dir()
   from helpers import read_scalars
+
   assert read_scalars(str(work))["eval/fid"][0][1] == pytest.approx(result["fid"], rel=1e-5)
 
   # An ADM reference batch: images for precision / recall, the file's mu and sigma for FID and sFID.
   adm = files["dir"] / "adm_ref.npz"
   with np.load(work / "reference_stats.npz") as z:
-    np.savez(adm, arr_0=files["images"][::-1].copy(), **{k: z[k] for k in evaluate.STATS_KEYS})
+    np.savez(adm, arr_0=files["images"][::-1].copy(), **{k: z[k] for k in fid_scores.STATS_KEYS})
   out = run_main(work, samples=files["samples"], reference=adm, inception=work / "inception")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resuming: features of 20 of 20 samples" in out.stderr
   again = json.loads((work / "metrics.json").read_text())
-  assert again["fid"] == pytest.approx(result["fid"], rel=1e-9)  # The file's statistics, not its images'.
+  assert again["fid"] == pytest.approx(
+    result["fid"], rel=1e-9
+  )  # The file's statistics, not its images'.
   assert again["precision"] == again["recall"] == 1.0  # The same images, reversed.
 
 
@@ -126,44 +160,74 @@ def test_a_statistics_file_is_a_reference(files, tmp_path):
   stats = files["dir"] / "own_stats.npz"
   mu, sigma = metrics.statistics(pool3)
   mu_s, sigma_s = metrics.statistics(spatial)
-  np.savez(stats, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool3=pool3,
-           preprocess=np.array("adm"), resize_to=np.array(SIZE))
+  np.savez(
+    stats,
+    mu=mu,
+    sigma=sigma,
+    mu_s=mu_s,
+    sigma_s=sigma_s,
+    pool3=pool3,
+    preprocess=np.array("adm"),
+    resize_to=np.array(SIZE),
+  )
   e = _config().evaluate
   e.reference = str(stats)
-  ref = evaluate.open_reference(e)
+  ref = fid_scores.open_reference(e)
   assert ref.images is None and ref.pool3.shape == (20, 2048)
   np.testing.assert_array_equal(ref.stats["sigma_s"], sigma_s)
   # (FID of a set with itself: test_metrics.py, on smaller features; a 2048-d one costs ~20 s of CPU.)
-  scores = evaluate._scores(e, files["params"], pool3, {"mu": mu_s[:4], "sigma": sigma_s[:4, :4],
-                                                        "mu_s": mu_s, "sigma_s": sigma_s},
-                            {"mu": mu_s[:4], "sigma": sigma_s[:4, :4], "mu_s": ref.stats["mu_s"],
-                             "sigma_s": ref.stats["sigma_s"]}, ref.pool3)
-  assert abs(scores["sfid"]) < 1e-6 * np.trace(sigma_s)  # sqrt of round-off eigenvalues of a rank-19 sigma.
+  scores = fid_scores.score_stats(
+    e,
+    files["params"],
+    pool3,
+    {"mu": mu_s[:4], "sigma": sigma_s[:4, :4], "mu_s": mu_s, "sigma_s": sigma_s},
+    {
+      "mu": mu_s[:4],
+      "sigma": sigma_s[:4, :4],
+      "mu_s": ref.stats["mu_s"],
+      "sigma_s": ref.stats["sigma_s"],
+    },
+    ref.pool3,
+  )
+  assert abs(scores["sfid"]) < 1e-6 * np.trace(
+    sigma_s
+  )  # sqrt of round-off eigenvalues of a rank-19 sigma.
   assert scores["precision"] == scores["recall"] == 1.0
   e.preprocess = "pytorch_fid"
   with pytest.raises(ValueError, match="computed with preprocess='adm'"):
-    evaluate.open_reference(e)
+    fid_scores.open_reference(e)
 
 
 def _config():
   from npp_jax import config_lib
+
   c = config_lib.load("configs/tiny.py")
   c.evaluate.resize_to, c.evaluate.fid_method = SIZE, "eigh"
   return c
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_weights", f"does not exist; expected pytorch-fid's {inception.WEIGHTS_FILE} (from "
-                        "https://github.com/mseitzer/pytorch-fid/releases"),
+@pytest.mark.parametrize(
+  "case, message",
+  [
+    (
+      "missing_weights",
+      f"does not exist; expected pytorch-fid's {inception.WEIGHTS_FILE} (from "
+      "https://github.com/mseitzer/pytorch-fid/releases",
+    ),
     ("wrong_shape", "mis-shaped, e.g. fc.weight [1000, 2048] (expected [1008, 2048])"),
     ("no_arr0", "has no arr_0 (its arrays: ['images']); expected the ADM sample format"),
     ("float", "arr_0 holds float32 pixels; expected uint8 [N, H, W, 3]"),
     ("grey", "arr_0 has shape [20, 32, 32, 1]; expected uint8 [N, H, W, 3]"),
     ("three", "holds 3 images; expected at least 4"),
-])
+  ],
+)
 def test_bad_inputs_are_one_line_errors_and_write_nothing(files, tmp_path, case, message):
   d = files["dir"]
-  fields = {"samples": files["samples"], "reference": files["samples"], "inception": files["weights"]}
+  fields = {
+    "samples": files["samples"],
+    "reference": files["samples"],
+    "inception": files["weights"],
+  }
   if case == "missing_weights":
     fields["inception"] = d / "nowhere" / inception.WEIGHTS_FILE
   elif case == "wrong_shape":
@@ -181,7 +245,9 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(files, tmp_path, case,
 def test_sample_mode_scores_what_it_wrote(files, tmp_path):
   """--mode=sample with evaluate.reference set: samples, then scores them; bad scoring inputs stop it
   before the first sample."""
-  from helpers import random_params, tiny_model_config
+  from helpers import random_params
+  from helpers import tiny_model_config
+
   from npp_jax import checkpoints
   from npp_jax import config_lib
   from npp_jax.models import gpt
@@ -190,22 +256,58 @@ def test_sample_mode_scores_what_it_wrote(files, tmp_path):
   model = tiny_model_config()  # 8x8 codes of 64; the VQ below decodes them to 16 px images.
   checkpoints.save_params(tmp_path / "gpt", random_params(gpt.GPTConfig.from_config(model))[1])
   v = config_lib.vq_config()
-  v.codebook_size, v.ch, v.ch_mult, v.z_channels, v.num_res_blocks, v.image_size = 64, 32, (1, 1), 32, 1, 16
-  checkpoints.save_params(tmp_path / "vq", vq.init_params(vq.VQConfig.from_config(v), jax.random.key(0)))
-  overrides = {f"model.{k}": model[k] for k in ("n_layer", "n_head", "dim", "vocab_size", "num_classes",
-                                                "multiple_of", "grid")}
-  overrides.update({f"vq.{k}": v[k] for k in ("codebook_size", "ch", "ch_mult", "z_channels",
-                                              "num_res_blocks", "image_size")})
-  overrides.update({"sample.checkpoint": tmp_path / "gpt", "sample.vq_checkpoint": tmp_path / "vq",
-                    "sample.num_images": 8, "sample.batch_size": 8, "evaluate.reference": files["samples"],
-                    "evaluate.resize_to": SIZE, "evaluate.batch_size": 8, "evaluate.fid_method": "eigh"})
+  v.codebook_size, v.ch, v.ch_mult, v.z_channels, v.num_res_blocks, v.image_size = (
+    64,
+    32,
+    (1, 1),
+    32,
+    1,
+    16,
+  )
+  checkpoints.save_params(
+    tmp_path / "vq", vq.init_params(vq.VQConfig.from_config(v), jax.random.key(0))
+  )
+  overrides = {
+    f"model.{k}": model[k]
+    for k in ("n_layer", "n_head", "dim", "vocab_size", "num_classes", "multiple_of", "grid")
+  }
+  overrides.update(
+    {
+      f"vq.{k}": v[k]
+      for k in ("codebook_size", "ch", "ch_mult", "z_channels", "num_res_blocks", "image_size")
+    }
+  )
+  overrides.update(
+    {
+      "sample.checkpoint": tmp_path / "gpt",
+      "sample.vq_checkpoint": tmp_path / "vq",
+      "sample.num_images": 8,
+      "sample.batch_size": 8,
+      "evaluate.reference": files["samples"],
+      "evaluate.resize_to": SIZE,
+      "evaluate.batch_size": 8,
+      "evaluate.fid_method": "eigh",
+    }
+  )
 
   def run(workdir, **more):
     fields = dict(overrides, **more)
     args = [f"--config.{k}={str(x).replace(' ', '')}" for k, x in fields.items()]
-    return subprocess.run([sys.executable, "-m", "npp_jax.main", "--mode=sample", "--config=configs/tiny.py",
-                           f"--workdir={workdir}", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "npp_jax.main",
+        "--mode=sample",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *args,
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
 
   out = run(tmp_path / "bad", **{"evaluate.inception": tmp_path / inception.WEIGHTS_FILE})
   assert out.returncode != 0 and "error: evaluate.inception=" in out.stderr.strip().splitlines()[-1]

@@ -1,24 +1,25 @@
 """Extraction on 8 fake CPU devices: codes equal to the encoder's, resume after a crash and after lost shards,
 TFDS ImageFolder, and bad inputs refused before anything is written."""
+
 import glob
 import os
 import shutil
 
+from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
+from vq_helpers import tiny_config  # noqa: E402
 
 from npp_jax import checkpoints
-from npp_jax import data
-from npp_jax import digits
-from npp_jax import extract
-from npp_jax import images as images_lib
 from npp_jax import sharding
-from npp_jax import train_vq
+from npp_jax.data import code_dataset
+from npp_jax.data import digits
+from npp_jax.data import images as images_lib
+from npp_jax.jobs import extract
+from npp_jax.jobs import train_vq
 from npp_jax.models import vq
-from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
-from vq_helpers import tiny_config  # noqa: E402
 
 N_TEST = 500  # Digits in the "test" split: the extraction tests encode all of them.
 
@@ -29,8 +30,9 @@ def vq_params(tmp_path_factory):
   c = tiny_config()
   cfg = vq.VQConfig.from_config(c.vq)
   # train_vq's compiled init (cached per process), so the module compiles the VQ init once.
-  init, _ = train_vq._vq_functions(cfg, train_vq.VQHparams.from_config(c.vq_train),
-                                    sharding.make_mesh(c.mesh))
+  init, _ = train_vq._vq_functions(
+    cfg, train_vq.VQHparams.from_config(c.vq_train), sharding.make_mesh(c.mesh)
+  )
   params = jax.device_get(init(jax.random.key(3)).params)
   path = str(tmp_path_factory.mktemp("vq") / "vq")
   checkpoints.save_params(path, params)
@@ -50,7 +52,9 @@ def expected_digit_codes(params, cfg):
 def read_split(path, split):
   source = __import__("tensorflow_datasets").builder_from_directory(path).as_data_source(split)
   records = [source[i] for i in range(len(source))]
-  return np.stack([r["codes"] for r in records]).astype(np.int32), np.array([r["label"] for r in records])
+  return np.stack([r["codes"] for r in records]).astype(np.int32), np.array(
+    [r["label"] for r in records]
+  )
 
 
 def test_extract_digits_flip_gives_the_encoders_codes(tmp_path, vq_params):
@@ -59,14 +63,16 @@ def test_extract_digits_flip_gives_the_encoders_codes(tmp_path, vq_params):
   c = tiny_config(**{"extract.vq_checkpoint": path})
   out = extract.extract(c, workdir)
   assert out["num_examples"] == N_TEST and out["shards_encoded"] == 4 and out["images_per_s"] > 0
-  meta = data.load_metadata(os.path.join(workdir, "codes"), "test")
+  meta = code_dataset.load_metadata(os.path.join(workdir, "codes"), "test")
   assert (meta.grid, meta.n_aug, meta.vocab_size, meta.num_classes) == ((16, 16), 2, 64, 10)
   codes, labels = read_split(os.path.join(workdir, "codes"), "test")
   want_codes, want_labels = expected_digit_codes(params, cfg)
   assert len(np.unique(want_codes)) > 8  # Random weights: a meaningful comparison.
   np.testing.assert_array_equal(labels, want_labels)
   np.testing.assert_array_equal(codes, want_codes)
-  it = data.make_train_iterator(os.path.join(workdir, "codes"), global_batch_size=50, seed=0, split="test")
+  it = code_dataset.make_train_iterator(
+    os.path.join(workdir, "codes"), global_batch_size=50, seed=0, split="test"
+  )
   batch = next(it)
   assert batch["codes"].shape == (50, 16, 16) and batch["labels"].shape == (50,)
   assert not os.path.exists(os.path.join(workdir, "extract_tmp", "test"))  # keep_shards=False.
@@ -78,7 +84,9 @@ def test_extract_digits_flip_gives_the_encoders_codes(tmp_path, vq_params):
 def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params, monkeypatch):
   cfg, params, path = vq_params
   workdir = str(tmp_path / "w")
-  c = tiny_config(**{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.batch_size": 64})
+  c = tiny_config(
+    **{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.batch_size": 64}
+  )
   real = extract.encode_views
   calls = []
 
@@ -111,7 +119,9 @@ def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params
   # Shards of other settings are refused instead of mixed in.
   shutil.rmtree(os.path.join(workdir, "codes"))
   with pytest.raises(ValueError, match="other settings"):
-    extract.extract(tiny_config(**{"extract.vq_checkpoint": path, "extract.batch_size": 128}), workdir)
+    extract.extract(
+      tiny_config(**{"extract.vq_checkpoint": path, "extract.batch_size": 128}), workdir
+    )
 
 
 def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
@@ -120,13 +130,17 @@ def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
   cfg, params, path = vq_params
   monkeypatch.chdir(tmp_path)
   out_dir = str(tmp_path / "codes")
-  c = tiny_config(**{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.output": out_dir})
+  c = tiny_config(
+    **{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.output": out_dir}
+  )
   with fake_gcs(tmp_path / "gcs"):
     out = extract.extract(c, "gs://bucket/w")
     again = extract.extract(c, "gs://bucket/w")
   assert out["shards_encoded"] == 4 and again["skipped"]
   assert sorted(os.listdir(tmp_path / "gcs" / "bucket" / "w" / "extract_tmp" / "test")) == [
-      "settings.json", *[f"shard_{i:06d}.npz" for i in range(4)]]
+    "settings.json",
+    *[f"shard_{i:06d}.npz" for i in range(4)],
+  ]
   codes, labels = read_split(out_dir, "test")
   want_codes, want_labels = expected_digit_codes(params, cfg)
   np.testing.assert_array_equal(codes, want_codes)
@@ -134,10 +148,13 @@ def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
   assert not os.path.exists(tmp_path / "gs:")
 
 
-@pytest.mark.parametrize("num_examples,batch_size,processes,per_process_devices",
-                         [(500, 64, 2, 4), (9, 5, 1, 8), (13, 8, 4, 2), (7, 8, 4, 2), (30, 12, 2, 4)])
-def test_processes_share_each_shard_and_the_gather_comes_back_in_order(num_examples, batch_size, processes,
-                                                                      per_process_devices):
+@pytest.mark.parametrize(
+  "num_examples,batch_size,processes,per_process_devices",
+  [(500, 64, 2, 4), (9, 5, 1, 8), (13, 8, 4, 2), (7, 8, 4, 2), (30, 12, 2, 4)],
+)
+def test_processes_share_each_shard_and_the_gather_comes_back_in_order(
+  num_examples, batch_size, processes, per_process_devices
+):
   """Several processes without starting them: every example of a shard is read by exactly one process,
   and rows gathered from the devices in any device order (padding rows among them) come back in example
   order, as one process writes them."""
@@ -150,13 +167,19 @@ def test_processes_share_each_shard_and_the_gather_comes_back_in_order(num_examp
     for p in range(processes):
       start, stop = extract.process_share(shard, batch_size, num_examples, p, local)
       assert stop - start <= local
-      ids[p, :stop - start] = np.arange(start, stop)
-    assert sorted(ids[ids >= 0].tolist()) == list(range(shard * batch_size, shard * batch_size + count))
+      ids[p, : stop - start] = np.arange(start, stop)
+    assert sorted(ids[ids >= 0].tolist()) == list(
+      range(shard * batch_size, shard * batch_size + count)
+    )
     # The mesh may order the devices (and so the processes' blocks) any way: shuffle the device rows.
     per_device = ids.reshape(processes * per_process_devices, -1)
     gathered = per_device[rng.permutation(len(per_device))].reshape(-1)
-    codes = np.stack([gathered * 3 + 1, gathered * 5 + 2], axis=1)  # Stand-ins that name their example.
-    got_codes, got_labels = extract.merge_rows(gathered, codes, gathered % 7, shard * batch_size, count)
+    codes = np.stack(
+      [gathered * 3 + 1, gathered * 5 + 2], axis=1
+    )  # Stand-ins that name their example.
+    got_codes, got_labels = extract.merge_rows(
+      gathered, codes, gathered % 7, shard * batch_size, count
+    )
     want = np.arange(shard * batch_size, shard * batch_size + count)
     np.testing.assert_array_equal(got_codes, np.stack([want * 3 + 1, want * 5 + 2], axis=1))
     np.testing.assert_array_equal(got_labels, want % 7)
@@ -167,16 +190,18 @@ def test_processes_share_each_shard_and_the_gather_comes_back_in_order(num_examp
 def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
   _, _, path = vq_params
   workdir = str(tmp_path / "w")
-  cases = (({"model.grid": (8, 8)}, "model.grid"),
-           ({"model.vocab_size": 128}, "model.vocab_size"),
-           ({"extract.vq_checkpoint": ""}, "vq_checkpoint is empty"),
-           ({"extract.vq_checkpoint": str(tmp_path / "missing")}, "does not exist"),
-           ({"extract.dataset": "no_such_dataset_xyz"}, "not a TFDS data set"),
-           ({"extract.aug": "fivecrop"}, "extract.aug"),
-           ({"extract.aug": "tencrop", "extract.crop_range": 0.9}, "crop_range"),
-           ({"extract.batch_size": 0}, "extract.batch_size"),
-           ({"extract.split": "train[:10]"}, "plain split name"),
-           ({"model.num_classes": 5}, "at most model.num_classes"))
+  cases = (
+    ({"model.grid": (8, 8)}, "model.grid"),
+    ({"model.vocab_size": 128}, "model.vocab_size"),
+    ({"extract.vq_checkpoint": ""}, "vq_checkpoint is empty"),
+    ({"extract.vq_checkpoint": str(tmp_path / "missing")}, "does not exist"),
+    ({"extract.dataset": "no_such_dataset_xyz"}, "not a TFDS data set"),
+    ({"extract.aug": "fivecrop"}, "extract.aug"),
+    ({"extract.aug": "tencrop", "extract.crop_range": 0.9}, "crop_range"),
+    ({"extract.batch_size": 0}, "extract.batch_size"),
+    ({"extract.split": "train[:10]"}, "plain split name"),
+    ({"model.num_classes": 5}, "at most model.num_classes"),
+  )
   for overrides, match in cases:
     c = tiny_config(**{"extract.vq_checkpoint": path, **overrides})
     with pytest.raises(ValueError, match=match) as e:
@@ -206,8 +231,15 @@ def test_extract_reads_a_tfds_image_folder(tmp_path, vq_params):
       image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
       Image.fromarray(image).save(root / "train" / name / f"{j}.png")
   workdir = str(tmp_path / "w")
-  c = tiny_config(**{"extract.vq_checkpoint": path, "extract.dataset": str(root), "extract.split": "train",
-                     "extract.aug": "tencrop", "extract.batch_size": 5})
+  c = tiny_config(
+    **{
+      "extract.vq_checkpoint": path,
+      "extract.dataset": str(root),
+      "extract.split": "train",
+      "extract.aug": "tencrop",
+      "extract.batch_size": 5,
+    }
+  )
   out = extract.extract(c, workdir)
   # Batches of 5 on 8 devices: padded to 8 rows on the way in, trimmed on the way out.
   assert out["num_examples"] == 9 and out["n_aug"] == 10 and out["shards_encoded"] == 2

@@ -1,6 +1,7 @@
 """Real processes: extraction with 2 processes x 4 fake CPU devices on loopback (gloo collectives), started
 from the CLI's flags, writes the same code data set as one process with 8 devices: each process reads and
 encodes its share of every shard, process 0 alone writes."""
+
 import os
 import subprocess
 import sys
@@ -8,19 +9,24 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
+from test_multiprocess import _env  # noqa: E402
+from test_multiprocess import _free_port  # noqa: E402
 
 from npp_jax import checkpoints
 from npp_jax import config_lib
-from npp_jax import extract
+from npp_jax.jobs import extract
 from npp_jax.models import vq
-from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
-from test_multiprocess import _env, _free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's VQ (32 px -> 8x8 codes of 256) on the 500 test digits: 2 shards of 250, i.e. 125 rows per
 # process padded to 128 (4 devices each), and a last shard that is not full.
-OVERRIDES = {"extract.split": "test", "extract.batch_size": 250, "extract.aug": "flip",
-             "extract.num_threads": 2}
+OVERRIDES = {
+  "extract.split": "test",
+  "extract.batch_size": 250,
+  "extract.aug": "flip",
+  "extract.num_threads": 2,
+}
 
 
 @pytest.mark.timeout(400)
@@ -32,15 +38,26 @@ def test_two_processes_extract_the_one_process_data_set(tmp_path):
   overrides = {**OVERRIDES, "extract.vq_checkpoint": vq_dir}
 
   two = str(tmp_path / "two")
-  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=extract", "--config=configs/demo.py:smoke",
-         f"--workdir={two}", *[f"--config.{k}={v}" for k, v in overrides.items()],
-         f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "npp_jax.main",
+    "--mode=extract",
+    "--config=configs/demo.py:smoke",
+    f"--workdir={two}",
+    *[f"--config.{k}={v}" for k, v in overrides.items()],
+    f"--coordinator_address=127.0.0.1:{_free_port()}",
+    "--num_processes=2",
+  ]
   procs, logs = [], []
   for i in range(2):
     logs.append(str(tmp_path / f"process_{i}.log"))
     with open(logs[-1], "w") as f:
-      procs.append(subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=f,
-                                    stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(
+          cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=f, stderr=subprocess.STDOUT
+        )
+      )
   try:
     statuses = [p.wait(timeout=300) for p in procs]
   finally:

@@ -4,6 +4,7 @@ clients the run uses are pointed at it: etils.epath's gcsfs (STORAGE_EMULATOR_HO
 TF's GCS client has no endpoint setting) and tensorstore, which writes orbax's arrays
 (TENSORSTORE_GCS_HTTP_URL; GOOGLE_AUTH_TOKEN_FOR_TESTING stops it looking for credentials). The bucket is
 checked through the emulator's own JSON API, not through the clients under test."""
+
 import io
 import json
 import os
@@ -21,15 +22,17 @@ import pytest
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
+from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
+from test_multiprocess import _env  # noqa: E402
+from test_multiprocess import _free_port  # noqa: E402
+from test_train import make_codes  # noqa: E402
+
 from npp_jax import checkpoints  # noqa: E402
 from npp_jax import config_lib  # noqa: E402
-from npp_jax import data  # noqa: E402
+from npp_jax.data import code_dataset  # noqa: E402
 from npp_jax import files  # noqa: E402
 from npp_jax import preflight  # noqa: E402
 from npp_jax.models import vq  # noqa: E402
-from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
-from test_multiprocess import _env, _free_port  # noqa: E402
-from test_train import make_codes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,9 +44,19 @@ def gcs(tmp_path_factory):
   url = f"http://127.0.0.1:{port}"
   log = open(tmp_path_factory.mktemp("emulator") / "log.txt", "w")
   # tests/gcs_emulator.py: the emulator plus the generation headers real GCS sends and tensorstore needs.
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "start",
-                           "--host=127.0.0.1", f"--port={port}", "--in-memory", "--default-bucket=bucket"],
-                          stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(ROOT, "tests", "gcs_emulator.py"),
+      "start",
+      "--host=127.0.0.1",
+      f"--port={port}",
+      "--in-memory",
+      "--default-bucket=bucket",
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   deadline = time.time() + 60
   while True:
     try:
@@ -59,8 +72,13 @@ def gcs(tmp_path_factory):
     env.pop(k, None)
   # The emulator serves one request at a time with a listen backlog of 5: more concurrent tensorstore
   # requests than that got refused connections under load and failed checkpoint writes (seen 3 times in 4).
-  env.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="test",
-             EPATH_USE_TF="0", TENSORSTORE_GCS_REQUEST_CONCURRENCY="2")
+  env.update(
+    STORAGE_EMULATOR_HOST=url,
+    TENSORSTORE_GCS_HTTP_URL=url,
+    GOOGLE_AUTH_TOKEN_FOR_TESTING="test",
+    EPATH_USE_TF="0",
+    TENSORSTORE_GCS_REQUEST_CONCURRENCY="2",
+  )
   yield url, env
   proc.terminate()
   proc.wait(timeout=30)
@@ -75,15 +93,22 @@ def objects(url, prefix):
 
 
 def fetch(url, name):
-  with urllib.request.urlopen(f"{url}/download/storage/v1/b/bucket/o/{urllib.parse.quote(name, safe='')}"
-                              "?alt=media") as r:
+  with urllib.request.urlopen(
+    f"{url}/download/storage/v1/b/bucket/o/{urllib.parse.quote(name, safe='')}?alt=media"
+  ) as r:
     return r.read()
 
 
 def cli(env, cwd, *args, timeout=300):
   """The CLI run from `cwd` (not the checkout: a mangled relative gs:/ folder would land there)."""
-  return subprocess.run([sys.executable, "-m", "npp_jax.main", *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "npp_jax.main", *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def ok(r):
@@ -95,8 +120,12 @@ def ok(r):
 def test_train_resume_sample_extract_with_workdirs_in_a_bucket(tmp_path, gcs):
   url, env = gcs
   ds = str(tmp_path / "codes")
-  data.write_code_dataset(ds, *make_codes(64), vocab_size=256, num_classes=10)
-  train = [f"--config={ROOT}/configs/tiny.py", "--workdir=gs://bucket/run", f"--config.data.path={ds}"]
+  code_dataset.write_code_dataset(ds, *make_codes(64), vocab_size=256, num_classes=10)
+  train = [
+    f"--config={ROOT}/configs/tiny.py",
+    "--workdir=gs://bucket/run",
+    f"--config.data.path={ds}",
+  ]
 
   ok(cli(env, tmp_path, *train, "--config.train.max_steps=4"))
   assert "run/checkpoints/4/state/_METADATA" in objects(url, "run/checkpoints/4/")
@@ -105,28 +134,55 @@ def test_train_resume_sample_extract_with_workdirs_in_a_bucket(tmp_path, gcs):
   run = objects(url, "run/")
   assert {n.split("/")[2] for n in run if n.startswith("run/checkpoints/")} >= {"4", "8"}
   events = [n for n in run if n.startswith("run/events.out.tfevents.")]
-  assert len(events) == 2 and all(fetch(url, n) for n in events)  # One event file per launch, non-empty.
+  assert len(events) == 2 and all(
+    fetch(url, n) for n in events
+  )  # One event file per launch, non-empty.
 
-  ok(cli(env, tmp_path, f"--config={ROOT}/configs/tiny.py", "--mode=sample", "--workdir=gs://bucket/samples",
-         "--config.sample.checkpoint=gs://bucket/run", "--config.sample.num_images=8",
-         "--config.sample.batch_size=8"))
+  ok(
+    cli(
+      env,
+      tmp_path,
+      f"--config={ROOT}/configs/tiny.py",
+      "--mode=sample",
+      "--workdir=gs://bucket/samples",
+      "--config.sample.checkpoint=gs://bucket/run",
+      "--config.sample.num_images=8",
+      "--config.sample.batch_size=8",
+    )
+  )
   assert "samples/samples/samples_8.npz" in objects(url, "samples/")
   with np.load(io.BytesIO(fetch(url, "samples/samples/samples_8.npz"))) as z:
     codes = {k: z[k] for k in z.files}
   assert any(v.shape[0] == 8 and v.dtype.kind in "iu" for v in codes.values()), {
-      k: v.shape for k, v in codes.items()}
+    k: v.shape for k, v in codes.items()
+  }
 
   # Extraction: the workdir (settings, shards) in the bucket, the code data set local (array_record).
   vq_dir = str(tmp_path / "vq")
   cfg = vq.VQConfig.from_config(config_lib.load("configs/demo.py:smoke").vq)
   checkpoints.save_params(vq_dir, jax.device_get(vq.init_params(cfg, jax.random.key(3))))
   out = str(tmp_path / "extracted")
-  ok(cli(env, tmp_path, "--mode=extract", f"--config={ROOT}/configs/demo.py:smoke", "--workdir=gs://bucket/ex",
-         f"--config.extract.vq_checkpoint={vq_dir}", f"--config.extract.output={out}",
-         "--config.extract.split=test", "--config.extract.aug=none", "--config.extract.batch_size=256",
-         "--config.extract.keep_shards=True", "--config.extract.num_threads=2"))
-  assert objects(url, "ex/") == ["ex/extract_tmp/test/settings.json", "ex/extract_tmp/test/shard_000000.npz",
-                                 "ex/extract_tmp/test/shard_000001.npz"]
+  ok(
+    cli(
+      env,
+      tmp_path,
+      "--mode=extract",
+      f"--config={ROOT}/configs/demo.py:smoke",
+      "--workdir=gs://bucket/ex",
+      f"--config.extract.vq_checkpoint={vq_dir}",
+      f"--config.extract.output={out}",
+      "--config.extract.split=test",
+      "--config.extract.aug=none",
+      "--config.extract.batch_size=256",
+      "--config.extract.keep_shards=True",
+      "--config.extract.num_threads=2",
+    )
+  )
+  assert objects(url, "ex/") == [
+    "ex/extract_tmp/test/settings.json",
+    "ex/extract_tmp/test/shard_000000.npz",
+    "ex/extract_tmp/test/shard_000001.npz",
+  ]
   ex_codes, labels = read_split(out, "test")
   assert len(ex_codes) == len(labels) == 500
   assert not os.path.exists(tmp_path / "gs:")  # Every gs:// path reached the file layer untouched.
@@ -140,13 +196,38 @@ def test_a_gs_workdir_is_not_made_local(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "gs:")
 
 
-@pytest.mark.parametrize("args,field", [
-    ([f"--config={ROOT}/configs/tiny.py", "--workdir={tmp}/w", "--config.data.path=gs://bucket/codes"], "data.path"),
-    (["--mode=extract", f"--config={ROOT}/configs/demo.py:smoke", "--workdir=gs://bucket/ex",
-      "--config.extract.vq_checkpoint={tmp}/vq"], "extract.output"),
-    (["--mode=extract", f"--config={ROOT}/configs/demo.py:smoke", "--workdir={tmp}/w",
-      "--config.extract.vq_checkpoint={tmp}/vq", "--config.extract.output=gs://bucket/codes"], "extract.output"),
-])
+@pytest.mark.parametrize(
+  "args,field",
+  [
+    (
+      [
+        f"--config={ROOT}/configs/tiny.py",
+        "--workdir={tmp}/w",
+        "--config.data.path=gs://bucket/codes",
+      ],
+      "data.path",
+    ),
+    (
+      [
+        "--mode=extract",
+        f"--config={ROOT}/configs/demo.py:smoke",
+        "--workdir=gs://bucket/ex",
+        "--config.extract.vq_checkpoint={tmp}/vq",
+      ],
+      "extract.output",
+    ),
+    (
+      [
+        "--mode=extract",
+        f"--config={ROOT}/configs/demo.py:smoke",
+        "--workdir={tmp}/w",
+        "--config.extract.vq_checkpoint={tmp}/vq",
+        "--config.extract.output=gs://bucket/codes",
+      ],
+      "extract.output",
+    ),
+  ],
+)
 def test_a_code_data_set_in_a_bucket_is_refused_before_anything_starts(tmp_path, gcs, args, field):
   """array_record opens files natively: a gs:// data set would fail after the whole extraction."""
   url, env = gcs

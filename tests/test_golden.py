@@ -4,14 +4,15 @@ the code at commit 255f37a (tests/make_golden.py wrote tests/data/golden.npz; th
 Sampled codes and converted weights must be identical; losses and logits equal within 1e-6 relative (fp32,
 the same XLA program up to fusion order); VQ codes identical, decoded images within 1e-5 absolute.
 """
+
 import os
 
+from flax import traverse_util
+import golden_setup  # noqa: E402  (tests/ is on sys.path)
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
-import golden_setup  # noqa: E402  (tests/ is on sys.path)
 from npp_jax import sharding
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden.npz")
@@ -24,14 +25,16 @@ def golden():
 
 
 def _tree(golden, prefix):
-  flat = {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+  flat = {k[len(prefix) :]: v for k, v in golden.items() if k.startswith(prefix)}
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def test_random_params_unchanged(golden):
   _, _, params = golden_setup.tiny_gpt()
   flat = traverse_util.flatten_dict(params, sep="/")
-  assert sorted(flat) == sorted(k[len("gpt_params/"):] for k in golden if k.startswith("gpt_params/"))
+  assert sorted(flat) == sorted(
+    k[len("gpt_params/") :] for k in golden if k.startswith("gpt_params/")
+  )
   for path, x in flat.items():
     np.testing.assert_array_equal(np.asarray(x), golden[f"gpt_params/{path}"], err_msg=path)
 
@@ -61,9 +64,15 @@ def test_npp_loss_unchanged(golden):
 
 @pytest.mark.parametrize("kind", ["gpt", "vq"])
 def test_converter_unchanged(golden, kind):
-  state = {k[len(f"torch_{kind}/"):]: v for k, v in golden.items() if k.startswith(f"torch_{kind}/")}
+  state = {
+    k[len(f"torch_{kind}/") :]: v for k, v in golden.items() if k.startswith(f"torch_{kind}/")
+  }
   got = traverse_util.flatten_dict(golden_setup.convert(kind, state), sep="/")
-  want = {k[len(f"converted_{kind}/"):]: v for k, v in golden.items() if k.startswith(f"converted_{kind}/")}
+  want = {
+    k[len(f"converted_{kind}/") :]: v
+    for k, v in golden.items()
+    if k.startswith(f"converted_{kind}/")
+  }
   assert sorted(got) == sorted(want)
   for path, x in got.items():
     assert np.asarray(x).dtype == want[path].dtype, path
@@ -71,7 +80,7 @@ def test_converter_unchanged(golden, kind):
 
 
 def test_vq_unchanged(golden):
-  state = {k[len("torch_vq/"):]: v for k, v in golden.items() if k.startswith("torch_vq/")}
+  state = {k[len("torch_vq/") :]: v for k, v in golden.items() if k.startswith("torch_vq/")}
   codes, decoded = golden_setup.vq_roundtrip(state)
   np.testing.assert_array_equal(codes, golden["vq/codes"])
   np.testing.assert_allclose(decoded, golden["vq/decoded"], rtol=0, atol=1e-5)

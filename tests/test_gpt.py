@@ -1,6 +1,9 @@
 """The Linen GPT against a NumPy forward pass written here, RoPE against NumPy, sizes, gradients, layouts."""
+
 import chex
 import flax.linen as nn
+from helpers import random_params  # noqa: E402  (tests/ is on sys.path)
+from helpers import tiny_model_config  # noqa: E402  (tests/ is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +14,9 @@ from npp_jax import config_lib
 from npp_jax import costs
 from npp_jax import npp
 from npp_jax.models import gpt
-from helpers import random_params, tiny_model_config  # noqa: E402  (tests/ is on sys.path)
-
 
 # ------------------------------------------------------------------------------------------ NumPy reference
+
 
 def np_rope_table(rows, cols, hd, base=10000.0):
   """Written from NPP.md: pairs j < hd/4 use the row index, the rest the column index; condition zero."""
@@ -48,8 +50,13 @@ def np_forward(p, cfg, tokens, label, k):
   hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
   emb = p["tok_embeddings"]["embedding"][tokens.reshape(-1)]
   rows, cols = h // k, w // k
-  patches = np.stack([emb.reshape(h, w, -1)[r * k:(r + 1) * k, c * k:(c + 1) * k].mean((0, 1))
-                      for r in range(rows) for c in range(cols)])
+  patches = np.stack(
+    [
+      emb.reshape(h, w, -1)[r * k : (r + 1) * k, c * k : (c + 1) * k].mean((0, 1))
+      for r in range(rows)
+      for c in range(cols)
+    ]
+  )
   x = np.concatenate([p["cls_embedding"]["embedding"][label][None], patches[:-1]])
   table = np_rope_table(rows, cols, hd)[: x.shape[0]]
   s = x.shape[0]
@@ -57,9 +64,9 @@ def np_forward(p, cfg, tokens, label, k):
     lp = p[f"layers_{i}"]
     y = np_rmsnorm(x, lp["attention_norm"]["scale"])
     qkv = y @ lp["attention"]["wqkv"]["kernel"]
-    q = qkv[:, :nh * hd].reshape(s, nh, hd)
-    kk = qkv[:, nh * hd:(nh + nkv) * hd].reshape(s, nkv, hd)
-    v = qkv[:, (nh + nkv) * hd:].reshape(s, nkv, hd)
+    q = qkv[:, : nh * hd].reshape(s, nh, hd)
+    kk = qkv[:, nh * hd : (nh + nkv) * hd].reshape(s, nkv, hd)
+    v = qkv[:, (nh + nkv) * hd :].reshape(s, nkv, hd)
     q, kk = np_rope(q, table), np_rope(kk, table)
     rep = nh // nkv
     kk, v = np.repeat(kk, rep, axis=1), np.repeat(v, rep, axis=1)  # repeat_interleave
@@ -77,6 +84,7 @@ def np_forward(p, cfg, tokens, label, k):
 
 
 # ------------------------------------------------------------------------------------------------- tests
+
 
 @pytest.mark.parametrize("rows, cols, hd", [(16, 16, 64), (4, 8, 16)])
 def test_rope_table_matches_numpy(rows, cols, hd):
@@ -127,8 +135,16 @@ def test_scan_and_remat_give_the_same_function():
 
 def test_parameter_counts_of_every_release_size():
   # Release counts with vocab 16384 and 1000 classes (B: 110.9M as LlamaGen reports 111M).
-  expected_m = {"GPT-B": 110.9, "GPT-L": 342.9, "GPT-XL": 774.7, "GPT-XXL": 1411.0,
-                "GPT-XXXL": 3893.0, "GPT-1B": 1199.6, "GPT-3B": 3096.7, "GPT-7B": 6614.6}
+  expected_m = {
+    "GPT-B": 110.9,
+    "GPT-L": 342.9,
+    "GPT-XL": 774.7,
+    "GPT-XXL": 1411.0,
+    "GPT-XXXL": 3893.0,
+    "GPT-1B": 1199.6,
+    "GPT-3B": 3096.7,
+    "GPT-7B": 6614.6,
+  }
   for name, (n_layer, n_head, dim) in gpt.MODEL_SIZES.items():
     cfg = gpt.GPTConfig.from_config(config_lib.model_config(name))
     n = gpt.count_params(cfg)  # jax.eval_shape: no memory.
@@ -161,8 +177,9 @@ def test_gradients_finite_and_nonzero_at_every_k(k):
   params = nn.unbox(model.init(jax.random.key(0), tokens, labels)["params"])
 
   def loss_fn(p):
-    logits = model.apply({"params": p}, tokens, labels, patch_size=k, train=True,
-                         rngs={"dropout": jax.random.key(1)})
+    logits = model.apply(
+      {"params": p}, tokens, labels, patch_size=k, train=True, rngs={"dropout": jax.random.key(1)}
+    )
     return npp.patch_loss(logits, npp.group_targets(tokens, k))
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -183,21 +200,31 @@ def test_label_drop_uses_null_class_only_in_training():
   tokens = jax.random.randint(jax.random.key(1), (2, 8, 8), 0, cfg.vocab_size)
   null = jnp.full((2,), cfg.num_classes)
   ref_null = model.apply({"params": params}, tokens, null)
-  dropped = gpt.GPT(cfg).apply({"params": params}, tokens, jnp.array([1, 2]), train=True,
-                               rngs={"dropout": jax.random.key(0)})
+  dropped = gpt.GPT(cfg).apply(
+    {"params": params}, tokens, jnp.array([1, 2]), train=True, rngs={"dropout": jax.random.key(0)}
+  )
   # All dropouts on (prob 1) would change activations too; compare the first position, which sees
   # only the (dropped) class embedding through attention to itself.
-  cfg0 = gpt.GPTConfig(**{**cfg.__dict__, "token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0})
-  dropped = gpt.GPT(cfg0).apply({"params": params}, tokens, jnp.array([1, 2]), train=True,
-                                rngs={"dropout": jax.random.key(0)})
+  cfg0 = gpt.GPTConfig(
+    **{**cfg.__dict__, "token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0}
+  )
+  dropped = gpt.GPT(cfg0).apply(
+    {"params": params}, tokens, jnp.array([1, 2]), train=True, rngs={"dropout": jax.random.key(0)}
+  )
   np.testing.assert_allclose(np.asarray(dropped), np.asarray(ref_null), rtol=1e-5, atol=1e-5)
   kept = gpt.GPT(cfg0).apply({"params": params}, tokens, jnp.array([1, 2]))
   assert not np.allclose(np.asarray(kept), np.asarray(ref_null))
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("name", "GPT-Z", "unknown model.name='GPT-Z'"), ("n_kv_head", 5, "n_kv_head=5"),
-    ("dtype", "int8", "model.dtype='int8'"), ("remat", "some", "model.remat='some'")])
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
+    ("name", "GPT-Z", "unknown model.name='GPT-Z'"),
+    ("n_kv_head", 5, "n_kv_head=5"),
+    ("dtype", "int8", "model.dtype='int8'"),
+    ("remat", "some", "model.remat='some'"),
+  ],
+)
 def test_bad_model_config(field, value, match):
   m = config_lib.model_config("GPT-B")
   m[field] = value
@@ -213,9 +240,12 @@ def test_step_flops_match_xla_cost_analysis():
   labels = jnp.arange(4)
   params = nn.unbox(model.init(jax.random.key(0), tokens, labels)["params"])
   for k in (1, 2, 4):
+
     def loss_fn(p):
-      return npp.patch_loss(model.apply({"params": p}, tokens, labels, patch_size=k),
-                            npp.group_targets(tokens, k))
+      return npp.patch_loss(
+        model.apply({"params": p}, tokens, labels, patch_size=k), npp.group_targets(tokens, k)
+      )
+
     analysis = jax.jit(jax.grad(loss_fn)).lower(params).compile().cost_analysis()
     xla = analysis[0]["flops"] if isinstance(analysis, list) else analysis["flops"]
     ours = costs.train_step_flops(cfg, k, 4).total

@@ -1,4 +1,5 @@
 """The FID Inception against pytorch-fid's own modules on random weights, and the two resize recipes."""
+
 import numpy as np
 import pytest
 
@@ -43,7 +44,9 @@ def torch_outputs(weights_file, images: np.ndarray) -> dict:
   """pool3, spatial (ADM's order) and logits from pytorch-fid's InceptionV3 with our weights file."""
   state = torch.load(weights_file, weights_only=True)
   old = pfi.load_state_dict_from_url
-  pfi.load_state_dict_from_url = lambda *a, **k: state  # Strict load: our key names must be its names.
+  pfi.load_state_dict_from_url = lambda *a, **k: (
+    state
+  )  # Strict load: our key names must be its names.
   try:
     net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
   finally:
@@ -83,10 +86,14 @@ def tf1_resize_bilinear(x: np.ndarray, out: int) -> np.ndarray:
   y = np.zeros((n, out, out, c), np.float32)
   for i in range(out):
     sy = np.float32(i) * (np.float32(h) / np.float32(out))
-    y0 = int(np.floor(sy)); y1 = min(y0 + 1, h - 1); fy = sy - y0
+    y0 = int(np.floor(sy))
+    y1 = min(y0 + 1, h - 1)
+    fy = sy - y0
     for j in range(out):
       sx = np.float32(j) * (np.float32(w) / np.float32(out))
-      x0 = int(np.floor(sx)); x1 = min(x0 + 1, w - 1); fx = sx - x0
+      x0 = int(np.floor(sx))
+      x1 = min(x0 + 1, w - 1)
+      fx = sx - x0
       top = x[:, y0, x0] + (x[:, y0, x1] - x[:, y0, x0]) * fx
       bottom = x[:, y1, x0] + (x[:, y1, x1] - x[:, y1, x0]) * fx
       y[:, i, j] = top + (bottom - top) * fy
@@ -106,15 +113,18 @@ def test_adm_preprocess_is_tf1_resize_bilinear():
 def test_adm_preprocess_matches_tensorflow_at_299():
   tf = pytest.importorskip("tensorflow")  # Not in the test extra (no TF wheels on some platforms).
   images = np.random.default_rng(2).integers(0, 256, (2, 256, 200, 3), dtype=np.uint8)
-  want = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), [299, 299], align_corners=False)
+  want = tf.compat.v1.image.resize_bilinear(
+    images.astype(np.float32), [299, 299], align_corners=False
+  )
   got = np.asarray(inception.preprocess(images, "adm"))
   np.testing.assert_allclose(got, (want.numpy() - 128.0) / 128.0, rtol=0, atol=1e-6)
 
 
 def test_preprocess_keeps_299_px_images():
   images = np.random.default_rng(3).integers(0, 256, (1, 299, 299, 3), dtype=np.uint8)
-  np.testing.assert_allclose(np.asarray(inception.preprocess(images, "pytorch_fid")),
-                             images / 127.5 - 1, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(inception.preprocess(images, "pytorch_fid")), images / 127.5 - 1, atol=1e-6
+  )
   with pytest.raises(ValueError, match="expected one of"):
     inception.preprocess(images, "clean")
 

@@ -1,5 +1,6 @@
 """The trainers' shared loop plumbing: when it logs, checks, saves and stops, and that processes agree on the
 step at which a preemption stops them (two processes stood in for by two threads)."""
+
 import threading
 
 import numpy as np
@@ -21,16 +22,30 @@ class Writer:
 
 
 def make_loop(preemption, writer=None, **kw):
-  args = dict(total_steps=20, log_every=5, checkpoint_every=8, writer=writer or Writer(),
-              preemption=preemption, last_saved=lambda: 8, process_count=1)
+  args = dict(
+    total_steps=20,
+    log_every=5,
+    checkpoint_every=8,
+    writer=writer or Writer(),
+    preemption=preemption,
+    last_saved=lambda: 8,
+    process_count=1,
+  )
   return loop.Loop(**{**args, **kw})
 
 
 def test_logs_saves_and_finishes_on_schedule():
   writer, saved, seen = Writer(), [], []
   lp = make_loop(Flag(), writer, on_log=lambda step, scalars: seen.append((step, dict(scalars))))
-  stops = [lp.end_of_step(s, {"loss": np.float32(s)}, saved.append,
-                          extra=lambda step, step_s: {"k": 2, "per_s": 1 / step_s}) for s in range(1, 21)]
+  stops = [
+    lp.end_of_step(
+      s,
+      {"loss": np.float32(s)},
+      saved.append,
+      extra=lambda step, step_s: {"k": 2, "per_s": 1 / step_s},
+    )
+    for s in range(1, 21)
+  ]
   assert not any(stops) and not lp.stopped_early
   assert saved == [8, 16, 20]
   assert [step for step, _ in writer.lines] == [5, 10, 15, 20]
@@ -71,12 +86,19 @@ def test_processes_agree_on_the_stop_step(term_at):
       out = any(flags)
       barrier.wait()
       return out
+
     return fn
 
   def process(i):
     flag, saved = Flag(), []
-    lp = make_loop(flag, total_steps=40, checkpoint_every=100, sync_every=sync_every, agree=agree(i),
-                   process_count=n)
+    lp = make_loop(
+      flag,
+      total_steps=40,
+      checkpoint_every=100,
+      sync_every=sync_every,
+      agree=agree(i),
+      process_count=n,
+    )
     for step in range(1, 41):
       flag.requested = term_at[i] is not None and step >= term_at[i]
       if lp.end_of_step(step, {"loss": 1.0}, saved.append):

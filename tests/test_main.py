@@ -1,4 +1,5 @@
 """The command line: one-line errors for bad input (the launch scripts: test_launch.py)."""
+
 import os
 import subprocess
 import sys
@@ -9,19 +10,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args):
-  return subprocess.run([sys.executable, "-m", "npp_jax.main", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "npp_jax.main", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config=configs/tiny.py", "--config.model.name=GPT-Z"], "error: unknown model.name='GPT-Z'"),
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--config=configs/tiny.py", "--config.model.name=GPT-Z"],
+      "error: unknown model.name='GPT-Z'",
+    ),
     (["--config=configs/tiny.py"], "error: data.path is empty"),
-    (["--config=configs/tiny.py", "--config.data.path=/nonexistent"], "error: no code data set at /nonexistent"),
-    (["--config=configs/b.py:bogus"], "unknown config argument 'bogus'; expected none or one of 'runlocal'"),
-    (["--config=configs/demo.py:bogus"], "unknown config argument 'bogus'; expected none or one of 'smoke'"),
+    (
+      ["--config=configs/tiny.py", "--config.data.path=/nonexistent"],
+      "error: no code data set at /nonexistent",
+    ),
+    (
+      ["--config=configs/b.py:bogus"],
+      "unknown config argument 'bogus'; expected none or one of 'runlocal'",
+    ),
+    (
+      ["--config=configs/demo.py:bogus"],
+      "unknown config argument 'bogus'; expected none or one of 'smoke'",
+    ),
     (["--config=configs/tiny.py:x"], "unknown config argument 'x'; expected none"),
     (["--config=configs/nope.py"], "configs/nope.py"),
-])
+  ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
   workdir = tmp_path / "run"
   out = run_main(*args, f"--workdir={workdir}")

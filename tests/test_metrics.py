@@ -1,9 +1,10 @@
 """metrics.py against plain NumPy / SciPy references written here, on random features."""
+
 import numpy as np
 import pytest
 import scipy.stats
 
-from npp_jax import metrics
+from npp_jax.fid import metrics
 
 
 def gaussian_features(seed, n, d, shift=0.0):
@@ -17,14 +18,21 @@ def reference_frechet(mu1, s1, mu2, s2):
   w, v = np.linalg.eigh(s1)
   root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
   eig = np.linalg.eigvalsh(root1 @ s2 @ root1)
-  return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(eig, 0, None)))
+  return (
+    np.sum((mu1 - mu2) ** 2)
+    + np.trace(s1)
+    + np.trace(s2)
+    - 2 * np.sum(np.sqrt(np.clip(eig, 0, None)))
+  )
 
 
 def test_statistics_match_numpy_cov_over_chunks():
   x = gaussian_features(0, 300, 24, shift=3.0)
   mu, sigma = metrics.statistics([x[:100], x[100:250], x[250:]])
   np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(
+    sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12
+  )
   with pytest.raises(ValueError, match="at least 2"):
     metrics.statistics(x[:1])
 
@@ -36,7 +44,9 @@ def test_frechet_distance_matches_eigen_reference():
   want = reference_frechet(mu1, s1, mu2, s2)
   assert want > 1.0
   np.testing.assert_allclose(metrics.frechet_distance(mu1, s1, mu2, s2), want, rtol=1e-8)
-  np.testing.assert_allclose(metrics.frechet_distance(mu1, s1, mu2, s2, method="eigh"), want, rtol=1e-8)
+  np.testing.assert_allclose(
+    metrics.frechet_distance(mu1, s1, mu2, s2, method="eigh"), want, rtol=1e-8
+  )
   # A set against itself: 0 up to the square root's rounding.
   assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
   assert abs(metrics.frechet_distance(mu1, s1, mu1, s1, method="eigh")) < 1e-8
@@ -49,8 +59,9 @@ def test_frechet_distance_of_rank_deficient_statistics():
   a, b = gaussian_features(3, 20, 32), gaussian_features(4, 20, 32, shift=0.3)
   mu1, s1 = metrics.statistics(a)
   mu2, s2 = metrics.statistics(b)
-  np.testing.assert_allclose(metrics.frechet_distance(mu1, s1, mu2, s2),
-                             reference_frechet(mu1, s1, mu2, s2), rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics.frechet_distance(mu1, s1, mu2, s2), reference_frechet(mu1, s1, mu2, s2), rtol=1e-5
+  )
 
 
 def test_inception_score_matches_reference():
@@ -61,7 +72,7 @@ def test_inception_score_matches_reference():
   logits = pool3.astype(np.float64) @ w
   want_p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
   np.testing.assert_allclose(probs, want_p, rtol=1e-5, atol=1e-7)
-  splits = [want_p[i:i + 50] for i in range(0, 130, 50)]  # 50, 50, 30.
+  splits = [want_p[i : i + 50] for i in range(0, 130, 50)]  # 50, 50, 30.
   want = np.mean([np.exp(np.mean([scipy.stats.entropy(p, s.mean(0)) for p in s])) for s in splits])
   np.testing.assert_allclose(metrics.inception_score(probs, split_size=50), want, rtol=1e-5)
   assert metrics.inception_score(probs, split_size=50) > 1.0
@@ -70,6 +81,7 @@ def test_inception_score_matches_reference():
 def reference_precision_recall(ref, samples, k):
   def d2(u, v):
     return ((u[:, None, :].astype(np.float64) - v[None, :, :]) ** 2).sum(-1)
+
   ref_radii = np.sort(d2(ref, ref), axis=1)[:, k]
   sample_radii = np.sort(d2(samples, samples), axis=1)[:, k]
   cross = d2(samples, ref)  # [samples, ref]

@@ -2,6 +2,7 @@
 flags, train as one process with 8 devices does; under launch/gpu_slurm.sh (stub srun, real tasks found
 through SLURM's variables) a SIGTERM to one of them stops both at one agreed step with one checkpoint, the
 job requeues, and the resumed run ends bit for bit where the uninterrupted one did."""
+
 import itertools
 import os
 import random
@@ -15,19 +16,22 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from npp_jax import checkpoints
-from npp_jax import data
-from npp_jax.loop import EXIT_PREEMPTED
 from test_launch import install_stubs  # noqa: E402  (tests/ is on sys.path)
 from test_train import make_codes  # noqa: E402
+
+from npp_jax import checkpoints
+from npp_jax.data import code_dataset
+from npp_jax.loop import EXIT_PREEMPTED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16  # Four checkpoints (every 4 steps), all in the first stage (k = 4): one compiled step per process.
 # 16 epochs put steps 0-16 in stage k = 4; the processes agree on stopping every 2 steps (a SIGTERM between
 # agreements waits for the next one).
-RUN = ["--config.train.epochs=16", f"--config.train.max_steps={STEPS}",
-       "--config.train.preemption_sync_every_steps=2"]
+RUN = [
+  "--config.train.epochs=16",
+  f"--config.train.max_steps={STEPS}",
+  "--config.train.preemption_sync_every_steps=2",
+]
 _launches = itertools.count()
 
 
@@ -35,7 +39,7 @@ _launches = itertools.count()
 def dataset(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("codes") / "ds")
   codes, labels = make_codes(64)
-  data.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
+  code_dataset.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
   return path
 
 
@@ -47,18 +51,33 @@ def _free_port():
 
 def _env(processes):
   """This environment without any launcher's variables, 8 // processes CPU devices per process."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "OMPI_"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
-  if processes == 1:  # The run's compilation cache (conftest.py); multi-process runs compile their own.
-    env.update({k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_", "JAX_PERSISTENT_"))})
+  env = {
+    k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "OMPI_"))
+  }
+  env.update(
+    JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}"
+  )
+  if (
+    processes == 1
+  ):  # The run's compilation cache (conftest.py); multi-process runs compile their own.
+    env.update(
+      {k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_", "JAX_PERSISTENT_"))}
+    )
   return env
 
 
 def _start(workdir, dataset, processes):
   """`processes` CLI processes sharing 8 CPU devices; returns [(Popen, log path)]; logs go to files."""
   env = _env(processes)
-  cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-         f"--config.data.path={dataset}", *RUN]
+  cmd = [
+    sys.executable,
+    "-m",
+    "npp_jax.main",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.path={dataset}",
+    *RUN,
+  ]
   if processes > 1:
     cmd += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={processes}"]
   out, launch = [], next(_launches)
@@ -66,7 +85,9 @@ def _start(workdir, dataset, processes):
     log = f"{workdir}.{launch}.{i}.log"
     with open(log, "w") as f:
       extra = [f"--process_id={i}"] if processes > 1 else []
-      out.append((subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+      out.append(
+        (subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), log)
+      )
   return out
 
 
@@ -114,7 +135,9 @@ def test_two_processes_train_as_one_process_does(dataset, two_processes, tmp_pat
   # vs. in-process), so sums may round differently: float32 round-off through the Adam steps (measured
   # 2026-11-25 over 16 steps: at most 9.6e-7 apart).
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6), a, b)
-  assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(a)) > 0.01  # Not a vacuous comparison.
+  assert (
+    max(float(np.max(np.abs(x))) for x in jax.tree.leaves(a)) > 0.01
+  )  # Not a vacuous comparison.
 
 
 def _slurm_port():
@@ -135,12 +158,32 @@ def _sbatch(stub_env, workdir, dataset, term_after_checkpoint=None):
   With term_after_checkpoint, SIGTERM goes to the batch script once that checkpoint exists, as SLURM's
   --signal=B:TERM does; the stub srun forwards it to task 1 only. Returns (status, the script's output, [task logs])."""
   logs = f"{workdir}.{next(_launches)}.{{}}.log"
-  env = {**_env(2), **stub_env, "SLURM_JOB_ID": str(_slurm_port() - 61440), "STUB_SRUN_RUNS": "2",
-         "STUB_SRUN_TERM_TASKS": "1", "STUB_SRUN_LOG": logs}
-  cmd = ["bash", "launch/gpu_slurm.sh", "configs/tiny.py", workdir, dataset, "--config.model.dtype=float32",
-         *RUN]
-  script = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+  env = {
+    **_env(2),
+    **stub_env,
+    "SLURM_JOB_ID": str(_slurm_port() - 61440),
+    "STUB_SRUN_RUNS": "2",
+    "STUB_SRUN_TERM_TASKS": "1",
+    "STUB_SRUN_LOG": logs,
+  }
+  cmd = [
+    "bash",
+    "launch/gpu_slurm.sh",
+    "configs/tiny.py",
+    workdir,
+    dataset,
+    "--config.model.dtype=float32",
+    *RUN,
+  ]
+  script = subprocess.Popen(
+    cmd,
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
   if term_after_checkpoint is not None:
     ckpt = os.path.join(workdir, "checkpoints", str(term_after_checkpoint))
     deadline = time.time() + 240
@@ -151,29 +194,38 @@ def _sbatch(stub_env, workdir, dataset, term_after_checkpoint=None):
   try:
     out, _ = script.communicate(timeout=200)
   except subprocess.TimeoutExpired:
-    os.killpg(script.pid, signal.SIGKILL)  # The script, the stub srun and both tasks: its own session.
-    pytest.fail("the job step still ran 200 s after the SIGTERM (deadlock?):\n" +
-                "\n".join(open(logs.format(i)).read()[-1500:] for i in range(2)))
+    os.killpg(
+      script.pid, signal.SIGKILL
+    )  # The script, the stub srun and both tasks: its own session.
+    pytest.fail(
+      "the job step still ran 200 s after the SIGTERM (deadlock?):\n"
+      + "\n".join(open(logs.format(i)).read()[-1500:] for i in range(2))
+    )
   task_logs = [open(logs.format(i)).read() for i in range(2)]
   return script.returncode, out, task_logs
 
 
 @pytest.mark.timeout(500)
-def test_sigterm_to_one_process_stops_both_at_one_step_requeue_resumes_bit_exact(dataset, two_processes,
-                                                                                 tmp_path):
+def test_sigterm_to_one_process_stops_both_at_one_step_requeue_resumes_bit_exact(
+  dataset, two_processes, tmp_path
+):
   """Through launch/gpu_slurm.sh: the time limit's SIGTERM reaches one of the two tasks; both save one agreed
   step and exit "preempted", the script requeues; the requeued job resumes and ends where an uninterrupted
   run ends, bit for bit."""
   stub_env, calls = install_stubs(tmp_path, ("srun", "scontrol"))
   python = tmp_path / "bin" / "python"  # The real interpreter, whatever PATH holds.
-  python.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+  python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
   python.chmod(0o755)
   workdir = str(tmp_path / "run")
   status, out, logs = _sbatch(stub_env, workdir, dataset, term_after_checkpoint=4)
   assert status == EXIT_PREEMPTED, out + "\n".join(s[-3000:] for s in logs)
-  assert "'model.dtype': 'float32'" in logs[0]  # The reference run's dtype, not the script's bfloat16.
+  assert (
+    "'model.dtype': 'float32'" in logs[0]
+  )  # The reference run's dtype, not the script's bfloat16.
   stopped = [re.findall(r"Preemption requested: saving step (\d+)", s) for s in logs]
-  assert stopped[0] == stopped[1] and len(stopped[0]) == 1, stopped  # One agreed step on both tasks,
+  assert stopped[0] == stopped[1] and len(stopped[0]) == 1, (
+    stopped
+  )  # One agreed step on both tasks,
   step = int(stopped[0][0])
   assert 4 <= step < STEPS
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)

@@ -7,6 +7,7 @@ network: NPP_SKIP_INSTALL (the package is installed in this venv), NPP_REPO_DIR 
 tiny model in place of GPT-B, so that it runs in seconds). Form fields are edited the way Colab's forms
 edit them: the value on the `#@param` line.
 """
+
 import argparse
 import ast
 import glob
@@ -16,8 +17,8 @@ import re
 
 import nbformat
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 torch = pytest.importorskip("torch")
 
@@ -28,25 +29,60 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "sample.ipynb")
 # GPT-B's config file with these overrides: a 2-layer GPT on an 8x8 grid of 64 codes, and a VQ with one
 # downsampling from 16 px, both in fp32.
 OVERRIDES = {
-    "model.name": "custom", "model.n_layer": 2, "model.n_head": 2, "model.dim": 32, "model.multiple_of": 32,
-    "model.vocab_size": 64, "model.num_classes": 10, "model.grid": [8, 8], "model.dtype": "float32",
-    "vq.ch": 32, "vq.ch_mult": [1, 2], "vq.num_res_blocks": 1, "vq.z_channels": 32, "vq.codebook_size": 64,
-    "vq.codebook_embed_dim": 8, "vq.image_size": 16,
+  "model.name": "custom",
+  "model.n_layer": 2,
+  "model.n_head": 2,
+  "model.dim": 32,
+  "model.multiple_of": 32,
+  "model.vocab_size": 64,
+  "model.num_classes": 10,
+  "model.grid": [8, 8],
+  "model.dtype": "float32",
+  "vq.ch": 32,
+  "vq.ch_mult": [1, 2],
+  "vq.num_res_blocks": 1,
+  "vq.z_channels": 32,
+  "vq.codebook_size": 64,
+  "vq.codebook_embed_dim": 8,
+  "vq.image_size": 16,
 }
 
 
 def release_checkpoints(folder):
   """c2i_B_256.pt and vq_ds16_c2i.pt of the overridden sizes, random weights, saved as the releases save."""
-  m, v = {k[6:]: x for k, x in OVERRIDES.items() if k.startswith("model.")}, {
-      k[3:]: x for k, x in OVERRIDES.items() if k.startswith("vq.")}
-  gpt = ref.randomize_(ref.GPT(m["n_layer"], m["n_head"], m["dim"], m["vocab_size"], m["num_classes"],
-                               m["grid"], multiple_of=m["multiple_of"]), seed=0)
-  vq = ref.randomize_(ref.VQModel(v["codebook_size"], v["codebook_embed_dim"], v["z_channels"], v["ch"],
-                                  v["ch_mult"], v["num_res_blocks"]), seed=1)
+  m, v = (
+    {k[6:]: x for k, x in OVERRIDES.items() if k.startswith("model.")},
+    {k[3:]: x for k, x in OVERRIDES.items() if k.startswith("vq.")},
+  )
+  gpt = ref.randomize_(
+    ref.GPT(
+      m["n_layer"],
+      m["n_head"],
+      m["dim"],
+      m["vocab_size"],
+      m["num_classes"],
+      m["grid"],
+      multiple_of=m["multiple_of"],
+    ),
+    seed=0,
+  )
+  vq = ref.randomize_(
+    ref.VQModel(
+      v["codebook_size"],
+      v["codebook_embed_dim"],
+      v["z_channels"],
+      v["ch"],
+      v["ch_mult"],
+      v["num_res_blocks"],
+    ),
+    seed=1,
+  )
   os.makedirs(folder)
   # Training scripts save their argparse arguments beside the weights.
-  torch.save({"model": gpt.state_dict(), "steps": 10, "args": argparse.Namespace(gpt_model="GPT-B")},
-             os.path.join(folder, "c2i_B_256.pt"))
+  torch.save(
+    {"model": gpt.state_dict(), "steps": 10, "args": argparse.Namespace(gpt_model="GPT-B")},
+    os.path.join(folder, "c2i_B_256.pt"),
+  )
   torch.save({"model": vq.state_dict()}, os.path.join(folder, "vq_ds16_c2i.pt"))
 
 
@@ -63,8 +99,10 @@ def set_param(nb, name, value):
 
 
 def texts(cell):
-  return "".join(o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
-                 for o in cell.get("outputs", []))
+  return "".join(
+    o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
+    for o in cell.get("outputs", [])
+  )
 
 
 def test_notebook_runs_top_to_bottom_outside_the_repository(tmp_path, monkeypatch):
@@ -84,7 +122,9 @@ def test_notebook_runs_top_to_bottom_outside_the_repository(tmp_path, monkeypatc
   monkeypatch.setenv("NPP_WEIGHTS_DIR", str(tmp_path / "release"))
   monkeypatch.setenv("NPP_CONFIG_OVERRIDES", json.dumps(OVERRIDES))
 
-  client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(content)}})
+  client = NotebookClient(
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(content)}}
+  )
   with client.setup_kernel():
     for index, cell in enumerate(nb.cells):
       client.execute_cell(cell, index)
@@ -99,7 +139,11 @@ def test_notebook_runs_top_to_bottom_outside_the_repository(tmp_path, monkeypatc
   out = "\n".join(texts(c) for c in code_cells(nb))
   assert "8 cpu device(s)" in out and "NPP_SKIP_INSTALL=1" in out
   # float32: the CPU's compute dtype ("auto" picks bfloat16 on a GPU or TPU).
-  assert "0 tench, 1 goldfish" in out and "float32, batch 8 = 8 device(s) x 1" in out and "images/s" in out
+  assert (
+    "0 tench, 1 goldfish" in out
+    and "float32, batch 8 = 8 device(s) x 1" in out
+    and "images/s" in out
+  )
   [run] = glob.glob(str(content / "npp_samples" / "run_*"))
   with np.load(os.path.join(run, "samples", "samples_4.npz")) as f:
     images, labels, codes = f["arr_0"], f["labels"], f["codes"]
@@ -124,8 +168,11 @@ def test_notebook_class_names_are_imagenets():
   nb = nbformat.read(NOTEBOOK, as_version=4)
   [cell] = [c for c in code_cells(nb) if "IMAGENET_NAMES = {" in c.source]
   tree = ast.parse(cell.source)
-  table = next(ast.literal_eval(node.value) for node in tree.body
-               if isinstance(node, ast.Assign) and node.targets[0].id == "IMAGENET_NAMES")
+  table = next(
+    ast.literal_eval(node.value)
+    for node in tree.body
+    if isinstance(node, ast.Assign) and node.targets[0].id == "IMAGENET_NAMES"
+  )
   assert len(table) >= 40
   for i, name in table.items():
     assert meta._IMAGENET_CATEGORIES[i] == name, i

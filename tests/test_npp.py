@@ -1,4 +1,5 @@
 """The NPP op against plain NumPy: aggregation, target grouping, patch loss, stages and learning rates."""
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -140,7 +141,11 @@ def test_explicit_stages_and_k_at_boundaries():
   c = config_lib.base_config()
   c.npp.stages = ((4, 2), (2, 1), (1, 3))
   s = npp.Schedule.from_config(c, steps_per_epoch=5)
-  assert [(st.k, st.start_step, st.end_step) for st in s.stages] == [(4, 0, 10), (2, 10, 15), (1, 15, 30)]
+  assert [(st.k, st.start_step, st.end_step) for st in s.stages] == [
+    (4, 0, 10),
+    (2, 10, 15),
+    (1, 15, 30),
+  ]
   assert s.total_steps == 30
   expected = {0: 4, 9: 4, 10: 2, 14: 2, 15: 1, 29: 1, 30: 1}
   assert {t: s.k_at(t) for t in expected} == expected
@@ -167,8 +172,12 @@ def test_per_stage_learning_rate_at_and_around_boundaries():
     decay, warm = round(decay_ratio * n), round(warmup_epochs * steps_per_epoch)
     for t in range(n):
       got = float(sched(stage.start_step + t))
-      np.testing.assert_allclose(got, np_stage_lr(t, n, lr, end_lr, warm, decay), rtol=1e-6,
-                                 err_msg=f"stage k={stage.k} local step {t}")
+      np.testing.assert_allclose(
+        got,
+        np_stage_lr(t, n, lr, end_lr, warm, decay),
+        rtol=1e-6,
+        err_msg=f"stage k={stage.k} local step {t}",
+      )
   # Around each boundary: the last step of a stage is end_lr, the next step restarts the warmup.
   for a, b in zip(s.stages, s.stages[1:]):
     np.testing.assert_allclose(float(sched(a.end_step - 1)), end_lr, rtol=1e-6)
@@ -176,9 +185,16 @@ def test_per_stage_learning_rate_at_and_around_boundaries():
   assert float(sched(0)) > 0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=0.0), "optim.lr"), (dict(lr=-1.0), "optim.lr"), (dict(end_lr=1.0), "optim.end_lr"),
-    (dict(decay_ratio=1.5), "optim.decay_ratio"), (dict(warmup_epochs=-1), "optim.warmup_epochs")])
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(lr=0.0), "optim.lr"),
+    (dict(lr=-1.0), "optim.lr"),
+    (dict(end_lr=1.0), "optim.end_lr"),
+    (dict(decay_ratio=1.5), "optim.decay_ratio"),
+    (dict(warmup_epochs=-1), "optim.warmup_epochs"),
+  ],
+)
 def test_bad_learning_rate_settings(kwargs, match):
   s = npp.Schedule([(1, 1.0)], 10)
   args = dict(lr=1e-4, end_lr=1e-5, warmup_epochs=0.1, decay_ratio=0.2) | kwargs

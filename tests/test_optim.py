@@ -1,8 +1,10 @@
 """The shared AdamW's weight-decay mask: by name, the same with and without scanned layers, and what the
 release decays (its rule: >= 2-D weights of the unscanned model)."""
+
 import dataclasses
 
 import flax.linen as nn
+from helpers import tiny_model_config  # noqa: E402  (tests/ is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,14 +14,14 @@ from npp_jax import config_lib
 from npp_jax import optim
 from npp_jax.models import gpt
 from npp_jax.models import vq
-from helpers import tiny_model_config  # noqa: E402  (tests/ is on sys.path)
 
 
 def _gpt_params(scan: bool):
   cfg = dataclasses.replace(gpt.GPTConfig.from_config(tiny_model_config()), scan_layers=scan)
   h, w = cfg.grid
-  return cfg, gpt.GPT(cfg).init(jax.random.key(0), jnp.zeros((1, h, w), jnp.int32),
-                                jnp.zeros((1,), jnp.int32))["params"]
+  return cfg, gpt.GPT(cfg).init(
+    jax.random.key(0), jnp.zeros((1, h, w), jnp.int32), jnp.zeros((1,), jnp.int32)
+  )["params"]
 
 
 def test_gpt_mask_is_the_release_rule_and_survives_scan_layers():
@@ -40,7 +42,12 @@ def test_gpt_mask_is_the_release_rule_and_survives_scan_layers():
 
 def test_vq_mask_is_the_release_rule():
   v = config_lib.vq_config()
-  v.ch, v.ch_mult, v.num_res_blocks, v.z_channels = 32, (1, 2), 1, 32  # Small: every kind of layer kept.
+  v.ch, v.ch_mult, v.num_res_blocks, v.z_channels = (
+    32,
+    (1, 2),
+    1,
+    32,
+  )  # Small: every kind of layer kept.
   v.codebook_size, v.codebook_embed_dim, v.image_size = 64, 8, 16
   cfg = vq.VQConfig.from_config(v)
   f = cfg.downsample

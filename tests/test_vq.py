@@ -2,6 +2,7 @@
 
 Tolerances: codes must be identical; images agree within 1e-4 relative L2 error (fp32 on CPU).
 """
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,12 +12,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from npp_jax import config_lib  # noqa: E402
 from npp_jax import convert  # noqa: E402
 from npp_jax.models import vq  # noqa: E402
-import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
 
 REL_TOL = 1e-4
 
@@ -47,8 +50,15 @@ def to_nhwc(x):
 def setup():
   v = small_vq_config()
   torch.manual_seed(0)
-  model = ref.VQModel(v.codebook_size, v.codebook_embed_dim, v.z_channels, v.ch, v.ch_mult,
-                      v.num_res_blocks, v.norm_groups)
+  model = ref.VQModel(
+    v.codebook_size,
+    v.codebook_embed_dim,
+    v.z_channels,
+    v.ch,
+    v.ch_mult,
+    v.num_res_blocks,
+    v.norm_groups,
+  )
   ref.randomize_(model, seed=0).eval()
   state = {k: t.numpy() for k, t in model.state_dict().items()}
   params = convert.state_to_params("vq", state, ml_collections.ConfigDict({"vq": v}))
@@ -70,7 +80,9 @@ def test_encode_matches_reference(setup):
 
 def test_decode_matches_reference(setup):
   _, cfg, model, params, _ = setup
-  codes = np.asarray(jax.random.randint(jax.random.key(2), (3, 8, 8), 0, cfg.codebook_size), np.int32)
+  codes = np.asarray(
+    jax.random.randint(jax.random.key(2), (3, 8, 8), 0, cfg.codebook_size), np.int32
+  )
   out = vq.decode_fn(params, codes, cfg)
   chex.assert_shape(out, (3, 16, 16, 3))
   chex.assert_type(out, jnp.float32)
@@ -96,7 +108,9 @@ def test_training_forward(setup):
   assert rel_err(recon, want_recon) <= REL_TOL
   np.testing.assert_allclose(losses["codebook"], v.codebook_weight * mse, rtol=1e-4)
   np.testing.assert_allclose(losses["commitment"], v.commit_beta * mse, rtol=1e-4)
-  np.testing.assert_allclose(losses["quantizer"], (v.codebook_weight + v.commit_beta) * mse, rtol=1e-4)
+  np.testing.assert_allclose(
+    losses["quantizer"], (v.codebook_weight + v.commit_beta) * mse, rtol=1e-4
+  )
 
   def loss_fn(p):
     recon, _, losses = vq_model.apply({"params": p}, images, train=True)
@@ -145,11 +159,18 @@ def test_vq16_architecture_matches_release_layout():
   got = {convert.torch_name(p): convert._torch_shape(p, s) for p, s in shapes.items()}
   assert got == want
   # LlamaGen reports 72M parameters for VQ-16.
-  assert vq.count_params(vq.VQConfig.from_config(v)) == sum(np.prod(s) for s in want.values()) == 71_883_403
+  assert (
+    vq.count_params(vq.VQConfig.from_config(v))
+    == sum(np.prod(s) for s in want.values())
+    == 71_883_403
+  )
   cfg = vq.VQConfig.from_config(v)
   assert cfg.grid == (16, 16)
-  out = jax.eval_shape(lambda p, x: vq.VQModel(cfg).apply({"params": p}, x, method=vq.VQModel.encode),
-                       vq.abstract_params(cfg), jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32))
+  out = jax.eval_shape(
+    lambda p, x: vq.VQModel(cfg).apply({"params": p}, x, method=vq.VQModel.encode),
+    vq.abstract_params(cfg),
+    jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32),
+  )
   chex.assert_shape(out[0], (2, 16, 16))
   chex.assert_shape(out[1], (2, 16, 16, 8))
 

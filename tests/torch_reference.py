@@ -4,11 +4,12 @@ Parameter names and shapes are those of the PyTorch release (LlamaGen, and NPP's
 training path), so a `state_dict()` of these modules is a checkpoint in the released layout. Everything
 runs in fp32 NCHW / [B, S, D] as the release does; nothing here is used by the package itself.
 """
+
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------
 # GPT.
@@ -27,8 +28,13 @@ def rope_table_2d(rows: int, cols: int, head_dim: int, base: float = 10000.0, n_
   inv = base ** (-torch.arange(0, quarter, dtype=torch.float64) * 4.0 / head_dim)
   row_angles = torch.outer(torch.arange(rows, dtype=torch.float64), inv)  # [rows, hd/4]
   col_angles = torch.outer(torch.arange(cols, dtype=torch.float64), inv)  # [cols, hd/4]
-  grid = torch.cat([row_angles[:, None, :].expand(rows, cols, quarter),
-                    col_angles[None, :, :].expand(rows, cols, quarter)], dim=-1)
+  grid = torch.cat(
+    [
+      row_angles[:, None, :].expand(rows, cols, quarter),
+      col_angles[None, :, :].expand(rows, cols, quarter),
+    ],
+    dim=-1,
+  )
   table = torch.stack([grid.cos(), grid.sin()], dim=-1).reshape(rows * cols, head_dim // 2, 2)
   # The release gives condition positions cos = sin = 0: their queries and keys become zero.
   return torch.cat([torch.zeros(n_cond, head_dim // 2, 2, dtype=torch.float64), table]).float()
@@ -44,7 +50,6 @@ def rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-
   def __init__(self, dim: int, eps: float = 1e-5):
     super().__init__()
     self.eps = eps
@@ -56,7 +61,6 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-
   def __init__(self, dim: int, n_head: int, n_kv_head: int):
     super().__init__()
     self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
@@ -78,7 +82,6 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-
   def __init__(self, dim: int, hidden: int):
     super().__init__()
     self.w1 = nn.Linear(dim, hidden, bias=False)
@@ -90,7 +93,6 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-
   def __init__(self, dim, n_head, n_kv_head, hidden, eps):
     super().__init__()
     self.attention_norm = RMSNorm(dim, eps)
@@ -104,10 +106,11 @@ class TransformerBlock(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-
   def __init__(self, num_classes: int, dim: int):
     super().__init__()
-    self.embedding_table = nn.Embedding(num_classes + 1, dim)  # Last row: the null class of guidance.
+    self.embedding_table = nn.Embedding(
+      num_classes + 1, dim
+    )  # Last row: the null class of guidance.
 
   def forward(self, labels):
     return self.embedding_table(labels)[:, None, :]
@@ -116,15 +119,28 @@ class LabelEmbedder(nn.Module):
 class GPT(nn.Module):
   """Class-conditional LlamaGen GPT with NPP's patch input; output position i predicts patch i."""
 
-  def __init__(self, n_layer, n_head, dim, vocab_size, num_classes, grid, n_kv_head=None,
-               multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, rope_base=10000.0):
+  def __init__(
+    self,
+    n_layer,
+    n_head,
+    dim,
+    vocab_size,
+    num_classes,
+    grid,
+    n_kv_head=None,
+    multiple_of=256,
+    ffn_dim_multiplier=None,
+    norm_eps=1e-5,
+    rope_base=10000.0,
+  ):
     super().__init__()
     self.grid, self.head_dim, self.rope_base = tuple(grid), dim // n_head, rope_base
     hidden = ffn_hidden(dim, multiple_of, ffn_dim_multiplier)
     self.tok_embeddings = nn.Embedding(vocab_size, dim)
     self.cls_embedding = LabelEmbedder(num_classes, dim)
     self.layers = nn.ModuleList(
-        TransformerBlock(dim, n_head, n_kv_head or n_head, hidden, norm_eps) for _ in range(n_layer))
+      TransformerBlock(dim, n_head, n_kv_head or n_head, hidden, norm_eps) for _ in range(n_layer)
+    )
     self.norm = RMSNorm(dim, norm_eps)
     self.output = nn.Linear(dim, vocab_size, bias=False)
 
@@ -171,7 +187,6 @@ def _norm(channels: int, groups: int = 32):
 
 
 class ResnetBlock(nn.Module):
-
   def __init__(self, cin: int, cout: int, groups: int):
     super().__init__()
     self.norm1 = _norm(cin, groups)
@@ -191,7 +206,6 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-
   def __init__(self, c: int, groups: int):
     super().__init__()
     self.norm = _norm(c, groups)
@@ -203,13 +217,12 @@ class AttnBlock(nn.Module):
     q = self.q(y).reshape(b, c, h * w).transpose(1, 2)  # [B, hw, C]
     k = self.k(y).reshape(b, c, h * w)  # [B, C, hw]
     v = self.v(y).reshape(b, c, h * w)
-    attn = torch.softmax(torch.bmm(q, k) * c ** -0.5, dim=2)  # [B, hw (query), hw (key)]
+    attn = torch.softmax(torch.bmm(q, k) * c**-0.5, dim=2)  # [B, hw (query), hw (key)]
     out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)
     return x + self.proj_out(out)
 
 
 class Downsample(nn.Module):
-
   def __init__(self, c: int):
     super().__init__()
     self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
@@ -219,7 +232,6 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-
   def __init__(self, c: int):
     super().__init__()
     self.conv = nn.Conv2d(c, c, 3, padding=1)
@@ -229,7 +241,6 @@ class Upsample(nn.Module):
 
 
 class Encoder(nn.Module):
-
   def __init__(self, ch, ch_mult, num_res_blocks, z_channels, groups):
     super().__init__()
     self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
@@ -246,8 +257,9 @@ class Encoder(nn.Module):
       if i < len(ch_mult) - 1:
         level.downsample = Downsample(cin)
       self.conv_blocks.append(level)
-    self.mid = nn.ModuleList([ResnetBlock(cin, cin, groups), AttnBlock(cin, groups),
-                              ResnetBlock(cin, cin, groups)])
+    self.mid = nn.ModuleList(
+      [ResnetBlock(cin, cin, groups), AttnBlock(cin, groups), ResnetBlock(cin, cin, groups)]
+    )
     self.norm_out = _norm(cin, groups)
     self.conv_out = nn.Conv2d(cin, z_channels, 3, padding=1)
 
@@ -266,13 +278,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-
   def __init__(self, ch, ch_mult, num_res_blocks, z_channels, groups):
     super().__init__()
     cin = ch * ch_mult[-1]
     self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
-    self.mid = nn.ModuleList([ResnetBlock(cin, cin, groups), AttnBlock(cin, groups),
-                              ResnetBlock(cin, cin, groups)])
+    self.mid = nn.ModuleList(
+      [ResnetBlock(cin, cin, groups), AttnBlock(cin, groups), ResnetBlock(cin, cin, groups)]
+    )
     self.conv_blocks = nn.ModuleList()
     for i, mult in enumerate(reversed(ch_mult)):
       level = nn.Module()
@@ -303,7 +315,6 @@ class Decoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-
   def __init__(self, n_e: int, e_dim: int):
     super().__init__()
     self.embedding = nn.Embedding(n_e, e_dim)
@@ -315,16 +326,23 @@ class VectorQuantizer(nn.Module):
     z = F.normalize(z.permute(0, 2, 3, 1), dim=-1)
     flat = z.reshape(-1, z.shape[-1])
     emb = F.normalize(self.embedding.weight, dim=-1)
-    dist = (flat ** 2).sum(1, keepdim=True) + (emb ** 2).sum(1) - 2 * flat @ emb.t()
+    dist = (flat**2).sum(1, keepdim=True) + (emb**2).sum(1) - 2 * flat @ emb.t()
     codes = dist.argmin(1)
     z_q = emb[codes].view(z.shape).permute(0, 3, 1, 2)
     return codes.view(z.shape[:-1]), z_q
 
 
 class VQModel(nn.Module):
-
-  def __init__(self, codebook_size=16384, codebook_embed_dim=8, z_channels=256, ch=128,
-               ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, norm_groups=32):
+  def __init__(
+    self,
+    codebook_size=16384,
+    codebook_embed_dim=8,
+    z_channels=256,
+    ch=128,
+    ch_mult=(1, 1, 2, 2, 4),
+    num_res_blocks=2,
+    norm_groups=32,
+  ):
     super().__init__()
     self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, norm_groups)
     self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, norm_groups)

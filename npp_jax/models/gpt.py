@@ -7,6 +7,7 @@ interleaved pairs with the condition position zeroed, zero-initialised output la
 Parameters carry logical axis names ("vocab", "embed", "heads", "mlp", ...); `npp_jax.sharding` maps them
 to mesh axes with rules from the config, so this file never names a mesh axis.
 """
+
 import dataclasses
 import functools
 from typing import Any
@@ -21,21 +22,21 @@ from npp_jax import npp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
-    "full": None,  # Save nothing: recompute the whole block in the backward pass.
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # Save nothing: recompute the whole block in the backward pass.
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
 # LlamaGen's GPT sizes: name -> (n_layer, n_head, dim). NPP.md, "Reported results".
 MODEL_SIZES = {
-    "GPT-B": (12, 12, 768),
-    "GPT-L": (24, 16, 1024),
-    "GPT-XL": (36, 20, 1280),
-    "GPT-XXL": (48, 24, 1536),
-    "GPT-XXXL": (48, 40, 2560),
-    "GPT-1B": (22, 32, 2048),
-    "GPT-3B": (24, 32, 3200),
-    "GPT-7B": (32, 32, 4096),
+  "GPT-B": (12, 12, 768),
+  "GPT-L": (24, 16, 1024),
+  "GPT-XL": (36, 20, 1280),
+  "GPT-XXL": (48, 24, 1536),
+  "GPT-XXXL": (48, 40, 2560),
+  "GPT-1B": (22, 32, 2048),
+  "GPT-3B": (24, 32, 3200),
+  "GPT-7B": (32, 32, 4096),
 }
 
 
@@ -76,18 +77,25 @@ class GPTConfig:
   @classmethod
   def from_config(cls, m: ml_collections.ConfigDict) -> "GPTConfig":
     if m.name == "custom":
-      if not all(isinstance(x, int) and x >= 1 for x in (m.n_layer, m.n_head, m.dim)):  # -1 is truthy.
-        raise ValueError("model.name='custom' needs model.n_layer, model.n_head and model.dim; expected "
-                         f"positive integers, got {m.n_layer}, {m.n_head}, {m.dim}")
+      if not all(
+        isinstance(x, int) and x >= 1 for x in (m.n_layer, m.n_head, m.dim)
+      ):  # -1 is truthy.
+        raise ValueError(
+          "model.name='custom' needs model.n_layer, model.n_head and model.dim; expected "
+          f"positive integers, got {m.n_layer}, {m.n_head}, {m.dim}"
+        )
       n_layer, n_head, dim = m.n_layer, m.n_head, m.dim
     elif m.name in MODEL_SIZES:
       n_layer, n_head, dim = MODEL_SIZES[m.name]
     else:
-      raise ValueError(f"unknown model.name={m.name!r}; expected one of "
-                       f"{sorted(MODEL_SIZES)} or 'custom'")
+      raise ValueError(
+        f"unknown model.name={m.name!r}; expected one of {sorted(MODEL_SIZES)} or 'custom'"
+      )
     if dim % n_head or (dim // n_head) % 4:
-      raise ValueError(f"model dim={dim} with n_head={n_head}; expected dim / n_head divisible by 4 "
-                       "(2D RoPE rotates hd/4 pairs by row and hd/4 by column)")
+      raise ValueError(
+        f"model dim={dim} with n_head={n_head}; expected dim / n_head divisible by 4 "
+        "(2D RoPE rotates hd/4 pairs by row and hd/4 by column)"
+      )
     n_kv_head = m.n_kv_head or n_head
     if n_head % n_kv_head:
       raise ValueError(f"model.n_kv_head={n_kv_head} does not divide n_head={n_head}")
@@ -100,15 +108,31 @@ class GPTConfig:
     if len(grid) != 2 or min(grid) < 1:
       raise ValueError(f"model.grid={m.grid!r}; expected two positive integers (rows, cols)")
     if m.vocab_size < 1 or m.num_classes < 1:
-      raise ValueError(f"model.vocab_size={m.vocab_size}, model.num_classes={m.num_classes}; expected "
-                       "positive integers")
+      raise ValueError(
+        f"model.vocab_size={m.vocab_size}, model.num_classes={m.num_classes}; expected "
+        "positive integers"
+      )
     return cls(
-        n_layer=n_layer, n_head=n_head, dim=dim, n_kv_head=n_kv_head, vocab_size=m.vocab_size,
-        num_classes=m.num_classes, grid=grid, multiple_of=m.multiple_of,
-        ffn_dim_multiplier=m.ffn_dim_multiplier, norm_eps=m.norm_eps, rope_base=m.rope_base,
-        token_dropout=m.token_dropout, resid_dropout=m.resid_dropout, ffn_dropout=m.ffn_dropout,
-        class_dropout=m.class_dropout, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-        scan_layers=m.scan_layers, remat=m.remat)
+      n_layer=n_layer,
+      n_head=n_head,
+      dim=dim,
+      n_kv_head=n_kv_head,
+      vocab_size=m.vocab_size,
+      num_classes=m.num_classes,
+      grid=grid,
+      multiple_of=m.multiple_of,
+      ffn_dim_multiplier=m.ffn_dim_multiplier,
+      norm_eps=m.norm_eps,
+      rope_base=m.rope_base,
+      token_dropout=m.token_dropout,
+      resid_dropout=m.resid_dropout,
+      ffn_dropout=m.ffn_dropout,
+      class_dropout=m.class_dropout,
+      dtype=DTYPES[m.dtype],
+      param_dtype=DTYPES[m.param_dtype],
+      scan_layers=m.scan_layers,
+      remat=m.remat,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,7 +140,9 @@ class GPTConfig:
 
 
 @functools.lru_cache(maxsize=64)
-def rope_2d(rows: int, cols: int, head_dim: int, base: float = 10000.0, n_cond: int = 1) -> np.ndarray:
+def rope_2d(
+  rows: int, cols: int, head_dim: int, base: float = 10000.0, n_cond: int = 1
+) -> np.ndarray:
   """cos/sin table [n_cond + rows*cols, head_dim/2, 2] for the release's 2D RoPE.
 
   Pair j < hd/4 rotates by the row index, pair hd/4 + j by the column index, both at base^(-4j/hd).
@@ -149,8 +175,14 @@ def apply_rope(x: jax.Array, table: jax.Array) -> jax.Array:
 
 def _dense(features: int, axes: tuple[str, str], cfg: GPTConfig, name: str, zero: bool = False):
   init = nn.initializers.zeros_init() if zero else nn.initializers.normal(0.02)
-  return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+  return nn.Dense(
+    features,
+    use_bias=False,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    kernel_init=nn.with_logical_partitioning(init, axes),
+    name=name,
+  )
 
 
 class RMSNorm(nn.Module):
@@ -160,22 +192,29 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     # Normalise in fp32 as the release does, whatever the compute dtype.
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (xf.astype(self.dtype) * scale.astype(self.dtype))
+    return xf.astype(self.dtype) * scale.astype(self.dtype)
 
 
 class Attention(nn.Module):
   """Causal self-attention. `qkv` and `attend` are separate so a cached decode path can reuse both."""
+
   cfg: GPTConfig
   deterministic: bool = True
 
   def setup(self):
     cfg = self.cfg
-    self.wqkv = _dense((cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, ("embed", "heads"), cfg, "wqkv")
+    self.wqkv = _dense(
+      (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, ("embed", "heads"), cfg, "wqkv"
+    )
     self.wo = _dense(cfg.dim, ("heads", "embed"), cfg, "wo")
     self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
@@ -186,8 +225,8 @@ class Attention(nn.Module):
     qkv = self.wqkv(x)
     nq, nkv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     q = qkv[..., :nq].reshape(b, s, cfg.n_head, cfg.head_dim)
-    k = qkv[..., nq:nq + nkv].reshape(b, s, cfg.n_kv_head, cfg.head_dim)
-    v = qkv[..., nq + nkv:].reshape(b, s, cfg.n_kv_head, cfg.head_dim)
+    k = qkv[..., nq : nq + nkv].reshape(b, s, cfg.n_kv_head, cfg.head_dim)
+    v = qkv[..., nq + nkv :].reshape(b, s, cfg.n_kv_head, cfg.head_dim)
     return apply_rope(q, rope), apply_rope(k, rope), v
 
   def out(self, o):
@@ -235,6 +274,7 @@ class Block(nn.Module):
 
 class LabelEmbedder(nn.Module):
   """Class embedding with num_classes + 1 rows; the last row is the null class of guidance."""
+
   cfg: GPTConfig
   deterministic: bool = True
 
@@ -242,9 +282,11 @@ class LabelEmbedder(nn.Module):
   def __call__(self, labels):
     cfg = self.cfg
     table = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("classes", "embed")),
-        (cfg.num_classes + 1, cfg.dim), cfg.param_dtype)
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("classes", "embed")),
+      (cfg.num_classes + 1, cfg.dim),
+      cfg.param_dtype,
+    )
     if not self.deterministic and cfg.class_dropout > 0:
       drop = jax.random.bernoulli(self.make_rng("dropout"), cfg.class_dropout, labels.shape)
       labels = jnp.where(drop, cfg.num_classes, labels)
@@ -257,6 +299,7 @@ class GPT(nn.Module):
   Output position i predicts patch i of the grid cut into k x k patches; at k = 1 it is the plain
   next-token model, and sampling only ever uses k = 1.
   """
+
   cfg: GPTConfig
 
   @nn.compact
@@ -267,9 +310,13 @@ class GPT(nn.Module):
     npp.check_patch_size(k, (h, w))
     deterministic = not train
     tok_embeddings = nn.Embed(
-        cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        name="tok_embeddings")
+      cfg.vocab_size,
+      cfg.dim,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+      name="tok_embeddings",
+    )
     emb = tok_embeddings(tokens.reshape(b, h * w))
     patches = npp.aggregate(emb, (h, w), k)  # [B, n, D]
     cond = LabelEmbedder(cfg, deterministic, name="cls_embedding")(labels)
@@ -283,9 +330,14 @@ class GPT(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=nn.broadcast, length=cfg.n_layer,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=cfg.n_layer,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x, _ = stack(cfg, deterministic, name="layers")(x, rope)
     else:
       for i in range(cfg.n_layer):
@@ -362,7 +414,9 @@ def _attend(q, keys, values, pos, cfg: GPTConfig):
   t = keys.shape[2]
   group = cfg.n_head // cfg.n_kv_head
   # Query head n reads KV head n // group, as in the full forward pass.
-  qg = q.reshape(b, s, cfg.n_kv_head, group, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, S, hd]
+  qg = q.reshape(b, s, cfg.n_kv_head, group, cfg.head_dim).transpose(
+    0, 2, 3, 1, 4
+  )  # [B, Hkv, G, S, hd]
   qg = qg.reshape(b, cfg.n_kv_head, group * s, cfg.head_dim)
   scores = jnp.einsum("bkqd,bktd->bkqt", qg, keys, preferred_element_type=jnp.float32)
   scores = scores * (1.0 / np.sqrt(cfg.head_dim))
@@ -386,10 +440,12 @@ def _cached_attention(attention: Attention, x, rope, cache, pos):
   q, k, v = attention.qkv(x, rope)
   k_cache, v_cache = cache
   # Write first, then read: XLA updates the loop-carried buffer in place.
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                         (0, 0, pos, 0))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                         (0, 0, pos, 0))
+  k_cache = jax.lax.dynamic_update_slice(
+    k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, pos, 0)
+  )
+  v_cache = jax.lax.dynamic_update_slice(
+    v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, pos, 0)
+  )
   return attention.out(_attend(q, k_cache, v_cache, pos, cfg)), (k_cache, v_cache)
 
 
@@ -400,19 +456,28 @@ class Decoder(nn.Module):
   takes a trained GPT's parameters. Position 0 is the class embedding, position t >= 1 holds token t - 1
   of the raster-order grid, and the output at position t predicts token t.
   """
+
   cfg: GPTConfig
 
   def setup(self):
     cfg = self.cfg
     self.tok_embeddings = nn.Embed(
-        cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+      cfg.vocab_size,
+      cfg.dim,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+    )
     self.cls_embedding = LabelEmbedder(cfg)
     self.layers = [Block(cfg) for _ in range(cfg.n_layer)]  # Named layers_0 .. layers_{n-1}.
     self.norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
     self.output = nn.Dense(
-        cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed", "vocab")))
+      cfg.vocab_size,
+      use_bias=False,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed", "vocab")),
+    )
 
   def embed_tokens(self, tokens):
     """tokens [B, S] -> [B, S, D]."""
@@ -433,7 +498,9 @@ class Decoder(nn.Module):
     rope = jax.lax.dynamic_slice_in_dim(table, pos, s)
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
-      h, layer_cache = _cached_attention(layer.attention, layer.attention_norm(x), rope, layer_cache, pos)
+      h, layer_cache = _cached_attention(
+        layer.attention, layer.attention_norm(x), rope, layer_cache, pos
+      )
       x = x + h
       x = x + layer.feed_forward(layer.ffn_norm(x))
       new_cache.append(layer_cache)

@@ -11,7 +11,7 @@ Outputs per image:
   spatial [17*17*7]   the first 7 channels of Mixed_6d's 1x1 branch (the TF graph's `mixed_6/conv`), in
                       the TF graph's H, W, C order, flattened: sFID, as the ADM evaluator takes them.
   logits  [1008]      fc(pool3) with its bias (pytorch-fid's fc). IS uses pool3 @ W without the bias, as
-                      the ADM evaluator does (npp_jax.metrics.inception_probs).
+                      the ADM evaluator does (npp_jax.fid.metrics.inception_probs).
 
 Preprocessing (`preprocess`): uint8 [N, H, W, 3] -> float [N, 299, 299, 3]; two recipes:
   "adm":         what the TF graph does to the ADM evaluator's input: TF1's ResizeBilinear (align_corners
@@ -19,14 +19,15 @@ Preprocessing (`preprocess`): uint8 [N, H, W, 3] -> float [N, 299, 299, 3]; two 
   "pytorch_fid": pytorch-fid's: F.interpolate(bilinear, align_corners=False), i.e. half-pixel centres,
                  and 2 * x / 255 - 1.
 """
+
 import functools
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 IMAGE_SIZE = 299
 NUM_CLASSES = 1008
@@ -34,11 +35,14 @@ SPATIAL_CHANNELS = 7
 BN_EPS = 1e-3
 PREPROCESS = ("adm", "pytorch_fid")
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE)
+WEIGHTS_URL = (
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
+)
 
 
 class BasicConv(nn.Module):
   """Conv (no bias) -> inference batch norm (running statistics as parameters) -> ReLU."""
+
   features: int
   kernel: tuple[int, int]
   strides: int = 1
@@ -48,8 +52,15 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     (ph, pw) = self.padding
-    x = nn.Conv(self.features, self.kernel, strides=self.strides, padding=((ph, ph), (pw, pw)),
-                use_bias=False, dtype=self.dtype, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel,
+      strides=self.strides,
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      dtype=self.dtype,
+      name="conv",
+    )(x)
     shape = (self.features,)
     scale = self.param("bn_scale", nn.initializers.ones, shape)
     bias = self.param("bn_bias", nn.initializers.zeros, shape)
@@ -96,7 +107,9 @@ class BlockB(nn.Module):  # Mixed_6a.
     return jnp.concatenate([b3, bd, _max_pool_s2(x)], axis=-1)
 
 
-class BlockC(nn.Module):  # Mixed_6b..e (FIDInceptionC); returns the 1x1 branch too (sFID's features).
+class BlockC(
+  nn.Module
+):  # Mixed_6b..e (FIDInceptionC); returns the 1x1 branch too (sFID's features).
   channels_7x7: int
   dtype: Any = jnp.float32
 
@@ -140,12 +153,22 @@ class BlockE(nn.Module):  # Mixed_7b (FIDInceptionE_1, average pool), Mixed_7c (
     c = functools.partial(BasicConv, dtype=self.dtype)
     b1 = c(320, (1, 1), name="branch1x1")(x)
     b3 = c(384, (1, 1), name="branch3x3_1")(x)
-    b3 = jnp.concatenate([c(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                          c(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], axis=-1)
+    b3 = jnp.concatenate(
+      [
+        c(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+        c(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+      ],
+      axis=-1,
+    )
     bd = c(448, (1, 1), name="branch3x3dbl_1")(x)
     bd = c(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([c(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                          c(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)], axis=-1)
+    bd = jnp.concatenate(
+      [
+        c(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+        c(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+      ],
+      axis=-1,
+    )
     if self.max_pool:  # The 2015 graph's quirk that pytorch-fid keeps.
       pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
     else:
@@ -156,6 +179,7 @@ class BlockE(nn.Module):  # Mixed_7b (FIDInceptionE_1, average pool), Mixed_7c (
 
 class FIDInception(nn.Module):
   """Preprocessed images float [N, H, W, 3] (299 px for the published features) -> outputs dict."""
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -181,8 +205,11 @@ class FIDInception(nn.Module):
     x = BlockE(max_pool=True, dtype=self.dtype, name="Mixed_7c")(x)
     pool3 = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     logits = nn.Dense(NUM_CLASSES, dtype=jnp.float32, name="fc")(pool3)
-    return {"pool3": pool3, "spatial": spatial.astype(jnp.float32).reshape(spatial.shape[0], -1),
-            "logits": logits}
+    return {
+      "pool3": pool3,
+      "spatial": spatial.astype(jnp.float32).reshape(spatial.shape[0], -1),
+      "logits": logits,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,14 +257,19 @@ def features(params, images, *, recipe: str = "adm", size: int = IMAGE_SIZE, dty
 @functools.lru_cache(maxsize=1)
 def param_shapes() -> dict[str, tuple[int, ...]]:
   """{flax path "Mixed_5b/branch1x1/conv/kernel": shape} of the whole network."""
-  abstract = jax.eval_shape(lambda: FIDInception().init(jax.random.key(0),
-                                                        jnp.zeros((1, 75, 75, 3), jnp.float32)))
+  abstract = jax.eval_shape(
+    lambda: FIDInception().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3), jnp.float32))
+  )
   flat = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
   return {"/".join(k.key for k in path): tuple(x.shape) for path, x in flat}
 
 
-_BN_NAMES = {"bn_scale": "bn.weight", "bn_bias": "bn.bias", "bn_mean": "bn.running_mean",
-             "bn_var": "bn.running_var"}
+_BN_NAMES = {
+  "bn_scale": "bn.weight",
+  "bn_bias": "bn.bias",
+  "bn_mean": "bn.running_mean",
+  "bn_var": "bn.running_var",
+}
 
 
 def torch_name(path: str) -> str:
@@ -273,8 +305,10 @@ def state_to_params(state: dict[str, np.ndarray], what: str = "the Inception wei
     problems.append(f"{len(misshaped)} mis-shaped, e.g. {misshaped[0]}")
   if len(problems) > 1:
     raise ValueError("; ".join(problems))
-  flat = {path: np.asarray(convert.to_flax(path, np.asarray(state[name], np.float32)), np.float32)
-          for name, path in names.items()}
+  flat = {
+    path: np.asarray(convert.to_flax(path, np.asarray(state[name], np.float32)), np.float32)
+    for name, path in names.items()
+  }
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -285,5 +319,7 @@ def check_params(params, what: str) -> None:
   want = param_shapes()
   diff = sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k])
   if diff:
-    raise ValueError(f"{what} does not hold FID Inception-v3 params: {diff[0]} is "
-                     f"{got.get(diff[0], 'missing')} there, {want.get(diff[0], 'absent')} expected")
+    raise ValueError(
+      f"{what} does not hold FID Inception-v3 params: {diff[0]} is "
+      f"{got.get(diff[0], 'missing')} there, {want.get(diff[0], 'absent')} expected"
+    )

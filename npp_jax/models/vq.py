@@ -8,6 +8,7 @@ Module names follow the PyTorch release one to one ("conv_blocks_3/res_1/norm1" 
   codes = encode_fn(params, images, cfg)          # jitted, pure: callers shard the batch; uint8 or [-1, 1]
   images = decode_fn(params, codes, cfg)
 """
+
 import dataclasses
 import functools
 from typing import Any
@@ -22,8 +23,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 # uint8 -> [-1, 1] as the release's ToTensor + Normalize(0.5, 0.5): (p / 255 - 0.5) / 0.5 in fp32. A table
 # gathered on device: XLA turns the division into a multiplication that differs in the last bit.
-PIXEL_VALUES = ((np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5))
-                / np.float32(0.5)).astype(np.float32)
+PIXEL_VALUES = (
+  (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+).astype(np.float32)
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -64,44 +66,81 @@ class VQConfig:
     ch_mult = tuple(int(m) for m in v.ch_mult)
     if not ch_mult or min(ch_mult) < 1:
       raise ValueError(f"vq.ch_mult={v.ch_mult!r}; expected a non-empty tuple of positive integers")
-    for name in ("codebook_size", "codebook_embed_dim", "z_channels", "ch", "num_res_blocks",
-                 "norm_groups", "image_size"):
+    for name in (
+      "codebook_size",
+      "codebook_embed_dim",
+      "z_channels",
+      "ch",
+      "num_res_blocks",
+      "norm_groups",
+      "image_size",
+    ):
       if not isinstance(v[name], int) or v[name] < 1:
         raise ValueError(f"vq.{name}={v[name]!r}; expected a positive integer")
     bad = [v.ch * m for m in ch_mult if (v.ch * m) % v.norm_groups]
     if bad:
-      raise ValueError(f"vq.ch={v.ch} with ch_mult={ch_mult} gives {bad} channels; expected multiples of "
-                       f"vq.norm_groups={v.norm_groups}")
+      raise ValueError(
+        f"vq.ch={v.ch} with ch_mult={ch_mult} gives {bad} channels; expected multiples of "
+        f"vq.norm_groups={v.norm_groups}"
+      )
     if v.image_size % 2 ** (len(ch_mult) - 1):
-      raise ValueError(f"vq.image_size={v.image_size}; expected a multiple of the downsampling factor "
-                       f"{2 ** (len(ch_mult) - 1)}")
+      raise ValueError(
+        f"vq.image_size={v.image_size}; expected a multiple of the downsampling factor "
+        f"{2 ** (len(ch_mult) - 1)}"
+      )
     if not 0.0 <= v.dropout < 1.0:
       raise ValueError(f"vq.dropout={v.dropout!r}; expected a number in [0, 1)")
     for key in ("dtype", "param_dtype"):
       if v[key] not in DTYPES:
         raise ValueError(f"vq.{key}={v[key]!r}; expected one of {sorted(DTYPES)}")
     return cls(
-        codebook_size=v.codebook_size, codebook_embed_dim=v.codebook_embed_dim, z_channels=v.z_channels,
-        ch=v.ch, ch_mult=ch_mult, num_res_blocks=v.num_res_blocks, norm_groups=v.norm_groups,
-        norm_eps=float(v.norm_eps), dropout=float(v.dropout), image_size=v.image_size,
-        dtype=DTYPES[v.dtype], param_dtype=DTYPES[v.param_dtype], commit_beta=float(v.commit_beta),
-        codebook_weight=float(v.codebook_weight), entropy_loss_ratio=float(v.entropy_loss_ratio),
-        entropy_temperature=float(v.entropy_temperature))
+      codebook_size=v.codebook_size,
+      codebook_embed_dim=v.codebook_embed_dim,
+      z_channels=v.z_channels,
+      ch=v.ch,
+      ch_mult=ch_mult,
+      num_res_blocks=v.num_res_blocks,
+      norm_groups=v.norm_groups,
+      norm_eps=float(v.norm_eps),
+      dropout=float(v.dropout),
+      image_size=v.image_size,
+      dtype=DTYPES[v.dtype],
+      param_dtype=DTYPES[v.param_dtype],
+      commit_beta=float(v.commit_beta),
+      codebook_weight=float(v.codebook_weight),
+      entropy_loss_ratio=float(v.entropy_loss_ratio),
+      entropy_temperature=float(v.entropy_temperature),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Building blocks.
 
 
-def _conv(cfg: VQConfig, features: int, kernel: int, name: str, strides: int = 1, padding: Any = "SAME"):
-  return nn.Conv(features, (kernel, kernel), strides=strides, padding=padding, dtype=cfg.dtype,
-                 param_dtype=cfg.param_dtype, name=name)
+def _conv(
+  cfg: VQConfig, features: int, kernel: int, name: str, strides: int = 1, padding: Any = "SAME"
+):
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=strides,
+    padding=padding,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    name=name,
+  )
 
 
 def _norm(cfg: VQConfig, name: str):
   # Two-pass variance as PyTorch computes it: E[x^2] - E[x]^2 loses digits on large activations.
-  return nn.GroupNorm(num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, use_fast_variance=False, name=name)
+  return nn.GroupNorm(
+    num_groups=cfg.norm_groups,
+    epsilon=cfg.norm_eps,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    use_fast_variance=False,
+    name=name,
+  )
 
 
 class ResnetBlock(nn.Module):
@@ -122,6 +161,7 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
   """Single-head self-attention over all h*w positions, 1x1 convolutions for q, k, v and the output."""
+
   cfg: VQConfig
 
   @nn.compact
@@ -130,7 +170,7 @@ class AttnBlock(nn.Module):
     b, h, w, c = x.shape
     y = _norm(cfg, "norm")(x)
     q, k, v = (_conv(cfg, c, 1, n)(y).reshape(b, h * w, c) for n in ("q", "k", "v"))
-    logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * c ** -0.5
+    logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * c**-0.5
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c)
     return x + _conv(cfg, c, 1, "proj_out")(out)
@@ -157,6 +197,7 @@ class Upsample(nn.Module):
 
 class Level(nn.Module):
   """One resolution: res blocks, each followed by attention when `attention`, then an optional resampler."""
+
   cfg: VQConfig
   features: int
   num_blocks: int
@@ -186,6 +227,7 @@ def _mid(cfg: VQConfig, x, train: bool):
 
 class Encoder(nn.Module):
   """[B, H, W, 3] -> [B, H/f, W/f, z_channels]; attention only at the last (lowest) level and in mid."""
+
   cfg: VQConfig
 
   @nn.compact
@@ -194,8 +236,14 @@ class Encoder(nn.Module):
     n = len(cfg.ch_mult)
     x = _conv(cfg, cfg.ch, 3, "conv_in")(x.astype(cfg.dtype))
     for i, mult in enumerate(cfg.ch_mult):
-      x = Level(cfg, cfg.ch * mult, cfg.num_res_blocks, attention=i == n - 1,
-                resample="down" if i < n - 1 else None, name=f"conv_blocks_{i}")(x, train)
+      x = Level(
+        cfg,
+        cfg.ch * mult,
+        cfg.num_res_blocks,
+        attention=i == n - 1,
+        resample="down" if i < n - 1 else None,
+        name=f"conv_blocks_{i}",
+      )(x, train)
     x = _mid(cfg, x, train)
     x = nn.swish(_norm(cfg, "norm_out")(x))
     return _conv(cfg, cfg.z_channels, 3, "conv_out")(x)
@@ -203,6 +251,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   """[B, h, w, z_channels] -> [B, h*f, w*f, 3]; conv_blocks_0 is the lowest resolution and alone attends."""
+
   cfg: VQConfig
 
   @nn.compact
@@ -213,8 +262,14 @@ class Decoder(nn.Module):
     x = _mid(cfg, x, train)
     for i, mult in enumerate(reversed(cfg.ch_mult)):
       # The release's decoder has one res block more per level than its encoder.
-      x = Level(cfg, cfg.ch * mult, cfg.num_res_blocks + 1, attention=i == 0,
-                resample="up" if i < n - 1 else None, name=f"conv_blocks_{i}")(x, train)
+      x = Level(
+        cfg,
+        cfg.ch * mult,
+        cfg.num_res_blocks + 1,
+        attention=i == 0,
+        resample="up" if i < n - 1 else None,
+        name=f"conv_blocks_{i}",
+      )(x, train)
     x = nn.swish(_norm(cfg, "norm_out")(x))
     return _conv(cfg, 3, 3, "conv_out")(x)
 
@@ -233,7 +288,9 @@ def take_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
   """table[idx] whose rows follow idx's sharding; meshes with explicit axes need it spelled out."""
   sharding = jax.typeof(idx).sharding
   if any(s is not None for s in sharding.spec):
-    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, None))
+    out = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, None)
+    )
     return table.at[idx].get(out_sharding=out)
   return jnp.take(table, idx, axis=0)
 
@@ -257,12 +314,14 @@ def entropy_loss(affinity: jax.Array, temperature: float) -> jax.Array:
 
 class VectorQuantizer(nn.Module):
   """Nearest L2-normalised codebook row of each L2-normalised vector, in fp32 whatever the compute dtype."""
+
   cfg: VQConfig
 
   def setup(self):
     cfg = self.cfg
-    self.embedding = self.param("embedding", _codebook_init, (cfg.codebook_size, cfg.codebook_embed_dim),
-                                cfg.param_dtype)
+    self.embedding = self.param(
+      "embedding", _codebook_init, (cfg.codebook_size, cfg.codebook_embed_dim), cfg.param_dtype
+    )
 
   def codebook(self) -> jax.Array:
     return l2_normalize(self.embedding.astype(jnp.float32))
@@ -279,13 +338,15 @@ class VectorQuantizer(nn.Module):
     flat = z.reshape(-1, z.shape[-1])
     # HIGHEST: on accelerators the default fp32 matmul precision would change which code is nearest.
     dots = jnp.einsum("nd,kd->nk", flat, emb, precision=jax.lax.Precision.HIGHEST)
-    dist = jnp.sum(flat * flat, axis=1, keepdims=True) + jnp.sum(emb * emb, axis=1)[None] - 2.0 * dots
+    dist = (
+      jnp.sum(flat * flat, axis=1, keepdims=True) + jnp.sum(emb * emb, axis=1)[None] - 2.0 * dots
+    )
     codes = jnp.argmin(dist, axis=1).astype(jnp.int32)
     z_q = take_rows(emb, codes).reshape(z.shape)
     sg = jax.lax.stop_gradient
     losses = {
-        "codebook": cfg.codebook_weight * jnp.mean((z_q - sg(z)) ** 2),
-        "commitment": cfg.commit_beta * jnp.mean((sg(z_q) - z) ** 2),
+      "codebook": cfg.codebook_weight * jnp.mean((z_q - sg(z)) ** 2),
+      "commitment": cfg.commit_beta * jnp.mean((sg(z_q) - z) ** 2),
     }
     if cfg.entropy_loss_ratio > 0:  # Static: the [N, codebook_size] softmax costs nothing when off.
       losses["entropy"] = cfg.entropy_loss_ratio * entropy_loss(-dist, cfg.entropy_temperature)
@@ -303,6 +364,7 @@ class VectorQuantizer(nn.Module):
 
 class VQModel(nn.Module):
   """encode: images -> codes; decode_codes: codes -> images; __call__: the training forward pass."""
+
   cfg: VQConfig
 
   def setup(self):
@@ -316,8 +378,10 @@ class VQModel(nn.Module):
   def _check_images(self, images):
     f = self.cfg.downsample
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % f or images.shape[2] % f:
-      raise ValueError(f"images of shape {tuple(images.shape)}; expected [B, H, W, 3] with H and W "
-                       f"multiples of the downsampling factor {f}")
+      raise ValueError(
+        f"images of shape {tuple(images.shape)}; expected [B, H, W, 3] with H and W "
+        f"multiples of the downsampling factor {f}"
+      )
 
   def encode(self, images, train: bool = False):
     """images [B, H, W, 3] in [-1, 1] -> (codes [B, H/f, W/f] int32, quantized [.., e] fp32, losses).
@@ -364,7 +428,9 @@ def encode_fn(params, images: jax.Array, cfg: VQConfig) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def decode_fn(params, codes: jax.Array, cfg: VQConfig) -> jax.Array:
   """params, codes [B, h, w] int -> images [B, H, W, 3] fp32, unclipped."""
-  return VQModel(cfg).apply({"params": params}, codes.astype(jnp.int32), method=VQModel.decode_codes)
+  return VQModel(cfg).apply(
+    {"params": params}, codes.astype(jnp.int32), method=VQModel.decode_codes
+  )
 
 
 def init_params(cfg: VQConfig, rng: jax.Array):

@@ -1,4 +1,4 @@
-"""Extraction: one split of a data set's images -> a code data set (npp_jax.data), with the release's views.
+"""Extraction: one split of a data set's images -> a code data set (npp_jax.data.code_dataset), with the release's views.
 
   python -m npp_jax.main --mode=extract --config=configs/b.py --workdir=W \
       --config.extract.vq_checkpoint=/ckpt/vq16 --config.extract.data_dir=/data/tfds   # -> W/codes
@@ -8,24 +8,25 @@ soon as it is encoded; a re-run encodes only missing shards, then streams them i
 processes every process reads, crops and encodes its rows of each batch; the codes are gathered and process
 0 alone writes (the shards, then the data set), so the result is the one-process result.
 """
+
 import dataclasses
 import time
 from typing import Any, Iterator, Optional
 
+from absl import logging
+from etils import epath
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
-from etils import epath
 
 from npp_jax import checkpoints
-from npp_jax import data
 from npp_jax import files
-from npp_jax import images as images_lib
 from npp_jax import sharding
 from npp_jax import validate
+from npp_jax.data import code_dataset
+from npp_jax.data import images as images_lib
 from npp_jax.models import vq
 
 
@@ -35,8 +36,12 @@ def encode_views(params, views: np.ndarray, cfg: vq.VQConfig, mesh) -> np.ndarra
   One view index at a time, so memory follows the batch size, not batch size x n_aug.
   """
   batch = sharding.data_sharding(mesh)
-  codes = [vq.encode_fn(params, jax.make_array_from_process_local_data(
-      batch, np.ascontiguousarray(views[:, a])), cfg) for a in range(views.shape[1])]
+  codes = [
+    vq.encode_fn(
+      params, jax.make_array_from_process_local_data(batch, np.ascontiguousarray(views[:, a])), cfg
+    )
+    for a in range(views.shape[1])
+  ]
   return sharding.gather(jnp.stack(codes, axis=1))
 
 
@@ -46,32 +51,40 @@ def rows(config, batch_size: int, process_count: int | None = None) -> tuple[int
   procs = jax.process_count() if process_count is None else process_count
   dp = sharding.data_parallel_size(config.mesh)
   if batch_size % procs:
-    raise ValueError(f"extract.batch_size={batch_size}; expected a multiple of the {procs} processes")
+    raise ValueError(
+      f"extract.batch_size={batch_size}; expected a multiple of the {procs} processes"
+    )
   if dp % procs:
-    raise ValueError(f"mesh.shape={tuple(config.mesh.shape)} has a data-parallel size {dp} that the {procs} "
-                     "processes cannot share; expected data x fsdp to be a multiple of the process count")
+    raise ValueError(
+      f"mesh.shape={tuple(config.mesh.shape)} has a data-parallel size {dp} that the {procs} "
+      "processes cannot share; expected data x fsdp to be a multiple of the process count"
+    )
   local, per = batch_size // procs, dp // procs
   return local, -(-local // per) * per
 
 
-def process_share(shard: int, batch_size: int, num_examples: int, process_index: int,
-                  local: int) -> tuple[int, int]:
+def process_share(
+  shard: int, batch_size: int, num_examples: int, process_index: int, local: int
+) -> tuple[int, int]:
   """[start, stop) of the examples one process reads and encodes of a shard: the shard's rows cut into
   equal consecutive parts, one per process (empty past the end of the data set)."""
   start = min(shard * batch_size + process_index * local, num_examples)
   return start, min(start + local, num_examples)
 
 
-def merge_rows(ids: np.ndarray, codes: np.ndarray, labels: np.ndarray, start: int,
-               count: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_rows(
+  ids: np.ndarray, codes: np.ndarray, labels: np.ndarray, start: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Rows gathered from every process's devices (in the mesh's device order, padding rows with id -1)
   -> the codes and labels of examples start .. start + count - 1, in order."""
   keep = ids >= 0
   order = np.argsort(ids[keep], kind="stable")
   got = ids[keep][order]
   if not np.array_equal(got, np.arange(start, start + count)):
-    raise RuntimeError(f"extraction gathered examples {got[:8].tolist()}... for a shard of examples "
-                       f"[{start}, {start + count}): the processes did not share the shard")
+    raise RuntimeError(
+      f"extraction gathered examples {got[:8].tolist()}... for a shard of examples "
+      f"[{start}, {start + count}): the processes did not share the shard"
+    )
   return codes[keep][order], labels[keep][order]
 
 
@@ -81,6 +94,7 @@ def merge_rows(ids: np.ndarray, codes: np.ndarray, labels: np.ndarray, start: in
 @dataclasses.dataclass
 class _Job:
   """What the checks decided; `finished` is set when the split exists already (nothing to do)."""
+
   config: Any
   cfg: vq.VQConfig
   split: str
@@ -100,17 +114,24 @@ def _check_config(config) -> tuple[vq.VQConfig, int, int, str]:
   cfg = vq.VQConfig.from_config(config.vq)
   if e.aug not in images_lib.AUGS:
     raise ValueError(f"extract.aug={e.aug!r}; expected one of {sorted(images_lib.AUGS)}")
-  if e.aug == "tencrop" and (not isinstance(e.crop_range, (int, float)) or not 1.0 <= e.crop_range <= 2.0):
-    raise ValueError(f"extract.crop_range={e.crop_range!r}; expected a number in [1, 2] (the release: 1.1 "
-                     "or 1.05)")
+  if e.aug == "tencrop" and (
+    not isinstance(e.crop_range, (int, float)) or not 1.0 <= e.crop_range <= 2.0
+  ):
+    raise ValueError(
+      f"extract.crop_range={e.crop_range!r}; expected a number in [1, 2] (the release: 1.1 or 1.05)"
+    )
   batch_size = validate.positive_int(e.batch_size, "extract.batch_size")
   model_grid = tuple(int(g) for g in config.model.grid)
   if cfg.grid != model_grid:
-    raise ValueError(f"vq.image_size={cfg.image_size} with downsampling {cfg.downsample} gives "
-                     f"{cfg.grid[0]}x{cfg.grid[1]} codes but model.grid={model_grid}; expected the same grid")
+    raise ValueError(
+      f"vq.image_size={cfg.image_size} with downsampling {cfg.downsample} gives "
+      f"{cfg.grid[0]}x{cfg.grid[1]} codes but model.grid={model_grid}; expected the same grid"
+    )
   if cfg.codebook_size != config.model.vocab_size:
-    raise ValueError(f"vq.codebook_size={cfg.codebook_size} but model.vocab_size={config.model.vocab_size}; "
-                     "expected the tokenizer's codebook size")
+    raise ValueError(
+      f"vq.codebook_size={cfg.codebook_size} but model.vocab_size={config.model.vocab_size}; "
+      "expected the tokenizer's codebook size"
+    )
   where = "expected a VQ checkpoint directory (npp_jax.convert --kind=vq, or --mode=train_vq's WORKDIR/vq)"
   if not e.vq_checkpoint:
     raise ValueError(f"extract.vq_checkpoint is empty; {where}")
@@ -122,10 +143,18 @@ def _check_config(config) -> tuple[vq.VQConfig, int, int, str]:
 
 
 def _settings(e, cfg: vq.VQConfig, source) -> dict:
-  return {"dataset": source.name, "data_dir": e.data_dir, "split": e.split, "aug": e.aug,
-          "crop_range": float(e.crop_range) if e.aug == "tencrop" else None, "batch_size": e.batch_size,
-          "image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
-          "vq_checkpoint": str(files.absolute(e.vq_checkpoint)), "num_examples": source.num_examples}
+  return {
+    "dataset": source.name,
+    "data_dir": e.data_dir,
+    "split": e.split,
+    "aug": e.aug,
+    "crop_range": float(e.crop_range) if e.aug == "tencrop" else None,
+    "batch_size": e.batch_size,
+    "image_size": cfg.image_size,
+    "codebook_size": cfg.codebook_size,
+    "vq_checkpoint": str(files.absolute(e.vq_checkpoint)),
+    "num_examples": source.num_examples,
+  }
 
 
 def _plan(config, workdir, source) -> _Job:
@@ -133,26 +162,45 @@ def _plan(config, workdir, source) -> _Job:
   cfg, n_aug, batch_size, split = _check_config(config)
   e = config.extract
   output = epath.Path(e.output or epath.Path(workdir) / "codes")
-  job = _Job(config, cfg, split, n_aug, batch_size, output, epath.Path(workdir) / "extract_tmp" / split)
-  existing = files.read_json(output / "code_dataset.json")  # npp_jax.data's record of finished splits.
+  job = _Job(
+    config, cfg, split, n_aug, batch_size, output, epath.Path(workdir) / "extract_tmp" / split
+  )
+  existing = files.read_json(
+    output / "code_dataset.json"
+  )  # npp_jax.data's record of finished splits.
   if existing is not None:
     job.finished = existing.get("splits", {}).get(split)
     if job.finished:
       return job
-    want = {"grid": list(cfg.grid), "n_aug": n_aug, "vocab_size": cfg.codebook_size,
-            "num_classes": config.model.num_classes}
-    diff = [f"{k}={existing.get(k)} there, {v} now" for k, v in want.items() if existing.get(k) != v]
+    want = {
+      "grid": list(cfg.grid),
+      "n_aug": n_aug,
+      "vocab_size": cfg.codebook_size,
+      "num_classes": config.model.num_classes,
+    }
+    diff = [
+      f"{k}={existing.get(k)} there, {v} now" for k, v in want.items() if existing.get(k) != v
+    ]
     if diff:
-      raise ValueError(f"code data set {output} was made with other settings ({'; '.join(diff)}); expected "
-                       "the same, or another extract.output")
+      raise ValueError(
+        f"code data set {output} was made with other settings ({'; '.join(diff)}); expected "
+        "the same, or another extract.output"
+      )
   job.source = source or images_lib.open_images(e.dataset, split, e.data_dir, "extract.dataset")
   if job.source.num_classes > config.model.num_classes:
-    raise ValueError(f"{job.source.name} has {job.source.num_classes} classes; expected at most "
-                     f"model.num_classes={config.model.num_classes}")
+    raise ValueError(
+      f"{job.source.name} has {job.source.num_classes} classes; expected at most "
+      f"model.num_classes={config.model.num_classes}"
+    )
   job.params = checkpoints.load_vq_params(e.vq_checkpoint, config.vq)
   job.settings = _settings(e, cfg, job.source)
-  files.check_same_settings(job.tmp_dir / "settings.json", job.settings, job.tmp_dir, "shards",
-                            f"expected the same settings, or delete {job.tmp_dir}")
+  files.check_same_settings(
+    job.tmp_dir / "settings.json",
+    job.settings,
+    job.tmp_dir,
+    "shards",
+    f"expected the same settings, or delete {job.tmp_dir}",
+  )
   return job
 
 
@@ -167,11 +215,20 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source=None) -> dic
   notebooks with images in memory).
   """
   job = _plan(config, workdir, source)
-  summary = {"output": str(job.output), "split": job.split, "n_aug": job.n_aug, "shards_encoded": 0,
-             "shards_reused": 0}
+  summary = {
+    "output": str(job.output),
+    "split": job.split,
+    "n_aug": job.n_aug,
+    "shards_encoded": 0,
+    "shards_reused": 0,
+  }
   if job.finished:
-    logging.info("Split %r of %s already exists (%d examples); nothing to extract.", job.split, job.output,
-                 job.finished["num_examples"])
+    logging.info(
+      "Split %r of %s already exists (%d examples); nothing to extract.",
+      job.split,
+      job.output,
+      job.finished["num_examples"],
+    )
     print(f"extract: split '{job.split}' of {job.output} already exists; skipping", flush=True)
     return {**summary, "num_examples": job.finished["num_examples"], "skipped": True}
   num_shards = -(-job.source.num_examples // job.batch_size)
@@ -179,22 +236,35 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source=None) -> dic
   if jax.process_index() == 0:
     job.tmp_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(job.tmp_dir / "settings.json", job.settings)
-  logging.info("Extracting %s split %r: %d images x %d views (%s), %d shards of %d, %d already done.",
-               job.source.name, job.split, job.source.num_examples, job.n_aug, config.extract.aug,
-               num_shards, job.batch_size, int(done.sum()))
+  logging.info(
+    "Extracting %s split %r: %d images x %d views (%s), %d shards of %d, %d already done.",
+    job.source.name,
+    job.split,
+    job.source.num_examples,
+    job.n_aug,
+    config.extract.aug,
+    num_shards,
+    job.batch_size,
+    int(done.sum()),
+  )
   encoded, elapsed = _encode(job, [i for i in range(num_shards) if not done[i]], done)
   summary["shards_encoded"] = num_shards - int(done.sum())
   summary["shards_reused"] = int(done.sum())
   summary["images_per_s"] = encoded / elapsed if encoded else None
   if encoded:
-    logging.info("Encoded %d images (%d views each) in %.1f s: %.1f images/s.", encoded, job.n_aug, elapsed,
-                 encoded / elapsed)
+    logging.info(
+      "Encoded %d images (%d views each) in %.1f s: %.1f images/s.",
+      encoded,
+      job.n_aug,
+      elapsed,
+      encoded / elapsed,
+    )
   if jax.process_index() == 0:
     _write_dataset(job, num_shards)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices("npp_jax.extract")
+    multihost_utils.sync_global_devices("npp_jax.jobs.extract")
   return {**summary, "num_examples": job.source.num_examples, "skipped": False}
 
 
@@ -211,7 +281,9 @@ def _done_shards(job: _Job, num_shards: int) -> np.ndarray:
   return done
 
 
-def _views(job: _Job, todo: list[int], local: int, device_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _views(
+  job: _Job, todo: list[int], local: int, device_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(uint8 views [device_rows, n_aug, S, S, 3], (example id, label) int32 [device_rows, 2]) of this
   process's rows of each shard in `todo`, prepared one shard ahead on grain's threads (host work overlaps
   the device's)."""
@@ -220,13 +292,20 @@ def _views(job: _Job, todo: list[int], local: int, device_rows: int) -> Iterator
 
   def prepare(i: int):
     start, stop = process_share(i, job.batch_size, n, jax.process_index(), local)
-    views = np.zeros((device_rows, job.n_aug, size, size, 3), np.uint8)  # Rows past the end: padding.
+    views = np.zeros(
+      (device_rows, job.n_aug, size, size, 3), np.uint8
+    )  # Rows past the end: padding.
     meta = np.full((device_rows, 2), -1, np.int32)  # (example id, label); id -1: a padding row.
     if stop > start:
       images, got = job.source.read(start, stop)
-      views[:stop - start] = np.stack(images_lib.parallel_map(
-          lambda im: images_lib.augment(images_lib.to_rgb(im), e.aug, size, e.crop_range), images, threads))
-      meta[:stop - start] = np.stack([np.arange(start, stop), got], axis=1)
+      views[: stop - start] = np.stack(
+        images_lib.parallel_map(
+          lambda im: images_lib.augment(images_lib.to_rgb(im), e.aug, size, e.crop_range),
+          images,
+          threads,
+        )
+      )
+      meta[: stop - start] = np.stack([np.arange(start, stop), got], axis=1)
     return views, meta
 
   if not todo:
@@ -250,18 +329,28 @@ def _encode(job: _Job, todo: list[int], done: np.ndarray) -> tuple[int, float]:
   params = sharding.put(job.params, sharding.replicated(mesh))  # Works on several processes too.
   code_dtype = np.uint16 if job.cfg.codebook_size <= 2**16 else np.int32
   count = lambda i: min((i + 1) * job.batch_size, n) - i * job.batch_size
-  bar = tqdm(total=n, initial=sum(count(i) for i in range(num_shards) if done[i]), unit="img",
-             desc=f"extract {job.split}", disable=not is_main, smoothing=0.3)
+  bar = tqdm(
+    total=n,
+    initial=sum(count(i) for i in range(num_shards) if done[i]),
+    unit="img",
+    desc=f"extract {job.split}",
+    disable=not is_main,
+    smoothing=0.3,
+  )
   t0, encoded = time.perf_counter(), 0
   views = _views(job, todo, local, device_rows)
   try:
     for i, (v, meta) in zip(todo, views):
       codes = encode_views(params, v, job.cfg, mesh)
-      meta = sharding.gather(jax.make_array_from_process_local_data(sharding.data_sharding(mesh), meta))
+      meta = sharding.gather(
+        jax.make_array_from_process_local_data(sharding.data_sharding(mesh), meta)
+      )
       codes, labels = merge_rows(meta[:, 0], codes, meta[:, 1], i * job.batch_size, count(i))
       if is_main:
-        files.atomic_write(_shard_path(job, i, num_shards),
-                           lambda f: np.savez(f, codes=codes.astype(code_dtype), labels=labels))
+        files.atomic_write(
+          _shard_path(job, i, num_shards),
+          lambda f: np.savez(f, codes=codes.astype(code_dtype), labels=labels),
+        )
       encoded += count(i)
       bar.update(count(i))
   finally:
@@ -272,9 +361,15 @@ def _encode(job: _Job, todo: list[int], done: np.ndarray) -> tuple[int, float]:
 
 def _write_dataset(job: _Job, num_shards: int) -> None:
   """The code data set from the shards in order; the shards are deleted unless extract.keep_shards."""
-  with data.CodeDatasetWriter(str(job.output), job.cfg.grid, job.n_aug, job.cfg.codebook_size,
-                              job.config.model.num_classes, split=job.split,
-                              overwrite=True) as writer:  # Replaces only an unfinished split.
+  with code_dataset.CodeDatasetWriter(
+    str(job.output),
+    job.cfg.grid,
+    job.n_aug,
+    job.cfg.codebook_size,
+    job.config.model.num_classes,
+    split=job.split,
+    overwrite=True,
+  ) as writer:  # Replaces only an unfinished split.
     for i in range(num_shards):
       with _shard_path(job, i, num_shards).open("rb") as f, np.load(f) as z:
         writer.add(z["codes"], z["labels"])
@@ -282,5 +377,10 @@ def _write_dataset(job: _Job, num_shards: int) -> None:
     job.tmp_dir.rmtree()
     if not any(job.tmp_dir.parent.iterdir()):
       job.tmp_dir.parent.rmdir()
-  logging.info("Wrote split %r of %s: %d examples, %d views each.", job.split, job.output,
-               job.source.num_examples, job.n_aug)
+  logging.info(
+    "Wrote split %r of %s: %d examples, %d views each.",
+    job.split,
+    job.output,
+    job.source.num_examples,
+    job.n_aug,
+  )

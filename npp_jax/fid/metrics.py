@@ -14,9 +14,10 @@ The evaluator (guided-diffusion's evaluations/evaluator.py) is what the NPP pape
   memory. One difference: the evaluator takes the distances in float16 (float32 when that overflows);
   these are float32 throughout.
 """
+
 import functools
-import warnings
 from typing import Iterable
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,9 @@ import scipy.linalg
 
 IS_SPLIT_SIZE = 5000
 NEIGHBOURS = 3
-BLOCK = 10000  # Rows and columns per distance block (the evaluator's batch sizes): 400 MB in float32.
+BLOCK = (
+  10000  # Rows and columns per distance block (the evaluator's batch sizes): 400 MB in float32.
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,14 +82,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
   mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
   sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} "
-                     f"vs {sigma2.shape}; expected features of the same network layer and input size")
+    raise ValueError(
+      f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} "
+      f"vs {sigma2.shape}; expected features of the same network layer and input size"
+    )
   diff = mu1 - mu2
   if method == "eigh":
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2)
-                 - 2 * _trace_sqrt_eigh(sigma1, sigma2))
+    return float(
+      diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_eigh(sigma1, sigma2)
+    )
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # sqrtm warns on near-singular products; the checks below decide.
+    warnings.simplefilter(
+      "ignore"
+    )  # sqrtm warns on near-singular products; the checks below decide.
     covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
       warnings.warn(f"FID: singular product; adding {eps} to the diagonal of the covariances")
@@ -94,8 +102,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
       covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"the matrix square root has an imaginary component of {np.abs(covmean.imag).max()}"
-                       "; expected the statistics of more samples than feature dimensions")
+      raise ValueError(
+        f"the matrix square root has an imaginary component of {np.abs(covmean.imag).max()}"
+        "; expected the statistics of more samples than feature dimensions"
+      )
     covmean = covmean.real
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -109,7 +119,7 @@ def inception_probs(pool3: np.ndarray, fc_kernel: np.ndarray, chunk: int = 512) 
   out = []
   w = np.asarray(fc_kernel, np.float32)
   for start in range(0, len(pool3), chunk):
-    logits = np.asarray(pool3[start:start + chunk], np.float32) @ w
+    logits = np.asarray(pool3[start : start + chunk], np.float32) @ w
     logits -= logits.max(-1, keepdims=True)
     p = np.exp(logits)
     out.append(p / p.sum(-1, keepdims=True))
@@ -120,7 +130,7 @@ def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float
   """Mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))), p(y) the split's mean."""
   scores = []
   for start in range(0, len(probs), split_size):
-    part = np.asarray(probs[start:start + split_size])
+    part = np.asarray(probs[start : start + split_size])
     kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
     scores.append(np.exp(kl.sum(1).mean()))
   return float(np.mean(scores))
@@ -157,9 +167,9 @@ def _blocks(x: np.ndarray, block: int):
   """(start, padded block [block, D] float32, valid mask [block]) over x: one compiled shape."""
   block = min(block, len(x))
   for start in range(0, len(x), block):
-    piece = np.asarray(x[start:start + block], np.float32)
+    piece = np.asarray(x[start : start + block], np.float32)
     valid = np.zeros(block, bool)
-    valid[:len(piece)] = True
+    valid[: len(piece)] = True
     if len(piece) < block:
       piece = np.concatenate([piece, np.zeros((block - len(piece), x.shape[1]), np.float32)])
     yield start, piece, valid
@@ -168,33 +178,40 @@ def _blocks(x: np.ndarray, block: int):
 def manifold_radii(features: np.ndarray, k: int = NEIGHBOURS, block: int = BLOCK) -> np.ndarray:
   """float32 [N]: the squared distance of every point to its k-th nearest neighbour in the set."""
   if len(features) <= k:
-    raise ValueError(f"{len(features)} feature vectors; expected more than k = {k} for the k-NN radii")
+    raise ValueError(
+      f"{len(features)} feature vectors; expected more than k = {k} for the k-NN radii"
+    )
   radii = np.zeros(len(features), np.float32)
   for start, rows, row_valid in _blocks(features, block):
     best = jnp.full((len(rows), k + 1), jnp.inf, jnp.float32)
     for _, cols, col_valid in _blocks(features, block):
-      best = _merge_smallest(best, rows, cols, col_valid, k=k + 1)  # k + 1: the point itself is 0 away.
+      best = _merge_smallest(
+        best, rows, cols, col_valid, k=k + 1
+      )  # k + 1: the point itself is 0 away.
     n = int(row_valid.sum())
-    radii[start:start + n] = np.asarray(best[:n, k])
+    radii[start : start + n] = np.asarray(best[:n, k])
   return radii
 
 
-def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = NEIGHBOURS,
-                     block: int = BLOCK) -> tuple[float, float]:
+def precision_recall(
+  ref: np.ndarray, samples: np.ndarray, k: int = NEIGHBOURS, block: int = BLOCK
+) -> tuple[float, float]:
   """(precision, recall) of sample features against reference features (both [N, D])."""
   ref_radii = manifold_radii(ref, k, block)
   sample_radii = manifold_radii(samples, k, block)
   ref_in = np.zeros(len(ref), bool)  # Reference points covered by the samples' manifold: recall.
-  sample_in = np.zeros(len(samples), bool)  # Samples covered by the references' manifold: precision.
+  sample_in = np.zeros(
+    len(samples), bool
+  )  # Samples covered by the references' manifold: precision.
   for a, rows, row_valid in _blocks(ref, block):
     n = int(row_valid.sum())
     radii_rows = np.zeros(len(rows), np.float32)
-    radii_rows[:n] = ref_radii[a:a + n]
+    radii_rows[:n] = ref_radii[a : a + n]
     for b, cols, col_valid in _blocks(samples, block):
       m = int(col_valid.sum())
       radii_cols = np.zeros(len(cols), np.float32)
-      radii_cols[:m] = sample_radii[b:b + m]
+      radii_cols[:m] = sample_radii[b : b + m]
       r_in, s_in = _inside(rows, radii_rows, row_valid, cols, radii_cols, col_valid)
-      ref_in[a:a + n] |= np.asarray(r_in)[:n]
-      sample_in[b:b + m] |= np.asarray(s_in)[:m]
+      ref_in[a : a + n] |= np.asarray(r_in)[:n]
+      sample_in[b : b + m] |= np.asarray(s_in)[:m]
   return float(sample_in.mean()), float(ref_in.mean())

@@ -1,16 +1,23 @@
 """What the demo shows a person: labelled PNG grids of digits, the console's progress bars and its table.
 
-Kept apart from npp_jax/demo.py (the pipeline) so that the pipeline reads as its five stages.
+Kept apart from npp_jax/jobs/demo.py (the pipeline) so that the pipeline reads as its five stages.
 """
+
 import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 # The three rows of the comparison, in table order: (report key, label).
-ROWS = (("npp", "NPP"), ("ntp", "next-token, same epochs"), ("ntp_equal_compute", "next-token, NPP's wall time"))
+ROWS = (
+  ("npp", "NPP"),
+  ("ntp", "next-token, same epochs"),
+  ("ntp_equal_compute", "next-token, NPP's wall time"),
+)
 _CHAR_W = 6  # Pixels per character of PIL's default bitmap font, for the label column's width.
 _TITLE_H = 16
 
@@ -23,11 +30,15 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round(127.5 * (x.astype(np.float32) + 1.0)), 0, 255).astype(np.uint8)
 
 
-def labelled_grid(rows: Sequence[tuple[str, np.ndarray]], scale: int, title: str = "") -> np.ndarray:
+def labelled_grid(
+  rows: Sequence[tuple[str, np.ndarray]], scale: int, title: str = ""
+) -> np.ndarray:
   """One uint8 RGB image [H, W, 3]: each (label, images [n, h, w, 3]) a row, upscaled `scale` x (nearest,
   so the pixels a model drew stay visible), its label on the left and an optional title on top."""
   if scale < 1 or not rows:
-    raise ValueError(f"labelled_grid: scale={scale}, {len(rows)} rows; expected scale >= 1 and some rows")
+    raise ValueError(
+      f"labelled_grid: scale={scale}, {len(rows)} rows; expected scale >= 1 and some rows"
+    )
   h, w = rows[0][1].shape[1:3]
   cols = max(len(images) for _, images in rows)
   cell_h, cell_w = h * scale, w * scale
@@ -47,8 +58,14 @@ def labelled_grid(rows: Sequence[tuple[str, np.ndarray]], scale: int, title: str
   return np.asarray(canvas)
 
 
-def class_rows(images: np.ndarray, labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray,
-               num_classes: int, cols: int) -> list[tuple[str, np.ndarray]]:
+def class_rows(
+  images: np.ndarray,
+  labels: np.ndarray,
+  real: np.ndarray,
+  real_labels: np.ndarray,
+  num_classes: int,
+  cols: int,
+) -> list[tuple[str, np.ndarray]]:
   """A first row of real digits (one per class), then one row of up to `cols` samples per class."""
   real_row = np.stack([real[np.flatnonzero(real_labels == c)[0]] for c in range(num_classes)])
   rows = [("real", to_uint8(real_row))]
@@ -72,8 +89,17 @@ class Progress:
 
   def __init__(self, title: str, total: int, stream=None, min_interval: float = 1.0):
     from tqdm import tqdm
-    self._bar = tqdm(total=total, desc=title, unit="step", file=stream or sys.stderr, mininterval=min_interval,
-                     dynamic_ncols=False, ncols=100, leave=True)
+
+    self._bar = tqdm(
+      total=total,
+      desc=title,
+      unit="step",
+      file=stream or sys.stderr,
+      mininterval=min_interval,
+      dynamic_ncols=False,
+      ncols=100,
+      leave=True,
+    )
     self._step = 0
 
   def on_log(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -132,23 +158,36 @@ def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
 def table(report: Mapping[str, Any], write: Callable[[str], None] = print) -> None:
   """The final table, then its calibration lines: what chance, real digits and the VQ allow."""
   seeds = report.get("seeds", 1)
-  write(f"\nResults ({seeds} seed{'s' if seeds > 1 else ''}" + (", mean±half-range" if seeds > 1 else "") + "):")
-  head = (f"{'row':29s} {'epochs':>9s} {'GPT wall s':>11s} {'held-out NLL':>13s} {'class info':>11s} "
-          f"{'accuracy':>12s} {'Frechet':>12s}")
+  write(
+    f"\nResults ({seeds} seed{'s' if seeds > 1 else ''}"
+    + (", mean±half-range" if seeds > 1 else "")
+    + "):"
+  )
+  head = (
+    f"{'row':29s} {'epochs':>9s} {'GPT wall s':>11s} {'held-out NLL':>13s} {'class info':>11s} "
+    f"{'accuracy':>12s} {'Frechet':>12s}"
+  )
   write(head)
   write("-" * len(head))
   for key, label in ROWS:
     if key not in report:
       continue
     r = report[key]
-    write(f"{label:29s} {_cell(r, 'epochs', '.1f'):>9s} {_cell(r, 'wall_s', '.0f'):>11s} "
-          f"{_cell(r, 'eval_nll', '.3f'):>13s} {_cell(r, 'class_info', '.2f'):>11s} "
-          f"{_cell(r, 'accuracy', '.3f'):>12s} {_cell(r, 'frechet', '.1f'):>12s}")
+    write(
+      f"{label:29s} {_cell(r, 'epochs', '.1f'):>9s} {_cell(r, 'wall_s', '.0f'):>11s} "
+      f"{_cell(r, 'eval_nll', '.3f'):>13s} {_cell(r, 'class_info', '.2f'):>11s} "
+      f"{_cell(r, 'accuracy', '.3f'):>12s} {_cell(r, 'frechet', '.1f'):>12s}"
+    )
   cal = report["calibration"]
-  write("  held-out NLL: nats per token at k = 1 on the test digits; class info: NLL with the null class minus "
-        "NLL with the true one, nats per image")
-  write(f"  accuracy: chance {cal['chance_accuracy']:.2f} | real test digits {cal['real_test_accuracy']:.3f} | "
-        f"VQ reconstructions of them (ceiling) {cal['vq_reconstruction_accuracy']:.3f}")
-  write(f"  Frechet (lower is better): real train vs real test digits (floor) {cal['real_frechet']:.1f} | "
-        f"VQ reconstructions vs real test {cal['vq_reconstruction_frechet']:.1f}")
-
+  write(
+    "  held-out NLL: nats per token at k = 1 on the test digits; class info: NLL with the null class minus "
+    "NLL with the true one, nats per image"
+  )
+  write(
+    f"  accuracy: chance {cal['chance_accuracy']:.2f} | real test digits {cal['real_test_accuracy']:.3f} | "
+    f"VQ reconstructions of them (ceiling) {cal['vq_reconstruction_accuracy']:.3f}"
+  )
+  write(
+    f"  Frechet (lower is better): real train vs real test digits (floor) {cal['real_frechet']:.1f} | "
+    f"VQ reconstructions vs real test {cal['vq_reconstruction_frechet']:.1f}"
+  )

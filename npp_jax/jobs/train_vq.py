@@ -10,10 +10,13 @@ small data (the demo's digits) and as a starting point elsewhere.
 
 A re-run resumes from WORKDIR/vq_checkpoints; a finished run (WORKDIR/vq exists) is not trained again.
 """
+
 import dataclasses
 import functools
 from typing import Any, Callable, Iterator, Mapping, Optional
 
+from absl import logging
+from etils import epath
 import flax
 import grain
 import jax
@@ -21,16 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from etils import epath
 
 from npp_jax import checkpoints
-from npp_jax import images as images_lib
 from npp_jax import loop
 from npp_jax import optim
 from npp_jax import sharding
 from npp_jax import summaries
 from npp_jax import validate
+from npp_jax.data import images as images_lib
 from npp_jax.models import vq
 
 _USAGE_DECAY = 0.99  # EMA of the code distribution behind the running perplexity (~100 steps).
@@ -47,6 +48,7 @@ class VQTrainState:
 @dataclasses.dataclass(frozen=True)
 class VQHparams:
   """The optimisation settings, hashable: they are static arguments of the compiled step."""
+
   lr: float
   b1: float
   b2: float
@@ -67,23 +69,38 @@ class VQHparams:
       if not isinstance(t[name], (int, float)) or t[name] < 0:
         raise ValueError(f"vq_train.{name}={t[name]!r}; expected a number >= 0")
     if t.l1_weight == 0 and t.l2_weight == 0:
-      raise ValueError("vq_train.l1_weight and vq_train.l2_weight are both 0; expected a reconstruction "
-                       "loss (l2_weight=1 is the release's)")
-    return cls(lr=float(t.lr), b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay),
-               grad_clip=float(t.grad_clip), l1_weight=float(t.l1_weight), l2_weight=float(t.l2_weight),
-               seed=int(t.seed))
+      raise ValueError(
+        "vq_train.l1_weight and vq_train.l2_weight are both 0; expected a reconstruction "
+        "loss (l2_weight=1 is the release's)"
+      )
+    return cls(
+      lr=float(t.lr),
+      b1=float(t.b1),
+      b2=float(t.b2),
+      weight_decay=float(t.weight_decay),
+      grad_clip=float(t.grad_clip),
+      l1_weight=float(t.l1_weight),
+      l2_weight=float(t.l2_weight),
+      seed=int(t.seed),
+    )
 
 
 def make_optimizer(hp: VQHparams) -> optax.GradientTransformation:
-  return optim.adamw(hp.lr, b1=hp.b1, b2=hp.b2, weight_decay=hp.weight_decay, grad_clip=hp.grad_clip)
+  return optim.adamw(
+    hp.lr, b1=hp.b1, b2=hp.b2, weight_decay=hp.weight_decay, grad_clip=hp.grad_clip
+  )
 
 
 def _init_vq_state(rng, *, cfg: vq.VQConfig, hp: VQHparams) -> VQTrainState:
   # Shapes of parameters do not depend on the image size: the smallest image keeps the init cheap.
   f = cfg.downsample
   params = vq.VQModel(cfg).init(rng, jnp.zeros((1, f, f, 3)))["params"]
-  return VQTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(hp).init(params),
-                      code_ema=jnp.zeros((cfg.codebook_size,), jnp.float32))
+  return VQTrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=make_optimizer(hp).init(params),
+    code_ema=jnp.zeros((cfg.codebook_size,), jnp.float32),
+  )
 
 
 def _perplexity(p: jax.Array) -> jax.Array:
@@ -99,8 +116,13 @@ def vq_train_step(state: VQTrainState, images: jax.Array, *, cfg: vq.VQConfig, h
   def loss_fn(params):
     rec, codes, q = vq.VQModel(cfg).apply({"params": params}, x, train=True, rngs={"dropout": rng})
     diff = rec - x
-    terms = {"rec_l2": jnp.mean(diff * diff), "rec_l1": jnp.mean(jnp.abs(diff)),
-             "codebook": q["codebook"], "commitment": q["commitment"], "entropy": q["entropy"]}
+    terms = {
+      "rec_l2": jnp.mean(diff * diff),
+      "rec_l1": jnp.mean(jnp.abs(diff)),
+      "codebook": q["codebook"],
+      "commitment": q["commitment"],
+      "entropy": q["entropy"],
+    }
     loss = hp.l2_weight * terms["rec_l2"] + hp.l1_weight * terms["rec_l1"] + q["quantizer"]
     return loss, (codes, terms)
 
@@ -110,10 +132,17 @@ def vq_train_step(state: VQTrainState, images: jax.Array, *, cfg: vq.VQConfig, h
   counts = jnp.zeros((cfg.codebook_size,), jnp.float32).at[codes.reshape(-1)].add(1.0)
   p = counts / counts.sum()
   code_ema = jnp.where(state.step == 0, p, _USAGE_DECAY * state.code_ema + (1.0 - _USAGE_DECAY) * p)
-  metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads),
-             "usage_batch": jnp.mean((counts > 0).astype(jnp.float32)),  # Fraction of the codebook used.
-             "perplexity_batch": _perplexity(p), "perplexity_running": _perplexity(code_ema)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, code_ema=code_ema), metrics
+  metrics = {
+    "loss": loss,
+    **terms,
+    "grad_norm": optax.global_norm(grads),
+    "usage_batch": jnp.mean((counts > 0).astype(jnp.float32)),  # Fraction of the codebook used.
+    "perplexity_batch": _perplexity(p),
+    "perplexity_running": _perplexity(code_ema),
+  }
+  return state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state, code_ema=code_ema
+  ), metrics
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,16 +150,27 @@ def _vq_functions(cfg: vq.VQConfig, hp: VQHparams, mesh):
   """(init, step) compiled for a mesh; cached so repeated jobs in one process compile once."""
   rep, batch = sharding.replicated(mesh), sharding.data_sharding(mesh)
   init = jax.jit(functools.partial(_init_vq_state, cfg=cfg, hp=hp), out_shardings=rep)
-  step = jax.jit(functools.partial(vq_train_step, cfg=cfg, hp=hp), in_shardings=(rep, batch),
-                 out_shardings=(rep, rep), donate_argnums=0)
+  step = jax.jit(
+    functools.partial(vq_train_step, cfg=cfg, hp=hp),
+    in_shardings=(rep, batch),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  )
   return init, step
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _vq_batches(source: images_lib.ImageSource, image_size: int, local: int, seed: int, start_step: int,
-                random_flip: bool, threads: int) -> Iterator[np.ndarray]:
+def _vq_batches(
+  source: images_lib.ImageSource,
+  image_size: int,
+  local: int,
+  seed: int,
+  start_step: int,
+  random_flip: bool,
+  threads: int,
+) -> Iterator[np.ndarray]:
   """uint8 [local, S, S, 3] per step: this process's rows of the global batch, two steps ahead (grain).
 
   Random-access sources draw batch s from a generator seeded by (seed, s), so a resumed run sees the
@@ -144,9 +184,12 @@ def _vq_batches(source: images_lib.ImageSource, image_size: int, local: int, see
     return x[:, ::-1] if flip else x
 
   if source.random_access:
+
     def draw(step):
       rng = np.random.default_rng([seed, step])
-      idx = rng.choice(source.num_examples, size=local * n_proc, replace=source.num_examples < local * n_proc)
+      idx = rng.choice(
+        source.num_examples, size=local * n_proc, replace=source.num_examples < local * n_proc
+      )
       flips = (rng.random(local * n_proc) < 0.5) & random_flip
       rows = slice(p * local, (p + 1) * local)
       return source.get(idx[rows])[0], flips[rows]
@@ -162,7 +205,9 @@ def _vq_batches(source: images_lib.ImageSource, image_size: int, local: int, see
     images, flips = draw(step)
     return np.stack(images_lib.parallel_map(crop, list(zip(images, flips)), threads))
 
-  ds = grain.MapDataset.range(start_step, start_step + 2**40).map(batch)  # Endless, as the loop decides.
+  ds = grain.MapDataset.range(start_step, start_step + 2**40).map(
+    batch
+  )  # Endless, as the loop decides.
   it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
   try:
     yield from it
@@ -188,7 +233,13 @@ def _plan(config: ml_collections.ConfigDict, workdir) -> _Plan:
   t = config.vq_train
   cfg = vq.VQConfig.from_config(config.vq)
   hp = VQHparams.from_config(t)
-  for name in ("steps", "batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+  for name in (
+    "steps",
+    "batch_size",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+  ):
     validate.positive_int(t[name], f"vq_train.{name}")
   sharding.check_batch(t.batch_size, config.mesh, "vq_train.batch_size")
   arch = checkpoints.architecture(config.vq, checkpoints.VQ_ARCH_FIELDS)
@@ -198,7 +249,9 @@ def _plan(config: ml_collections.ConfigDict, workdir) -> _Plan:
     return _Plan(cfg, hp, None, final_dir, ckpt_dir, arch)
   source = images_lib.open_images(t.dataset, t.split, t.data_dir, "vq_train.dataset")
   if ckpt_dir.is_dir():
-    checkpoints.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, architecture=arch).check_architecture()
+    checkpoints.Checkpointer(
+      ckpt_dir, keep=t.keep_checkpoints, architecture=arch
+    ).check_architecture()
   return _Plan(cfg, hp, source, final_dir, ckpt_dir, arch)
 
 
@@ -209,8 +262,9 @@ def _start(p: _Plan, ckpt: checkpoints.Checkpointer, mesh) -> tuple[VQTrainState
   if ckpt.latest_step() is None:
     return init_fn(rng), 0
   rep = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          jax.eval_shape(init_fn, rng))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), jax.eval_shape(init_fn, rng)
+  )
   state, _, start = ckpt.restore(abstract)
   logging.info("Resumed VQ training from step %d in %s.", start, p.ckpt_dir)
   return state, start
@@ -221,14 +275,22 @@ def _writer(config, workdir, start: int):
   writer = summaries.create_default_writer(str(workdir), just_logging=not is_main)
   if start == 0 and is_main:
     t = config.vq_train
-    writer.write_hparams({f"vq.{k}": str(v) for k, v in config.vq.items()}
-                         | {f"vq_train.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
-                            for k, v in t.items()})
+    writer.write_hparams(
+      {f"vq.{k}": str(v) for k, v in config.vq.items()}
+      | {
+        f"vq_train.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in t.items()
+      }
+    )
   return writer
 
 
-def train_vq(config: ml_collections.ConfigDict, workdir: str, *,
-             on_log: Optional[Callable[[int, Mapping[str, float]], None]] = None) -> Optional[str]:
+def train_vq(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  on_log: Optional[Callable[[int, Mapping[str, float]], None]] = None,
+) -> Optional[str]:
   """Train a VQ tokenizer of config.vq's architecture on images; returns WORKDIR/vq (its final params),
   or None when a SIGTERM stopped it early (after saving a checkpoint to resume from).
 
@@ -242,18 +304,36 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str, *,
   p = _plan(config, workdir)
   if p.source is None:
     checkpoints.load_vq_params(p.final_dir, config.vq)
-    logging.info("VQ already trained: %s holds its final parameters; not training again.", p.final_dir)
+    logging.info(
+      "VQ already trained: %s holds its final parameters; not training again.", p.final_dir
+    )
     return str(p.final_dir)
   t, cfg = config.vq_train, p.cfg
   mesh = sharding.make_mesh(config.mesh)
   ckpt = checkpoints.Checkpointer(p.ckpt_dir, keep=t.keep_checkpoints, architecture=p.architecture)
   state, start = _start(p, ckpt, mesh)
-  logging.info("VQ %s: %.2fM parameters, %dx%d images -> %dx%d codes of %d; %s split %s (%d images).",
-               cfg.ch_mult, vq.count_params(cfg) / 1e6, cfg.image_size, cfg.image_size, *cfg.grid,
-               cfg.codebook_size, p.source.name, t.split, p.source.num_examples)
+  logging.info(
+    "VQ %s: %.2fM parameters, %dx%d images -> %dx%d codes of %d; %s split %s (%d images).",
+    cfg.ch_mult,
+    vq.count_params(cfg) / 1e6,
+    cfg.image_size,
+    cfg.image_size,
+    *cfg.grid,
+    cfg.codebook_size,
+    p.source.name,
+    t.split,
+    p.source.num_examples,
+  )
   writer = _writer(config, workdir, start)
-  batches = _vq_batches(p.source, cfg.image_size, t.batch_size // jax.process_count(), p.hp.seed, start,
-                        t.random_flip, images_lib.num_threads(t.num_threads))
+  batches = _vq_batches(
+    p.source,
+    cfg.image_size,
+    t.batch_size // jax.process_count(),
+    p.hp.seed,
+    start,
+    t.random_flip,
+    images_lib.num_threads(t.num_threads),
+  )
   try:
     state, step = _loop(config, p, mesh, ckpt, writer, batches, state, start, on_log)
   finally:
@@ -262,7 +342,9 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str, *,
     writer.flush()
   if step < t.steps:
     return None  # Stopped by SIGTERM after saving: the same command resumes.
-  checkpoints.save_params(p.final_dir, jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params))
+  checkpoints.save_params(
+    p.final_dir, jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+  )
   logging.info("VQ trained for %d steps; final parameters in %s.", step, p.final_dir)
   return str(p.final_dir)
 
@@ -272,10 +354,20 @@ def _loop(config, p: _Plan, mesh, ckpt, writer, batches, state, start: int, on_l
   _, step_fn = _vq_functions(p.cfg, p.hp, mesh)
   step, pending = start, None
   with checkpoints.Preemption() as preempt:
-    lp = loop.Loop(total_steps=t.steps, log_every=t.log_every_steps, checkpoint_every=t.checkpoint_every_steps,
-                   writer=writer, preemption=preempt, last_saved=ckpt.latest_step, wait=ckpt.wait,
-                   reached_preemption=ckpt.reached_preemption, what="VQ ", start=start, on_log=on_log,
-                   hooks=[summaries.ReportProgress(num_train_steps=t.steps, writer=writer), ckpt.check_saves])
+    lp = loop.Loop(
+      total_steps=t.steps,
+      log_every=t.log_every_steps,
+      checkpoint_every=t.checkpoint_every_steps,
+      writer=writer,
+      preemption=preempt,
+      last_saved=ckpt.latest_step,
+      wait=ckpt.wait,
+      reached_preemption=ckpt.reached_preemption,
+      what="VQ ",
+      start=start,
+      on_log=on_log,
+      hooks=[summaries.ReportProgress(num_train_steps=t.steps, writer=writer), ckpt.check_saves],
+    )
     while step < t.steps:
       images = sharding.global_batch({"images": next(batches)}, mesh)["images"]
       if pending is not None:  # At most two steps in flight: the host cannot queue up batches.

@@ -11,6 +11,7 @@ Each stage is a real use of the project's own jobs, and each one resumes when ru
 The console shows stage headers, a progress bar per training stage and the table; the libraries' INFO
 lines go to WORKDIR/log.txt. It writes WORKDIR/report.json and WORKDIR/samples_<row>.png.
 """
+
 import contextlib
 import json
 import logging as py_logging
@@ -18,22 +19,22 @@ import os
 import time
 import warnings
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from npp_jax import costs
-from npp_jax import demo_report
-from npp_jax import digits
-from npp_jax import extract
 from npp_jax import files
 from npp_jax import npp
-from npp_jax import sample
-from npp_jax import scoring
 from npp_jax import summaries
-from npp_jax import train
-from npp_jax import train_vq
+from npp_jax.data import digits
+from npp_jax.demo import classifier
+from npp_jax.demo import report as demo_report
+from npp_jax.jobs import extract
+from npp_jax.jobs import sample
+from npp_jax.jobs import train
+from npp_jax.jobs import train_vq
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
@@ -98,8 +99,11 @@ def _run(config, workdir: str) -> dict:
     return {}
   report = compare(*prepared, workdir)
   demo_report.table(report)
-  print(f"\nreport: {os.path.join(workdir, 'report.json')}; samples: "
-        + ", ".join(f"samples_{k}.png" for k, _ in demo_report.ROWS if k in report), flush=True)
+  print(
+    f"\nreport: {os.path.join(workdir, 'report.json')}; samples: "
+    + ", ".join(f"samples_{k}.png" for k, _ in demo_report.ROWS if k in report),
+    flush=True,
+  )
   return report
 
 
@@ -128,8 +132,11 @@ def compare(config, vq_dir: str, workdir: str, shared: str | None = None) -> dic
   os.makedirs(workdir, exist_ok=True)
   timings = _Timings(os.path.join(workdir, "timings.json"))
   seeds = config.demo.seeds
-  _stage(3, f"train the GPTs: NPP, next-token for the same epochs, next-token for NPP's wall time"
-            f"{f' ({seeds} seeds)' if seeds > 1 else ''}")
+  _stage(
+    3,
+    f"train the GPTs: NPP, next-token for the same epochs, next-token for NPP's wall time"
+    f"{f' ({seeds} seeds)' if seeds > 1 else ''}",
+  )
   runs = [_train_rows(config, workdir, s, timings) for s in range(seeds)]
 
   _stage(4, "sample a class-conditional set from each GPT")
@@ -167,8 +174,9 @@ def _train_rows(config, workdir: str, seed_index: int, timings: _Timings) -> dic
   rows["ntp"] = _train_gpt(config, workdir, "ntp", seed_index, ((1, float(e)),), timings)
   # Equal compute: the next-token epochs that NPP's measured wall time buys at the next-token run's speed.
   equal = e * rows["npp"]["wall_s"] / rows["ntp"]["wall_s"]
-  rows["ntp_equal_compute"] = _train_gpt(config, workdir, "ntp_equal_compute", seed_index,
-                                         ((1, round(equal, 2)),), timings)
+  rows["ntp_equal_compute"] = _train_gpt(
+    config, workdir, "ntp_equal_compute", seed_index, ((1, round(equal, 2)),), timings
+  )
   return rows
 
 
@@ -192,15 +200,25 @@ def _train_gpt(config, workdir: str, row: str, seed_index: int, stages, timings:
   finally:
     bar.close()
   if out.get("stopped_early"):
-    raise SystemExit(f"{name}: stopped at step {out['step']} (SIGTERM); run the same command to resume.")
+    raise SystemExit(
+      f"{name}: stopped at step {out['step']} (SIGTERM); run the same command to resume."
+    )
   cfg = gpt.GPTConfig.from_config(c.model)
-  result = {"run": name, "seed": c.seed, "stages": [list(s) for s in stages],
-            "epochs": round(sum(ep for _, ep in stages), 2), "wall_s": time.perf_counter() - t0,
-            "train_s": out.get("train_s"), "compile_s": out.get("compile_s"),
-            "final_loss": out.get("loss"), "eval_nll": out.get("eval/nll"),
-            "class_info": out.get("eval/class_info"),
-            "relative_cost": costs.schedule_flop_ratio(npp.Schedule(stages, 1, cfg.grid), cfg)
-                             * sum(ep for _, ep in stages) / config.train.epochs}
+  result = {
+    "run": name,
+    "seed": c.seed,
+    "stages": [list(s) for s in stages],
+    "epochs": round(sum(ep for _, ep in stages), 2),
+    "wall_s": time.perf_counter() - t0,
+    "train_s": out.get("train_s"),
+    "compile_s": out.get("compile_s"),
+    "final_loss": out.get("loss"),
+    "eval_nll": out.get("eval/nll"),
+    "class_info": out.get("eval/class_info"),
+    "relative_cost": costs.schedule_flop_ratio(npp.Schedule(stages, 1, cfg.grid), cfg)
+    * sum(ep for _, ep in stages)
+    / config.train.epochs,
+  }
   timings.record(f"{name}_train", result)
   return result
 
@@ -228,7 +246,7 @@ def _reconstruct(config, vq_dir: str, images: np.ndarray, chunk: int = 100) -> n
   x = demo_report.to_uint8(images)
   out = []
   for i in range(0, len(x), chunk):
-    codes = vq.encode_fn(params, x[i:i + chunk], cfg)
+    codes = vq.encode_fn(params, x[i : i + chunk], cfg)
     out.append(np.clip(np.asarray(vq.decode_fn(params, codes, cfg)), -1.0, 1.0))
   return np.concatenate(out)
 
@@ -239,32 +257,51 @@ def _calibration(config, clf, clf_acc, vq_recon, test_x, test_y) -> dict:
   # As many real training digits (the same count per class) as the test split, so the Frechet floor is
   # measured at the same sample size as the models' samples.
   per_class = len(test_y) // digits.NUM_CLASSES
-  idx = np.concatenate([np.flatnonzero(train_y == c)[:per_class] for c in range(digits.NUM_CLASSES)])
-  rec = scoring.score_samples(clf, vq_recon, test_y, test_x)
-  floor = scoring.frechet_distance(scoring.features(clf, train_x[idx]), scoring.features(clf, test_x))
-  return {"chance_accuracy": 1.0 / digits.NUM_CLASSES, "real_test_accuracy": round(clf_acc, 4),
-          "vq_reconstruction_accuracy": round(rec["accuracy"], 4),
-          "vq_reconstruction_frechet": round(rec["frechet"], 3), "real_frechet": round(floor, 3)}
+  idx = np.concatenate(
+    [np.flatnonzero(train_y == c)[:per_class] for c in range(digits.NUM_CLASSES)]
+  )
+  rec = classifier.score_samples(clf, vq_recon, test_y, test_x)
+  floor = classifier.frechet_distance(
+    classifier.features(clf, train_x[idx]), classifier.features(clf, test_x)
+  )
+  return {
+    "chance_accuracy": 1.0 / digits.NUM_CLASSES,
+    "real_test_accuracy": round(clf_acc, 4),
+    "vq_reconstruction_accuracy": round(rec["accuracy"], 4),
+    "vq_reconstruction_frechet": round(rec["frechet"], 3),
+    "real_frechet": round(floor, 3),
+  }
 
 
 def _score(config, workdir: str, runs: list[dict], vq_dir: str, shared: str) -> dict:
   d = config.demo
-  clf, clf_acc = scoring.load_or_train_classifier(os.path.join(shared, "classifier.msgpack"),
-                                                  seed=config.seed, epochs=d.classifier_epochs,
-                                                  log=lambda m: logging.info("%s", m))
+  clf, clf_acc = classifier.load_or_train_classifier(
+    os.path.join(shared, "classifier.msgpack"),
+    seed=config.seed,
+    epochs=d.classifier_epochs,
+    log=lambda m: logging.info("%s", m),
+  )
   test_x, test_y = digits.load_digits("test")
   recon = _reconstruct(config, vq_dir, test_x)
-  report = {"seeds": d.seeds, "epochs": config.train.epochs, "patch_level": config.npp.patch_level,
-            "device": jax.devices()[0].device_kind, "classifier_test_accuracy": round(clf_acc, 4),
-            "calibration": _calibration(config, clf, clf_acc, recon, test_x, test_y)}
+  report = {
+    "seeds": d.seeds,
+    "epochs": config.train.epochs,
+    "patch_level": config.npp.patch_level,
+    "device": jax.devices()[0].device_kind,
+    "classifier_test_accuracy": round(clf_acc, 4),
+    "calibration": _calibration(config, clf, clf_acc, recon, test_x, test_y),
+  }
   for row, label in demo_report.ROWS:
     per_seed = []
     for rows in runs:
       r = dict(rows[row])
       images, labels = _load_samples(r["samples"])
-      score = scoring.score_samples(clf, images, labels, test_x)
-      r.update(accuracy=round(float(score["accuracy"]), 4), frechet=round(float(score["frechet"]), 3),
-               samples=os.path.relpath(r["samples"], workdir))
+      score = classifier.score_samples(clf, images, labels, test_x)
+      r.update(
+        accuracy=round(float(score["accuracy"]), 4),
+        frechet=round(float(score["frechet"]), 3),
+        samples=os.path.relpath(r["samples"], workdir),
+      )
       for k in ("wall_s", "train_s", "compile_s", "relative_cost", "eval_nll", "class_info"):
         if r.get(k) is not None:
           r[k] = round(float(r[k]), 4)
@@ -275,11 +312,14 @@ def _score(config, workdir: str, runs: list[dict], vq_dir: str, shared: str) -> 
   return report
 
 
-def _write_grid(config, workdir: str, row: str, label: str, result: dict, first: dict, test_x, test_y) -> None:
+def _write_grid(
+  config, workdir: str, row: str, label: str, result: dict, first: dict, test_x, test_y
+) -> None:
   """samples_<row>.png (the first seed's samples, a row of real digits on top) and the same in TensorBoard."""
   images, labels = _load_samples(first["samples"])
-  rows = demo_report.class_rows(images, labels, test_x, test_y, config.model.num_classes,
-                                config.demo.grid_cols)
+  rows = demo_report.class_rows(
+    images, labels, test_x, test_y, config.model.num_classes, config.demo.grid_cols
+  )
   title = f"{label}, {result['epochs']:g} epochs: accuracy {result['accuracy']:.2f}"
   grid = demo_report.labelled_grid(rows, config.demo.png_scale, title)
   demo_report.save_png(os.path.join(workdir, f"samples_{row}.png"), grid)
@@ -293,7 +333,9 @@ def _write_vq_grid(config, workdir: str, vq_run: str, test_x, test_y, recon) -> 
   for c in range(digits.NUM_CLASSES):
     idx = np.flatnonzero(test_y == c)[:cols]
     rows += [(f"{c}", test_x[idx]), (f"{c} VQ", recon[idx])]
-  grid = demo_report.labelled_grid(rows, config.demo.png_scale, "real test digits and VQ reconstructions")
+  grid = demo_report.labelled_grid(
+    rows, config.demo.png_scale, "real test digits and VQ reconstructions"
+  )
   demo_report.save_png(os.path.join(workdir, "vq_reconstructions.png"), grid)
   _tensorboard_image(vq_run, "reconstructions", grid)
 

@@ -3,30 +3,31 @@
 Sections, in order: validate (before any compile or write), mesh, data, model and state (built sharded),
 step (one compiled function per patch size k), checkpoint, loop.
 """
+
 import dataclasses
 import functools
 import time
 from typing import Any, Callable, Mapping
 
+from absl import logging
+from etils import epath
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
-from etils import epath
 
 from npp_jax import checkpoints
 from npp_jax import costs
-from npp_jax import data
 from npp_jax import loop
 from npp_jax import npp
 from npp_jax import optim
-from npp_jax import sample_metrics
 from npp_jax import sharding
-from npp_jax import validate
 from npp_jax import summaries
+from npp_jax import validate
+from npp_jax.data import code_dataset
+from npp_jax.evaluators import sample_metrics
 from npp_jax.models import gpt
 
 
@@ -41,9 +42,11 @@ class TrainState:
 
 # ------------------------------------------------------------------------------------------- validation
 
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Everything decided before compiling: sizes, schedule, data facts."""
+
   cfg: gpt.GPTConfig
   schedule: npp.Schedule
   meta: Any
@@ -56,8 +59,12 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
   """Validate the config against the devices and the data set; one-line ValueErrors, nothing written."""
   cfg = gpt.GPTConfig.from_config(config.model)
   t, o = config.train, config.optim
-  for name, value in (("train.global_batch_size", t.global_batch_size), ("train.epochs", t.epochs),
-                      ("train.grad_accum_steps", t.grad_accum_steps), ("optim.lr", o.lr)):
+  for name, value in (
+    ("train.global_batch_size", t.global_batch_size),
+    ("train.epochs", t.epochs),
+    ("train.grad_accum_steps", t.grad_accum_steps),
+    ("optim.lr", o.lr),
+  ):
     if not value > 0:
       raise ValueError(f"{name}={value!r}; expected a positive number")
   if not config.npp.stages and not 0.0 < config.npp.epoch_rate < 1.0:
@@ -65,25 +72,41 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
   if not 0.0 <= o.ema_decay < 1.0:
     raise ValueError(f"optim.ema_decay={o.ema_decay!r}; expected a number in [0, 1)")
   b = t.global_batch_size
-  sharding.check_batch(b, config.mesh, "train.global_batch_size", num_devices=num_devices,
-                       process_count=process_count, micro_batches=t.grad_accum_steps)
+  sharding.check_batch(
+    b,
+    config.mesh,
+    "train.global_batch_size",
+    num_devices=num_devices,
+    process_count=process_count,
+    micro_batches=t.grad_accum_steps,
+  )
   if not config.data.path:
-    raise ValueError("data.path is empty; expected the directory of a code data set "
-                     "(python -m npp_jax.npy_codes, or --mode=extract)")
-  meta = data.load_metadata(config.data.path, split="train")
+    raise ValueError(
+      "data.path is empty; expected the directory of a code data set "
+      "(python -m npp_jax.npy_codes, or --mode=extract)"
+    )
+  meta = code_dataset.load_metadata(config.data.path, split="train")
   if tuple(meta.grid) != tuple(cfg.grid):
-    raise ValueError(f"the data set {config.data.path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
-                     f"expected model.grid={tuple(cfg.grid)}")
+    raise ValueError(
+      f"the data set {config.data.path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
+      f"expected model.grid={tuple(cfg.grid)}"
+    )
   if meta.max_code >= cfg.vocab_size:
-    raise ValueError(f"the data set {config.data.path} holds code {meta.max_code}; expected codes "
-                     f"< model.vocab_size={cfg.vocab_size}")
+    raise ValueError(
+      f"the data set {config.data.path} holds code {meta.max_code}; expected codes "
+      f"< model.vocab_size={cfg.vocab_size}"
+    )
   if meta.max_label >= cfg.num_classes:
-    raise ValueError(f"the data set {config.data.path} holds label {meta.max_label}; expected labels "
-                     f"< model.num_classes={cfg.num_classes}")
-  steps_per_epoch = data.steps_per_epoch(meta.num_examples, b)
+    raise ValueError(
+      f"the data set {config.data.path} holds label {meta.max_label}; expected labels "
+      f"< model.num_classes={cfg.num_classes}"
+    )
+  steps_per_epoch = code_dataset.steps_per_epoch(meta.num_examples, b)
   if steps_per_epoch < 1:
-    raise ValueError(f"train.global_batch_size={b} is larger than the data set ({meta.num_examples} "
-                     f"examples in {config.data.path}); expected at most {meta.num_examples}")
+    raise ValueError(
+      f"train.global_batch_size={b} is larger than the data set ({meta.num_examples} "
+      f"examples in {config.data.path}); expected at most {meta.num_examples}"
+    )
   schedule = npp.Schedule.from_config(config, steps_per_epoch)
   schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)  # Validates the LR knobs.
   total = schedule.total_steps if t.max_steps <= 0 else min(t.max_steps, schedule.total_steps)
@@ -93,51 +116,76 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
 def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
   """The split to evaluate (data.eval_split, else "test" or "validation" if the data set has one)."""
   t, path = config.train, config.data.path
-  for name, low in (("eval_every_steps", 0), ("eval_batches", 0), ("preemption_sync_every_steps", 1)):
+  for name, low in (
+    ("eval_every_steps", 0),
+    ("eval_batches", 0),
+    ("preemption_sync_every_steps", 1),
+  ):
     if isinstance(t[name], bool) or not isinstance(t[name], int) or t[name] < low:
       raise ValueError(f"train.{name}={t[name]!r}; expected an integer >= {low}")
   split = config.data.eval_split
   if not split:
-    found = [s for s in ("test", "validation") if s in data.finished_splits(path)]
+    found = [s for s in ("test", "validation") if s in code_dataset.finished_splits(path)]
     split = found[0] if found else None
   if t.eval_batches == 0 or split is None:
     return None
-  meta = data.load_metadata(path, validate.split_name(split, "data.eval_split"))
+  meta = code_dataset.load_metadata(path, validate.split_name(split, "data.eval_split"))
   if meta.max_code >= cfg.vocab_size or meta.max_label >= cfg.num_classes:
-    raise ValueError(f"split {split!r} of {path} holds code {meta.max_code} and label {meta.max_label}; "
-                     f"expected codes < {cfg.vocab_size} and labels < {cfg.num_classes}")
+    raise ValueError(
+      f"split {split!r} of {path} holds code {meta.max_code} and label {meta.max_label}; "
+      f"expected codes < {cfg.vocab_size} and labels < {cfg.num_classes}"
+    )
   return split
 
 
 # ---------------------------------------------------------------------------------------- model and step
 
+
 def make_optimizer(config, schedule: npp.Schedule) -> tuple[optax.GradientTransformation, Any]:
   """(AdamW of optim.py, the per-step learning rate of the NPP schedule)."""
   o = config.optim
   lr = schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)
-  tx = optim.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+  tx = optim.adamw(
+    lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip
+  )
   return tx, lr
 
 
 def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
   """A fresh TrainState with boxed (logically partitioned) leaves, so eval_shape yields its layout."""
+
   def init(rng):
     h, w = cfg.grid
     params = model.init(rng, jnp.zeros((1, h, w), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=params if ema else (),
-                      rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema=params if ema else (),
+      rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+    )
+
   return init, jax.random.key(seed)
 
 
-def train_step(state: TrainState, batch: dict, *, model: gpt.GPT, tx, lr_fn, k: int, accum: int,
-               ema_decay: float = 0.0):
+def train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  model: gpt.GPT,
+  tx,
+  lr_fn,
+  k: int,
+  accum: int,
+  ema_decay: float = 0.0,
+):
   """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state, metrics)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params, codes, labels, rng):
-    logits = model.apply({"params": params}, codes, labels, patch_size=k, train=True,
-                         rngs={"dropout": rng})
+    logits = model.apply(
+      {"params": params}, codes, labels, patch_size=k, train=True, rngs={"dropout": rng}
+    )
     return npp.patch_loss(logits, npp.group_targets(codes, k))
 
   grad_fn = jax.value_and_grad(loss_fn)
@@ -163,12 +211,17 @@ def train_step(state: TrainState, batch: dict, *, model: gpt.GPT, tx, lr_fn, k: 
   ema = state.ema
   if ema_decay > 0:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-             "lr": lr_fn(state.step)}
+  metrics = {
+    "loss": loss,
+    "grad_norm": optax.global_norm(grads),
+    "param_norm": optax.global_norm(params),
+    "lr": lr_fn(state.step),
+  }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+
 
 def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
   """Sums over the batch's real rows (mask): k = 1 NLL in nats per image, with the true and the null class."""
@@ -190,21 +243,36 @@ class Evaluator:
   per image) on the first `max_batches` batches of a split, read once and kept on the host: every
   evaluation of a run sees the same images, so its curve compares like with like."""
 
-  def __init__(self, model: gpt.GPT, mesh, params_sharding, path: str, split: str, batch_size: int,
-               max_batches: int):
+  def __init__(
+    self,
+    model: gpt.GPT,
+    mesh,
+    params_sharding,
+    path: str,
+    split: str,
+    batch_size: int,
+    max_batches: int,
+  ):
     self.mesh, self.path, self.split = mesh, path, split
     self.batch_size, self.max_batches = batch_size, max_batches
     self.tokens = model.cfg.grid[0] * model.cfg.grid[1]
     self.seconds = 0.0  # Time spent evaluating: the trainer leaves it out of its step time.
     self._batches = None
-    self._fn = jax.jit(functools.partial(eval_step, model=model, num_classes=model.cfg.num_classes),
-                       in_shardings=(params_sharding, sharding.data_sharding(mesh)))
+    self._fn = jax.jit(
+      functools.partial(eval_step, model=model, num_classes=model.cfg.num_classes),
+      in_shardings=(params_sharding, sharding.data_sharding(mesh)),
+    )
 
   def __call__(self, params) -> dict[str, float]:
     t0 = time.perf_counter()
     if self._batches is None:
-      it = data.make_eval_iterator(self.path, batch_size=self.batch_size, split=self.split,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
+      it = code_dataset.make_eval_iterator(
+        self.path,
+        batch_size=self.batch_size,
+        split=self.split,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
       self._batches = [b for _, b in zip(range(self.max_batches), it)]
     sums = {"nll": 0.0, "null_nll": 0.0, "images": 0.0}
     for local in self._batches:
@@ -212,15 +280,19 @@ class Evaluator:
       for key in sums:
         sums[key] += float(out[key])
     self.seconds += time.perf_counter() - t0
-    return {"eval/nll": sums["nll"] / (sums["images"] * self.tokens),
-            "eval/class_info": (sums["null_nll"] - sums["nll"]) / sums["images"]}
+    return {
+      "eval/nll": sums["nll"] / (sums["images"] * self.tokens),
+      "eval/class_info": (sums["null_nll"] - sums["nll"]) / sums["images"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------- run
 
+
 @dataclasses.dataclass
 class _Run:
   """What the sections below share: mesh, model, optimizer and the (sharded) state being trained."""
+
   mesh: Any
   axis_rules: Any
   model: gpt.GPT
@@ -231,8 +303,12 @@ class _Run:
   abstract_state: Any
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       on_log: Callable[[int, Mapping[str, float]], None] | None = None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  on_log: Callable[[int, Mapping[str, float]], None] | None = None,
+) -> dict:
   """Train until the schedule (or train.max_steps) ends; re-running the same command resumes.
 
   Returns the last logged scalars and the last evaluation ("eval/nll", "eval/class_info"), with "step"
@@ -251,51 +327,82 @@ def _train(config, workdir, preempt, on_log) -> dict:
   ckpt_dir = epath.Path(workdir) / "checkpoints"
   ckpt, init_params = _open_checkpoints(config, ckpt_dir)
   scorer = sample_metrics.prepare(config, workdir, p)  # FID etc. of samples; None when off.
-  it = data.make_train_iterator(
-      config.data.path, global_batch_size=config.train.global_batch_size,
-      seed=config.data.shuffle_seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count)
+  it = code_dataset.make_train_iterator(
+    config.data.path,
+    global_batch_size=config.train.global_batch_size,
+    seed=config.data.shuffle_seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    worker_count=config.data.worker_count,
+  )
   run = _build(config, p)
   if ckpt is None:
-    ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints,
-                                    architecture=checkpoints.architecture(config.model))
+    ckpt = checkpoints.Checkpointer(
+      ckpt_dir,
+      keep=config.train.keep_checkpoints,
+      architecture=checkpoints.architecture(config.model),
+    )
   start = _resume(config, run, ckpt, init_params, it)
   steps = _CompiledSteps(config, run)
   evaluator = None
   if p.eval_split is not None:
-    evaluator = Evaluator(run.model, run.mesh, run.state_sharding.params, config.data.path, p.eval_split,
-                          config.train.global_batch_size // config.train.grad_accum_steps,
-                          config.train.eval_batches)
+    evaluator = Evaluator(
+      run.model,
+      run.mesh,
+      run.state_sharding.params,
+      config.data.path,
+      p.eval_split,
+      config.train.global_batch_size // config.train.grad_accum_steps,
+      config.train.eval_batches,
+    )
   writer, hooks = _writer(config, workdir, p.total_steps, start)
-  logging.info("Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
-               "FLOP ratio %.3f vs next-token training.", config.model.name,
-               gpt.count_params(p.cfg) / 1e6, [(s.k, s.epochs) for s in p.schedule.stages],
-               p.steps_per_epoch, p.total_steps, p.schedule.token_ratio(),
-               costs.schedule_flop_ratio(p.schedule, p.cfg))
+  logging.info(
+    "Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
+    "FLOP ratio %.3f vs next-token training.",
+    config.model.name,
+    gpt.count_params(p.cfg) / 1e6,
+    [(s.k, s.epochs) for s in p.schedule.stages],
+    p.steps_per_epoch,
+    p.total_steps,
+    p.schedule.token_ratio(),
+    costs.schedule_flop_ratio(p.schedule, p.cfg),
+  )
   t_loop = time.perf_counter()
-  step, last = _loop(config, p, run, it, ckpt, steps, evaluator, writer, hooks, start, preempt, on_log,
-                     scorer)
+  step, last = _loop(
+    config, p, run, it, ckpt, steps, evaluator, writer, hooks, start, preempt, on_log, scorer
+  )
   ckpt.close()
   writer.flush()
   wall, compile_s = time.perf_counter() - t_loop, steps.compile_s()
-  return {"step": step, **last, "loop_s": wall, "compile_s": compile_s, "train_s": wall - compile_s,
-          "stopped_early": step < p.total_steps}
+  return {
+    "step": step,
+    **last,
+    "loop_s": wall,
+    "compile_s": compile_s,
+    "train_s": wall - compile_s,
+    "stopped_early": step < p.total_steps,
+  }
 
 
 def _open_checkpoints(config, ckpt_dir: epath.Path):
   """(Checkpointer of an existing run or None, init_from parameters or None), checked before any compile."""
   ckpt = None
   if ckpt_dir.is_dir():
-    ckpt = checkpoints.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints,
-                                    architecture=checkpoints.architecture(config.model))
+    ckpt = checkpoints.Checkpointer(
+      ckpt_dir,
+      keep=config.train.keep_checkpoints,
+      architecture=checkpoints.architecture(config.model),
+    )
     ckpt.check_architecture()
   init_params = None
   if config.train.init_from and (ckpt is None or ckpt.latest_step() is None):
     init_params = checkpoints.load_params(config.train.init_from)
     checkpoints.check_param_shapes(
-        init_params, gpt.param_shapes(config.model),
-        f"train.init_from={config.train.init_from!r} holds parameters of another model (expected the "
-        f"shapes of model {config.model.name})")
+      init_params,
+      gpt.param_shapes(config.model),
+      f"train.init_from={config.train.init_from!r} holds parameters of another model (expected the "
+      f"shapes of model {config.model.name})",
+    )
   return ckpt, init_params
 
 
@@ -310,8 +417,11 @@ def _build(config, p: Plan) -> _Run:
     abstract = jax.eval_shape(init_fn, rng)
     state_sharding = sharding.logical_shardings(abstract, mesh, axis_rules)
     state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_sharding)(rng)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                nn.unbox(abstract), state_sharding)
+  abstract_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    nn.unbox(abstract),
+    state_sharding,
+  )
   return _Run(mesh, axis_rules, model, tx, lr_fn, state, state_sharding, abstract_state)
 
 
@@ -319,12 +429,15 @@ def _resume(config, run: _Run, ckpt, init_params, it) -> int:
   """The step to start from: the latest checkpoint's (state and data position restored), else 0."""
   if ckpt.latest_step() is not None:
     run.state, data_state, start = ckpt.restore(run.abstract_state)
-    data.restore_iterator(it, data_state)
+    code_dataset.restore_iterator(it, data_state)
     logging.info("Resumed from step %d in %s.", start, ckpt.directory)
     return start
   if init_params is not None:
-    params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, s.dtype), s.sharding),
-                          _layout_like(init_params, run.model.cfg), run.abstract_state.params)
+    params = jax.tree.map(
+      lambda x, s: jax.device_put(jnp.asarray(x, s.dtype), s.sharding),
+      _layout_like(init_params, run.model.cfg),
+      run.abstract_state.params,
+    )
     run.state = run.state.replace(params=params, ema=params if run.state.ema != () else ())
     logging.info("Initialised parameters from %s.", config.train.init_from)
   return 0
@@ -345,18 +458,37 @@ class _CompiledSteps:
   def __call__(self, k: int, state, batch):
     if k not in self._steps:
       r = self.run
-      fn = functools.partial(train_step, model=r.model, tx=r.tx, lr_fn=r.lr_fn, k=k,
-                             accum=self.config.train.grad_accum_steps,
-                             ema_decay=float(self.config.optim.ema_decay))
+      fn = functools.partial(
+        train_step,
+        model=r.model,
+        tx=r.tx,
+        lr_fn=r.lr_fn,
+        k=k,
+        accum=self.config.train.grad_accum_steps,
+        ema_decay=float(self.config.optim.ema_decay),
+      )
       t0 = time.perf_counter()
-      self._steps[k] = jax.jit(fn, in_shardings=(r.state_sharding, self.batch_sharding),
-                               out_shardings=(r.state_sharding, None),
-                               donate_argnums=0).lower(state, batch).compile()
+      self._steps[k] = (
+        jax.jit(
+          fn,
+          in_shardings=(r.state_sharding, self.batch_sharding),
+          out_shardings=(r.state_sharding, None),
+          donate_argnums=0,
+        )
+        .lower(state, batch)
+        .compile()
+      )
       self._compile_s[k] = time.perf_counter() - t0
       mem = self._steps[k].memory_analysis()
-      logging.info("Compiled the k=%d step in %.1f s%s.", k, self._compile_s[k],
-                   f"; per device: {mem.argument_size_in_bytes / 2**20:.0f} MiB arguments, "
-                   f"{mem.temp_size_in_bytes / 2**20:.0f} MiB temporaries" if mem else "")
+      logging.info(
+        "Compiled the k=%d step in %.1f s%s.",
+        k,
+        self._compile_s[k],
+        f"; per device: {mem.argument_size_in_bytes / 2**20:.0f} MiB arguments, "
+        f"{mem.temp_size_in_bytes / 2**20:.0f} MiB temporaries"
+        if mem
+        else "",
+      )
     return self._steps[k]
 
 
@@ -375,41 +507,77 @@ def _writer(config, workdir, total_steps: int, start: int):
 def _throughput(config, p: Plan, peak, k: int, step: int, step_s: float) -> dict:
   """The log line's scalars beside the step's metrics: k, speed, cost so far, epoch, MFU."""
   b = config.train.global_batch_size
-  out = {"k": k, "tokens_per_s": b * npp.num_patches(p.cfg.grid, k) / step_s,
-         "relative_cost": costs.cumulative_relative_cost(p.schedule, p.cfg, step),
-         "epoch": step / p.steps_per_epoch}
+  out = {
+    "k": k,
+    "tokens_per_s": b * npp.num_patches(p.cfg.grid, k) / step_s,
+    "relative_cost": costs.cumulative_relative_cost(p.schedule, p.cfg, step),
+    "epoch": step / p.steps_per_epoch,
+  }
   util = costs.mfu(costs.train_step_flops(p.cfg, k, b).total, step_s, jax.device_count(), peak)
   if util is not None:
     out["mfu"] = util
   return out
 
 
-def _loop(config, p: Plan, run: _Run, it, ckpt, steps: _CompiledSteps, evaluator, writer, hooks,
-          start: int, preempt, on_log, scorer=None):
+def _loop(
+  config,
+  p: Plan,
+  run: _Run,
+  it,
+  ckpt,
+  steps: _CompiledSteps,
+  evaluator,
+  writer,
+  hooks,
+  start: int,
+  preempt,
+  on_log,
+  scorer=None,
+):
   """Steps until the end of the schedule or a preemption; returns (last step, last logged scalars)."""
   peak = costs.peak_flops_per_device(override=config.train.peak_flops_per_device)
   t, step, last_eval = config.train, start, {}
-  eval_at = {s.end_step for s in p.schedule.stages} | {p.total_steps}  # And every t.eval_every_steps.
+  eval_at = {s.end_step for s in p.schedule.stages} | {
+    p.total_steps
+  }  # And every t.eval_every_steps.
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
-    lp = loop.Loop(total_steps=p.total_steps, log_every=t.log_every_steps,
-                   checkpoint_every=t.checkpoint_every_steps, writer=writer, preemption=preempt,
-                   last_saved=ckpt.latest_step, wait=ckpt.wait, reached_preemption=ckpt.reached_preemption,
-                   hooks=[*hooks, ckpt.check_saves], start=start, sync_every=t.preemption_sync_every_steps,
-                   on_log=on_log,
-                   excluded_s=lambda: steps.compile_s() + (evaluator.seconds if evaluator else 0.0)
-                   + (scorer.seconds if scorer else 0.0))
+    lp = loop.Loop(
+      total_steps=p.total_steps,
+      log_every=t.log_every_steps,
+      checkpoint_every=t.checkpoint_every_steps,
+      writer=writer,
+      preemption=preempt,
+      last_saved=ckpt.latest_step,
+      wait=ckpt.wait,
+      reached_preemption=ckpt.reached_preemption,
+      hooks=[*hooks, ckpt.check_saves],
+      start=start,
+      sync_every=t.preemption_sync_every_steps,
+      on_log=on_log,
+      excluded_s=lambda: (
+        steps.compile_s()
+        + (evaluator.seconds if evaluator else 0.0)
+        + (scorer.seconds if scorer else 0.0)
+      ),
+    )
     while step < p.total_steps:
       k = p.schedule.k_at(step)
       local = next(it)
       batch = sharding.global_batch({"codes": local["codes"], "labels": local["labels"]}, run.mesh)
       run.state, metrics = steps(k, run.state, batch)(run.state, batch)
       step += 1
-      save = lambda s: ckpt.save(s, run.state, data.iterator_state(it), force=True)
-      if lp.end_of_step(step, metrics, save, extra=functools.partial(_throughput, config, p, peak, k),
-                        note=f" (k={k})"):
+      save = lambda s: ckpt.save(s, run.state, code_dataset.iterator_state(it), force=True)
+      if lp.end_of_step(
+        step,
+        metrics,
+        save,
+        extra=functools.partial(_throughput, config, p, peak, k),
+        note=f" (k={k})",
+      ):
         break
-      if evaluator is not None and (step in eval_at or (t.eval_every_steps and
-                                                         step % t.eval_every_steps == 0)):
+      if evaluator is not None and (
+        step in eval_at or (t.eval_every_steps and step % t.eval_every_steps == 0)
+      ):
         last_eval = _evaluate(evaluator, run.state.params, p, step, writer)
       if scorer is not None and scorer.due(step):
         last_eval = {**last_eval, **scorer(run.state, step, writer)}
@@ -422,8 +590,13 @@ def _evaluate(evaluator: Evaluator, params, p: Plan, step: int, writer) -> dict:
   out["eval/relative_cost"] = costs.cumulative_relative_cost(p.schedule, p.cfg, step)
   out["eval/epoch"] = step / p.steps_per_epoch
   writer.write_scalars(step, out)
-  logging.info("Step %d: held-out NLL %.4f nats/token, class information %.3f nats/image (%s split).",
-               step, out["eval/nll"], out["eval/class_info"], evaluator.split)
+  logging.info(
+    "Step %d: held-out NLL %.4f nats/token, class information %.3f nats/image (%s split).",
+    step,
+    out["eval/nll"],
+    out["eval/class_info"],
+    evaluator.split,
+  )
   return {"eval/nll": out["eval/nll"], "eval/class_info": out["eval/class_info"]}
 
 
@@ -443,5 +616,6 @@ def _flat_hparams(config) -> dict:
         out[name] = value
       else:
         out[name] = str(value)
+
   walk("", config)
   return out

@@ -17,16 +17,17 @@ random augmentation per image per epoch, remainder dropped, global batches split
 state (JSON; {"next_index": steps consumed} without worker processes) restores it exactly.
 `make_eval_iterator` is one ordered pass.
 """
+
 import dataclasses
 import json
 import os
 from typing import Any, Optional, Sequence
 
 from absl import flags
+from etils import epath
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from npp_jax import files
 from npp_jax import validate
@@ -35,7 +36,9 @@ _NAME = "npp_codes"  # TFDS data set name: the prefix of every shard file.
 _VERSION = "1.0.0"
 _META_FILE = "code_dataset.json"
 _FORMAT = 1
-_SHARD_BYTES = 64 << 20  # Shard size the writer aims for: large enough for few files, small enough to spread.
+_SHARD_BYTES = (
+  64 << 20
+)  # Shard size the writer aims for: large enough for few files, small enough to spread.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,18 +68,24 @@ def _code_dtype(vocab_size: int) -> np.dtype:
 
 def _features(grid, n_aug, vocab_size) -> tfds.features.FeaturesDict:
   # BYTES encoding: a frombuffer at read time instead of an int64 varint list (twice as fast both ways).
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "codes": tfds.features.Tensor(
-          shape=(n_aug, *grid), dtype=_code_dtype(vocab_size), encoding=tfds.features.Encoding.BYTES),
+        shape=(n_aug, *grid), dtype=_code_dtype(vocab_size), encoding=tfds.features.Encoding.BYTES
+      ),
       "label": tfds.features.Tensor(shape=(), dtype=np.int32),
-  })
+    }
+  )
 
 
 def _tfds_info(out_dir, grid, n_aug, vocab_size, num_classes) -> tfds.core.DatasetInfo:
   return tfds.core.DatasetInfo(
-      builder=tfds.core.DatasetIdentity(name=_NAME, version=_VERSION, data_dir=out_dir, module_name=""),
-      description=f"VQ codes ({vocab_size}-entry codebook) of {num_classes}-class images, npp_jax.data.",
-      features=_features(grid, n_aug, vocab_size))
+    builder=tfds.core.DatasetIdentity(
+      name=_NAME, version=_VERSION, data_dir=out_dir, module_name=""
+    ),
+    description=f"VQ codes ({vocab_size}-entry codebook) of {num_classes}-class images, npp_jax.data.code_dataset.",
+    features=_features(grid, n_aug, vocab_size),
+  )
 
 
 def check_grid(grid) -> tuple[int, int]:
@@ -89,7 +98,9 @@ def check_grid(grid) -> tuple[int, int]:
   return h, w
 
 
-def as_examples(codes, labels, *, vocab_size: int, num_classes: int, where=lambda i: f"at example {i}"):
+def as_examples(
+  codes, labels, *, vocab_size: int, num_classes: int, where=lambda i: f"at example {i}"
+):
   """Checked (codes [N, n_aug, h, w] int64, labels [N] int64); a one-line ValueError for the first fault.
 
   `where(i)` names example i in the message: its index in the split, or the file it came from.
@@ -104,13 +115,17 @@ def as_examples(codes, labels, *, vocab_size: int, num_classes: int, where=lambd
   if min(codes.shape[1:]) == 0:
     raise ValueError(f"codes must have n_aug, h, w > 0, got shape {codes.shape}")
   if labels.shape != (codes.shape[0],):
-    raise ValueError(f"labels must have shape ({codes.shape[0]},) to match codes, got {labels.shape}")
+    raise ValueError(
+      f"labels must have shape ({codes.shape[0]},) to match codes, got {labels.shape}"
+    )
   for name, x in (("codes", codes), ("labels", labels)):
     if not np.issubdtype(x.dtype, np.integer):
       raise ValueError(f"{name} must be integers, got dtype {x.dtype}")
   codes, labels = codes.astype(np.int64), labels.astype(np.int64)
-  for name, x, bound, bound_name in (("code", codes, vocab_size, "vocab_size"),
-                                     ("label", labels, num_classes, "num_classes")):
+  for name, x, bound, bound_name in (
+    ("code", codes, vocab_size, "vocab_size"),
+    ("label", labels, num_classes, "num_classes"),
+  ):
     bad = (x < 0) | (x >= bound)
     if bad.any():
       first = np.unravel_index(int(np.argmax(bad)), x.shape)
@@ -129,8 +144,10 @@ def _read_meta(path) -> Optional[dict[str, Any]]:
 
 def _write_meta(path, meta: dict[str, Any]) -> None:
   # Write-then-rename, so that a crash never leaves a half-written record of which splits are complete.
-  files.atomic_write(str(epath.Path(path) / _META_FILE),
-                     lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+  files.atomic_write(
+    str(epath.Path(path) / _META_FILE),
+    lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()),
+  )
 
 
 class CodeDatasetWriter:
@@ -142,9 +159,21 @@ class CodeDatasetWriter:
   n_aug, vocab_size and num_classes must match.
   """
 
-  def __init__(self, out_dir: str, grid: Sequence[int], n_aug: int, vocab_size: int, num_classes: int, *,
-               split: str = "train", overwrite: bool = False, examples_per_shard: Optional[int] = None):
-    self.out_dir = os.fspath(out_dir)  # A str for TFDS; epath.Path(self.out_dir) for our own file work.
+  def __init__(
+    self,
+    out_dir: str,
+    grid: Sequence[int],
+    n_aug: int,
+    vocab_size: int,
+    num_classes: int,
+    *,
+    split: str = "train",
+    overwrite: bool = False,
+    examples_per_shard: Optional[int] = None,
+  ):
+    self.out_dir = os.fspath(
+      out_dir
+    )  # A str for TFDS; epath.Path(self.out_dir) for our own file work.
     self._dir = epath.Path(self.out_dir)
     self.grid = check_grid(grid)
     self.n_aug = validate.positive_int(n_aug, "n_aug")
@@ -152,14 +181,20 @@ class CodeDatasetWriter:
     self.num_classes = validate.positive_int(num_classes, "num_classes")
     self.split = validate.split_name(split)
     if examples_per_shard is None:
-      example_bytes = self.n_aug * self.grid[0] * self.grid[1] * _code_dtype(self.vocab_size).itemsize
+      example_bytes = (
+        self.n_aug * self.grid[0] * self.grid[1] * _code_dtype(self.vocab_size).itemsize
+      )
       examples_per_shard = max(1, _SHARD_BYTES // example_bytes)
     examples_per_shard = validate.positive_int(examples_per_shard, "examples_per_shard")
     self._meta = self._open_dataset(overwrite)
     info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
     # overwrite=False: TFDS loads the splits already on disk and appends ours beside them.
     self._writer = tfds.core.SequentialWriter(
-        ds_info=info, max_examples_per_shard=examples_per_shard, overwrite=False, file_format="array_record")
+      ds_info=info,
+      max_examples_per_shard=examples_per_shard,
+      overwrite=False,
+      file_format="array_record",
+    )
     self._writer.initialize_splits([self.split])
     self.num_examples, self.max_code, self.max_label = 0, -1, -1
     self._done = False
@@ -169,25 +204,40 @@ class CodeDatasetWriter:
     self._made_dir = self._made_dataset = False
     if meta is None:
       if self._dir.is_dir() and any(self._dir.iterdir()):
-        raise ValueError(f"{self.out_dir} exists and is not a code data set (no {_META_FILE}); "
-                         f"expected a new or empty directory")
+        raise ValueError(
+          f"{self.out_dir} exists and is not a code data set (no {_META_FILE}); "
+          f"expected a new or empty directory"
+        )
       self._made_dir = not self._dir.is_dir()
       self._made_dataset = True
       self._dir.mkdir(parents=True, exist_ok=True)
-      meta = {"format": _FORMAT, "grid": list(self.grid), "n_aug": self.n_aug,
-              "vocab_size": self.vocab_size, "num_classes": self.num_classes, "splits": {}}
+      meta = {
+        "format": _FORMAT,
+        "grid": list(self.grid),
+        "n_aug": self.n_aug,
+        "vocab_size": self.vocab_size,
+        "num_classes": self.num_classes,
+        "splits": {},
+      }
       _write_meta(self.out_dir, meta)
       return meta
-    for key, want in (("grid", list(self.grid)), ("n_aug", self.n_aug), ("vocab_size", self.vocab_size),
-                      ("num_classes", self.num_classes)):
+    for key, want in (
+      ("grid", list(self.grid)),
+      ("n_aug", self.n_aug),
+      ("vocab_size", self.vocab_size),
+      ("num_classes", self.num_classes),
+    ):
       if meta.get(key) != want:
         raise ValueError(
-            f"code data set {self.out_dir} has {key}={meta.get(key)}, the writer was given {want}")
+          f"code data set {self.out_dir} has {key}={meta.get(key)}, the writer was given {want}"
+        )
     on_disk = self.split in meta["splits"] or self.split in _tfds_split_names(self.out_dir)
     if on_disk and not overwrite:
       state = "" if self.split in meta["splits"] else " (unfinished: an interrupted write)"
-      raise ValueError(f"split '{self.split}' already exists in {self.out_dir}{state}; "
-                       f"pass overwrite=True to replace it")
+      raise ValueError(
+        f"split '{self.split}' already exists in {self.out_dir}{state}; "
+        f"pass overwrite=True to replace it"
+      )
     if on_disk:
       self._remove_split(meta)
     return meta
@@ -198,7 +248,9 @@ class CodeDatasetWriter:
     if (self._dir / "dataset_info.json").exists():
       info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
       info.read_from_directory(self.out_dir)
-      info.set_splits(tfds.core.SplitDict([s for name, s in info.splits.items() if name != self.split]))
+      info.set_splits(
+        tfds.core.SplitDict([s for name, s in info.splits.items() if name != self.split])
+      )
       info.write_to_directory(self.out_dir)
     prefix = f"{_NAME}-{self.split}."
     for f in self._dir.iterdir():
@@ -209,14 +261,22 @@ class CodeDatasetWriter:
     """Appends a batch: codes [B, n_aug, h, w] (or [B, h, w] when n_aug = 1), labels [B]. Checked first."""
     if self._done:
       raise ValueError(f"split '{self.split}' of {self.out_dir} is already finalized")
-    codes, labels = as_examples(codes, labels, vocab_size=self.vocab_size, num_classes=self.num_classes,
-                                 where=lambda i: f"at example {self.num_examples + i}")
+    codes, labels = as_examples(
+      codes,
+      labels,
+      vocab_size=self.vocab_size,
+      num_classes=self.num_classes,
+      where=lambda i: f"at example {self.num_examples + i}",
+    )
     if codes.shape[1:] != (self.n_aug, *self.grid):
-      raise ValueError(f"codes batch is [B, n_aug, h, w] = {codes.shape}, the writer expects "
-                       f"[B, {self.n_aug}, {self.grid[0]}, {self.grid[1]}]")
+      raise ValueError(
+        f"codes batch is [B, n_aug, h, w] = {codes.shape}, the writer expects "
+        f"[B, {self.n_aug}, {self.grid[0]}, {self.grid[1]}]"
+      )
     codes = codes.astype(_code_dtype(self.vocab_size))
     self._writer.add_examples(
-        {self.split: [{"codes": c, "label": np.int32(l)} for c, l in zip(codes, labels)]})
+      {self.split: [{"codes": c, "label": np.int32(l)} for c, l in zip(codes, labels)]}
+    )
     self.num_examples += len(labels)
     self.max_code = max(self.max_code, int(codes.max()))
     self.max_label = max(self.max_label, int(labels.max()))
@@ -226,10 +286,15 @@ class CodeDatasetWriter:
       raise ValueError(f"split '{self.split}' of {self.out_dir} is already finalized")
     if self.num_examples == 0:
       self.abort()
-      raise ValueError(f"no examples were added to split '{self.split}' of {self.out_dir}; expected N > 0")
+      raise ValueError(
+        f"no examples were added to split '{self.split}' of {self.out_dir}; expected N > 0"
+      )
     self._writer.close_splits([self.split])
     self._meta["splits"][self.split] = {
-        "num_examples": self.num_examples, "max_code": self.max_code, "max_label": self.max_label}
+      "num_examples": self.num_examples,
+      "max_code": self.max_code,
+      "max_label": self.max_label,
+    }
     _write_meta(self.out_dir, self._meta)
     self._done = True
     return load_metadata(self.out_dir, self.split)
@@ -258,17 +323,32 @@ class CodeDatasetWriter:
       self.finalize()
 
 
-def write_code_dataset(out_dir: str, codes, labels, *, vocab_size: int, num_classes: int,
-                       split: str = "train", overwrite: bool = False) -> CodeDatasetMetadata:
+def write_code_dataset(
+  out_dir: str,
+  codes,
+  labels,
+  *,
+  vocab_size: int,
+  num_classes: int,
+  split: str = "train",
+  overwrite: bool = False,
+) -> CodeDatasetMetadata:
   """Writes codes [N, n_aug, h, w] (or [N, h, w]) and labels [N] as `split` of the data set at out_dir."""
   vocab_size = validate.positive_int(vocab_size, "vocab_size")
   num_classes = validate.positive_int(num_classes, "num_classes")
   codes, labels = as_examples(codes, labels, vocab_size=vocab_size, num_classes=num_classes)
-  with CodeDatasetWriter(out_dir, codes.shape[2:], codes.shape[1], vocab_size, num_classes,
-                         split=split, overwrite=overwrite) as writer:
+  with CodeDatasetWriter(
+    out_dir,
+    codes.shape[2:],
+    codes.shape[1],
+    vocab_size,
+    num_classes,
+    split=split,
+    overwrite=overwrite,
+  ) as writer:
     chunk = max(1, (16 << 20) // codes[0].nbytes)  # Bounds the memory of the serialised examples.
     for i in range(0, len(labels), chunk):
-      writer.add(codes[i:i + chunk], labels[i:i + chunk])
+      writer.add(codes[i : i + chunk], labels[i : i + chunk])
   return load_metadata(out_dir, split)
 
 
@@ -292,16 +372,25 @@ def load_metadata(path: str, split: str = "train") -> CodeDatasetMetadata:
   if meta is None:
     raise ValueError(f"{path} is not a code data set: {_META_FILE} is missing")
   if meta.get("format") != _FORMAT:
-    raise ValueError(f"code data set {path} has format {meta.get('format')}, this code reads {_FORMAT}")
+    raise ValueError(
+      f"code data set {path} has format {meta.get('format')}, this code reads {_FORMAT}"
+    )
   s = meta["splits"].get(split)
   if s is None:
-    raise ValueError(f"code data set {path} has no finished split '{split}' (has: {sorted(meta['splits'])})")
+    raise ValueError(
+      f"code data set {path} has no finished split '{split}' (has: {sorted(meta['splits'])})"
+    )
   if s["num_examples"] <= 0:
     raise ValueError(f"split '{split}' of code data set {path} has 0 examples")
   return CodeDatasetMetadata(
-      num_examples=s["num_examples"], grid=tuple(meta["grid"]), n_aug=meta["n_aug"],
-      vocab_size=meta["vocab_size"], num_classes=meta["num_classes"], max_code=s["max_code"],
-      max_label=s["max_label"])
+    num_examples=s["num_examples"],
+    grid=tuple(meta["grid"]),
+    n_aug=meta["n_aug"],
+    vocab_size=meta["vocab_size"],
+    num_classes=meta["num_classes"],
+    max_code=s["max_code"],
+    max_label=s["max_label"],
+  )
 
 
 def finished_splits(path: str) -> list[str]:
@@ -314,15 +403,20 @@ def _open_split(path: str, split: str):
   meta = load_metadata(path, split)
   source = tfds.builder_from_directory(path).as_data_source(split)
   if len(source) != meta.num_examples:
-    raise ValueError(f"split '{split}' of {path} holds {len(source)} records, {_META_FILE} says "
-                     f"{meta.num_examples}")
+    raise ValueError(
+      f"split '{split}' of {path} holds {len(source)} records, {_META_FILE} says "
+      f"{meta.num_examples}"
+    )
   return meta, source
 
 
 def _read(source, ids: np.ndarray):
   """(codes [B, n_aug, h, w], labels [B]) of the examples `ids`, read in one batched call."""
   records = source.__getitems__([int(i) for i in ids])
-  return (np.stack([r["codes"] for r in records]), np.array([r["label"] for r in records], np.int32))
+  return (
+    np.stack([r["codes"] for r in records]),
+    np.array([r["label"] for r in records], np.int32),
+  )
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -345,12 +439,14 @@ def augmentation_index(seed: int, epoch: int, example_ids, n_aug: int) -> np.nda
 class _TrainBatch:
   """Global batch of example ids at step s -> this process's slice, read, one augmentation each."""
 
-  def __init__(self, source, seed: int, n_aug: int, steps_per_epoch: int, process_index: int, local: int):
+  def __init__(
+    self, source, seed: int, n_aug: int, steps_per_epoch: int, process_index: int, local: int
+  ):
     self.source, self.seed, self.n_aug = source, seed, n_aug
     self.steps_per_epoch, self.process_index, self.local = steps_per_epoch, process_index, local
 
   def __call__(self, step: int, ids: np.ndarray) -> dict[str, np.ndarray]:
-    ids = ids[self.process_index * self.local:(self.process_index + 1) * self.local]
+    ids = ids[self.process_index * self.local : (self.process_index + 1) * self.local]
     aug = augmentation_index(self.seed, step // self.steps_per_epoch, ids, self.n_aug)
     codes, labels = _read(self.source, ids)
     return {"codes": codes[np.arange(len(ids)), aug].astype(np.int32), "labels": labels}
@@ -366,10 +462,13 @@ def _local_batch(batch_size: int, process_index: int, process_count: int, what: 
   return batch_size // process_count
 
 
-def _to_iterator(ds: grain.MapDataset, worker_count: int, read_threads: int) -> grain.DatasetIterator:
+def _to_iterator(
+  ds: grain.MapDataset, worker_count: int, read_threads: int
+) -> grain.DatasetIterator:
   # Elements are whole batches, so a few threads (or worker processes) keep a few batches ahead.
   it_ds = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
+  )
   if worker_count > 0:
     # grain 0.2's worker start reads its absl flags and fails unless they were parsed: mark them parsed
     # (defaults) when no absl.app did it, as in tests and notebooks. Parsing argv later still works.
@@ -379,9 +478,17 @@ def _to_iterator(ds: grain.MapDataset, worker_count: int, read_threads: int) -> 
   return iter(it_ds)
 
 
-def make_train_iterator(path: str, *, global_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, split: str = "train", worker_count: int = 0,
-                        read_threads: int = 4) -> grain.DatasetIterator:
+def make_train_iterator(
+  path: str,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  split: str = "train",
+  worker_count: int = 0,
+  read_threads: int = 4,
+) -> grain.DatasetIterator:
   """Infinite iterator of {"codes": int32 [local, h, w], "labels": int32 [local]}, local = global / processes.
 
   Step s draws the global batch s of a seeded order: epoch e = s // steps_per_epoch is a fresh shuffle of
@@ -393,14 +500,18 @@ def make_train_iterator(path: str, *, global_batch_size: int, seed: int, process
   local = _local_batch(global_batch_size, process_index, process_count, "global_batch_size")
   steps = steps_per_epoch(meta.num_examples, global_batch_size)
   if steps == 0:
-    raise ValueError(f"global_batch_size {global_batch_size} is larger than split '{split}' of {path} "
-                     f"({meta.num_examples} examples); expected at most one epoch per batch")
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is larger than split '{split}' of {path} "
+      f"({meta.num_examples} examples); expected at most one epoch per batch"
+    )
   # grain's shuffle reseeds with seed + epoch; scrambling the seed first keeps runs with neighbouring seeds
   # from sharing epochs. Slicing after the shuffle and repeating after the slice passes the epoch on (grain
   # maps index i of epoch e to parent index i + e * len), so each epoch is a new permutation cut to full
   # batches.
   shuffle_seed = int(_mix64(np.array([seed & (2**64 - 1)], np.uint64))[0] % np.uint64(2**32))
-  order = grain.MapDataset.range(meta.num_examples).shuffle(seed=shuffle_seed)[:steps * global_batch_size]
+  order = grain.MapDataset.range(meta.num_examples).shuffle(seed=shuffle_seed)[
+    : steps * global_batch_size
+  ]
   batches = order.repeat().batch(global_batch_size, drop_remainder=True)
   ds = batches.map_with_index(_TrainBatch(source, seed, meta.n_aug, steps, process_index, local))
   return _to_iterator(ds, worker_count, read_threads)
@@ -409,7 +520,9 @@ def make_train_iterator(path: str, *, global_batch_size: int, seed: int, process
 class _EvalBatch:
   """Batch b -> this process's rows of examples [b * batch, (b + 1) * batch), augmentation 0, padded."""
 
-  def __init__(self, source, num_examples: int, grid, batch_size: int, process_index: int, local: int):
+  def __init__(
+    self, source, num_examples: int, grid, batch_size: int, process_index: int, local: int
+  ):
     self.source, self.num_examples, self.grid = source, num_examples, grid
     self.batch_size, self.process_index, self.local = batch_size, process_index, local
 
@@ -424,8 +537,15 @@ class _EvalBatch:
     return {"codes": codes, "labels": labels, "mask": mask}
 
 
-def make_eval_iterator(path: str, *, batch_size: int, split: str, process_index: int = 0,
-                       process_count: int = 1, read_threads: int = 4) -> grain.DatasetIterator:
+def make_eval_iterator(
+  path: str,
+  *,
+  batch_size: int,
+  split: str,
+  process_index: int = 0,
+  process_count: int = 1,
+  read_threads: int = 4,
+) -> grain.DatasetIterator:
   """One ordered pass over a split: {"codes" [local, h, w], "labels" [local], "mask" bool [local]}.
 
   Augmentation 0 (LlamaGen's first crop, unflipped). The last batch is padded with zeros and mask False;
@@ -435,7 +555,8 @@ def make_eval_iterator(path: str, *, batch_size: int, split: str, process_index:
   local = _local_batch(batch_size, process_index, process_count, "batch_size")
   num_batches = -(-meta.num_examples // batch_size)
   ds = grain.MapDataset.range(num_batches).map(
-      _EvalBatch(source, meta.num_examples, meta.grid, batch_size, process_index, local))
+    _EvalBatch(source, meta.num_examples, meta.grid, batch_size, process_index, local)
+  )
   return _to_iterator(ds, 0, read_threads)
 
 
@@ -456,7 +577,9 @@ def restore_iterator(it: grain.DatasetIterator, state: dict[str, Any]) -> grain.
   """Moves `it` (fresh or used, built with the same arguments) to `state`; returns it for chaining."""
   # Worker iterators apply a state lazily, in the workers: check its shape here for a readable error.
   if set(state) != set(it.get_state()):
-    raise ValueError(f"iterator state with keys {sorted(state)} does not fit this iterator (keys "
-                     f"{sorted(it.get_state())}); was it saved with another worker_count?")
+    raise ValueError(
+      f"iterator state with keys {sorted(state)} does not fit this iterator (keys "
+      f"{sorted(it.get_state())}); was it saved with another worker_count?"
+    )
   it.set_state(state)
   return it

@@ -1,6 +1,6 @@
 """Images: the sources a VQ is trained on and codes are extracted from, and the release's preprocessing.
 
-Sources (`open_images`): "digits" (npp_jax.digits), a TFDS name prepared under a data_dir (e.g. imagenet2012,
+Sources (`open_images`): "digits" (npp_jax.data.digits), a TFDS name prepared under a data_dir (e.g. imagenet2012,
 which needs its manual download), a prepared TFDS directory, or an image folder root/<split>/<class>/*.png|jpg
 read through TFDS's ImageFolder. Pixels are decoded with PIL and cropped as the PyTorch release does (ADM's
 centre crop, torchvision's TenCrop), so codes match the release's.
@@ -8,13 +8,14 @@ centre crop, torchvision's TenCrop), so codes match the release's.
 Host work runs on grain's threads (`parallel_map`, and the jobs' grain pipelines in train_vq.py and
 extract.py): no thread of our own.
 """
+
 import io
 import os
 from typing import Any, Callable, Iterator, Sequence
 
+from etils import epath
 import grain
 import numpy as np
-from etils import epath
 from PIL import Image
 
 from npp_jax import validate
@@ -37,14 +38,16 @@ def to_rgb(image) -> np.ndarray:
   if x.ndim == 2:
     x = x[..., None]
   if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"image of shape {x.shape}; expected [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]")
+    raise ValueError(
+      f"image of shape {x.shape}; expected [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]"
+    )
   if x.shape[-1] == 1:
     return np.repeat(x, 3, axis=-1)
   return x[..., :3]
 
 
 def float_to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] images (npp_jax.digits) -> the uint8 pixels they were made from."""
+  """[-1, 1] images (npp_jax.data.digits) -> the uint8 pixels they were made from."""
   return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -58,7 +61,7 @@ def center_crop_arr(image: np.ndarray, size: int) -> np.ndarray:
   im = im.resize(tuple(round(s * scale) for s in im.size), resample=Image.BICUBIC)
   arr = np.asarray(im)
   top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-  return arr[top:top + size, left:left + size]
+  return arr[top : top + size, left : left + size]
 
 
 def crop_size(image_size: int, crop_range: float) -> int:
@@ -78,7 +81,7 @@ def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
   views = []
   for im in (image, image[:, ::-1]):
     for top, left in five_crop_boxes(im.shape[0], im.shape[1], size):
-      views.append(im[top:top + size, left:left + size])
+      views.append(im[top : top + size, left : left + size])
   return np.stack(views)
 
 
@@ -104,7 +107,9 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence, threads: int) -> lis
   if not len(items):
     return []
   ds = grain.MapDataset.source(list(items)).map(fn)
-  return list(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)))
+  return list(
+    ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,6 +122,7 @@ class ImageSource:
   Images come back undecoded where the source allows it (bytes; `to_rgb` decodes), so skipping costs no
   decoding. `random_access` sources also have `get(indices)`.
   """
+
   name: str
   num_examples: int
   num_classes: int
@@ -134,12 +140,13 @@ class ImageSource:
     while True:
       order = rng.permutation(self.num_examples)
       for start in range(0, len(order), 256):
-        images, labels = self.get(order[start:start + 256])
+        images, labels = self.get(order[start : start + 256])
         yield from zip(images, labels)
 
 
 class ArraySource(ImageSource):
   """Images in memory: uint8 [N, H, W, 3] and int labels [N]."""
+
   random_access = True
 
   def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, num_classes: int):
@@ -167,8 +174,9 @@ class TfdsSource(ImageSource):
     self.num_classes = int(builder.info.features[label_key].num_classes)
     self._decoders = {image_key: tfds.decode.SkipDecoding()}
     self._folder = isinstance(builder, tfds.folder_dataset.ImageFolder)
-    self.random_access = (not self._folder
-                          and str(builder.info.file_format).lower().endswith("array_record"))
+    self.random_access = not self._folder and str(builder.info.file_format).lower().endswith(
+      "array_record"
+    )
     self._source = None
     self._iter, self._pos = None, 0  # ImageFolder's forward pass.
 
@@ -176,12 +184,15 @@ class TfdsSource(ImageSource):
     import tensorflow_datasets as tfds
 
     read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle else None
-    return self.builder.as_dataset(split=split, shuffle_files=shuffle, decoders=self._decoders,
-                                   read_config=read_config)
+    return self.builder.as_dataset(
+      split=split, shuffle_files=shuffle, decoders=self._decoders, read_config=read_config
+    )
 
   def _unpack(self, records) -> tuple[list, np.ndarray]:
-    return ([r[self.image_key] for r in records],
-            np.array([r[self.label_key] for r in records], np.int32).reshape(-1))
+    return (
+      [r[self.image_key] for r in records],
+      np.array([r[self.label_key] for r in records], np.int32).reshape(-1),
+    )
 
   def get(self, indices):
     if not self.random_access:
@@ -219,13 +230,15 @@ class TfdsSource(ImageSource):
       yield r[self.image_key], int(r[self.label_key])
 
 
-def open_images(dataset: str, split: str, data_dir: str = "", field: str = "dataset") -> ImageSource:
+def open_images(
+  dataset: str, split: str, data_dir: str = "", field: str = "dataset"
+) -> ImageSource:
   """The split `split` of `dataset` ("digits", a TFDS name, a prepared TFDS directory or an image folder).
 
   `field` names the config field in error messages. Nothing is downloaded: TFDS data sets must be
   prepared beforehand.
   """
-  from npp_jax import digits
+  from npp_jax.data import digits
 
   split = validate.split_name(split, field.rsplit(".", 1)[0] + ".split")
   if not isinstance(dataset, str) or not dataset:
@@ -242,10 +255,15 @@ def open_images(dataset: str, split: str, data_dir: str = "", field: str = "data
     raise ValueError(f"{dataset} has no split {split!r}; expected one of {splits}")
   image_key, label_key = tuple(builder.info.supervised_keys or ("image", "label"))[:2]
   features = builder.info.features
-  if image_key not in features or label_key not in features or not hasattr(features[label_key],
-                                                                             "num_classes"):
-    raise ValueError(f"{dataset} has features {sorted(features)}; expected an image feature and a class "
-                     f"label ({image_key!r}, {label_key!r})")
+  if (
+    image_key not in features
+    or label_key not in features
+    or not hasattr(features[label_key], "num_classes")
+  ):
+    raise ValueError(
+      f"{dataset} has features {sorted(features)}; expected an image feature and a class "
+      f"label ({image_key!r}, {label_key!r})"
+    )
   source = TfdsSource(dataset, builder, split, image_key, label_key)
   if not source.random_access:
     _need_tensorflow(field, dataset, "a TFRecord TFDS data set")
@@ -262,21 +280,29 @@ def _tfds_builder(dataset: str, data_dir: str, field: str):
     _need_tensorflow(field, dataset, "an image folder")
     builder = tfds.folder_dataset.ImageFolder(str(path))
     if not builder.info.splits:
-      raise ValueError(f"{field}={dataset!r} is a folder without <split>/<class>/ image subfolders; "
-                       "expected root/<split>/<class>/*.png|jpg or a prepared TFDS directory")
+      raise ValueError(
+        f"{field}={dataset!r} is a folder without <split>/<class>/ image subfolders; "
+        "expected root/<split>/<class>/*.png|jpg or a prepared TFDS directory"
+      )
     return builder
   if "/" in dataset or dataset.startswith((".", "~")):  # A path (local or gs://) that is not there.
-    raise ValueError(f"{field}={dataset!r} does not exist; expected an image folder, a prepared TFDS "
-                     "directory, a TFDS name or 'digits'")
+    raise ValueError(
+      f"{field}={dataset!r} does not exist; expected an image folder, a prepared TFDS "
+      "directory, a TFDS name or 'digits'"
+    )
   try:
     builder = tfds.builder(dataset, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(f"{field}={dataset!r} is not a TFDS data set, an existing folder or 'digits'; "
-                     "expected one of those") from None
+    raise ValueError(
+      f"{field}={dataset!r} is not a TFDS data set, an existing folder or 'digits'; "
+      "expected one of those"
+    ) from None
   if not builder.is_prepared():
     where = data_dir or "(TFDS default)"
-    raise ValueError(f"TFDS data set {dataset!r} is not prepared under data_dir={where!r}; expected it "
-                     "built beforehand (`tfds build`; imagenet2012 needs --manual_dir)")
+    raise ValueError(
+      f"TFDS data set {dataset!r} is not prepared under data_dir={where!r}; expected it "
+      "built beforehand (`tfds build`; imagenet2012 needs --manual_dir)"
+    )
   return builder
 
 
@@ -285,6 +311,8 @@ def _need_tensorflow(field: str, dataset: str, what: str) -> None:
   try:
     import tensorflow  # noqa: F401
   except ImportError:
-    raise ValueError(f"{field}={dataset!r} is {what}, which TFDS reads through TensorFlow; expected "
-                     "TensorFlow installed (pip install tensorflow-cpu), or the data set prepared as "
-                     "array_record (tfds build --file_format=array_record)") from None
+    raise ValueError(
+      f"{field}={dataset!r} is {what}, which TFDS reads through TensorFlow; expected "
+      "TensorFlow installed (pip install tensorflow-cpu), or the data set prepared as "
+      "array_record (tfds build --file_format=array_record)"
+    ) from None

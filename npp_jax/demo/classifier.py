@@ -10,10 +10,11 @@ The classifier sees one grey channel: RGB inputs are averaged over channels, so 
 decoded regardless of small colour casts. Pixel values are clipped to [-1, 1] first, as they would be when
 the samples are saved as images.
 """
+
 import os
 import time
-import warnings
 from typing import Any, Mapping
+import warnings
 
 import flax
 import flax.linen as nn
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 import scipy.linalg
 
-from npp_jax import digits
+from npp_jax.data import digits
 
 NUM_CLASSES = digits.NUM_CLASSES
 IMAGE_SIZE = digits.IMAGE_SIZE
@@ -36,8 +37,12 @@ Params = Mapping[str, Any]
 
 class DigitClassifier(nn.Module):
   """Two conv blocks, a dense feature layer, a linear head. [N, 32, 32, 1] -> (logits, features)."""
+
   features: int = FEATURES
-  widths: tuple[int, ...] = (16, 32)  # Narrow: trains in seconds on 2 CPU cores, still ~98% on the digits.
+  widths: tuple[int, ...] = (
+    16,
+    32,
+  )  # Narrow: trains in seconds on 2 CPU cores, still ~98% on the digits.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -57,10 +62,16 @@ _MODEL = DigitClassifier()
 def _grey(images: Any, name: str = "images") -> np.ndarray:
   """Checks and converts [N, 32, 32, 3|1] images in [-1, 1] to the classifier's float32 [N, 32, 32, 1]."""
   x = np.asarray(images)
-  if x.ndim != 4 or x.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE) or x.shape[3] not in (1, 3) or not len(x):
+  if (
+    x.ndim != 4
+    or x.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE)
+    or x.shape[3] not in (1, 3)
+    or not len(x)
+  ):
     raise ValueError(
-        f"{name} has shape {x.shape}; expected [N>0, {IMAGE_SIZE}, {IMAGE_SIZE}, 3] or "
-        f"[N>0, {IMAGE_SIZE}, {IMAGE_SIZE}, 1] in [-1, 1]")
+      f"{name} has shape {x.shape}; expected [N>0, {IMAGE_SIZE}, {IMAGE_SIZE}, 3] or "
+      f"[N>0, {IMAGE_SIZE}, {IMAGE_SIZE}, 1] in [-1, 1]"
+    )
   if not np.issubdtype(x.dtype, np.floating):
     raise ValueError(f"{name} has dtype {x.dtype}; expected floating point values in [-1, 1]")
   if not np.all(np.isfinite(x)):
@@ -72,9 +83,13 @@ def _grey(images: Any, name: str = "images") -> np.ndarray:
 def _labels(labels: Any, n: int, name: str = "labels") -> np.ndarray:
   y = np.asarray(labels)
   if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"{name} has shape {y.shape} and dtype {y.dtype}; expected integers of shape ({n},)")
+    raise ValueError(
+      f"{name} has shape {y.shape} and dtype {y.dtype}; expected integers of shape ({n},)"
+    )
   if n and (y.min() < 0 or y.max() >= NUM_CLASSES):
-    raise ValueError(f"{name} range over [{y.min()}, {y.max()}]; expected classes in [0, {NUM_CLASSES})")
+    raise ValueError(
+      f"{name} range over [{y.min()}, {y.max()}]; expected classes in [0, {NUM_CLASSES})"
+    )
   return y.astype(np.int32)
 
 
@@ -93,7 +108,7 @@ def _forward_all(params: Params, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
   """Forward pass in fixed-size chunks (the last one padded) so any N compiles once and fits memory."""
   logits, feats = [], []
   for start in range(0, len(x), _CHUNK):
-    chunk = x[start:start + _CHUNK]
+    chunk = x[start : start + _CHUNK]
     n = len(chunk)
     if n < _CHUNK and len(x) > _CHUNK:
       chunk = np.concatenate([chunk, np.zeros((_CHUNK - n, *chunk.shape[1:]), chunk.dtype)])
@@ -140,9 +155,18 @@ def _random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
   return jax.vmap(crop)(padded, offsets)
 
 
-def train_classifier(images: Any, labels: Any, test_images: Any, test_labels: Any, *, seed: int = 0,
-                     epochs: int = 6, batch_size: int = 32, learning_rate: float = 2e-3,
-                     max_shift: int = 2) -> tuple[Params, float]:
+def train_classifier(
+  images: Any,
+  labels: Any,
+  test_images: Any,
+  test_labels: Any,
+  *,
+  seed: int = 0,
+  epochs: int = 6,
+  batch_size: int = 32,
+  learning_rate: float = 2e-3,
+  max_shift: int = 2,
+) -> tuple[Params, float]:
   """Trains the classifier with Adam on (images, labels); returns (params, accuracy on the test set).
 
   The defaults (6 epochs of batch 32 over the 4500 training digits, random shifts of up to 2 pixels) take
@@ -154,7 +178,11 @@ def train_classifier(images: Any, labels: Any, test_images: Any, test_labels: An
   epochs, batch_size = _positive_int(epochs, "epochs"), _positive_int(batch_size, "batch_size")
   if batch_size > len(x):
     raise ValueError(f"batch_size={batch_size}; expected at most the {len(x)} training images")
-  if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) or not 0 <= max_shift < 8:
+  if (
+    isinstance(max_shift, bool)
+    or not isinstance(max_shift, (int, np.integer))
+    or not 0 <= max_shift < 8
+  ):
     raise ValueError(f"max_shift={max_shift!r}; expected an integer number of pixels in [0, 8)")
   max_shift = int(max_shift)
   if not learning_rate > 0:
@@ -171,9 +199,11 @@ def train_classifier(images: Any, labels: Any, test_images: Any, test_labels: An
   @jax.jit
   def step(params, opt_state, xb, yb, key):
     xb = _random_shift(key, xb, max_shift)
+
     def loss_fn(p):
       logits, _ = _MODEL.apply({"params": p}, xb)
       return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -183,12 +213,13 @@ def train_classifier(images: Any, labels: Any, test_images: Any, test_labels: An
   for _ in range(epochs):
     order = rng.permutation(len(x))
     for i in range(steps_per_epoch):
-      idx = order[i * batch_size:(i + 1) * batch_size]
+      idx = order[i * batch_size : (i + 1) * batch_size]
       key, sub = jax.random.split(key)
       params, opt_state, loss = step(params, opt_state, x[idx], y[idx], sub)
     if not np.isfinite(float(loss)):
       raise FloatingPointError(
-          f"classifier loss became {float(loss)}; lower learning_rate={learning_rate}")
+        f"classifier loss became {float(loss)}; lower learning_rate={learning_rate}"
+      )
   params = jax.device_get(params)
   return params, accuracy(params, x_test, y_test)
 
@@ -208,15 +239,26 @@ def load_classifier(path: str) -> Params:
   with open(path, "rb") as f:
     params = flax.serialization.msgpack_restore(f.read())
   expected = jax.eval_shape(init_params)
-  got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), params)
+  got = jax.tree_util.tree_map(
+    lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), params
+  )
   if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected) or got != expected:
-    raise ValueError(f"{path} holds params that do not fit DigitClassifier(features={FEATURES}); "
-                     "expected a file written by save_classifier for this version (delete it to retrain)")
+    raise ValueError(
+      f"{path} holds params that do not fit DigitClassifier(features={FEATURES}); "
+      "expected a file written by save_classifier for this version (delete it to retrain)"
+    )
   return params
 
 
-def load_or_train_classifier(path: str | None, *, seed: int = 0, epochs: int = 6, batch_size: int = 32,
-                             learning_rate: float = 2e-3, log=print) -> tuple[Params, float]:
+def load_or_train_classifier(
+  path: str | None,
+  *,
+  seed: int = 0,
+  epochs: int = 6,
+  batch_size: int = 32,
+  learning_rate: float = 2e-3,
+  log=print,
+) -> tuple[Params, float]:
   """The demo's scorer: loads it from `path` if there, else trains on the digits and saves it there.
 
   Returns (params, accuracy on the digits test split), the accuracy recomputed after a load.
@@ -228,8 +270,15 @@ def load_or_train_classifier(path: str | None, *, seed: int = 0, epochs: int = 6
     log(f"scorer: loaded {path}, test accuracy {acc:.4f}")
     return params, acc
   t0 = time.perf_counter()
-  params, acc = train_classifier(*digits.load_digits("train"), test_images, test_labels, seed=seed,
-                                 epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
+  params, acc = train_classifier(
+    *digits.load_digits("train"),
+    test_images,
+    test_labels,
+    seed=seed,
+    epochs=epochs,
+    batch_size=batch_size,
+    learning_rate=learning_rate,
+  )
   log(f"scorer: trained in {time.perf_counter() - t0:.1f}s, test accuracy {acc:.4f}")
   if path:
     save_classifier(path, params)
@@ -241,7 +290,8 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
   a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
     raise ValueError(
-        f"feature sets of shapes {a.shape} and {b.shape}; expected [N>=2, F] both with the same F")
+      f"feature sets of shapes {a.shape} and {b.shape}; expected [N>=2, F] both with the same F"
+    )
   if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
     raise ValueError("feature sets hold NaN or inf values; expected finite features")
   mu_a, mu_b = a.mean(0), b.mean(0)
@@ -260,12 +310,16 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
   return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(np.real(covmean)))
 
 
-def score_samples(params: Params, images: Any, labels: Any, reference_images: Any) -> dict[str, float]:
+def score_samples(
+  params: Params, images: Any, labels: Any, reference_images: Any
+) -> dict[str, float]:
   """{"accuracy": fraction of samples classified as their conditioning label, "frechet": Frechet distance
   between the features of the samples and of `reference_images` (the digits test split in the demo)}."""
   x = _grey(images)
   y = _labels(labels, len(x))
   logits, feats = _forward_all(params, x)
   ref_feats = features(params, _grey(reference_images, "reference_images"))
-  return {"accuracy": float(np.mean(logits.argmax(-1) == y)),
-          "frechet": frechet_distance(feats, ref_feats)}
+  return {
+    "accuracy": float(np.mean(logits.argmax(-1) == y)),
+    "frechet": frechet_distance(feats, ref_feats),
+  }

