@@ -3,7 +3,8 @@
 1. `aggregate`: token embeddings of a code grid averaged over k x k blocks -> a k^2 shorter sequence.
 2. `group_targets`: the k^2 ground-truth tokens of every patch, in the same raster order.
 3. `patch_loss`: one output distribution per position scored against all k^2 tokens of the next patch.
-4. `Schedule`: coarse-to-fine stages of decreasing k ending at k = 1, and the learning rate of each stage.
+4. `Schedule`: coarse-to-fine stages of decreasing k ending at k = 1, and the learning rate of each
+   stage (`NPPSettings` is the config's `npp` section that chooses them).
 
 Nothing here knows about the transformer: the model calls `aggregate` on its embeddings, the trainer calls
 `group_targets` and `patch_loss` on its logits and `Schedule` for k and the learning rate at a step.
@@ -16,6 +17,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import optax
+
+from npp_jax import optim
+from npp_jax import rules
 
 PATCH_SIZES = (1, 2, 4, 8)
 
@@ -103,14 +107,56 @@ class Stage:
     return self.end_step - self.start_step
 
 
+@dataclasses.dataclass(frozen=True)
+class NPPSettings:
+  """config.npp: the release's (patch_level L, epoch_rate r) over train.epochs, or explicit stages
+  ((k, epochs), ...) that then define the run's length (NPP.md 5)."""
+
+  patch_level: int = 3
+  epoch_rate: float = 0.5
+  stages: tuple = ()
+
+  def __post_init__(self):
+    rules.check("npp.patch_level", self.patch_level, rules.one_of(1, 2, 3, 4))
+    rules.check("npp.stages", self.stages, _STAGES)
+    if not self.stages:
+      rules.check("npp.epoch_rate", self.epoch_rate, rules.OPEN_FRACTION)
+
+  @classmethod
+  def from_config(cls, config) -> "NPPSettings":
+    n = rules.section(config, "npp", cls)
+    stages = n["stages"]
+    if isinstance(stages, (tuple, list)):
+      stages = tuple(tuple(s) if isinstance(s, (tuple, list)) else s for s in stages)
+    return cls(**{**n, "stages": stages})
+
+  def stages_for(self, epochs: float) -> list[tuple[int, float]]:
+    """(k, epochs) per stage: the explicit stages, else the release's over `epochs`."""
+    if self.stages:
+      return [(int(k), float(e)) for k, e in self.stages]
+    return release_stages(self.patch_level, self.epoch_rate, epochs)
+
+
+_STAGES = (
+  "() or pairs (k, epochs) of a positive integer k and positive epochs",
+  lambda v: (
+    isinstance(v, tuple)
+    and all(
+      isinstance(s, tuple)
+      and len(s) == 2
+      and rules.is_int(s[0])
+      and s[0] >= 1
+      and rules.is_num(s[1])
+      for s in v
+    )
+  ),
+)
+
+
 def release_stages(patch_level: int, epoch_rate: float, epochs: int) -> list[tuple[int, float]]:
   """(k, epochs) per stage as the release computes them: ends at int(E * r^i), i = L-1 .. 0."""
-  if patch_level not in (1, 2, 3, 4):
-    raise ValueError(f"npp.patch_level={patch_level!r}; expected 1, 2, 3 or 4")
-  if not 0.0 < epoch_rate < 1.0:
-    raise ValueError(f"npp.epoch_rate={epoch_rate!r}; expected a number in (0, 1)")
-  if epochs <= 0:
-    raise ValueError(f"train.epochs={epochs!r}; expected a positive number")
+  NPPSettings(patch_level, epoch_rate)  # The config's rules for both.
+  rules.check("train.epochs", epochs, rules.POSITIVE)
   ends = [int(epochs * epoch_rate**i) for i in range(patch_level - 1, -1, -1)]
   ks = [2 ** (patch_level - 1 - i) for i in range(patch_level)]  # k^2 = 4^(L-1), ..., 4, 1.
   stages, prev = [], 0
@@ -161,10 +207,7 @@ class Schedule:
   @classmethod
   def from_config(cls, config, steps_per_epoch: int) -> "Schedule":
     """From `config.npp` (+ `config.train.epochs`): explicit stages if given, else the release's."""
-    if config.npp.stages:
-      stages = [(int(k), float(e)) for k, e in config.npp.stages]
-    else:
-      stages = release_stages(config.npp.patch_level, config.npp.epoch_rate, config.train.epochs)
+    stages = NPPSettings.from_config(config).stages_for(config.train.epochs)
     return cls(stages, steps_per_epoch, tuple(config.model.grid))
 
   @property
@@ -193,14 +236,7 @@ class Schedule:
     lr / warmup rather than 0, and the last step of a stage reaches end_lr exactly: no step is spent at
     lr = 0, and each stage's decay ends inside that stage rather than spilling into the next one.
     """
-    if lr <= 0:
-      raise ValueError(f"optim.lr={lr!r}; expected a positive number")
-    if end_lr < 0 or end_lr > lr:
-      raise ValueError(f"optim.end_lr={end_lr!r}; expected a number in [0, optim.lr={lr}]")
-    if not 0.0 <= decay_ratio <= 1.0:
-      raise ValueError(f"optim.decay_ratio={decay_ratio!r}; expected a number in [0, 1]")
-    if warmup_epochs < 0:
-      raise ValueError(f"optim.warmup_epochs={warmup_epochs!r}; expected a number >= 0")
+    optim.check_learning_rate(lr, end_lr, warmup_epochs, decay_ratio)
     pieces, boundaries = [], []
     for stage in self.stages:
       n = stage.num_steps

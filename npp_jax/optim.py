@@ -1,12 +1,17 @@
-"""The optimizer of both trainers (GPT and VQ): AdamW as the release configures it.
+"""The optimizer of both trainers (GPT and VQ): AdamW as the release configures it, and the GPT
+trainer's `optim` section (`OptimSettings`).
 
 Weight decay goes by parameter NAME, not by rank: the release decays the >= 2-D weights of its (unscanned)
 models, i.e. kernels and embeddings, never norm scales or biases. A rank test breaks under
 `model.scan_layers`, where the RMSNorm scales are stacked to [n_layer, D]; the name does not change.
 """
 
+import dataclasses
+
 import jax
 import optax
+
+from npp_jax import rules
 
 # Leaf names that take weight decay: Dense/Conv kernels and embedding tables (token, class, codebook).
 DECAYED = ("kernel", "embedding")
@@ -40,3 +45,59 @@ def adamw(
     optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
     optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+  """config.optim: AdamW, the per-stage learning rate (npp.Schedule.learning_rate) and the EMA."""
+
+  lr: float
+  end_lr: float
+  weight_decay: float  # Only on kernels and embeddings (decay_mask).
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float  # Global-norm clip; 0 turns it off.
+  warmup_epochs: float
+  decay_ratio: float
+  ema_decay: float  # 0 keeps no EMA.
+
+  def __post_init__(self):
+    rules.check_fields(self, "optim", _OPTIM_RULES)
+    check_learning_rate(self.lr, self.end_lr, self.warmup_epochs, self.decay_ratio)
+
+  @classmethod
+  def from_config(cls, config) -> "OptimSettings":
+    return cls(**rules.section(config, "optim", cls))
+
+  def adamw(self, learning_rate) -> optax.GradientTransformation:
+    return adamw(
+      learning_rate,
+      b1=self.b1,
+      b2=self.b2,
+      eps=self.eps,
+      weight_decay=self.weight_decay,
+      grad_clip=self.grad_clip,
+    )
+
+
+_OPTIM_RULES = {
+  "weight_decay": rules.NON_NEGATIVE,
+  "b1": rules.FRACTION,
+  "b2": rules.FRACTION,
+  "eps": rules.POSITIVE,
+  "grad_clip": rules.NON_NEGATIVE,
+  "ema_decay": rules.FRACTION,
+}
+
+
+def check_learning_rate(lr, end_lr, warmup_epochs, decay_ratio) -> None:
+  """The learning-rate knobs of optim (also what npp.Schedule.learning_rate takes directly)."""
+  rules.check("optim.lr", lr, rules.POSITIVE)
+  rules.check(
+    "optim.end_lr",
+    end_lr,
+    (f"a number in [0, optim.lr={lr}]", lambda v: rules.is_num(v) and 0 <= v <= lr),
+  )
+  rules.check("optim.warmup_epochs", warmup_epochs, rules.NON_NEGATIVE)
+  rules.check("optim.decay_ratio", decay_ratio, rules.CLOSED_FRACTION)

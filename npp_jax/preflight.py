@@ -16,19 +16,15 @@ import ml_collections
 
 from npp_jax import rules
 from npp_jax.rules import BOOL
-from npp_jax.rules import CLOSED_FRACTION
 from npp_jax.rules import COUNT
 from npp_jax.rules import FRACTION
 from npp_jax.rules import INT
 from npp_jax.rules import NON_EMPTY
 from npp_jax.rules import NON_NEGATIVE
-from npp_jax.rules import OPEN_FRACTION
 from npp_jax.rules import POSITIVE
 from npp_jax.rules import POSITIVE_INT
-from npp_jax.rules import SIZE
 from npp_jax.rules import TEXT
 from npp_jax.rules import one_of
-from npp_jax.rules import optional
 
 DTYPE_NAMES = rules.DTYPE_NAMES
 _get, _expect, _is_int, _is_num = rules.get, rules.expect, rules.is_int, rules.is_num
@@ -44,28 +40,6 @@ def _expect_all(config, rules: dict[str, tuple[str, Callable[[Any], bool]]]) -> 
 
 # ------------------------------------------------------------------------------------------- sections
 
-MODEL = {
-  "model.name": NON_EMPTY,
-  "model.n_layer": SIZE,
-  "model.n_head": SIZE,
-  "model.dim": SIZE,
-  "model.n_kv_head": optional(POSITIVE_INT),
-  "model.vocab_size": POSITIVE_INT,
-  "model.num_classes": POSITIVE_INT,
-  "model.cls_token_num": POSITIVE_INT,
-  "model.multiple_of": POSITIVE_INT,
-  "model.ffn_dim_multiplier": optional(POSITIVE),
-  "model.norm_eps": POSITIVE,
-  "model.rope_base": POSITIVE,
-  "model.token_dropout": FRACTION,
-  "model.resid_dropout": FRACTION,
-  "model.ffn_dropout": FRACTION,
-  "model.class_dropout": FRACTION,
-  "model.dtype": one_of(*DTYPE_NAMES),
-  "model.param_dtype": one_of(*DTYPE_NAMES),
-  "model.scan_layers": BOOL,
-  "model.remat": one_of("none", "full", "dots"),
-}
 TRAIN = {
   "seed": INT,
   "train.epochs": POSITIVE,
@@ -80,21 +54,6 @@ TRAIN = {
   "train.init_from": TEXT,
   "train.profile": BOOL,
   "train.peak_flops_per_device": NON_NEGATIVE,
-  "npp.patch_level": one_of(1, 2, 3, 4),
-  "optim.lr": POSITIVE,
-  "optim.end_lr": NON_NEGATIVE,
-  "optim.weight_decay": NON_NEGATIVE,
-  "optim.b1": FRACTION,
-  "optim.b2": FRACTION,
-  "optim.eps": POSITIVE,
-  "optim.grad_clip": NON_NEGATIVE,
-  "optim.warmup_epochs": NON_NEGATIVE,
-  "optim.decay_ratio": CLOSED_FRACTION,
-  "optim.ema_decay": FRACTION,
-  "data.path": TEXT,
-  "data.worker_count": COUNT,
-  "data.shuffle_seed": INT,
-  "data.eval_split": TEXT,
   "train.eval_every_steps": COUNT,
   "train.eval_batches": COUNT,
   "train.preemption_sync_every_steps": POSITIVE_INT,
@@ -154,22 +113,15 @@ DEMO = {
 
 
 def check_model(config) -> None:
-  _expect_all(config, MODEL)
-  from npp_jax.models import gpt  # The model's own cross-field rules (sizes, heads, RoPE).
+  from npp_jax.models import gpt
 
-  gpt.GPTConfig.from_config(config.model)
+  gpt.GPTConfig.from_config(_get(config, "model"))
 
 
 def check_mesh(config, num_devices: int) -> tuple[int, ...]:
-  shape = _get(config, "mesh.shape")
-  if not isinstance(shape, (tuple, list)) or len(shape) != 3 or not all(_is_int(s) for s in shape):
-    raise ValueError(
-      f"mesh.shape={shape!r}; expected three integers (data, fsdp, tensor), one of them "
-      "may be -1 for the devices left, e.g. (-1, 1, 1)"
-    )
   from npp_jax import sharding
 
-  return sharding.mesh_shape(shape, num_devices)
+  return sharding.MeshSettings.from_config(config).resolve(num_devices)
 
 
 def check_vq(config) -> None:
@@ -193,9 +145,7 @@ def check_keep(config, field: str, checkpoint_dir: epath.Path | None) -> None:
 
 
 def check_split(config, field: str) -> None:
-  from npp_jax import validate
-
-  validate.split_name(_get(config, field), field)
+  rules.split_name(_get(config, field), field)
 
 
 # ------------------------------------------------------------------------------------------- workdir
@@ -385,14 +335,9 @@ def check(
 
 
 def check_local_dataset(field: str, path) -> None:
-  """Code data sets are array_record files, which array_record's C++ reader and writer open natively: a
-  gs:// (any scheme) path fails there, after the whole extraction or at the first batch."""
-  if "://" in str(path):
-    raise ValueError(
-      f"{field}={str(path)!r} is a {str(path).split('://')[0]}:// path; code data sets "
-      "(array_record) need a local or FUSE-mounted directory (e.g. a bucket mounted with "
-      "gcsfuse)"
-    )
+  from npp_jax.data import code_dataset
+
+  code_dataset.check_local(field, path)
 
 
 def _train(config, work, num_devices, process_count, *, weights: bool = True) -> None:
@@ -412,14 +357,13 @@ def _train(config, work, num_devices, process_count, *, weights: bool = True) ->
     process_count=process_count,
     micro_batches=config.train.grad_accum_steps,
   )
-  if config.data.eval_split:
-    check_split(config, "data.eval_split")
-  if not config.npp.stages:
-    _expect(config, "npp.epoch_rate", OPEN_FRACTION)
-  if config.optim.end_lr > config.optim.lr:
-    raise ValueError(
-      f"optim.end_lr={config.optim.end_lr!r}; expected a number in [0, optim.lr={config.optim.lr}]"
-    )
+  from npp_jax import npp
+  from npp_jax import optim
+  from npp_jax.data import code_dataset
+
+  npp.NPPSettings.from_config(config)
+  optim.OptimSettings.from_config(config)
+  code_dataset.DataSettings.from_config(config)
   if not weights:  # The demo makes its own data set and has no init_from.
     return
   if not config.data.path:

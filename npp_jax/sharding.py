@@ -4,6 +4,7 @@ The mesh has three axes from the config: data (pure data parallel), fsdp (data p
 optimizer state are also split), tensor (model parallel inside a layer). A laptop CPU is a 1x1x1 mesh.
 """
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -14,7 +15,72 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from npp_jax import rules
+
+AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  """config.mesh: the (data, fsdp, tensor) shape, -1 taking the devices left, and the logical-axis
+  rules that map the model's axis names onto the mesh (maxtext style)."""
+
+  shape: tuple
+  axes: tuple = AXES
+  rules: tuple = ()
+
+  def __post_init__(self):
+    rules.check("mesh.shape", self.shape, _SHAPE)
+    rules.check("mesh.axes", tuple(self.axes), rules.one_of(AXES))
+    rules.check("mesh.rules", self.rules, _RULES)
+
+  @classmethod
+  def from_config(cls, config) -> "MeshSettings":
+    m = rules.section(config, "mesh", cls)
+    return cls(shape=_tuple(m["shape"]), axes=_tuple(m["axes"]), rules=_hashable(m["rules"]))
+
+  def resolve(self, num_devices: int) -> tuple[int, ...]:
+    """The shape with -1 resolved; one-line error when it cannot cover num_devices."""
+    return mesh_shape(self.shape, num_devices)
+
+
+def _tuple(v):
+  return tuple(v) if isinstance(v, (tuple, list)) else v
+
+
+def _hashable(axis_rules) -> tuple[tuple[str, Any], ...]:
+  """Logical-axis rules as hashable tuples (ConfigDict turns them into lists)."""
+  if not isinstance(axis_rules, (tuple, list)):
+    return axis_rules
+  return tuple((r[0], _tuple(r[1])) if isinstance(r, (tuple, list)) else r for r in axis_rules)
+
+
+_SHAPE = (
+  "three integers (data, fsdp, tensor), one of them may be -1 for the devices left, "
+  "e.g. (-1, 1, 1)",
+  lambda v: (
+    isinstance(v, tuple)
+    and len(v) == 3
+    and all(rules.is_int(s) and (s >= 1 or s == -1) for s in v)
+    and list(v).count(-1) <= 1
+  ),
+)
+_RULES = (
+  f"pairs (logical axis name, mesh axis, several mesh axes or None) over {list(AXES)}",
+  lambda v: (
+    isinstance(v, tuple)
+    and all(
+      isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and _targets_known(r[1])
+      for r in v
+    )
+  ),
+)
+
+
+def _targets_known(target) -> bool:
+  targets = target if isinstance(target, tuple) else (target,)
+  return all(t is None or t in AXES for t in targets)
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -38,22 +104,23 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
+def _settings(mesh_config) -> MeshSettings:
+  if isinstance(mesh_config, MeshSettings):
+    return mesh_config
+  return MeshSettings.from_config({"mesh": mesh_config})
+
+
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
+  """The mesh of config.mesh (or MeshSettings) over `devices` (default: all)."""
   devices = list(devices if devices is not None else jax.devices())
-  axes = tuple(mesh_config.axes)
-  if axes != ("data", "fsdp", "tensor"):
-    raise ValueError(f"mesh.axes={axes}; expected ('data', 'fsdp', 'tensor')")
-  shape = mesh_shape(mesh_config.shape, len(devices))
+  shape = _settings(mesh_config).resolve(len(devices))
   # Auto axes: XLA propagates shardings from the annotated parameters and inputs.
-  return jax.make_mesh(shape, axes, (AxisType.Auto,) * len(axes), devices=devices)
+  return jax.make_mesh(shape, AXES, (AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def rules(mesh_config) -> tuple[tuple[str, Any], ...]:
-  """Logical-axis rules from the config as hashable tuples (ConfigDict turns them into lists)."""
-  out = []
-  for name, target in mesh_config.rules:
-    out.append((name, tuple(target) if isinstance(target, (list, tuple)) else target))
-  return tuple(out)
+def axis_rules(mesh_config) -> tuple[tuple[str, Any], ...]:
+  """Logical-axis rules of config.mesh (or MeshSettings) as hashable tuples."""
+  return _settings(mesh_config).rules
 
 
 def data_parallel_size(mesh: Mesh | Any, num_devices: int | None = None) -> int:

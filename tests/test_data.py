@@ -338,9 +338,9 @@ def test_bad_input_writes_nothing(tmp_path, change, message):
 def test_bad_sizes_write_nothing(tmp_path):
   codes, labels = _good(np.random.default_rng(4))
   path = str(tmp_path / "ds")
-  with pytest.raises(ValueError, match="vocab_size must be a positive integer, got 0"):
+  with pytest.raises(ValueError, match="vocab_size=0; expected a positive integer"):
     code_dataset.write_code_dataset(path, codes, labels, vocab_size=0, num_classes=5)
-  with pytest.raises(ValueError, match="split must be a name"):
+  with pytest.raises(ValueError, match=r"split='train\[:5\]'; expected a plain split name"):
     code_dataset.write_code_dataset(
       path, codes, labels, vocab_size=VOCAB, num_classes=5, split="train[:5]"
     )

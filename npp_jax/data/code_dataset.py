@@ -18,6 +18,8 @@ state (JSON; {"next_index": steps consumed} without worker processes) restores i
 `make_eval_iterator` is one ordered pass.
 """
 
+from __future__ import annotations  # Annotations name grain and tfds types without loading them.
+
 import dataclasses
 import json
 import os
@@ -25,12 +27,15 @@ from typing import Any, Optional, Sequence
 
 from absl import flags
 from etils import epath
-import grain
+from etils import epy
 import numpy as np
-import tensorflow_datasets as tfds
 
 from npp_jax import files
-from npp_jax import validate
+from npp_jax import rules
+
+with epy.lazy_imports():  # Loaded at first use: a settings check fails in a second without them.
+  import grain
+  import tensorflow_datasets as tfds
 
 _NAME = "npp_codes"  # TFDS data set name: the prefix of every shard file.
 _VERSION = "1.0.0"
@@ -50,6 +55,44 @@ class CodeDatasetMetadata:
   num_classes: int
   max_code: int
   max_label: int
+
+
+def check_local(field: str, path) -> None:
+  """Code data sets are array_record files, which array_record's C++ reader and writer open
+  natively: a gs:// (any scheme) path fails there, after the whole extraction or at the first
+  batch."""
+  if "://" in str(path):
+    raise ValueError(
+      f"{field}={str(path)!r} is a {str(path).split('://')[0]}:// path; code data sets "
+      "(array_record) need a local or FUSE-mounted directory (e.g. a bucket mounted with "
+      "gcsfuse)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """config.data: where the trainer reads its code data set and how."""
+
+  path: str  # "" until set; the trainer requires it (the demo makes its own).
+  worker_count: int
+  shuffle_seed: int
+  eval_split: str  # "": "test" or else "validation", whichever the data set has.
+
+  def __post_init__(self):
+    rules.check_fields(self, "data", _DATA_RULES)
+    check_local("data.path", self.path)
+
+  @classmethod
+  def from_config(cls, config) -> DataSettings:
+    return cls(**rules.section(config, "data", cls))
+
+
+_DATA_RULES = {
+  "path": rules.TEXT,
+  "worker_count": rules.COUNT,
+  "shuffle_seed": rules.INT,
+  "eval_split": ("'' or " + rules.SPLIT[0], lambda v: v == "" or rules.SPLIT[1](v)),
+}
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -176,16 +219,16 @@ class CodeDatasetWriter:
     )  # A str for TFDS; epath.Path(self.out_dir) for our own file work.
     self._dir = epath.Path(self.out_dir)
     self.grid = check_grid(grid)
-    self.n_aug = validate.positive_int(n_aug, "n_aug")
-    self.vocab_size = validate.positive_int(vocab_size, "vocab_size")
-    self.num_classes = validate.positive_int(num_classes, "num_classes")
-    self.split = validate.split_name(split)
+    self.n_aug = rules.positive_int(n_aug, "n_aug")
+    self.vocab_size = rules.positive_int(vocab_size, "vocab_size")
+    self.num_classes = rules.positive_int(num_classes, "num_classes")
+    self.split = rules.split_name(split)
     if examples_per_shard is None:
       example_bytes = (
         self.n_aug * self.grid[0] * self.grid[1] * _code_dtype(self.vocab_size).itemsize
       )
       examples_per_shard = max(1, _SHARD_BYTES // example_bytes)
-    examples_per_shard = validate.positive_int(examples_per_shard, "examples_per_shard")
+    examples_per_shard = rules.positive_int(examples_per_shard, "examples_per_shard")
     self._meta = self._open_dataset(overwrite)
     info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
     # overwrite=False: TFDS loads the splits already on disk and appends ours beside them.
@@ -334,8 +377,8 @@ def write_code_dataset(
   overwrite: bool = False,
 ) -> CodeDatasetMetadata:
   """Writes codes [N, n_aug, h, w] (or [N, h, w]) and labels [N] as `split` of the data set at out_dir."""
-  vocab_size = validate.positive_int(vocab_size, "vocab_size")
-  num_classes = validate.positive_int(num_classes, "num_classes")
+  vocab_size = rules.positive_int(vocab_size, "vocab_size")
+  num_classes = rules.positive_int(num_classes, "num_classes")
   codes, labels = as_examples(codes, labels, vocab_size=vocab_size, num_classes=num_classes)
   with CodeDatasetWriter(
     out_dir,
@@ -453,8 +496,8 @@ class _TrainBatch:
 
 
 def _local_batch(batch_size: int, process_index: int, process_count: int, what: str) -> int:
-  validate.positive_int(batch_size, what)
-  validate.positive_int(process_count, "process_count")
+  rules.positive_int(batch_size, what)
+  rules.positive_int(process_count, "process_count")
   if batch_size % process_count:
     raise ValueError(f"{what} {batch_size} is not divisible by process_count {process_count}")
   if not 0 <= process_index < process_count:

@@ -18,7 +18,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from npp_jax import validate
+from npp_jax import rules
 
 AUGS = {"tencrop": 10, "flip": 2, "none": 1}  # Views per image (the code data set's n_aug).
 
@@ -240,7 +240,7 @@ def open_images(
   """
   from npp_jax.data import digits
 
-  split = validate.split_name(split, field.rsplit(".", 1)[0] + ".split")
+  split = rules.split_name(split, field.rsplit(".", 1)[0] + ".split")
   if not isinstance(dataset, str) or not dataset:
     raise ValueError(f"{field}={dataset!r}; expected 'digits', a TFDS name or an image folder")
   if dataset == "digits":

@@ -409,7 +409,7 @@ def _open_checkpoints(config, ckpt_dir: epath.Path):
 def _build(config, p: Plan) -> _Run:
   """Mesh, model, optimizer and a fresh state created already sharded (eval_shape, then jit)."""
   mesh = sharding.make_mesh(config.mesh)
-  axis_rules = sharding.rules(config.mesh)
+  axis_rules = sharding.axis_rules(config.mesh)
   model = gpt.GPT(p.cfg)
   tx, lr_fn = make_optimizer(config, p.schedule)
   init_fn, rng = init_state(model, tx, p.cfg, config.seed, config.optim.ema_decay > 0)

@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 
 from npp_jax import npp
+from npp_jax import rules
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = rules.DTYPES
 REMAT_POLICIES = {
   "full": None,  # Save nothing: recompute the whole block in the backward pass.
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -42,6 +43,9 @@ MODEL_SIZES = {
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
+  """config.model with its sizes resolved: every rule is checked on construction, so a model built
+  from Python and one built from a config file (`from_config`) meet the same one-line errors."""
+
   n_layer: int
   n_head: int
   dim: int
@@ -62,6 +66,18 @@ class GPTConfig:
   scan_layers: bool = False
   remat: str = "none"
 
+  def __post_init__(self):
+    rules.check_fields(self, "model", _RULES)
+    for key in ("dtype", "param_dtype"):
+      rules.check(f"model.{key}", rules.dtype_name(getattr(self, key)), rules.DTYPE)
+    if self.dim % self.n_head or (self.dim // self.n_head) % 4:
+      raise ValueError(
+        f"model dim={self.dim} with n_head={self.n_head}; expected dim / n_head divisible by 4 "
+        "(2D RoPE rotates hd/4 pairs by row and hd/4 by column)"
+      )
+    if self.n_head % self.n_kv_head:
+      raise ValueError(f"model.n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
+
   @property
   def head_dim(self) -> int:
     return self.dim // self.n_head
@@ -76,63 +92,60 @@ class GPTConfig:
 
   @classmethod
   def from_config(cls, m: ml_collections.ConfigDict) -> "GPTConfig":
+    """From the model section (config.model): sizes from model.name, or model.n_layer / n_head / dim
+    with model.name='custom'."""
+    config = {"model": m}
+    n_layer, n_head, dim = (rules.expect(config, f"model.{f}", _SIZE) for f in _SIZES)
     if m.name == "custom":
-      if not all(
-        isinstance(x, int) and x >= 1 for x in (m.n_layer, m.n_head, m.dim)
-      ):  # -1 is truthy.
-        raise ValueError(
-          "model.name='custom' needs model.n_layer, model.n_head and model.dim; expected "
-          f"positive integers, got {m.n_layer}, {m.n_head}, {m.dim}"
-        )
-      n_layer, n_head, dim = m.n_layer, m.n_head, m.dim
+      for f, v in zip(_SIZES, (n_layer, n_head, dim)):
+        rules.check(f"model.{f}", v, rules.POSITIVE_INT)
     elif m.name in MODEL_SIZES:
       n_layer, n_head, dim = MODEL_SIZES[m.name]
     else:
       raise ValueError(
         f"unknown model.name={m.name!r}; expected one of {sorted(MODEL_SIZES)} or 'custom'"
       )
-    if dim % n_head or (dim // n_head) % 4:
-      raise ValueError(
-        f"model dim={dim} with n_head={n_head}; expected dim / n_head divisible by 4 "
-        "(2D RoPE rotates hd/4 pairs by row and hd/4 by column)"
-      )
-    n_kv_head = m.n_kv_head or n_head
-    if n_head % n_kv_head:
-      raise ValueError(f"model.n_kv_head={n_kv_head} does not divide n_head={n_head}")
-    for key in ("dtype", "param_dtype"):
-      if m[key] not in DTYPES:
-        raise ValueError(f"model.{key}={m[key]!r}; expected one of {sorted(DTYPES)}")
-    if m.remat not in ("none", *REMAT_POLICIES):
-      raise ValueError(f"model.remat={m.remat!r}; expected 'none', 'full' or 'dots'")
-    grid = tuple(int(g) for g in m.grid)
-    if len(grid) != 2 or min(grid) < 1:
-      raise ValueError(f"model.grid={m.grid!r}; expected two positive integers (rows, cols)")
-    if m.vocab_size < 1 or m.num_classes < 1:
-      raise ValueError(
-        f"model.vocab_size={m.vocab_size}, model.num_classes={m.num_classes}; expected "
-        "positive integers"
-      )
+    rules.expect(config, "model.dtype", rules.DTYPE)
+    rules.expect(config, "model.param_dtype", rules.DTYPE)
+    # One class position in this model; the field is the release's and a text condition's (120).
+    rules.expect(config, "model.cls_token_num", rules.POSITIVE_INT)
+    fields = rules.section(config, "model", cls, n_layer=n_layer, n_head=n_head, dim=dim)
+    grid = fields["grid"]
     return cls(
-      n_layer=n_layer,
-      n_head=n_head,
-      dim=dim,
-      n_kv_head=n_kv_head,
-      vocab_size=m.vocab_size,
-      num_classes=m.num_classes,
-      grid=grid,
-      multiple_of=m.multiple_of,
-      ffn_dim_multiplier=m.ffn_dim_multiplier,
-      norm_eps=m.norm_eps,
-      rope_base=m.rope_base,
-      token_dropout=m.token_dropout,
-      resid_dropout=m.resid_dropout,
-      ffn_dropout=m.ffn_dropout,
-      class_dropout=m.class_dropout,
-      dtype=DTYPES[m.dtype],
-      param_dtype=DTYPES[m.param_dtype],
-      scan_layers=m.scan_layers,
-      remat=m.remat,
+      **fields
+      | {
+        "n_kv_head": n_head if m.n_kv_head is None else m.n_kv_head,
+        "grid": tuple(grid) if isinstance(grid, (tuple, list)) else grid,
+        "dtype": DTYPES[m.dtype],
+        "param_dtype": DTYPES[m.param_dtype],
+      }
     )
+
+
+_SIZES = ("n_layer", "n_head", "dim")
+_SIZE = (
+  "a positive integer (None only with a released model.name)",
+  lambda v: v is None or (rules.is_int(v) and v >= 1),
+)
+_RULES = {
+  "n_layer": rules.POSITIVE_INT,
+  "n_head": rules.POSITIVE_INT,
+  "dim": rules.POSITIVE_INT,
+  "n_kv_head": rules.POSITIVE_INT,
+  "vocab_size": rules.POSITIVE_INT,
+  "num_classes": rules.POSITIVE_INT,
+  "grid": rules.PAIR,
+  "multiple_of": rules.POSITIVE_INT,
+  "ffn_dim_multiplier": rules.optional(rules.POSITIVE),
+  "norm_eps": rules.POSITIVE,
+  "rope_base": rules.POSITIVE,
+  "token_dropout": rules.FRACTION,
+  "resid_dropout": rules.FRACTION,
+  "ffn_dropout": rules.FRACTION,
+  "class_dropout": rules.CLOSED_FRACTION,  # 1 drops every label: an unconditional model.
+  "scan_layers": rules.BOOL,
+  "remat": rules.one_of("none", *REMAT_POLICIES),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------

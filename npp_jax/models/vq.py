@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from npp_jax import rules
 
 # uint8 -> [-1, 1] as the release's ToTensor + Normalize(0.5, 0.5): (p / 255 - 0.5) / 0.5 in fp32. A table
 # gathered on device: XLA turns the division into a multiplication that differs in the last bit.
@@ -61,56 +61,59 @@ class VQConfig:
     """Code grid of an image_size x image_size image."""
     return (self.image_size // self.downsample,) * 2
 
-  @classmethod
-  def from_config(cls, v: ml_collections.ConfigDict) -> "VQConfig":
-    ch_mult = tuple(int(m) for m in v.ch_mult)
-    if not ch_mult or min(ch_mult) < 1:
-      raise ValueError(f"vq.ch_mult={v.ch_mult!r}; expected a non-empty tuple of positive integers")
-    for name in (
-      "codebook_size",
-      "codebook_embed_dim",
-      "z_channels",
-      "ch",
-      "num_res_blocks",
-      "norm_groups",
-      "image_size",
-    ):
-      if not isinstance(v[name], int) or v[name] < 1:
-        raise ValueError(f"vq.{name}={v[name]!r}; expected a positive integer")
-    bad = [v.ch * m for m in ch_mult if (v.ch * m) % v.norm_groups]
+  def __post_init__(self):
+    rules.check_fields(self, "vq", _RULES)
+    for key in ("dtype", "param_dtype"):
+      rules.check(f"vq.{key}", rules.dtype_name(getattr(self, key)), rules.DTYPE)
+    bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
     if bad:
       raise ValueError(
-        f"vq.ch={v.ch} with ch_mult={ch_mult} gives {bad} channels; expected multiples of "
-        f"vq.norm_groups={v.norm_groups}"
+        f"vq.ch={self.ch} with ch_mult={self.ch_mult} gives {bad} channels; expected multiples "
+        f"of vq.norm_groups={self.norm_groups}"
       )
-    if v.image_size % 2 ** (len(ch_mult) - 1):
+    if self.image_size % self.downsample:
       raise ValueError(
-        f"vq.image_size={v.image_size}; expected a multiple of the downsampling factor "
-        f"{2 ** (len(ch_mult) - 1)}"
+        f"vq.image_size={self.image_size}; expected a multiple of the downsampling factor "
+        f"{self.downsample}"
       )
-    if not 0.0 <= v.dropout < 1.0:
-      raise ValueError(f"vq.dropout={v.dropout!r}; expected a number in [0, 1)")
+
+  @classmethod
+  def from_config(cls, v: ml_collections.ConfigDict) -> "VQConfig":
+    """From the tokenizer's section (config.vq)."""
+    config = {"vq": v}
     for key in ("dtype", "param_dtype"):
-      if v[key] not in DTYPES:
-        raise ValueError(f"vq.{key}={v[key]!r}; expected one of {sorted(DTYPES)}")
+      rules.expect(config, f"vq.{key}", rules.DTYPE)
+    fields = rules.section(config, "vq", cls)
+    ch_mult = fields["ch_mult"]
     return cls(
-      codebook_size=v.codebook_size,
-      codebook_embed_dim=v.codebook_embed_dim,
-      z_channels=v.z_channels,
-      ch=v.ch,
-      ch_mult=ch_mult,
-      num_res_blocks=v.num_res_blocks,
-      norm_groups=v.norm_groups,
-      norm_eps=float(v.norm_eps),
-      dropout=float(v.dropout),
-      image_size=v.image_size,
-      dtype=DTYPES[v.dtype],
-      param_dtype=DTYPES[v.param_dtype],
-      commit_beta=float(v.commit_beta),
-      codebook_weight=float(v.codebook_weight),
-      entropy_loss_ratio=float(v.entropy_loss_ratio),
-      entropy_temperature=float(v.entropy_temperature),
+      **fields
+      | {
+        "ch_mult": tuple(ch_mult) if isinstance(ch_mult, (tuple, list)) else ch_mult,
+        "dtype": rules.DTYPES[v.dtype],
+        "param_dtype": rules.DTYPES[v.param_dtype],
+      }
     )
+
+
+_RULES = {
+  "codebook_size": rules.POSITIVE_INT,
+  "codebook_embed_dim": rules.POSITIVE_INT,
+  "z_channels": rules.POSITIVE_INT,
+  "ch": rules.POSITIVE_INT,
+  "ch_mult": (
+    "a non-empty tuple of positive integers",
+    lambda v: isinstance(v, tuple) and len(v) > 0 and all(rules.is_int(m) and m >= 1 for m in v),
+  ),
+  "num_res_blocks": rules.POSITIVE_INT,
+  "norm_groups": rules.POSITIVE_INT,
+  "norm_eps": rules.POSITIVE,
+  "dropout": rules.FRACTION,
+  "image_size": rules.POSITIVE_INT,
+  "commit_beta": rules.NON_NEGATIVE,
+  "codebook_weight": rules.NON_NEGATIVE,
+  "entropy_loss_ratio": rules.NON_NEGATIVE,
+  "entropy_temperature": rules.POSITIVE,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
