@@ -2,7 +2,7 @@
 
     python benchmarks/extract.py [--aug=tencrop|flip|none] [--images=1024] [--batch_size=256]
 
-Runs the real job (npp_jax.extract.extract: host crops on grain's threads overlapping the jitted encoder,
+Runs the real job (npp_jax.jobs.extract.run: host crops on grain's threads overlapping the jitted encoder,
 shard files, the final code data set) on random 32x32 uint8 images held in memory, with the demo's VQ
 (configs/demo.py's vq) at random weights. A first run on one batch compiles the encoder; the
 timed run reuses it, so compile time is excluded. images_per_s counts source images (each encoded as
@@ -54,11 +54,11 @@ def main(_):
     n = FLAGS.batch_size
     warm = images_lib.ArraySource("random", images[:n], labels[:n], config.model.num_classes)
     t0 = time.perf_counter()
-    extract.extract(config, os.path.join(tmp, "warmup"), source=warm)
+    extract.run(config, os.path.join(tmp, "warmup"), source=warm)
     first = time.perf_counter() - t0
     source = images_lib.ArraySource("random", images, labels, config.model.num_classes)
     t0 = time.perf_counter()
-    out = extract.extract(config, os.path.join(tmp, "timed"), source=source)
+    out = extract.run(config, os.path.join(tmp, "timed"), source=source).outputs
     total = time.perf_counter() - t0
   n_aug = images_lib.AUGS[FLAGS.aug]
   result = {

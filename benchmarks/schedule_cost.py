@@ -2,7 +2,7 @@
 
   python benchmarks/schedule_cost.py [--epochs=8 --dim=128 --layers=4 --batch=32 --examples=512]
 
-Both runs go through train.train_and_evaluate on the same synthetic code data set (16x16 grid). Prints one
+Both runs go through the training job (jobs.train.run) on the same synthetic code data set (16x16 grid). Prints one
 JSON line: measured_ratio (NPP training seconds / next-token training seconds, compilation excluded;
 measured_ratio_with_compile includes it) next to token_ratio (0.578 for L=3, r=0.5) and flop_ratio.
 """
@@ -65,7 +65,7 @@ def main():
   ntp_cfg = config(((1, args.epochs),))
   runs = {}
   for name, c in (("npp", npp_cfg), ("ntp", ntp_cfg)):
-    runs[name] = train.train_and_evaluate(c, os.path.join(tmp, name))
+    runs[name] = train.run(c, os.path.join(tmp, name)).outputs
   cfg = gpt.GPTConfig.from_config(npp_cfg.model)
   schedule = npp.Schedule.from_config(npp_cfg, steps_per_epoch=args.examples // args.batch)
   out = {

@@ -1,4 +1,5 @@
-"""Checkpoints: one Checkpointer for every trainer (GPT and VQ), params directories, preemption, shape checks.
+"""Checkpoints: one Checkpointer for every trainer (GPT and VQ), params directories, preemption, shape checks,
+and what a weights path holds (`weights_kind`, from its small files only).
 
 A trainer's checkpoint folder (WORKDIR/checkpoints, WORKDIR/vq_checkpoints) holds one orbax step directory
 per kept step with three items: `state` (the train state), `data` (the input's position, so a resumed run
@@ -10,20 +11,25 @@ makes of a PyTorch release, what train_vq leaves at its end, and what sampling, 
 read. Every weight load of the project goes through this module.
 
 Paths go through etils.epath, so `gs://...` (and any scheme epath knows) works wherever a local path does.
+orbax loads at its first use: a job's check reads a path's kind here without it.
 """
 
+import json
 import signal
 from typing import Any, Sequence
 
 from absl import logging
 from etils import epath
+from etils import epy
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from npp_jax import files
 from npp_jax.models import gpt
 from npp_jax.models import vq
+
+with epy.lazy_imports():
+  import orbax.checkpoint as ocp
 
 # Fields that change the parameter shapes or their meaning; anything else may change between runs.
 ARCH_FIELDS = (
@@ -359,8 +365,106 @@ def load_vq_params(path, vq_config) -> dict:
   return params
 
 
+# ------------------------------------------------------------------------------------------ weights kinds
+
+# What weights_kind says of a path, as the words of an error message ("PATH is a code data set").
+KIND_WORDS = {
+  "missing": "does not exist",
+  "file": "is a file",
+  "text": "is a text file",
+  "torch": "is a PyTorch file (convert it first: python -m npp_jax.convert)",
+  "empty": "is an empty directory",
+  "code_dataset": "is a code data set",
+  "gpt_workdir": "is a GPT training workdir",
+  "gpt_checkpoints": "is a GPT training checkpoints folder",
+  "gpt_params": "is a GPT params directory",
+  "vq_workdir": "is a VQ training workdir",
+  "vq_checkpoints": "is a VQ training checkpoints folder",
+  "vq_params": "is a VQ params directory",
+  "unfinished": "holds no finished checkpoint",
+  "other": "holds no checkpoint npp_jax knows",
+}
+
+
+def steps(folder: epath.Path) -> list[int]:
+  """The step folders of a checkpoints folder (orbax names them by step), sorted."""
+  try:
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+  except OSError:
+    return []
+
+
+def _read_json(path: epath.Path):
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _params_family(folder: epath.Path) -> str | None:
+  """'gpt' / 'vq' from the top-level names of a params directory's orbax tree metadata."""
+  meta = _read_json(folder / "_METADATA")
+  if not isinstance(meta, dict) or not isinstance(meta.get("tree_metadata"), dict):
+    return None
+  names = set()
+  for key in meta["tree_metadata"]:
+    parts = [p.strip(" '\"") for p in key.strip("()").split(",")]
+    if len(parts) > 1 and parts[0] == "params":
+      names.add(parts[1])
+  if names & {"encoder", "decoder", "quantize"}:
+    return "vq"
+  if names & {"tok_embeddings", "cls_embedding", "output"} or any(
+    n.startswith("layers") for n in names
+  ):
+    return "gpt"
+  return None
+
+
+def _checkpoints_family(folder: epath.Path) -> str | None:
+  found = steps(folder)
+  if not found:
+    return None
+  meta = _read_json(folder / str(found[-1]) / "meta" / "metadata") or {}
+  arch = meta.get("architecture", {}) if isinstance(meta, dict) else {}
+  return "vq" if "codebook_size" in arch else "gpt"
+
+
+def _file_kind(p: epath.Path) -> str:
+  with p.open("rb") as f:
+    head = f.read(512)
+  if head.startswith(b"PK") or head.startswith(b"\x80"):  # torch.save's zip, or a legacy pickle.
+    torch_like = p.suffix in (".pt", ".pth", ".bin", ".ckpt") or head.startswith(b"\x80")
+    return "torch" if torch_like else "file"
+  return "text" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "file"
+
+
+def weights_kind(path) -> str:
+  """What a weights path holds, from its small files only: a key of KIND_WORDS."""
+  p = epath.Path(path)
+  if not p.exists():
+    return "missing"
+  if not p.is_dir():
+    return _file_kind(p)
+  names = {c.name for c in p.iterdir()}
+  if not names:
+    return "empty"
+  if "code_dataset.json" in names:
+    return "code_dataset"
+  if "_METADATA" in names or "_CHECKPOINT_METADATA" in names:
+    family = _params_family(p)
+    return f"{family}_params" if family else "other"
+  if "checkpoints" in names:
+    return "gpt_workdir" if steps(p / "checkpoints") else "unfinished"
+  if "vq_checkpoints" in names or "vq" in names:
+    return "vq_workdir"
+  if any(n.isdigit() for n in names):
+    family = _checkpoints_family(p)
+    return f"{family}_checkpoints" if family else "unfinished"
+  return "other"
+
+
 def _is_manager_dir(path: epath.Path) -> bool:
-  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+  return path.is_dir() and bool(steps(path))
 
 
 def load_params(path, *, ema: bool = False) -> dict:

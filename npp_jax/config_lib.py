@@ -193,7 +193,7 @@ def vq_config() -> ml_collections.ConfigDict:
 
 
 def sample_config() -> ml_collections.ConfigDict:
-  """`python -m npp_jax.main --mode=sample`: class-conditional samples (npp_jax.jobs.sample.sample_and_save)."""
+  """`python -m npp_jax.main --mode=sample`: class-conditional samples (npp_jax.jobs.sample)."""
   s = ml_collections.ConfigDict()
   s.checkpoint = (
     ""  # A training workdir, its checkpoints/ folder, or a converted checkpoint (required).

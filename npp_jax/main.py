@@ -1,4 +1,8 @@
-"""python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=train|sample|extract|train_vq|demo|evaluate]"""
+"""python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=MODE]
+
+Flags -> the job of --mode (npp_jax.jobs) -> its check, before anything compiles or is written -> its run;
+exit status 75 when a SIGTERM stopped the job after saving (the same command resumes).
+"""
 
 import os
 import sys
@@ -8,13 +12,12 @@ from absl import flags
 from absl import logging
 
 from npp_jax import cli
+from npp_jax import jobs
 
 FLAGS = flags.FLAGS
 cli.define_config()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs of this run.")
-flags.DEFINE_enum(
-  "mode", "train", ["train", "sample", "extract", "train_vq", "demo", "evaluate"], "The job to run."
-)
+flags.DEFINE_enum("mode", "train", list(jobs.MODES), "The job to run (npp_jax.jobs).")
 flags.DEFINE_enum(
   "distributed",
   "auto",
@@ -42,12 +45,12 @@ def main(argv):
 def _run():
   if (
     FLAGS.mode == "demo"
-  ):  # The demo keeps the console for its progress; it logs INFO to WORKDIR/log.txt.
+  ):  # The demo keeps the console for its progress; INFO goes to WORKDIR/log.txt.
     logging.set_verbosity(logging.WARNING)
   import jax  # After absl parsed the flags: JAX reads its own (e.g. --jax_platforms) at import.
 
   from npp_jax import distributed
-  from npp_jax import preflight
+  from npp_jax import loop
 
   launch = distributed.resolve(
     FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, os.environ
@@ -62,47 +65,11 @@ def _run():
     jax.device_count(),
     jax.devices()[0].device_kind,
   )
-  config, workdir = FLAGS.config, FLAGS.workdir
-  # Every field the mode reads, the workdir and the kind of each weights path: before any compile or write.
-  preflight.check(FLAGS.mode, config, workdir)
-  if FLAGS.mode == "train":
-    from npp_jax import loop
-    from npp_jax.jobs import train
-
-    if train.train_and_evaluate(config, workdir)["stopped_early"]:
-      sys.exit(
-        loop.EXIT_PREEMPTED
-      )  # Saved on SIGTERM; a launcher runs the same command again to resume.
-  elif FLAGS.mode == "sample":
-    from npp_jax.jobs import sample
-
-    if not config.evaluate.reference:
-      sample.sample_and_save(config, workdir)
-    else:  # Score what is sampled; the scoring inputs are checked before the first sample.
-      from npp_jax.jobs import evaluate
-
-      inputs = evaluate.prepare(config, samples=False)
-      evaluate.evaluate(
-        config, workdir, inputs=inputs, samples_path=sample.sample_and_save(config, workdir)
-      )
-  elif FLAGS.mode == "extract":
-    from npp_jax.jobs import extract
-
-    extract.extract(config, workdir)
-  elif FLAGS.mode == "train_vq":
-    from npp_jax import loop
-    from npp_jax.jobs import train_vq
-
-    if train_vq.train_vq(config, workdir) is None:
-      sys.exit(loop.EXIT_PREEMPTED)  # Saved on SIGTERM; the same command resumes.
-  elif FLAGS.mode == "demo":
-    from npp_jax.jobs import demo
-
-    demo.run(config, workdir)
-  elif FLAGS.mode == "evaluate":
-    from npp_jax.jobs import evaluate
-
-    evaluate.evaluate(config, workdir)
+  job = jobs.get(FLAGS.mode)
+  # Every field the job reads, the workdir, the weights and data it names: before any compile or write.
+  job.check(FLAGS.config, FLAGS.workdir, jobs.Topology.current())
+  if job.run(FLAGS.config, FLAGS.workdir).stopped_early:
+    sys.exit(loop.EXIT_PREEMPTED)  # Saved on SIGTERM; a launcher runs the same command to resume.
 
 
 if __name__ == "__main__":

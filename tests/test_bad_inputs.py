@@ -395,8 +395,8 @@ CASES = [
   ),
 ]
 
-# Every other field of every mode, in process (milliseconds each): preflight.check is what main runs first,
-# and the CLI cases above show that its ValueError reaches the user as the `error:` line.
+# Every other field of every mode, in process (milliseconds each): the job's check (npp_jax.jobs) is what
+# main runs first, and the CLI cases above show that its ValueError reaches the user as the `error:` line.
 FIELD_CASES = [
   ("train", {"model.n_layer": 0}, "model.n_layer=0; expected a positive integer"),
   ("train", {"model.n_kv_head": 3}, "model.n_kv_head=3 does not divide n_head=2"),
@@ -468,6 +468,11 @@ FIELD_CASES = [
   ("evaluate", {"evaluate.neighbours": 0}, "evaluate.neighbours=0; expected a positive integer"),
   ("extract", {"extract.aug": "rotate"}, "extract.aug='rotate'; expected one of"),
   ("extract", {"extract.crop_range": 0.5}, "extract.crop_range=0.5; expected a number >= 1"),
+  (
+    "extract",
+    {"extract.crop_range": 3.0},
+    "extract.crop_range=3.0; expected a number >= 1 and at most 2",
+  ),
   ("extract", {"extract.split": "train[:10]"}, "extract.split='train[:10]'"),
   ("extract", {"extract.batch_size": 0}, "extract.batch_size=0; expected a positive integer"),
   ("train_vq", {"vq_train.steps": 0}, "vq_train.steps=0; expected a positive integer"),
@@ -686,7 +691,7 @@ def test_bad_input_is_one_line_and_changes_nothing(shared, tmp_path, case):
 )
 def test_preflight_refuses_each_field(shared, tmp_path, mode, overrides, fragment):
   from npp_jax import config_lib
-  from npp_jax import preflight
+  from npp_jax import jobs
 
   config = config_lib.load(_FIELD_CONFIGS[mode])
   # Healthy inputs everywhere else, so that the field under test is the first thing refused.
@@ -701,7 +706,7 @@ def test_preflight_refuses_each_field(shared, tmp_path, mode, overrides, fragmen
   )
   workdir = tmp_path / "run"
   with pytest.raises(ValueError) as error:
-    preflight.check(mode, config, str(workdir), num_devices=8, process_count=1)
+    jobs.get(mode).check(config, str(workdir), jobs.Topology(num_devices=8, process_count=1))
   assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
   assert not workdir.exists()
 
@@ -806,10 +811,10 @@ def doc() -> str:
     "",
     "## Every other field",
     "",
-    "`npp_jax/preflight.py` checks every config field a mode reads before anything starts; these rows run",
-    "`preflight.check(mode, config, workdir)` on the mode's config (`configs/tiny.py`, or `configs/demo.py:smoke`",
-    "for extract, train_vq and demo) with the one change shown, through the same `error:` line on the command",
-    "line (e.g. `--config.optim.lr=-1.0`).",
+    "Each job (`npp_jax/jobs/`) checks every config field it reads before anything starts, through the",
+    "settings class of each config section; these rows run `jobs.get(mode).check(config, workdir, topology)`",
+    "on the mode's config (`configs/tiny.py`, or `configs/demo.py:smoke` for extract, train_vq and demo) with",
+    "the one change shown, through the same `error:` line on the command line (e.g. `--config.optim.lr=-1.0`).",
     "",
     "| mode | change | message contains |",
     "|---|---|---|",
@@ -826,7 +831,10 @@ def test_doc_is_generated_from_the_cases():
 
 
 def test_enough_cases_across_modes():
+  from npp_jax import jobs
+
   assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+  assert {mode for mode, _, _ in FIELD_CASES} == set(jobs.MODES)  # The registry's every mode.
   assert {c.module for c in CASES} == {"npp_jax.main", "npp_jax.convert", DATA_CLI}
   modes = {
     next((a.split("=")[1] for a in c.argv if a.startswith("--mode=")), "train")

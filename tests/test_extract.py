@@ -31,7 +31,7 @@ def vq_params(tmp_path_factory):
   cfg = vq.VQConfig.from_config(c.vq)
   # train_vq's compiled init (cached per process), so the module compiles the VQ init once.
   init, _ = train_vq._vq_functions(
-    cfg, train_vq.VQHparams.from_config(c.vq_train), sharding.make_mesh(c.mesh)
+    cfg, train_vq.VQHparams.from_config(c), sharding.make_mesh(c.mesh)
   )
   params = jax.device_get(init(jax.random.key(3)).params)
   path = str(tmp_path_factory.mktemp("vq") / "vq")
@@ -61,7 +61,7 @@ def test_extract_digits_flip_gives_the_encoders_codes(tmp_path, vq_params):
   cfg, params, path = vq_params
   workdir = str(tmp_path / "w")
   c = tiny_config(**{"extract.vq_checkpoint": path})
-  out = extract.extract(c, workdir)
+  out = extract.run(c, workdir).outputs
   assert out["num_examples"] == N_TEST and out["shards_encoded"] == 4 and out["images_per_s"] > 0
   meta = code_dataset.load_metadata(os.path.join(workdir, "codes"), "test")
   assert (meta.grid, meta.n_aug, meta.vocab_size, meta.num_classes) == ((16, 16), 2, 64, 10)
@@ -77,7 +77,7 @@ def test_extract_digits_flip_gives_the_encoders_codes(tmp_path, vq_params):
   assert batch["codes"].shape == (50, 16, 16) and batch["labels"].shape == (50,)
   assert not os.path.exists(os.path.join(workdir, "extract_tmp", "test"))  # keep_shards=False.
   # A finished split is left alone.
-  again = extract.extract(c, workdir)
+  again = extract.run(c, workdir).outputs
   assert again["skipped"] and again["shards_encoded"] == 0
 
 
@@ -98,19 +98,19 @@ def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params
 
   monkeypatch.setattr(extract, "encode_views", crash_on_third)
   with pytest.raises(RuntimeError, match="killed"):
-    extract.extract(c, workdir)
+    extract.run(c, workdir)
   tmp = os.path.join(workdir, "extract_tmp", "test")
   assert len(glob.glob(os.path.join(tmp, "shard_*.npz"))) == 2
   assert not os.path.exists(os.path.join(workdir, "codes"))
   monkeypatch.setattr(extract, "encode_views", real)
-  out = extract.extract(c, workdir)
+  out = extract.run(c, workdir).outputs
   assert (out["shards_encoded"], out["shards_reused"]) == (6, 2)  # 500 images in 8 shards of 64.
   first, labels = read_split(os.path.join(workdir, "codes"), "test")
 
   # Lose the data set and one shard: only that shard is encoded again, and the result is the same.
   shutil.rmtree(os.path.join(workdir, "codes"))
   os.remove(sorted(glob.glob(os.path.join(tmp, "shard_*.npz")))[5])
-  out = extract.extract(c, workdir)
+  out = extract.run(c, workdir).outputs
   assert (out["shards_encoded"], out["shards_reused"]) == (1, 7)
   codes, labels2 = read_split(os.path.join(workdir, "codes"), "test")
   np.testing.assert_array_equal(codes, first)
@@ -119,9 +119,7 @@ def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params
   # Shards of other settings are refused instead of mixed in.
   shutil.rmtree(os.path.join(workdir, "codes"))
   with pytest.raises(ValueError, match="other settings"):
-    extract.extract(
-      tiny_config(**{"extract.vq_checkpoint": path, "extract.batch_size": 128}), workdir
-    )
+    extract.run(tiny_config(**{"extract.vq_checkpoint": path, "extract.batch_size": 128}), workdir)
 
 
 def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
@@ -134,8 +132,8 @@ def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
     **{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.output": out_dir}
   )
   with fake_gcs(tmp_path / "gcs"):
-    out = extract.extract(c, "gs://bucket/w")
-    again = extract.extract(c, "gs://bucket/w")
+    out = extract.run(c, "gs://bucket/w").outputs
+    again = extract.run(c, "gs://bucket/w").outputs
   assert out["shards_encoded"] == 4 and again["skipped"]
   assert sorted(os.listdir(tmp_path / "gcs" / "bucket" / "w" / "extract_tmp" / "test")) == [
     "settings.json",
@@ -198,6 +196,8 @@ def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
     ({"extract.dataset": "no_such_dataset_xyz"}, "not a TFDS data set"),
     ({"extract.aug": "fivecrop"}, "extract.aug"),
     ({"extract.aug": "tencrop", "extract.crop_range": 0.9}, "crop_range"),
+    # Once accepted by the command line's check (>= 1) and refused later, after loading: [1, 2].
+    ({"extract.crop_range": 3.0}, "extract.crop_range=3.0; expected a number >= 1 and at most 2"),
     ({"extract.batch_size": 0}, "extract.batch_size"),
     ({"extract.split": "train[:10]"}, "plain split name"),
     ({"model.num_classes": 5}, "at most model.num_classes"),
@@ -205,13 +205,13 @@ def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
   for overrides, match in cases:
     c = tiny_config(**{"extract.vq_checkpoint": path, **overrides})
     with pytest.raises(ValueError, match=match) as e:
-      extract.extract(c, workdir)
+      extract.run(c, workdir)
     assert "\n" not in str(e.value)
     assert not os.path.exists(workdir), overrides
   # A checkpoint of another architecture.
   c = tiny_config(**{"extract.vq_checkpoint": path, "vq.codebook_embed_dim": 4})
   with pytest.raises(ValueError, match="do not fit config.vq"):
-    extract.extract(c, workdir)
+    extract.run(c, workdir)
   assert not os.path.exists(workdir)
 
 
@@ -240,7 +240,7 @@ def test_extract_reads_a_tfds_image_folder(tmp_path, vq_params):
       "extract.batch_size": 5,
     }
   )
-  out = extract.extract(c, workdir)
+  out = extract.run(c, workdir).outputs
   # Batches of 5 on 8 devices: padded to 8 rows on the way in, trimmed on the way out.
   assert out["num_examples"] == 9 and out["n_aug"] == 10 and out["shards_encoded"] == 2
   codes, labels = read_split(os.path.join(workdir, "codes"), "train")

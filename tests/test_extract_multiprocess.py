@@ -72,7 +72,7 @@ def test_two_processes_extract_the_one_process_data_set(tmp_path):
 
   config.update_from_flattened_dict(overrides)
   one = str(tmp_path / "one")
-  out = extract.extract(config, one)  # This process: 8 devices.
+  out = extract.run(config, one).outputs  # This process: 8 devices.
   assert out["num_examples"] == 500 and out["shards_encoded"] == 2
   codes_two, labels_two = read_split(os.path.join(two, "codes"), "test")
   codes_one, labels_one = read_split(os.path.join(one, "codes"), "test")

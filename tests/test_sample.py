@@ -293,7 +293,7 @@ def tiny_params():
 
 def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params):
   config = job_config()
-  merged = sample.sample_and_save(config, str(tmp_path), params=tiny_params)
+  merged = sample.run(config, str(tmp_path), params=tiny_params).outputs["samples"]
   out_dir = tmp_path / "samples"
   shards = sorted(p.name for p in out_dir.glob("shard_*.npz"))
   assert shards == ["shard_00-08.npz", "shard_08-10.npz"]
@@ -310,7 +310,7 @@ def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params)
   os.remove(out_dir / "shard_00-08.npz")
   kept = out_dir / "shard_08-10.npz"
   stamp = kept.stat().st_mtime_ns
-  sample.sample_and_save(config, str(tmp_path), params=tiny_params)
+  sample.run(config, str(tmp_path), params=tiny_params)
   assert kept.stat().st_mtime_ns == stamp  # Finished shards are not redone.
   assert (out_dir / "shard_00-08.npz").exists()
   with np.load(merged) as z:
@@ -341,10 +341,10 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
     True  # A converted checkpoint holds one set of weights: refused, nothing written.
   )
   with pytest.raises(ValueError, match="converted checkpoint"):
-    sample.sample_and_save(config, str(tmp_path / "run"))
+    sample.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   config.sample.use_ema = False
-  merged = sample.sample_and_save(config, str(tmp_path / "run"))
+  merged = sample.run(config, str(tmp_path / "run")).outputs["samples"]
   with np.load(merged) as z:
     images, labels = z["arr_0"], z["labels"]
   assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 3)
@@ -375,7 +375,7 @@ def test_job_bad_inputs_fail_before_compile_or_write(
     sampling, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check")
   )
   with pytest.raises(ValueError, match=match):
-    sample.sample_and_save(job_config(**sample_kw), str(tmp_path), params=tiny_params)
+    sample.run(job_config(**sample_kw), str(tmp_path), params=tiny_params)
   assert not (tmp_path / "samples").exists()
 
 
@@ -385,18 +385,18 @@ def test_job_refuses_a_checkpoint_of_another_size(tmp_path, monkeypatch):
   )
   other = random_params(gpt.GPTConfig.from_config(tiny_model_config(dim=64)))[1]
   with pytest.raises(ValueError, match="does not fit model.name='custom'"):
-    sample.sample_and_save(job_config(), str(tmp_path), params=other)
+    sample.run(job_config(), str(tmp_path), params=other)
   with pytest.raises(ValueError, match="sample.checkpoint is empty"):
-    sample.sample_and_save(job_config(), str(tmp_path))
+    sample.run(job_config(), str(tmp_path))
   with pytest.raises(ValueError, match="does not exist"):
-    sample.sample_and_save(job_config(checkpoint=str(tmp_path / "nothing")), str(tmp_path))
+    sample.run(job_config(checkpoint=str(tmp_path / "nothing")), str(tmp_path))
   assert not (tmp_path / "samples").exists()
 
 
 def test_job_refuses_to_mix_settings_on_resume(tmp_path, tiny_params):
-  sample.sample_and_save(job_config(num_images=8), str(tmp_path), params=tiny_params)
+  sample.run(job_config(num_images=8), str(tmp_path), params=tiny_params)
   with pytest.raises(ValueError, match="seed"):
-    sample.sample_and_save(job_config(num_images=8, seed=1), str(tmp_path), params=tiny_params)
+    sample.run(job_config(num_images=8, seed=1), str(tmp_path), params=tiny_params)
 
 
 # ------------------------------------------------------------------------------------ several processes
@@ -437,7 +437,7 @@ def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
   checkpoints.save_params(
     str(tmp_path / "vq"), vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
   )
-  one = sample.sample_and_save(config, str(tmp_path / "one"))  # This process: 8 devices.
+  one = sample.run(config, str(tmp_path / "one")).outputs["samples"]  # This process: 8 devices.
 
   def two_processes():
     cmd = [

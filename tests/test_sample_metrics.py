@@ -169,8 +169,9 @@ def test_bad_sample_metrics_inputs_fail_before_training(inputs, tmp_path):
   ],
 )
 def test_preflight_checks_the_fields_it_adds(inputs, tmp_path, overrides, fragment):
-  """Each field sampling during training reads, refused by --mode=train's preflight before jax compiles."""
-  from npp_jax import preflight
+  """Each field sampling during training reads, refused by the training job's check before jax compiles."""
+  from npp_jax import jobs
+  from npp_jax.jobs import train
 
   d, fields = inputs
   config = config_lib.load("configs/tiny.py")
@@ -186,5 +187,5 @@ def test_preflight_checks_the_fields_it_adds(inputs, tmp_path, overrides, fragme
     }
   )
   with pytest.raises(ValueError) as error:
-    preflight.check("train", config, str(tmp_path / "run"), num_devices=8, process_count=1)
+    train.check(config, str(tmp_path / "run"), jobs.Topology(num_devices=8, process_count=1))
   assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)

@@ -22,6 +22,7 @@ import pytest
 from npp_jax import checkpoints
 from npp_jax import config_lib
 from npp_jax import costs
+from npp_jax import jobs
 from npp_jax import loop
 from npp_jax.data import code_dataset
 from npp_jax.jobs import train
@@ -57,17 +58,22 @@ def tiny(dataset, **overrides):
   return c
 
 
+def _plan(c):
+  """The trainer's plan of a config (its check, with a workdir that is never made)."""
+  return train.check(c, "/tmp/npp_jax_unused_workdir", jobs.Topology(jax.device_count(), 1))
+
+
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
 def test_tiny_training_learns_and_switches_stages(dataset, tmp_path, mesh_shape):
   c = tiny(dataset, **{"mesh.shape": mesh_shape, "train.epochs": 8})
   workdir = str(tmp_path / "run")
-  p = train.plan(c, jax.device_count())
+  p = _plan(c)
   assert [(s.k, s.start_step, s.end_step) for s in p.schedule.stages] == [
     (4, 0, 8),
     (2, 8, 16),
     (1, 16, 32),
   ]
-  out = train.train_and_evaluate(c, workdir)
+  out = train.run(c, workdir).outputs
   assert out["step"] == 32 and out["k"] == 1
   # A fresh model predicts uniform: log(256) = 5.55. The learnable codes must go well below.
   assert out["loss"] < 4.0, out
@@ -156,19 +162,19 @@ def test_sigterm_before_the_loop_saves_the_first_step(dataset, tmp_path, monkeyp
 
   monkeypatch.setattr(train, "_build", build_then_sigterm)
   workdir = tmp_path / "run"
-  out = train.train_and_evaluate(tiny(dataset), str(workdir))
-  assert out["stopped_early"] and out["step"] == 1
+  result = train.run(tiny(dataset), str(workdir))
+  assert result.stopped_early and result.outputs["step"] == 1
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
 
 
 def _one_step(c, batch, accum):
-  p = train.plan(c, jax.device_count())
-  model = gpt.GPT(p.cfg)
+  p = _plan(c)
+  model = gpt.GPT(p.model)
   _, lr_fn = train.make_optimizer(c, p.schedule)
   # Plain SGD: the new parameters are linear in the gradients (Adam's first step is ~sign(g), which
   # amplifies rounding on near-zero gradients).
   tx = optax.sgd(1.0)
-  init_fn, rng = train.init_state(model, tx, p.cfg, 0, ema=False)
+  init_fn, rng = train.init_state(model, tx, p.model, 0, ema=False)
   state = nn.unbox(init_fn(rng))
   # Give the output layer weights so every parameter gets a gradient.
   state = state.replace(params=jax.tree.map(lambda x: x + 0.01, state.params))
@@ -200,10 +206,10 @@ def test_gradient_accumulation_equals_the_big_batch(dataset):
 def test_ema_matches_numpy(dataset):
   c = tiny(dataset)
   decay = 0.9
-  p = train.plan(c, jax.device_count())
-  model = gpt.GPT(p.cfg)
+  p = _plan(c)
+  model = gpt.GPT(p.model)
   tx, lr_fn = train.make_optimizer(c, p.schedule)
-  init_fn, rng = train.init_state(model, tx, p.cfg, 0, ema=True)
+  init_fn, rng = train.init_state(model, tx, p.model, 0, ema=True)
   state = nn.unbox(init_fn(rng))
   step = jax.jit(
     functools.partial(
@@ -242,6 +248,8 @@ BAD = [
   ({"model.grid": (8, 8)}, "holds 16x16 code grids; expected model.grid=\\(8, 8\\)"),
   ({"data.eval_split": "valid"}, "has no finished split 'valid'"),
   ({"train.eval_batches": -1}, "train.eval_batches=-1; expected an integer >= 0"),
+  # Once checked by the command line only: the loop divided by it after the first compile.
+  ({"train.log_every_steps": 0}, "train.log_every_steps=0; expected a positive integer"),
 ]
 
 
@@ -250,7 +258,7 @@ def test_bad_input_fails_before_anything_is_written(dataset, tmp_path, overrides
   c = tiny(dataset, **overrides)
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=match):
-    train.train_and_evaluate(c, str(workdir))
+    train.run(c, str(workdir))
   assert not workdir.exists()
 
 
@@ -266,7 +274,7 @@ def test_empty_dataset_is_refused(tmp_path):
     )
   c = tiny(path)
   with pytest.raises(ValueError, match=path):
-    train.train_and_evaluate(c, str(tmp_path / "run"))
+    train.run(c, str(tmp_path / "run"))
 
 
 def test_workdir_of_another_model_is_refused(dataset, uninterrupted, tmp_path):
@@ -275,7 +283,7 @@ def test_workdir_of_another_model_is_refused(dataset, uninterrupted, tmp_path):
   c = tiny(dataset, **{"model.dim": 32})
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(ValueError, match="another model .*dim: checkpoint 64 vs config 32"):
-    train.train_and_evaluate(c, workdir)
+    train.run(c, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
@@ -296,15 +304,13 @@ def test_corrupt_checkpoint_is_reported_and_kept(dataset, uninterrupted, tmp_pat
   snapshot = {f: open(f, "rb").read() for f in damaged}
   c = tiny(dataset, **{"train.epochs": 10})
   with pytest.raises(ValueError, match="checkpoint step 32 .* corrupt or partial"):
-    train.train_and_evaluate(c, workdir)
+    train.run(c, workdir)
   assert {f: open(f, "rb").read() for f in damaged} == snapshot
 
 
 def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(
-    tiny(dataset, **{"train.max_steps": 2, "train.checkpoint_every_steps": 2}), workdir
-  )
+  train.run(tiny(dataset, **{"train.max_steps": 2, "train.checkpoint_every_steps": 2}), workdir)
   good = checkpoints.load_params(workdir)
   # lr 1e30 blows the weights up at the next update (their norm overflows fp32). The log interval (100)
   # never comes; the checkpoint interval (1) does, and the check before every save must stop it.
@@ -320,7 +326,7 @@ def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
   with pytest.raises(
     FloatingPointError, match="non-finite metrics at step 3 .*last good checkpoint is step 2"
   ):
-    train.train_and_evaluate(c, workdir)
+    train.run(c, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
   jax.tree.map(np.testing.assert_array_equal, checkpoints.load_params(workdir), good)
 
@@ -335,14 +341,14 @@ def test_init_from_loads_parameters(dataset, uninterrupted, tmp_path):
       "optim.end_lr": 0.0,
     },
   )
-  train.train_and_evaluate(c, str(tmp_path / "run"))
+  train.run(c, str(tmp_path / "run"))
   a, b = checkpoints.load_params(uninterrupted), checkpoints.load_params(str(tmp_path / "run"))
   jax.tree.map(
     lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b
   )
   c = tiny(dataset, **{"train.init_from": uninterrupted, "model.dim": 32})
   with pytest.raises(ValueError, match="holds parameters of another model"):
-    train.train_and_evaluate(c, str(tmp_path / "run2"))
+    train.run(c, str(tmp_path / "run2"))
 
 
 # ------------------------------------------------------------------------------------- held-out evaluation
@@ -376,12 +382,12 @@ def test_held_out_eval_matches_numpy(
     },
   )
   workdir = str(tmp_path / "run")
-  out = train.train_and_evaluate(c, workdir)
+  out = train.run(c, workdir).outputs
   scalars = read_scalars(workdir)
   # Every 3 steps, at the end of stage k=4 (step 8) and at the end of the run.
   assert [s for s, _ in scalars["eval/nll"]] == [3, 6, 8, 9]
-  p = train.plan(c, jax.device_count())
-  cfg = dataclasses.replace(p.cfg, scan_layers=False)
+  p = _plan(c)
+  cfg = dataclasses.replace(p.model, scan_layers=False)
   params = checkpoints.load_params(workdir)  # Step 9's: the last evaluation's parameters.
   codes, labels = codes[:n_images], labels[:n_images]
 
@@ -405,5 +411,5 @@ def test_held_out_eval_matches_numpy(
     want_info
   )  # The labels matter to the model: the check above is not 0 == 0.
   assert dict(scalars["eval/relative_cost"])[8] == pytest.approx(
-    costs.cumulative_relative_cost(p.schedule, p.cfg, 8), rel=1e-6
+    costs.cumulative_relative_cost(p.schedule, p.model, 8), rel=1e-6
   )

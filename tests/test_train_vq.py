@@ -21,7 +21,7 @@ from npp_jax.models import vq
 def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
   workdir = str(tmp_path / "w")
   c = tiny_config()
-  out = train_vq.train_vq(c, workdir)
+  out = train_vq.run(c, workdir).outputs["vq"]
   assert out == os.path.join(workdir, "vq")
   params = checkpoints.read_params(out)
   checkpoints.check_param_shapes(params, vq.param_shapes(c.vq), out)
@@ -38,13 +38,11 @@ def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
 
   # Finished: a re-run returns the same parameters without a step.
   events = sorted(os.listdir(workdir))
-  assert train_vq.train_vq(c, workdir) == out
+  assert train_vq.run(c, workdir).outputs["vq"] == out
   assert sorted(os.listdir(workdir)) == events
   # A longer run resumes from step 6 (final params removed, as if the run had never finished).
   shutil.rmtree(out)
-  train_vq.train_vq(
-    tiny_config(**{"vq_train.steps": 8, "vq_train.checkpoint_every_steps": 4}), workdir
-  )
+  train_vq.run(tiny_config(**{"vq_train.steps": 8, "vq_train.checkpoint_every_steps": 4}), workdir)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "vq_checkpoints")) if s.isdigit())
   assert steps == [6, 8]
   new_steps = sorted(s for s, _ in read_scalars(workdir)["loss"])
@@ -55,7 +53,9 @@ def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
 def uninterrupted(tmp_path_factory):
   """The final parameters of a run of the SIGTERM test's config that nothing interrupts."""
   c = tiny_config(**{"vq_train.checkpoint_every_steps": 100})
-  return checkpoints.read_params(train_vq.train_vq(c, str(tmp_path_factory.mktemp("vq") / "w")))
+  return checkpoints.read_params(
+    train_vq.run(c, str(tmp_path_factory.mktemp("vq") / "w")).outputs["vq"]
+  )
 
 
 def test_train_vq_saves_and_stops_on_sigterm_then_resumes(tmp_path, monkeypatch, uninterrupted):
@@ -70,12 +70,12 @@ def test_train_vq_saves_and_stops_on_sigterm_then_resumes(tmp_path, monkeypatch,
       yield batch
 
   monkeypatch.setattr(train_vq, "_vq_batches", batches_then_sigterm)
-  assert train_vq.train_vq(c, workdir) is None
+  assert train_vq.run(c, workdir).stopped_early
   steps = [int(s) for s in os.listdir(os.path.join(workdir, "vq_checkpoints")) if s.isdigit()]
   assert len(steps) == 1 and 1 <= steps[0] < 6
   assert not os.path.exists(os.path.join(workdir, "vq"))
   monkeypatch.setattr(train_vq, "_vq_batches", real)
-  assert train_vq.train_vq(c, workdir) == os.path.join(workdir, "vq")
+  assert train_vq.run(c, workdir).outputs["vq"] == os.path.join(workdir, "vq")
   assert max(s for s, _ in read_scalars(workdir)["loss"]) == 6
   # Resume is bit-exact: the same batches (drawn per step) from the same restored state.
   resumed = checkpoints.read_params(os.path.join(workdir, "vq"))
@@ -94,6 +94,6 @@ def test_train_vq_refuses_bad_input_before_writing(tmp_path):
   ):
     c = tiny_config(**overrides)
     with pytest.raises(ValueError, match=match) as e:
-      train_vq.train_vq(c, workdir)
+      train_vq.run(c, workdir)
     assert "\n" not in str(e.value)
     assert not os.path.exists(workdir)

@@ -5,12 +5,13 @@ evaluate.num_samples images from the parameters it holds (the EMA with sample.us
 config.sample's settings on the run's mesh, and logs eval/fid, eval/sfid, eval/inception_score,
 eval/precision, eval/recall beside eval/relative_cost (quality against training cost). The seed is
 sample.seed at every evaluation, so successive numbers differ by the model only, and sample i is the one
-`--mode=sample` would draw: the same settings and checkpoint give the same images and the same FID.
+`--mode=sample` draws (npp_jax.sample_set): the same settings and checkpoint give the same images and the
+same FID.
 
-Images and features stay in memory: nothing per evaluation is written but the scalars. Everything is
-loaded and checked once, before the trainer compiles its first step (`prepare`): the Inception weights,
-the reference's statistics (a data set's cached in WORKDIR/evaluate/reference-* as --mode=evaluate does),
-and the VQ that turns codes into images.
+Images and features stay in memory: nothing per evaluation is written but the scalars. `check` reads
+every field and names every file before the trainer compiles anything; `create` loads the Inception
+weights, the reference's statistics (a data set's cached in WORKDIR/evaluate/reference-* as
+--mode=evaluate does) and the VQ, still before the first compile.
 """
 
 import dataclasses
@@ -20,31 +21,111 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
-import ml_collections
 import numpy as np
 
 from npp_jax import checkpoints
-from npp_jax import costs
 from npp_jax import preflight
-from npp_jax import sampling
+from npp_jax import rules
+from npp_jax import sample_set
 from npp_jax import sharding
 from npp_jax.fid import features
-from npp_jax.fid import scores as fid_scores
-from npp_jax.jobs import evaluate
-from npp_jax.jobs import sample as sample_job
+from npp_jax.fid import scores
 from npp_jax.models import gpt
+from npp_jax.models import vq
 
-NAMES = ("fid", "sfid", "inception_score", "precision", "recall")
+SECTIONS = ("evaluate", "sample", "vq")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleMetricsSettings:
+  every_steps: int  # > 0 (0 turns the evaluator off: check_settings returns None).
+  num_samples: int  # Samples per evaluation.
+  score: scores.ScoreSettings
+  samples: sample_set.SampleSetSettings
+
+  def __post_init__(self):
+    rules.check("evaluate.every_steps", self.every_steps, rules.POSITIVE_INT)
+    if not rules.is_int(self.num_samples) or self.num_samples < self.score.min_images:
+      raise ValueError(
+        f"evaluate.num_samples={self.num_samples!r} with evaluate.every_steps={self.every_steps}; "
+        f"expected at least {self.score.min_images} samples per evaluation (precision and recall "
+        f"use k = {self.score.neighbours} neighbours)"
+      )
+
+  @classmethod
+  def from_config(cls, config) -> "SampleMetricsSettings":
+    return cls(
+      rules.get(config, "evaluate.every_steps"),
+      rules.get(config, "evaluate.num_samples"),
+      scores.ScoreSettings.from_config(config),
+      sample_set.SampleSetSettings.from_config(config),
+    )
+
+
+_EVERY = ("an integer >= 0 (0: no sample metrics)", rules.COUNT[1])
+
+
+def check_settings(config, model: gpt.GPTConfig, ema_decay: float, topology):
+  """None when evaluate.every_steps is 0; else the settings, every rule and cross-section rule
+  checked (one-line ValueErrors). ema_decay: optim.ema_decay, which sample.use_ema needs above 0."""
+  if rules.expect(config, "evaluate.every_steps", _EVERY) == 0:
+    return None
+  s = SampleMetricsSettings.from_config(config)
+  s.samples.check_model(model)
+  s.samples.check_devices(topology.num_devices)
+  sharding.check_batch(
+    s.score.batch_size,
+    sharding.MeshSettings.from_config(config),
+    "evaluate.batch_size",
+    num_devices=topology.num_devices,
+    process_count=topology.process_count,
+  )
+  if s.samples.use_ema and not ema_decay > 0:
+    raise ValueError(
+      "sample.use_ema=True with evaluate.every_steps set, but optim.ema_decay=0 keeps no EMA; "
+      "expected optim.ema_decay > 0 or sample.use_ema=False"
+    )
+  if not s.samples.vq_checkpoint:
+    raise ValueError(
+      "evaluate.every_steps is set but sample.vq_checkpoint is empty; expected "
+      f"{preflight.VQ_WANTED} to decode the samples into images"
+    )
+  preflight.check_vq_fits(vq.VQConfig.from_config(rules.get(config, "vq")), model)
+  if not s.score.reference:
+    raise ValueError(
+      "evaluate.every_steps is set but evaluate.reference is empty; expected an ADM "
+      "reference npz, a statistics npz of --mode=evaluate, or a data set"
+    )
+  return s
+
+
+def check(config, model: gpt.GPTConfig, ema_decay: float, topology):
+  """check_settings, then the files it names (their kinds; their contents are read by `create`)."""
+  s = check_settings(config, model, ema_decay, topology)
+  if s is None:
+    return None
+  preflight.expect_weights(
+    "sample.vq_checkpoint", s.samples.vq_checkpoint, preflight.VQ_KINDS, preflight.VQ_WANTED
+  )
+  inception = s.score.inception
+  if not inception or not epath.Path(inception).exists():
+    raise ValueError(
+      f"evaluate.inception={inception!r} "
+      + ("is empty" if not inception else "does not exist")
+      + " while evaluate.every_steps is set; expected pytorch-fid's "
+      "pt_inception-2015-12-05-6726825d.pth or the params directory --mode=evaluate made"
+    )
+  return s
 
 
 @dataclasses.dataclass
 class SampleMetrics:
-  """The loaded inputs of the periodic evaluation; `scorer(state, step, writer)` runs one."""
+  """The loaded inputs of the periodic evaluation; an evaluator of npp_jax.evaluators."""
 
-  config: ml_collections.ConfigDict
-  plan: Any  # train.Plan: the schedule whose cost each evaluation is logged against.
-  cfg: gpt.GPTConfig  # Unscanned, in the sampling compute dtype.
-  vq_cfg: Any
+  settings: SampleMetricsSettings
+  total_steps: int  # The last step is always evaluated.
+  model: gpt.GPTConfig  # As the sampler runs it: unscanned, in the compute dtype.
+  vq_cfg: vq.VQConfig
   mesh: jax.sharding.Mesh
   inception: Any  # Replicated on the mesh.
   vq_params: Any  # Replicated on the mesh.
@@ -53,63 +134,42 @@ class SampleMetrics:
   seconds: float = 0.0  # Time spent here: the trainer leaves it out of its step time.
 
   def due(self, step: int) -> bool:
-    every = int(self.config.evaluate.every_steps)
-    return step % every == 0 or step == self.plan.total_steps
+    return step % self.settings.every_steps == 0 or step == self.total_steps
 
-  def __call__(self, state, step: int, writer) -> dict:
+  def __call__(self, state, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    s, e = self.config.sample, self.config.evaluate
-    params = state.ema if s.use_ema else state.params
+    params = state.ema if self.settings.samples.use_ema else state.params
     rep = sharding.replicated(self.mesh)
     params = jax.jit(gpt.unstack_layers, out_shardings=rep)(params)  # Any training layout -> whole.
     pool3, spatial = _features(self, _images(self, params))
-    out = fid_scores.scores(e, self.inception, pool3, spatial, self.ref_stats, self.ref_pool3)
-    scalars = {f"eval/{k}": float(out[k]) for k in NAMES if out[k] is not None}
-    scalars["eval/relative_cost"] = costs.cumulative_relative_cost(
-      self.plan.schedule, self.plan.cfg, step
-    )
-    writer.write_scalars(step, scalars)
+    score = self.settings.score
+    out = scores.scores(score, self.inception, pool3, spatial, self.ref_stats, self.ref_pool3)
     self.seconds += time.perf_counter() - t0
     logging.info(
-      "Step %d: %s of %d samples (%.1f s).",
+      "Step %d: sample metrics of %d samples in %.1f s.",
       step,
-      ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()),
-      int(e.num_samples),
+      self.settings.num_samples,
       time.perf_counter() - t0,
     )
-    return {k: v for k, v in scalars.items() if k != "eval/relative_cost"}
+    return {f"eval/{k}": float(out[k]) for k in scores.NAMES if out[k] is not None}
 
 
 def _images(m: SampleMetrics, params):
   """Yields the uint8 images of samples 0 .. num_samples - 1 a sampling batch at a time (every process
-  gets all of them), drawn exactly as sample.sample_and_save draws them."""
-  s, n = m.config.sample, int(m.config.evaluate.num_samples)
-  bs = int(s.batch_size)
-  rng = sharding.put(jax.random.key(int(s.seed)), sharding.replicated(m.mesh))
-  for a in range(0, n, bs):
-    labels = sampling.sample_labels(s, m.cfg.num_classes, np.arange(a, a + bs))
-    codes = sampling._sample_placed(  # pylint: disable=protected-access
-      params,
-      sharding.put(labels, sampling.batch_sharding(m.mesh)),
-      rng,
-      cfg=m.cfg,
-      cfg_scale=s.cfg_scale,
-      cfg_interval=s.cfg_interval,
-      temperature=s.temperature,
-      top_k=s.top_k,
-      top_p=s.top_p,
-      first_index=a,
-      mesh=m.mesh,
+  gets all of them), drawn as --mode=sample draws them."""
+  s, n = m.settings.samples, m.settings.num_samples
+  for a in range(0, n, s.batch_size):
+    out = sample_set.draw(
+      params, m.vq_params, a, min(n, a + s.batch_size), s, m.model, m.vq_cfg, m.mesh
     )
-    codes = sharding.gather(codes)[: min(n, a + bs) - a]
-    yield sampling.decode_images(m.vq_params, codes, m.vq_cfg, m.mesh)  # pylint: disable=protected-access
+    yield out["arr_0"]
 
 
 def _features(m: SampleMetrics, image_batches) -> tuple[np.ndarray, np.ndarray]:
   """(pool3, spatial) of every image, in global batches of evaluate.batch_size as --mode=evaluate."""
-  e = m.config.evaluate
-  ebs = int(e.batch_size)
-  fn = features.feature_fn(m.mesh, e.preprocess, int(e.resize_to))  # pylint: disable=protected-access
+  score = m.settings.score
+  ebs = score.batch_size
+  fn = features.feature_fn(m.mesh, score.preprocess, score.resize_to)
   pool3, spatial, buffer = [], [], None
 
   def flush(rows):
@@ -129,60 +189,36 @@ def _features(m: SampleMetrics, image_batches) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(pool3), np.concatenate(spatial)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, plan) -> SampleMetrics | None:
-  """None when evaluate.every_steps is 0; else every input checked and loaded (one-line ValueErrors),
-  the reference's statistics computed, before the trainer compiles anything."""
-  e, s = config.evaluate, config.sample
-  every = e.every_steps
-  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-    raise ValueError(
-      f"evaluate.every_steps={every!r}; expected an integer >= 0 (0: no sample metrics)"
-    )
-  if every == 0:
-    return None
-  preflight.check_sample_metrics(config, jax.device_count(), jax.process_count())
-  cfg = dataclasses.replace(
-    plan.cfg, scan_layers=False, dtype=sampling.compute_dtype(s, config.model)
-  )  # pylint: disable=protected-access
-  sampling._check_sampling_args(
-    cfg,
-    s.cfg_scale,
-    s.cfg_interval,
-    s.temperature,
-    s.top_k,  # pylint: disable=protected-access
-    s.top_p,
-  )
-  mesh = sharding.make_mesh(config.mesh)
-  if s.batch_size % mesh.size:
-    raise ValueError(
-      f"sample.batch_size={s.batch_size} over {mesh.size} devices; expected a multiple of "
-      f"{mesh.size} (every device decodes the same number of samples)"
-    )
-  vq_cfg = sample_job._check_vq(config, cfg)  # pylint: disable=protected-access
-  evaluate._check_config(config)  # pylint: disable=protected-access
-  ref = fid_scores.open_reference(e)
-  evaluate._check_count(ref.images, f"evaluate.reference={e.reference!r}", e)  # pylint: disable=protected-access
-  inception, _ = features.load_inception(e.inception)
-  vq_params = checkpoints.load_vq_params(s.vq_checkpoint, config.vq)
-  ref_stats, ref_pool3 = fid_scores.reference_statistics(
-    ref, inception, mesh, e, epath.Path(workdir)
+def create(
+  s: SampleMetricsSettings, config, model: gpt.GPTConfig, workdir, mesh, total_steps: int
+) -> SampleMetrics:
+  """The evaluator with its inputs loaded and checked (one-line ValueErrors) and the reference's
+  statistics computed, before the trainer compiles anything."""
+  inputs = scores.load_inputs(s.score)
+  vq_cfg = vq.VQConfig.from_config(config.vq)
+  vq_params = checkpoints.load_vq_params(s.samples.vq_checkpoint, config.vq)
+  ref_stats, ref_pool3 = scores.reference_statistics(
+    inputs.reference, inputs.params, mesh, s.score, epath.Path(workdir)
   )
   if "mu" not in ref_stats:
     raise ValueError(
-      f"evaluate.reference={e.reference!r} gives no mu/sigma statistics; expected a "
+      f"evaluate.reference={s.score.reference!r} gives no mu/sigma statistics; expected a "
       "reference FID can be computed against"
     )
   rep = sharding.replicated(mesh)
   logging.info(
-    "Sample metrics every %d steps: %d samples against %s.", every, e.num_samples, e.reference
+    "Sample metrics every %d steps: %d samples against %s.",
+    s.every_steps,
+    s.num_samples,
+    s.score.reference,
   )
   return SampleMetrics(
-    config,
-    plan,
-    cfg,
+    s,
+    total_steps,
+    s.samples.sampler_model(model),
     vq_cfg,
     mesh,
-    sharding.put(inception, rep),
+    sharding.put(inputs.params, rep),
     sharding.put(vq_params, rep),
     ref_stats,
     ref_pool3,

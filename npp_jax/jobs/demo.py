@@ -13,6 +13,7 @@ lines go to WORKDIR/log.txt. It writes WORKDIR/report.json and WORKDIR/samples_<
 """
 
 import contextlib
+import dataclasses
 import json
 import logging as py_logging
 import os
@@ -26,15 +27,14 @@ import numpy as np
 
 from npp_jax import costs
 from npp_jax import files
+from npp_jax import jobs
 from npp_jax import npp
+from npp_jax import preflight
+from npp_jax import rules
 from npp_jax import summaries
 from npp_jax.data import digits
 from npp_jax.demo import classifier
 from npp_jax.demo import report as demo_report
-from npp_jax.jobs import extract
-from npp_jax.jobs import sample
-from npp_jax.jobs import train
-from npp_jax.jobs import train_vq
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
@@ -74,29 +74,68 @@ class _Timings:
     files.write_json(self.path, self.values)
 
 
-def _check(config) -> None:
-  d = config.demo
-  for name in ("seeds", "classifier_epochs", "grid_cols", "png_scale"):
-    v = d[name]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ValueError(f"demo.{name}={v!r}; expected a positive integer")
+SECTIONS = ("demo", "vq", "vq_train", "extract", "model", "npp", "optim", "train", "data", "sample")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  _check(config)
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+  """config.demo (configs/demo.py)."""
+
+  seeds: int  # Each row trained with this many seeds: the table shows their spread.
+  classifier_epochs: int
+  grid_cols: int  # Samples per class row in the PNG grids.
+  png_scale: int
+
+  def __post_init__(self):
+    for name in ("seeds", "classifier_epochs", "grid_cols", "png_scale"):
+      rules.check(f"demo.{name}", getattr(self, name), rules.POSITIVE_INT)
+
+  @classmethod
+  def from_config(cls, config) -> "DemoSettings":
+    if "demo" not in config:
+      raise ValueError(
+        "the config has no `demo` section; expected configs/demo.py (or configs/demo.py:smoke)"
+      )
+    return cls(**rules.section(config, "demo", cls))
+
+
+# The demo's stages, in order: it makes its own data set and weights, so each is checked without them.
+STAGES = ("train_vq", "extract", "train", "sample")
+
+
+def check_settings(config, topology: jobs.Topology) -> DemoSettings:
+  """config.demo, then every setting of each stage's job."""
+  s = DemoSettings.from_config(config)
+  for mode in STAGES:
+    jobs.get(mode).check_settings(config, topology)
+  return s
+
+
+def check(config, workdir, topology: jobs.Topology) -> DemoSettings:
+  """Every setting of every stage and the workdir: one-line ValueErrors, nothing written."""
+  work = preflight.check_workdir(workdir)
+  s = check_settings(config, topology)
+  preflight.check_keep(config, "vq_train.keep_checkpoints", work / "vq" / "vq_checkpoints")
+  return s
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> jobs.Result:
+  """Every stage (each resumes when run again); outputs: the report (also WORKDIR/report.json)."""
+  check(config, workdir, jobs.Topology.current())
   os.makedirs(workdir, exist_ok=True)
   print(f"Demo in {workdir} (library log: {os.path.join(workdir, 'log.txt')})", flush=True)
   with library_log(os.path.join(workdir, "log.txt")), warnings.catch_warnings():
     warnings.simplefilter("default")
-    return _run(config, workdir)
+    report = _run(config, workdir)
+  return jobs.Result(stopped_early=report is None, outputs=report or {})
 
 
-def _run(config, workdir: str) -> dict:
+def _run(config, workdir: str) -> dict | None:
   logging.info("Demo on %d %s device(s).", jax.device_count(), jax.devices()[0].device_kind)
   prepared = prepare(config, workdir)
   if prepared is None:
     print("Stopped during VQ training (SIGTERM); run the same command again to resume.")
-    return {}
+    return None
   report = compare(*prepared, workdir)
   demo_report.table(report)
   print(
@@ -119,7 +158,7 @@ def prepare(config, workdir: str):
   for split in ("train", "test"):
     c = ml_collections.ConfigDict(config.to_dict())
     c.extract.vq_checkpoint, c.extract.output, c.extract.split = vq_dir, codes_dir, split
-    extract.extract(c, os.path.join(workdir, "extract"))
+    jobs.get("extract").run(c, os.path.join(workdir, "extract"))
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.path = codes_dir
   return config, vq_dir
@@ -152,12 +191,13 @@ def compare(config, vq_dir: str, workdir: str, shared: str | None = None) -> dic
 
 def _train_vq(config, workdir: str):
   vq_workdir = os.path.join(workdir, "vq")
+  train_vq = jobs.get("train_vq")
   if os.path.isdir(os.path.join(vq_workdir, "vq")):
     print("VQ: already trained; reusing it", flush=True)
-    return train_vq.train_vq(config, vq_workdir)
+    return train_vq.run(config, vq_workdir).outputs["vq"]
   bar = demo_report.Progress("VQ", config.vq_train.steps)
   try:
-    return train_vq.train_vq(config, vq_workdir, on_log=bar.on_log)
+    return train_vq.run(config, vq_workdir, on_log=bar.on_log).outputs.get("vq")
   finally:
     bar.close()
 
@@ -191,15 +231,17 @@ def _train_gpt(config, workdir: str, row: str, seed_index: int, stages, timings:
   if done is not None:
     print(f"{name}: already trained ({done['wall_s']:.0f} s); reusing {run_dir}", flush=True)
     return dict(done)
-  p = train.plan(c, jax.device_count(), jax.process_count())
+  train = jobs.get("train")
+  p = train.check(c, run_dir, jobs.Topology.current())
   ks = "+".join(f"k={k}:{ep:g}ep" for k, ep in stages)
   bar = demo_report.Progress(f"{name} ({ks})", p.total_steps)
   t0 = time.perf_counter()
   try:
-    out = train.train_and_evaluate(c, run_dir, on_log=bar.on_log)
+    result = train.run(c, run_dir, on_log=bar.on_log)
   finally:
     bar.close()
-  if out.get("stopped_early"):
+  out = result.outputs
+  if result.stopped_early:
     raise SystemExit(
       f"{name}: stopped at step {out['step']} (SIGTERM); run the same command to resume."
     )
@@ -229,7 +271,7 @@ def _sample(config, workdir: str, r: dict, vq_dir: str, seed: int) -> str:
   c.sample.vq_checkpoint = vq_dir
   c.sample.seed = seed
   c.sample.grid_rows, c.sample.grid_cols = config.model.num_classes, config.demo.grid_cols
-  return sample.sample_and_save(c, os.path.join(workdir, f"samples_{r['run']}"))
+  return jobs.get("sample").run(c, os.path.join(workdir, f"samples_{r['run']}")).outputs["samples"]
 
 
 def _load_samples(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -19,198 +19,104 @@ under WORKDIR/evaluate/, so a killed run resumes. Outputs: WORKDIR/metrics.json,
 """
 
 import dataclasses
-import json
 
-from absl import logging
 from etils import epath
-import jax
 import ml_collections
 
-from npp_jax import files
+from npp_jax import jobs
+from npp_jax import preflight
+from npp_jax import rules
 from npp_jax import sharding
-from npp_jax import validate
-from npp_jax.fid import features
 from npp_jax.fid import images as image_sets
-from npp_jax.fid import metrics
-from npp_jax.fid import scores as fid_scores
-from npp_jax.models import inception
+from npp_jax.fid import scores
+
+SECTIONS = ("evaluate", "mesh")
 
 
-def min_images(e) -> int:
-  """Fewest images a set may have: precision and recall need more than k neighbours."""
-  return int(e.neighbours) + 1
+@dataclasses.dataclass(frozen=True)
+class EvaluateSettings:
+  """The job's own `evaluate` fields beside the scoring knobs (fid.scores.ScoreSettings)."""
 
+  samples: str  # The ADM npz to score.
+  num_samples: int  # 0: all of its images; n: the first n.
+  score: scores.ScoreSettings
 
-def _check_config(config) -> None:
-  e = config.evaluate
-  if e.preprocess not in inception.PREPROCESS:
-    raise ValueError(
-      f"evaluate.preprocess={e.preprocess!r}; expected one of {inception.PREPROCESS}"
+  def __post_init__(self):
+    rules.check("evaluate.samples", self.samples, rules.TEXT)
+    rules.check("evaluate.num_samples", self.num_samples, _NUM_SAMPLES)
+
+  @classmethod
+  def from_config(cls, config) -> "EvaluateSettings":
+    return cls(
+      rules.get(config, "evaluate.samples"),
+      rules.get(config, "evaluate.num_samples"),
+      scores.ScoreSettings.from_config(config),
     )
-  if e.fid_method not in metrics.FID_METHODS:
-    raise ValueError(f"evaluate.fid_method={e.fid_method!r}; expected one of {metrics.FID_METHODS}")
-  for name in ("batch_size", "neighbours", "is_split_size", "distance_block", "image_size"):
-    validate.positive_int(e[name], f"evaluate.{name}")
-  if isinstance(e.resize_to, bool) or not isinstance(e.resize_to, int) or e.resize_to < 75:
-    raise ValueError(
-      f"evaluate.resize_to={e.resize_to!r}; expected an integer >= 75 (Inception-v3's "
-      "smallest input; 299 gives the published features)"
-    )
-  if isinstance(e.num_samples, bool) or not isinstance(e.num_samples, int) or e.num_samples < 0:
-    raise ValueError(
-      f"evaluate.num_samples={e.num_samples!r}; expected 0 (all) or a positive integer"
-    )
-  sharding.check_batch(int(e.batch_size), config.mesh, "evaluate.batch_size")
 
 
-def open_samples(e) -> image_sets.NpzImages:
+_NUM_SAMPLES = ("0 (all) or a positive integer", rules.COUNT[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  settings: EvaluateSettings
+  samples: image_sets.NpzImages
+
+
+def check_settings(config, topology: jobs.Topology) -> EvaluateSettings:
+  s = EvaluateSettings.from_config(config)
+  sharding.check_batch(
+    s.score.batch_size,
+    sharding.MeshSettings.from_config(config),
+    "evaluate.batch_size",
+    num_devices=topology.num_devices,
+    process_count=topology.process_count,
+  )
+  return s
+
+
+def check(config, workdir, topology: jobs.Topology) -> Plan:
+  """Every field, the workdir and the samples' npz header; the reference and the weights are opened by
+  run, still before it writes anything (their checks read arrays and weights)."""
+  preflight.check_workdir(workdir)
+  s = check_settings(config, topology)
+  samples = open_samples(s)
+  s.score.check_count(samples.num, f"evaluate.samples={s.samples!r}")
+  return Plan(s, samples)
+
+
+def open_samples(s: EvaluateSettings) -> image_sets.NpzImages:
   field = "evaluate.samples"
-  if not e.samples:
+  if not s.samples:
     raise ValueError(
       f"{field} is empty; expected an npz of uint8 images arr_0 [N, H, W, 3] (what "
       "--mode=sample writes to WORKDIR/samples/samples_N.npz)"
     )
-  path = epath.Path(e.samples)
+  path = epath.Path(s.samples)
   if not path.is_file():
-    raise ValueError(f"{field}={e.samples!r} does not exist; expected an npz of uint8 images arr_0")
+    raise ValueError(f"{field}={s.samples!r} does not exist; expected an npz of uint8 images arr_0")
   members = image_sets.npz_members(path, field)
   if "arr_0" not in members:
     raise ValueError(
-      f"{field}={e.samples!r} has no arr_0 (its arrays: {sorted(members)}); expected the "
+      f"{field}={s.samples!r} has no arr_0 (its arrays: {sorted(members)}); expected the "
       "ADM sample format, arr_0: uint8 [N, H, W, 3]"
     )
   images = image_sets.open_npz_images(path, field)
-  if e.num_samples:
-    if e.num_samples > images.num:
+  if s.num_samples:
+    if s.num_samples > images.num:
       raise ValueError(
-        f"evaluate.num_samples={e.num_samples} but {e.samples} holds {images.num} images; "
+        f"evaluate.num_samples={s.num_samples} but {s.samples} holds {images.num} images; "
         "expected at most that many (0 takes all)"
       )
-    images = dataclasses.replace(images, shape=(int(e.num_samples), *images.shape[1:]))
+    images = dataclasses.replace(images, shape=(int(s.num_samples), *images.shape[1:]))
   return images
 
 
-def _check_count(images, what: str, e) -> None:
-  if images is not None and images.num < min_images(e):
-    raise ValueError(
-      f"{what} holds {images.num} images; expected at least {min_images(e)} (precision and "
-      f"recall take each image's {e.neighbours} nearest neighbours in its own set)"
-    )
-
-
-@dataclasses.dataclass
-class Inputs:
-  """Everything a scoring run reads, checked and loaded (`prepare`) before anything is written."""
-
-  reference: fid_scores.Reference
-  params: dict
-  converted: bool  # The weights came from the .pth file: save them as WORKDIR/inception.
-  samples: image_sets.NpzImages | None = None
-
-
-def prepare(config: ml_collections.ConfigDict, *, samples: bool = True) -> Inputs:
-  """Checks config.evaluate, opens the reference and loads the weights; samples=False leaves the samples
-  to come (--mode=sample scores what it writes: its images are checked here, before any sampling)."""
-  e = config.evaluate
-  _check_config(config)
-  images = None
-  if samples:
-    images = open_samples(e)
-    _check_count(images, f"evaluate.samples={e.samples!r}", e)
-  else:
-    if not config.sample.vq_checkpoint:
-      raise ValueError(
-        "evaluate.reference is set but sample.vq_checkpoint is empty: codes only, no images "
-        "to score; expected a VQ checkpoint, or evaluate.reference='' to sample only"
-      )
-    if config.sample.num_images < min_images(e):
-      raise ValueError(
-        f"sample.num_images={config.sample.num_images} with evaluate.reference set; expected "
-        f"at least {min_images(e)} images to score (precision and recall use k = "
-        f"{e.neighbours} neighbours)"
-      )
-  ref = fid_scores.open_reference(e)
-  _check_count(ref.images, f"evaluate.reference={e.reference!r}", e)
-  params, converted = features.load_inception(e.inception)
-  return Inputs(ref, params, converted, images)
-
-
-def evaluate(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  step: int = 0,
-  *,
-  inputs: Inputs | None = None,
-  samples_path: str | None = None,
-) -> dict:
-  """Scores config.evaluate.samples against config.evaluate.reference; returns the metrics.json dict.
-
-  Every input is checked (and the weights loaded) before anything is written or compiled. `step` is the
-  TensorBoard step the numbers are logged at (a training step; 0 for a standalone run). `inputs` from
-  `prepare(config, samples=False)` with `samples_path` scores a file written since (the sampling job's).
-  """
-  e = config.evaluate
-  if inputs is None:
-    inputs = prepare(config)
-  if inputs.samples is None:
-    inputs.samples = image_sets.open_npz_images(epath.Path(samples_path), "the samples")
-  samples, ref, params, converted = (
-    inputs.samples,
-    inputs.reference,
-    inputs.params,
-    inputs.converted,
-  )
+def run(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> jobs.Result:
+  """Scores config.evaluate.samples against config.evaluate.reference (fid.scores.evaluate);
+  outputs: the metrics.json dict. `step` is the TensorBoard step of the numbers (0 standalone)."""
+  plan = check(config, workdir, jobs.Topology.current())
+  inputs = scores.load_inputs(plan.settings.score)
   mesh = sharding.make_mesh(config.mesh)
-
-  work = epath.Path(workdir)
-  is_main = jax.process_index() == 0
-  if is_main:
-    work.mkdir(parents=True, exist_ok=True)
-    # One process only: orbax's save is collective across processes, and the conversion is a convenience.
-    if converted and jax.process_count() == 1 and not (work / "inception").exists():
-      from npp_jax import checkpoints
-
-      checkpoints.save_params(work / "inception", params)
-      logging.info(
-        "Converted %s into %s: pass that directory as evaluate.inception next time.",
-        e.inception,
-        work / "inception",
-      )
-  common = features.common_settings(e, params)
-  pool3, spatial = features.compute_features(
-    samples,
-    params,
-    mesh,
-    e,
-    work / "evaluate" / "samples",
-    dict(common, source=str(samples.path), num=samples.num),
-    "samples",
-  )
-  sample_stats = fid_scores.write_stats(work / "sample_stats.npz", pool3, spatial, e)
-
-  ref_stats, ref_pool3 = fid_scores.reference_statistics(ref, params, mesh, e, work)
-  result = fid_scores.score_stats(e, params, pool3, sample_stats, ref_stats, ref_pool3)
-  result.update(
-    num_samples=samples.num,
-    num_reference=None if ref.images is None else ref.images.num,
-    samples=str(samples.path),
-    reference=str(e.reference),
-    preprocess=str(e.preprocess),
-    resize_to=int(e.resize_to),
-    fid_method=str(e.fid_method),
-  )
-  if is_main:
-    files.write_json(str(work / "metrics.json"), result)
-  _log(result, workdir, step)
-  return result
-
-
-def _log(result: dict, workdir: str, step: int) -> None:
-  from npp_jax import summaries
-
-  writer = summaries.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  names = ("fid", "sfid", "inception_score", "precision", "recall")
-  writer.write_scalars(int(step), {f"eval/{k}": result[k] for k in names if result[k] is not None})
-  writer.flush()
-  writer.close()
-  logging.info("Metrics: %s", json.dumps({k: result[k] for k in names + ("num_samples",)}))
+  result = scores.evaluate(plan.samples, inputs, plan.settings.score, mesh, workdir, step)
+  return jobs.Result(outputs=result)

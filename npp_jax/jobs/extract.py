@@ -23,10 +23,13 @@ import numpy as np
 
 from npp_jax import checkpoints
 from npp_jax import files
+from npp_jax import jobs
+from npp_jax import preflight
+from npp_jax import rules
 from npp_jax import sharding
-from npp_jax import validate
 from npp_jax.data import code_dataset
 from npp_jax.data import images as images_lib
+from npp_jax.models import gpt
 from npp_jax.models import vq
 
 
@@ -45,11 +48,13 @@ def encode_views(params, views: np.ndarray, cfg: vq.VQConfig, mesh) -> np.ndarra
   return sharding.gather(jnp.stack(codes, axis=1))
 
 
-def rows(config, batch_size: int, process_count: int | None = None) -> tuple[int, int]:
+def rows(
+  config, batch_size: int, process_count: int | None = None, num_devices: int | None = None
+) -> tuple[int, int]:
   """(images each process reads per batch, rows it feeds the devices): the rows are padded up to a
   multiple of the process's data-parallel devices, so any batch size works on any mesh."""
   procs = jax.process_count() if process_count is None else process_count
-  dp = sharding.data_parallel_size(config.mesh)
+  dp = sharding.data_parallel_size(config.mesh, num_devices)
   if batch_size % procs:
     raise ValueError(
       f"extract.batch_size={batch_size}; expected a multiple of the {procs} processes"
@@ -88,7 +93,92 @@ def merge_rows(
   return codes[keep][order], labels[keep][order]
 
 
-# ------------------------------------------------------------------------------------------- validation
+# ------------------------------------------------------------------------------------ settings and check
+
+SECTIONS = ("extract", "vq", "model", "mesh")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSettings:
+  """config.extract."""
+
+  dataset: str  # "digits", a TFDS name or directory, an image folder.
+  data_dir: str
+  split: str
+  aug: str  # A key of data.images.AUGS: the views per image.
+  crop_range: float  # tencrop: the short side is resized to crop_range x the image size.
+  batch_size: int  # Images per global batch (one shard file each).
+  output: str  # "": WORKDIR/codes.
+  keep_shards: bool
+  num_threads: int
+  vq_checkpoint: str
+
+  def __post_init__(self):
+    rules.check_fields(self, "extract", _RULES)
+
+  @classmethod
+  def from_config(cls, config) -> "ExtractSettings":
+    return cls(**rules.section(config, "extract", cls))
+
+  @property
+  def n_aug(self) -> int:
+    return images_lib.AUGS[self.aug]
+
+
+_RULES = {
+  "dataset": rules.NON_EMPTY,
+  "data_dir": rules.TEXT,
+  "split": rules.SPLIT,
+  "aug": rules.one_of(*images_lib.AUGS),
+  "crop_range": (
+    "a number >= 1 and at most 2 (the release: 1.1 or 1.05)",
+    lambda v: rules.is_num(v) and 1 <= v <= 2,
+  ),
+  "batch_size": rules.POSITIVE_INT,
+  "output": rules.TEXT,
+  "keep_shards": rules.BOOL,
+  "num_threads": rules.COUNT,
+  "vq_checkpoint": rules.TEXT,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  extract: ExtractSettings
+  vq: vq.VQConfig
+  model: gpt.GPTConfig  # The codes' consumer: its grid, vocabulary and classes.
+  mesh: sharding.MeshSettings
+
+
+def check_settings(config, topology: jobs.Topology) -> Settings:
+  """Every rule of the sections extraction reads, and the batch against the processes' devices."""
+  s = Settings(
+    ExtractSettings.from_config(config),
+    vq.VQConfig.from_config(rules.get(config, "vq")),
+    gpt.GPTConfig.from_config(rules.get(config, "model")),
+    sharding.MeshSettings.from_config(config),
+  )
+  preflight.check_vq_fits(s.vq, s.model)
+  rows(config, s.extract.batch_size, topology.process_count, topology.num_devices)
+  return s
+
+
+def _output(s: ExtractSettings, workdir) -> tuple[str, epath.Path]:
+  field = "extract.output" if s.output else 'extract.output ("": WORKDIR/codes)'
+  return field, epath.Path(s.output or epath.Path(workdir) / "codes")
+
+
+def check(config, workdir, topology: jobs.Topology) -> Settings:
+  """Every setting, the workdir, the VQ weights' kind and the output's place: one-line ValueErrors,
+  nothing loaded or written (the source and the output's own settings are checked by `run`, still
+  before it writes: a data set's header needs TFDS)."""
+  preflight.check_workdir(workdir)
+  s = check_settings(config, topology)
+  code_dataset.check_local(*_output(s.extract, workdir))
+  preflight.expect_weights(
+    "extract.vq_checkpoint", s.extract.vq_checkpoint, preflight.VQ_KINDS, preflight.VQ_WANTED
+  )
+  return s
 
 
 @dataclasses.dataclass
@@ -105,44 +195,10 @@ class _Job:
   finished: Optional[dict] = None
   source: Any = None
   params: Any = None
-  settings: Optional[dict] = None
+  settings: Optional[dict] = None  # What fixes the shards' content (tmp_dir/settings.json).
 
 
-def _check_config(config) -> tuple[vq.VQConfig, int, int, str]:
-  """(VQ config, views per image, batch size, split) of a valid config.extract; one-line ValueErrors."""
-  e = config.extract
-  cfg = vq.VQConfig.from_config(config.vq)
-  if e.aug not in images_lib.AUGS:
-    raise ValueError(f"extract.aug={e.aug!r}; expected one of {sorted(images_lib.AUGS)}")
-  if e.aug == "tencrop" and (
-    not isinstance(e.crop_range, (int, float)) or not 1.0 <= e.crop_range <= 2.0
-  ):
-    raise ValueError(
-      f"extract.crop_range={e.crop_range!r}; expected a number in [1, 2] (the release: 1.1 or 1.05)"
-    )
-  batch_size = validate.positive_int(e.batch_size, "extract.batch_size")
-  model_grid = tuple(int(g) for g in config.model.grid)
-  if cfg.grid != model_grid:
-    raise ValueError(
-      f"vq.image_size={cfg.image_size} with downsampling {cfg.downsample} gives "
-      f"{cfg.grid[0]}x{cfg.grid[1]} codes but model.grid={model_grid}; expected the same grid"
-    )
-  if cfg.codebook_size != config.model.vocab_size:
-    raise ValueError(
-      f"vq.codebook_size={cfg.codebook_size} but model.vocab_size={config.model.vocab_size}; "
-      "expected the tokenizer's codebook size"
-    )
-  where = "expected a VQ checkpoint directory (npp_jax.convert --kind=vq, or --mode=train_vq's WORKDIR/vq)"
-  if not e.vq_checkpoint:
-    raise ValueError(f"extract.vq_checkpoint is empty; {where}")
-  if not epath.Path(e.vq_checkpoint).is_dir():
-    raise ValueError(f"extract.vq_checkpoint={e.vq_checkpoint!r} does not exist; {where}")
-  split = validate.split_name(e.split, "extract.split")
-  rows(config, batch_size)
-  return cfg, images_lib.AUGS[e.aug], batch_size, split
-
-
-def _settings(e, cfg: vq.VQConfig, source) -> dict:
+def _settings(e: ExtractSettings, cfg: vq.VQConfig, source) -> dict:
   return {
     "dataset": source.name,
     "data_dir": e.data_dir,
@@ -158,25 +214,22 @@ def _settings(e, cfg: vq.VQConfig, source) -> dict:
 
 
 def _plan(config, workdir, source) -> _Job:
-  """Every check, the source and the VQ parameters, before anything is compiled or written."""
-  cfg, n_aug, batch_size, split = _check_config(config)
-  e = config.extract
-  output = epath.Path(e.output or epath.Path(workdir) / "codes")
-  job = _Job(
-    config, cfg, split, n_aug, batch_size, output, epath.Path(workdir) / "extract_tmp" / split
-  )
-  existing = files.read_json(
-    output / "code_dataset.json"
-  )  # npp_jax.data's record of finished splits.
+  """check, then the output's settings, the source and the VQ parameters, before any compile or write."""
+  s = check(config, workdir, jobs.Topology.current())
+  e, cfg = s.extract, s.vq
+  output = _output(e, workdir)[1]
+  tmp_dir = epath.Path(workdir) / "extract_tmp" / e.split
+  job = _Job(config, cfg, e.split, e.n_aug, e.batch_size, output, tmp_dir)
+  existing = files.read_json(output / "code_dataset.json")  # The finished splits' record.
   if existing is not None:
-    job.finished = existing.get("splits", {}).get(split)
+    job.finished = existing.get("splits", {}).get(e.split)
     if job.finished:
       return job
     want = {
       "grid": list(cfg.grid),
-      "n_aug": n_aug,
+      "n_aug": e.n_aug,
       "vocab_size": cfg.codebook_size,
-      "num_classes": config.model.num_classes,
+      "num_classes": s.model.num_classes,
     }
     diff = [
       f"{k}={existing.get(k)} there, {v} now" for k, v in want.items() if existing.get(k) != v
@@ -186,11 +239,11 @@ def _plan(config, workdir, source) -> _Job:
         f"code data set {output} was made with other settings ({'; '.join(diff)}); expected "
         "the same, or another extract.output"
       )
-  job.source = source or images_lib.open_images(e.dataset, split, e.data_dir, "extract.dataset")
-  if job.source.num_classes > config.model.num_classes:
+  job.source = source or images_lib.open_images(e.dataset, e.split, e.data_dir, "extract.dataset")
+  if job.source.num_classes > s.model.num_classes:
     raise ValueError(
       f"{job.source.name} has {job.source.num_classes} classes; expected at most "
-      f"model.num_classes={config.model.num_classes}"
+      f"model.num_classes={s.model.num_classes}"
     )
   job.params = checkpoints.load_vq_params(e.vq_checkpoint, config.vq)
   job.settings = _settings(e, cfg, job.source)
@@ -207,13 +260,17 @@ def _plan(config, workdir, source) -> _Job:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def extract(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, source=None) -> jobs.Result:
   """Encode one split of images into a code data set at extract.output (default WORKDIR/codes).
 
-  A split that is already finished there is left alone. Returns a summary (examples, shards encoded and
-  reused, images/s). `source` (an images.ImageSource) replaces opening extract.dataset (benchmarks,
-  notebooks with images in memory).
+  A split that is already finished there is left alone. Outputs: a summary (examples, shards encoded
+  and reused, images/s). `source` (an images.ImageSource) replaces opening extract.dataset
+  (benchmarks, notebooks with images in memory).
   """
+  return jobs.Result(outputs=_extract(config, workdir, source))
+
+
+def _extract(config, workdir, source) -> dict:
   job = _plan(config, workdir, source)
   summary = {
     "output": str(job.output),

@@ -16,13 +16,113 @@ import numpy as np
 
 from npp_jax import checkpoints
 from npp_jax import files
-from npp_jax import sampling
+from npp_jax import jobs
+from npp_jax import preflight
+from npp_jax import rules
+from npp_jax import sample_set
 from npp_jax import sharding
-from npp_jax import validate
+from npp_jax.fid import images as image_sets
+from npp_jax.fid import scores
 from npp_jax.models import gpt
+from npp_jax.models import vq
 
-# ---------------------------------------------------------------------------------------------------------
-# The sampling job: python -m npp_jax.main --mode=sample --config=... --workdir=DIR
+SECTIONS = ("model", "sample", "mesh", "vq", "evaluate")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleJobSettings:
+  """The sampling job's `sample` fields beside the ones every sample set has (sample_set)."""
+
+  checkpoint: str  # A training workdir, its checkpoints/ folder, or a GPT params directory.
+  num_images: int
+  grid_rows: int  # PNG: one row per class, at most this many rows of grid_cols images.
+  grid_cols: int
+  samples: sample_set.SampleSetSettings
+
+  def __post_init__(self):
+    rules.check_fields(self, "sample", _RULES)
+
+  @classmethod
+  def from_config(cls, config) -> "SampleJobSettings":
+    samples = sample_set.SampleSetSettings.from_config(config)
+    return cls(**rules.section(config, "sample", cls, samples=samples))
+
+
+_RULES = {
+  "checkpoint": rules.TEXT,
+  "num_images": rules.POSITIVE_INT,
+  "grid_rows": rules.POSITIVE_INT,
+  "grid_cols": rules.POSITIVE_INT,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A sampling job checked against its config, before anything is loaded, compiled or written."""
+
+  settings: SampleJobSettings
+  model: gpt.GPTConfig  # As the sampler runs it: unscanned, in the compute dtype.
+  vq_cfg: Any  # vq.VQConfig, or None: codes only.
+  score: scores.ScoreSettings | None  # evaluate.reference set: the samples are scored.
+  out_dir: epath.Path
+  meta: dict  # What fixes the content of sample i (WORKDIR/samples/meta.json).
+
+  @property
+  def spans(self) -> list[tuple[int, int]]:
+    """[start, end) of the samples in each shard: one shard per global batch."""
+    n, bs = self.settings.num_images, self.settings.samples.batch_size
+    return [(a, min(a + bs, n)) for a in range(0, n, bs)]
+
+  def shard_path(self, span) -> epath.Path:
+    width = len(str(self.settings.num_images))
+    return self.out_dir / f"shard_{span[0]:0{width}d}-{span[1]:0{width}d}.npz"
+
+
+def check_settings(config, topology: jobs.Topology):
+  """(job settings, sampler's model, VQ config or None, score settings or None), every rule checked."""
+  model = gpt.GPTConfig.from_config(rules.get(config, "model"))
+  s = SampleJobSettings.from_config(config)
+  sharding.MeshSettings.from_config(config).resolve(topology.num_devices)
+  s.samples.check_model(model)
+  s.samples.check_devices(topology.num_devices)
+  vq_cfg = None
+  if s.samples.vq_checkpoint:
+    vq_cfg = vq.VQConfig.from_config(rules.get(config, "vq"))
+  score = None
+  if rules.get(config, "evaluate.reference"):  # Score what is sampled.
+    score = scores.ScoreSettings.from_config(config)
+    if not s.samples.vq_checkpoint:
+      raise ValueError(
+        "evaluate.reference is set but sample.vq_checkpoint is empty: codes only, no images "
+        "to score; expected a VQ checkpoint, or evaluate.reference='' to sample only"
+      )
+    score.check_count(s.num_images, "sample.num_images with evaluate.reference set")
+  return s, s.samples.sampler_model(model), vq_cfg, score
+
+
+def check(config, workdir, topology: jobs.Topology, *, params_given: bool = False) -> Plan:
+  """Every field, the workdir, the weights' kinds and the samples already in WORKDIR/samples; one-line
+  ValueErrors, nothing loaded or written. params_given: run() was handed the GPT's parameters."""
+  work = preflight.check_workdir(workdir)
+  s, model, vq_cfg, score = check_settings(config, topology)
+  if not params_given:
+    preflight.expect_weights(
+      "sample.checkpoint", s.checkpoint, preflight.GPT_KINDS, preflight.GPT_WANTED
+    )
+  if vq_cfg is not None:
+    preflight.expect_weights(
+      "sample.vq_checkpoint", s.samples.vq_checkpoint, preflight.VQ_KINDS, preflight.VQ_WANTED
+    )
+    preflight.check_vq_fits(vq_cfg, model)
+  plan = Plan(s, model, vq_cfg, score, work / "samples", _settings(config))
+  files.check_same_settings(
+    str(plan.out_dir / "meta.json"),
+    plan.meta,
+    str(plan.out_dir),
+    "samples",
+    "expected the same settings or another --workdir",
+  )
+  return plan
 
 
 def check_params(params, model_config, what: str) -> None:
@@ -91,15 +191,13 @@ def _merge(path: epath.Path, shard_paths: list[epath.Path], n: int) -> None:
   files.atomic_write(str(path), write)
 
 
-def _write_grid(
-  path: epath.Path, images_of, labels: np.ndarray, sample_config, num_classes: int
-) -> None:
+def _write_grid(path: epath.Path, images_of, labels: np.ndarray, plan: Plan) -> None:
   """PNG, one class per row: row r shows the first images of the r-th class sampled (sample.classes, or
   all classes in order), at most grid_rows rows of grid_cols images."""
   from PIL import Image
 
-  rows, cols = sample_config.grid_rows, sample_config.grid_cols
-  classes = list(sample_config.classes) or list(range(num_classes))
+  rows, cols = plan.settings.grid_rows, plan.settings.grid_cols
+  classes = list(plan.settings.samples.classes) or list(range(plan.model.num_classes))
   picks = [np.flatnonzero(labels == c)[:cols] for c in classes[:rows]]
   picks = [p for p in picks if len(p)]
   cells = images_of(np.concatenate(picks))
@@ -113,184 +211,73 @@ def _write_grid(
   files.atomic_write(str(path), lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Job:
-  """A sampling job checked against its config, before anything is loaded, compiled or written."""
-
-  cfg: gpt.GPTConfig  # Unscanned, in the sampling compute dtype.
-  vq_cfg: Any  # vq.VQConfig, or None: codes only.
-  mesh: jax.sharding.Mesh
-  out_dir: epath.Path
-  settings: dict
-  num_images: int
-  batch_size: int
-
-  @property
-  def spans(self) -> list[tuple[int, int]]:
-    """[start, end) of the samples in each shard: one shard per global batch."""
-    n, bs = self.num_images, self.batch_size
-    return [(a, min(a + bs, n)) for a in range(0, n, bs)]
-
-  def shard_path(self, span) -> epath.Path:
-    width = len(str(self.num_images))
-    return self.out_dir / f"shard_{span[0]:0{width}d}-{span[1]:0{width}d}.npz"
-
-
-def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> str:
-  """Samples config.sample.num_images images (or codes) into WORKDIR/samples; returns the merged file.
+def run(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> jobs.Result:
+  """Samples config.sample.num_images images (or codes) into WORKDIR/samples, and scores them when
+  evaluate.reference is set; outputs: "samples" (the merged .npz) and, scored, "metrics".
 
   One shard file per global batch, written atomically, so a killed run resumes where it stopped. Every
-  setting is checked before anything compiles or is written. `params` (GPT parameters) replaces loading
-  sample.checkpoint (tests, notebooks).
+  setting is checked, and the scoring inputs loaded, before anything compiles or is written. `params`
+  (GPT parameters) replaces loading sample.checkpoint (tests, notebooks).
   """
-  job = _check_job(config, workdir, params is not None)
-  files.check_same_settings(
-    str(job.out_dir / "meta.json"),
-    job.settings,
-    str(job.out_dir),
-    "samples",
-    "expected the same settings or another --workdir",
-  )
-  s = config.sample
+  plan = check(config, workdir, jobs.Topology.current(), params_given=params is not None)
+  s = plan.settings
+  inputs = None if plan.score is None else scores.load_inputs(plan.score)
   if params is None:
-    params = checkpoints.load_params(s.checkpoint, ema=s.use_ema)
+    params = checkpoints.load_params(s.checkpoint, ema=s.samples.use_ema)
   check_params(params, config.model, f"checkpoint {s.checkpoint or '(given params)'}")
   vq_params = None
-  if job.vq_cfg is not None:
-    vq_params = checkpoints.load_vq_params(s.vq_checkpoint, config.vq)
+  if plan.vq_cfg is not None:
+    vq_params = checkpoints.load_vq_params(s.samples.vq_checkpoint, config.vq)
   else:
     logging.info("No sample.vq_checkpoint: writing codes and labels only, no images.")
-  return str(_run_job(job, s, params, vq_params))
-
-
-def _check_job(config, workdir, have_params: bool) -> _Job:
-  """The whole job's settings, checked; one-line ValueErrors, nothing loaded or written."""
-  s = config.sample
-  cfg = dataclasses.replace(
-    gpt.GPTConfig.from_config(config.model),
-    scan_layers=False,
-    dtype=sampling.compute_dtype(s, config.model),
-  )
-  sampling._check_sampling_args(cfg, s.cfg_scale, s.cfg_interval, s.temperature, s.top_k, s.top_p)
-  n, bs = (
-    validate.positive_int(s.num_images, "sample.num_images"),
-    validate.positive_int(s.batch_size, "sample.batch_size"),
-  )
-  if s.grid_rows < 1 or s.grid_cols < 1:
-    raise ValueError(
-      f"sample.grid_rows={s.grid_rows}, sample.grid_cols={s.grid_cols}; expected >= 1"
-    )
-  bad = [c for c in s.classes if int(c) != c or not 0 <= c < cfg.num_classes]
-  if bad:
-    raise ValueError(
-      f"sample.classes holds class id {bad[0]} out of range; expected ids in [0, {cfg.num_classes})"
-    )
   mesh = sharding.make_mesh(config.mesh)
-  if bs % mesh.size:
-    raise ValueError(
-      f"sample.batch_size={bs} over {mesh.size} devices; expected a multiple of "
-      f"{mesh.size} (every device decodes the same number of samples)"
-    )
-  if not have_params and not s.checkpoint:
-    raise ValueError(
-      "sample.checkpoint is empty; expected a training workdir or a converted checkpoint"
-    )
-  if not have_params and not epath.Path(s.checkpoint).exists():
-    raise ValueError(
-      f"sample.checkpoint={s.checkpoint!r} does not exist; expected a training workdir, its "
-      "checkpoints/ folder, or a converted checkpoint"
-    )
-  vq_cfg = _check_vq(config, cfg) if s.vq_checkpoint else None
-  return _Job(cfg, vq_cfg, mesh, epath.Path(workdir) / "samples", _settings(config), n, bs)
+  merged = _run_job(plan, mesh, params, vq_params)
+  outputs = {"samples": str(merged)}
+  if inputs is not None:
+    images = image_sets.open_npz_images(merged, "the samples")
+    outputs["metrics"] = scores.evaluate(images, inputs, plan.score, mesh, workdir)
+  return jobs.Result(outputs=outputs)
 
 
-def _check_vq(config, cfg: gpt.GPTConfig):
-  """The VQ that turns codes into images must fit the GPT's codebook and grid."""
-  from npp_jax.models import vq
-
-  s = config.sample
-  if "vq" not in config:
-    raise ValueError(
-      "sample.vq_checkpoint is set but the config has no vq section; expected config.vq "
-      "(config_lib.vq_config()) describing the tokenizer"
-    )
-  if not epath.Path(s.vq_checkpoint).is_dir():
-    raise ValueError(
-      f"sample.vq_checkpoint={s.vq_checkpoint!r} is not a directory; expected a VQ "
-      "checkpoint converted with npp_jax.convert --kind=vq, or '' for codes only"
-    )
-  vq_cfg = vq.VQConfig.from_config(config.vq)
-  if vq_cfg.codebook_size != cfg.vocab_size:
-    raise ValueError(
-      f"vq.codebook_size={vq_cfg.codebook_size} but model.vocab_size={cfg.vocab_size}; "
-      "expected the tokenizer the model was trained on"
-    )
-  if vq_cfg.grid != cfg.grid:
-    raise ValueError(
-      f"vq.image_size={vq_cfg.image_size} gives a {vq_cfg.grid} code grid but "
-      f"model.grid={cfg.grid}; expected the same grid"
-    )
-  return vq_cfg
-
-
-def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
+def _run_job(plan: Plan, mesh, params, vq_params) -> epath.Path:
   """Samples the shards not on disk yet, then the merged .npz and the PNG grid (process 0 writes)."""
   is_main = jax.process_index() == 0
-  n, bs, cfg = job.num_images, job.batch_size, job.cfg
+  n, s = plan.settings.num_images, plan.settings.samples
   if is_main:
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(str(job.out_dir / "meta.json"), job.settings)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(str(plan.out_dir / "meta.json"), plan.meta)
   # Placed once for the whole job: every batch reuses the same device copies. On several processes each
   # fills its own devices' shards; each process samples its devices' share of every batch.
-  rep = sharding.replicated(job.mesh)
+  rep = sharding.replicated(mesh)
   params = sharding.put(gpt.unstack_layers(params), rep)
   if vq_params is not None:
     vq_params = sharding.put(vq_params, rep)
-  rng = sharding.put(jax.random.key(int(s.seed)), rep)
-  spans = job.spans
-  todo = _shards_to_do(job)
+  spans = plan.spans
+  todo = _shards_to_do(plan)
   done = n - sum(spans[i][1] - spans[i][0] for i in todo)
   if done:
-    logging.info("Resuming: %d of %d samples already in %s.", done, n, job.out_dir)
+    logging.info("Resuming: %d of %d samples already in %s.", done, n, plan.out_dir)
   from tqdm import tqdm
 
   bar = tqdm(total=n, initial=done, unit="img", desc="sampling", disable=not is_main, smoothing=0.3)
   for i in todo:
     a, b = spans[i]
-    labels = sampling.sample_labels(
-      s, cfg.num_classes, np.arange(a, a + bs)
-    )  # Padded to bs past the end.
-    codes = sampling._sample_placed(
-      params,
-      sharding.put(labels, sampling.batch_sharding(job.mesh)),
-      rng,
-      cfg=cfg,
-      cfg_scale=s.cfg_scale,
-      cfg_interval=s.cfg_interval,
-      temperature=s.temperature,
-      top_k=s.top_k,
-      top_p=s.top_p,
-      first_index=a,
-      mesh=job.mesh,
-    )
-    out = {"codes": sharding.gather(codes)[: b - a], "labels": labels[: b - a]}
-    if vq_params is not None:
-      out["arr_0"] = sampling.decode_images(vq_params, out["codes"], job.vq_cfg, job.mesh)
+    out = sample_set.draw(params, vq_params, a, b, s, plan.model, plan.vq_cfg, mesh)
     if is_main:
-      files.atomic_write(str(job.shard_path(spans[i])), lambda f: np.savez(f, **out))
+      files.atomic_write(str(plan.shard_path(spans[i])), lambda f: np.savez(f, **out))
     bar.update(b - a)
   bar.close()
-  merged = job.out_dir / f"samples_{n}.npz"
+  merged = plan.out_dir / f"samples_{n}.npz"
   if is_main and (todo or not merged.exists()):
-    _write_outputs(job, s, merged, vq_params is not None)
+    _write_outputs(plan, merged, vq_params is not None)
   if jax.process_count() > 1:  # Nobody returns a path before process 0 has written it.
     from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices("npp_jax.jobs.sample.sample_and_save")
+    multihost_utils.sync_global_devices("npp_jax.jobs.sample.run")
   return merged
 
 
-def _shards_to_do(job: _Job) -> list[int]:
+def _shards_to_do(job: Plan) -> list[int]:
   """Shards not on disk yet, as process 0 sees them: every process must run the same batches (each one
   is a collective), even where a process sees another filesystem."""
   missing = np.array([not job.shard_path(span).exists() for span in job.spans])
@@ -301,12 +288,13 @@ def _shards_to_do(job: _Job) -> list[int]:
   return [int(i) for i in np.flatnonzero(missing)]
 
 
-def _write_outputs(job: _Job, s, merged: epath.Path, images: bool) -> None:
+def _write_outputs(plan: Plan, merged: epath.Path, images: bool) -> None:
   """The merged .npz of every shard and, with images, the PNG grid of the first samples per class."""
-  paths = [job.shard_path(span) for span in job.spans]
-  _merge(merged, paths, job.num_images)
+  paths = [plan.shard_path(span) for span in plan.spans]
+  n, s = plan.settings.num_images, plan.settings.samples
+  _merge(merged, paths, n)
   if images:
-    bs = job.batch_size
+    bs = s.batch_size
 
     def images_of(indices):
       shards = {}
@@ -315,8 +303,6 @@ def _write_outputs(job: _Job, s, merged: epath.Path, images: bool) -> None:
           shards[j] = z["arr_0"]
       return np.stack([shards[i // bs][i % bs] for i in indices])
 
-    all_labels = sampling.sample_labels(s, job.cfg.num_classes, np.arange(job.num_images))
-    _write_grid(
-      job.out_dir / f"samples_{job.num_images}.png", images_of, all_labels, s, job.cfg.num_classes
-    )
-  logging.info("Wrote %d %s to %s.", job.num_images, "images" if images else "code grids", merged)
+    all_labels = s.labels(np.arange(n), plan.model.num_classes)
+    _write_grid(plan.out_dir / f"samples_{n}.png", images_of, all_labels, plan)
+  logging.info("Wrote %d %s to %s.", n, "images" if images else "code grids", merged)

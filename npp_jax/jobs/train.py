@@ -1,7 +1,7 @@
-"""train_and_evaluate(config, workdir): NPP training on any mesh, with exact resume.
+"""The training job: NPP training on any mesh, with exact resume (`run`).
 
-Sections, in order: validate (before any compile or write), mesh, data, model and state (built sharded),
-step (one compiled function per patch size k), checkpoint, loop.
+Sections, in order: settings and check (before any compile or write), mesh, data, model and state
+(built sharded), step (one compiled function per patch size k), checkpoint, loop.
 """
 
 import dataclasses
@@ -20,15 +20,20 @@ import optax
 
 from npp_jax import checkpoints
 from npp_jax import costs
+from npp_jax import jobs
 from npp_jax import loop
 from npp_jax import npp
 from npp_jax import optim
+from npp_jax import preflight
+from npp_jax import rules
 from npp_jax import sharding
 from npp_jax import summaries
-from npp_jax import validate
 from npp_jax.data import code_dataset
+from npp_jax.evaluators import heldout_nll
 from npp_jax.evaluators import sample_metrics
 from npp_jax.models import gpt
+
+SECTIONS = ("model", "npp", "optim", "train", "data", "mesh", *sample_metrics.SECTIONS)
 
 
 @flax.struct.dataclass
@@ -40,101 +45,171 @@ class TrainState:
   rng: jax.Array  # Raw uint32 key data: checkpointable as a plain array.
 
 
-# ------------------------------------------------------------------------------------------- validation
+# ------------------------------------------------------------------------------------ settings and check
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """config.train, and config.seed (the initial parameters' and the dropout's)."""
+
+  seed: int
+  epochs: float
+  global_batch_size: int  # Per optimizer step, split into grad_accum_steps micro-batches.
+  grad_accum_steps: int
+  max_steps: int  # -1: the whole schedule.
+  log_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  init_from: str
+  profile: bool
+  peak_flops_per_device: float
+  eval_every_steps: int
+  eval_batches: int
+  preemption_sync_every_steps: int
+
+  def __post_init__(self):
+    rules.check("seed", self.seed, rules.INT)
+    rules.check_fields(self, "train", _RULES)
+
+  @classmethod
+  def from_config(cls, config) -> "TrainSettings":
+    return cls(**rules.section(config, "train", cls, seed=rules.get(config, "seed")))
+
+
+_RULES = {
+  "epochs": rules.POSITIVE,
+  "global_batch_size": rules.POSITIVE_INT,
+  "grad_accum_steps": rules.POSITIVE_INT,
+  "max_steps": (
+    "-1 (the whole schedule) or a positive integer",
+    lambda v: rules.is_int(v) and (v == -1 or v >= 1),
+  ),
+  "log_every_steps": rules.POSITIVE_INT,
+  "checkpoint_every_steps": rules.POSITIVE_INT,
+  "keep_checkpoints": rules.KEEP,
+  "init_from": rules.TEXT,
+  "profile": rules.BOOL,
+  "peak_flops_per_device": rules.NON_NEGATIVE,
+  "eval_every_steps": rules.COUNT,
+  "eval_batches": rules.COUNT,
+  "preemption_sync_every_steps": rules.POSITIVE_INT,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Every section the trainer reads, checked."""
+
+  model: gpt.GPTConfig
+  npp: npp.NPPSettings
+  optim: optim.OptimSettings
+  train: TrainSettings
+  data: code_dataset.DataSettings
+  mesh: sharding.MeshSettings
+  sample_metrics: Any  # sample_metrics.SampleMetricsSettings, or None (evaluate.every_steps = 0).
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Everything decided before compiling: sizes, schedule, data facts."""
+  """Everything decided before compiling: the settings, the schedule and the data's facts."""
 
-  cfg: gpt.GPTConfig
+  settings: Settings
   schedule: npp.Schedule
-  meta: Any
+  meta: Any  # code_dataset.CodeDatasetMetadata of the train split.
   steps_per_epoch: int
   total_steps: int
   eval_split: str | None  # The held-out split evaluated during training; None: no evaluation.
 
+  @property
+  def model(self) -> gpt.GPTConfig:
+    return self.settings.model
 
-def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> Plan:
-  """Validate the config against the devices and the data set; one-line ValueErrors, nothing written."""
-  cfg = gpt.GPTConfig.from_config(config.model)
-  t, o = config.train, config.optim
-  for name, value in (
-    ("train.global_batch_size", t.global_batch_size),
-    ("train.epochs", t.epochs),
-    ("train.grad_accum_steps", t.grad_accum_steps),
-    ("optim.lr", o.lr),
-  ):
-    if not value > 0:
-      raise ValueError(f"{name}={value!r}; expected a positive number")
-  if not config.npp.stages and not 0.0 < config.npp.epoch_rate < 1.0:
-    raise ValueError(f"npp.epoch_rate={config.npp.epoch_rate!r}; expected a number in (0, 1)")
-  if not 0.0 <= o.ema_decay < 1.0:
-    raise ValueError(f"optim.ema_decay={o.ema_decay!r}; expected a number in [0, 1)")
-  b = t.global_batch_size
-  sharding.check_batch(
-    b,
-    config.mesh,
-    "train.global_batch_size",
-    num_devices=num_devices,
-    process_count=process_count,
-    micro_batches=t.grad_accum_steps,
+
+def check_settings(config, topology: jobs.Topology) -> Settings:
+  """Every rule of every section the trainer reads (the sample metrics' with evaluate.every_steps)."""
+  s = Settings(
+    gpt.GPTConfig.from_config(rules.get(config, "model")),
+    npp.NPPSettings.from_config(config),
+    optim.OptimSettings.from_config(config),
+    TrainSettings.from_config(config),
+    code_dataset.DataSettings.from_config(config),
+    sharding.MeshSettings.from_config(config),
+    None,
   )
-  if not config.data.path:
+  sharding.check_batch(
+    s.train.global_batch_size,
+    s.mesh,
+    "train.global_batch_size",
+    num_devices=topology.num_devices,
+    process_count=topology.process_count,
+    micro_batches=s.train.grad_accum_steps,
+  )
+  metrics = sample_metrics.check_settings(config, s.model, s.optim.ema_decay, topology)
+  return dataclasses.replace(s, sample_metrics=metrics)
+
+
+def check(config, workdir, topology: jobs.Topology) -> Plan:
+  """Every setting, the workdir, the weights and the code data set's facts against the model and the
+  devices: one-line ValueErrors, nothing loaded, compiled or written."""
+  work = preflight.check_workdir(workdir)
+  preflight.check_keep(config, "train.keep_checkpoints", work / "checkpoints")
+  s = check_settings(config, topology)
+  if s.sample_metrics is not None:
+    sample_metrics.check(config, s.model, s.optim.ema_decay, topology)
+  if not s.data.path:
     raise ValueError(
-      "data.path is empty; expected the directory of a code data set "
-      "(python -m npp_jax.npy_codes, or --mode=extract)"
+      "data.path is empty; expected the directory of a code data set (python -m "
+      "npp_jax.npy_codes, or --mode=extract)"
     )
-  meta = code_dataset.load_metadata(config.data.path, split="train")
-  if tuple(meta.grid) != tuple(cfg.grid):
-    raise ValueError(
-      f"the data set {config.data.path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
-      f"expected model.grid={tuple(cfg.grid)}"
+  if s.train.init_from:
+    preflight.expect_weights(
+      "train.init_from", s.train.init_from, preflight.GPT_KINDS, preflight.GPT_WANTED
     )
-  if meta.max_code >= cfg.vocab_size:
-    raise ValueError(
-      f"the data set {config.data.path} holds code {meta.max_code}; expected codes "
-      f"< model.vocab_size={cfg.vocab_size}"
-    )
-  if meta.max_label >= cfg.num_classes:
-    raise ValueError(
-      f"the data set {config.data.path} holds label {meta.max_label}; expected labels "
-      f"< model.num_classes={cfg.num_classes}"
-    )
-  steps_per_epoch = code_dataset.steps_per_epoch(meta.num_examples, b)
+  meta = _check_data(s, "train", s.data.path)
+  steps_per_epoch = code_dataset.steps_per_epoch(meta.num_examples, s.train.global_batch_size)
   if steps_per_epoch < 1:
     raise ValueError(
-      f"train.global_batch_size={b} is larger than the data set ({meta.num_examples} "
-      f"examples in {config.data.path}); expected at most {meta.num_examples}"
+      f"train.global_batch_size={s.train.global_batch_size} is larger than the data set "
+      f"({meta.num_examples} examples in {s.data.path}); expected at most {meta.num_examples}"
     )
-  schedule = npp.Schedule.from_config(config, steps_per_epoch)
-  schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)  # Validates the LR knobs.
+  stages = s.npp.stages_for(s.train.epochs)
+  schedule = npp.Schedule(stages, steps_per_epoch, s.model.grid)
+  t = s.train
   total = schedule.total_steps if t.max_steps <= 0 else min(t.max_steps, schedule.total_steps)
-  return Plan(cfg, schedule, meta, steps_per_epoch, total, _eval_split(config, cfg))
+  return Plan(s, schedule, meta, steps_per_epoch, total, _eval_split(s))
 
 
-def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
-  """The split to evaluate (data.eval_split, else "test" or "validation" if the data set has one)."""
-  t, path = config.train, config.data.path
-  for name, low in (
-    ("eval_every_steps", 0),
-    ("eval_batches", 0),
-    ("preemption_sync_every_steps", 1),
-  ):
-    if isinstance(t[name], bool) or not isinstance(t[name], int) or t[name] < low:
-      raise ValueError(f"train.{name}={t[name]!r}; expected an integer >= {low}")
-  split = config.data.eval_split
-  if not split:
-    found = [s for s in ("test", "validation") if s in code_dataset.finished_splits(path)]
-    split = found[0] if found else None
-  if t.eval_batches == 0 or split is None:
-    return None
-  meta = code_dataset.load_metadata(path, validate.split_name(split, "data.eval_split"))
-  if meta.max_code >= cfg.vocab_size or meta.max_label >= cfg.num_classes:
+def _check_data(s: Settings, split: str, path: str):
+  """The split's metadata, its grid, codes and labels checked against the model."""
+  meta = code_dataset.load_metadata(path, split=split)
+  model = s.model
+  if tuple(meta.grid) != tuple(model.grid):
     raise ValueError(
-      f"split {split!r} of {path} holds code {meta.max_code} and label {meta.max_label}; "
-      f"expected codes < {cfg.vocab_size} and labels < {cfg.num_classes}"
+      f"the data set {path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
+      f"expected model.grid={tuple(model.grid)}"
     )
+  if meta.max_code >= model.vocab_size:
+    raise ValueError(
+      f"the data set {path} holds code {meta.max_code}; expected codes "
+      f"< model.vocab_size={model.vocab_size}"
+    )
+  if meta.max_label >= model.num_classes:
+    raise ValueError(
+      f"the data set {path} holds label {meta.max_label}; expected labels "
+      f"< model.num_classes={model.num_classes}"
+    )
+  return meta
+
+
+def _eval_split(s: Settings) -> str | None:
+  """The split to evaluate (data.eval_split, else "test" or "validation" if the data set has one)."""
+  split = s.data.eval_split
+  if not split:
+    found = [n for n in ("test", "validation") if n in code_dataset.finished_splits(s.data.path)]
+    split = found[0] if found else None
+  if s.train.eval_batches == 0 or split is None:
+    return None
+  _check_data(s, split, s.data.path)
   return split
 
 
@@ -220,72 +295,6 @@ def train_step(
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
-  """Sums over the batch's real rows (mask): k = 1 NLL in nats per image, with the true and the null class."""
-  codes, mask = batch["codes"], batch["mask"].astype(jnp.float32)
-  targets = codes.reshape(codes.shape[0], -1)
-
-  def image_nll(labels):  # [B]: the sum over the image's tokens.
-    logits = model.apply({"params": params}, codes, labels, patch_size=1, train=False)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].sum(-1)
-
-  cond = image_nll(batch["labels"])
-  null = image_nll(jnp.full_like(batch["labels"], num_classes))
-  return {"nll": jnp.sum(cond * mask), "null_nll": jnp.sum(null * mask), "images": jnp.sum(mask)}
-
-
-class Evaluator:
-  """Held-out k = 1 NLL (nats per token) and class information (null-class NLL minus true-class NLL, nats
-  per image) on the first `max_batches` batches of a split, read once and kept on the host: every
-  evaluation of a run sees the same images, so its curve compares like with like."""
-
-  def __init__(
-    self,
-    model: gpt.GPT,
-    mesh,
-    params_sharding,
-    path: str,
-    split: str,
-    batch_size: int,
-    max_batches: int,
-  ):
-    self.mesh, self.path, self.split = mesh, path, split
-    self.batch_size, self.max_batches = batch_size, max_batches
-    self.tokens = model.cfg.grid[0] * model.cfg.grid[1]
-    self.seconds = 0.0  # Time spent evaluating: the trainer leaves it out of its step time.
-    self._batches = None
-    self._fn = jax.jit(
-      functools.partial(eval_step, model=model, num_classes=model.cfg.num_classes),
-      in_shardings=(params_sharding, sharding.data_sharding(mesh)),
-    )
-
-  def __call__(self, params) -> dict[str, float]:
-    t0 = time.perf_counter()
-    if self._batches is None:
-      it = code_dataset.make_eval_iterator(
-        self.path,
-        batch_size=self.batch_size,
-        split=self.split,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      )
-      self._batches = [b for _, b in zip(range(self.max_batches), it)]
-    sums = {"nll": 0.0, "null_nll": 0.0, "images": 0.0}
-    for local in self._batches:
-      out = jax.device_get(self._fn(params, sharding.global_batch(local, self.mesh)))
-      for key in sums:
-        sums[key] += float(out[key])
-    self.seconds += time.perf_counter() - t0
-    return {
-      "eval/nll": sums["nll"] / (sums["images"] * self.tokens),
-      "eval/class_info": (sums["null_nll"] - sums["nll"]) / sums["images"],
-    }
-
-
 # ------------------------------------------------------------------------------------------------- run
 
 
@@ -303,30 +312,34 @@ class _Run:
   abstract_state: Any
 
 
-def train_and_evaluate(
+def run(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
   on_log: Callable[[int, Mapping[str, float]], None] | None = None,
-) -> dict:
+) -> jobs.Result:
   """Train until the schedule (or train.max_steps) ends; re-running the same command resumes.
 
-  Returns the last logged scalars and the last evaluation ("eval/nll", "eval/class_info"), with "step"
-  and "stopped_early" (True when a SIGTERM stopped it after saving). on_log(step, scalars) is called after
-  every log line (a console progress bar).
+  Outputs: the last logged scalars and the last evaluations ("eval/nll", "eval/class_info", the sample
+  metrics), with "step", "loop_s", "compile_s" and "train_s"; stopped_early when a SIGTERM stopped it
+  after saving. on_log(step, scalars) is called after every log line (a console progress bar).
   """
   # From here on a SIGTERM asks for a save and a stop at the loop's next agreed step, however early it
   # comes (restoring, compiling): a process that died alone would leave the others in a collective.
   with checkpoints.Preemption() as preempt:
-    return _train(config, workdir, preempt, on_log)
+    out = _train(config, workdir, preempt, on_log)
+  return jobs.Result(stopped_early=out["step"] < out["total_steps"], outputs=out)
 
 
 def _train(config, workdir, preempt, on_log) -> dict:
-  # Validate: nothing is compiled or written before this passes.
-  p = plan(config, jax.device_count(), jax.process_count())
+  # Every setting, the files and the data's facts: nothing is loaded, compiled or written before.
+  p = check(config, workdir, jobs.Topology.current())
   ckpt_dir = epath.Path(workdir) / "checkpoints"
   ckpt, init_params = _open_checkpoints(config, ckpt_dir)
-  scorer = sample_metrics.prepare(config, workdir, p)  # FID etc. of samples; None when off.
+  mesh = sharding.make_mesh(config.mesh)
+  metrics = p.settings.sample_metrics
+  if metrics is not None:  # FID etc. of samples: its inputs loaded and checked before any compile.
+    metrics = sample_metrics.create(metrics, config, p.model, workdir, mesh, p.total_steps)
   it = code_dataset.make_train_iterator(
     config.data.path,
     global_batch_size=config.train.global_batch_size,
@@ -335,7 +348,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
     process_count=jax.process_count(),
     worker_count=config.data.worker_count,
   )
-  run = _build(config, p)
+  run = _build(config, p, mesh)
   if ckpt is None:
     ckpt = checkpoints.Checkpointer(
       ckpt_dir,
@@ -344,44 +357,51 @@ def _train(config, workdir, preempt, on_log) -> dict:
     )
   start = _resume(config, run, ckpt, init_params, it)
   steps = _CompiledSteps(config, run)
-  evaluator = None
-  if p.eval_split is not None:
-    evaluator = Evaluator(
-      run.model,
-      run.mesh,
-      run.state_sharding.params,
-      config.data.path,
-      p.eval_split,
-      config.train.global_batch_size // config.train.grad_accum_steps,
-      config.train.eval_batches,
-    )
+  evaluators = [e for e in (_heldout(config, p, run), metrics) if e is not None]
   writer, hooks = _writer(config, workdir, p.total_steps, start)
   logging.info(
     "Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
     "FLOP ratio %.3f vs next-token training.",
     config.model.name,
-    gpt.count_params(p.cfg) / 1e6,
+    gpt.count_params(p.model) / 1e6,
     [(s.k, s.epochs) for s in p.schedule.stages],
     p.steps_per_epoch,
     p.total_steps,
     p.schedule.token_ratio(),
-    costs.schedule_flop_ratio(p.schedule, p.cfg),
+    costs.schedule_flop_ratio(p.schedule, p.model),
   )
   t_loop = time.perf_counter()
   step, last = _loop(
-    config, p, run, it, ckpt, steps, evaluator, writer, hooks, start, preempt, on_log, scorer
+    config, p, run, it, ckpt, steps, evaluators, writer, hooks, start, preempt, on_log
   )
   ckpt.close()
   writer.flush()
   wall, compile_s = time.perf_counter() - t_loop, steps.compile_s()
   return {
     "step": step,
+    "total_steps": p.total_steps,
     **last,
     "loop_s": wall,
     "compile_s": compile_s,
     "train_s": wall - compile_s,
-    "stopped_early": step < p.total_steps,
   }
+
+
+def _heldout(config, p: Plan, run) -> heldout_nll.HeldOutNLL | None:
+  """The held-out NLL evaluator: at the end of every NPP stage, at the last step, and every
+  train.eval_every_steps; None without a held-out split."""
+  if p.eval_split is None:
+    return None
+  t = config.train
+  data = (config.data.path, p.eval_split, t.global_batch_size // t.grad_accum_steps, t.eval_batches)
+  return heldout_nll.HeldOutNLL(
+    run.model,
+    run.mesh,
+    run.state_sharding.params,
+    data,
+    at={s.end_step for s in p.schedule.stages} | {p.total_steps},
+    every_steps=t.eval_every_steps,
+  )
 
 
 def _open_checkpoints(config, ckpt_dir: epath.Path):
@@ -406,13 +426,12 @@ def _open_checkpoints(config, ckpt_dir: epath.Path):
   return ckpt, init_params
 
 
-def _build(config, p: Plan) -> _Run:
-  """Mesh, model, optimizer and a fresh state created already sharded (eval_shape, then jit)."""
-  mesh = sharding.make_mesh(config.mesh)
+def _build(config, p: Plan, mesh) -> _Run:
+  """Model, optimizer and a fresh state created already sharded on `mesh` (eval_shape, then jit)."""
   axis_rules = sharding.axis_rules(config.mesh)
-  model = gpt.GPT(p.cfg)
+  model = gpt.GPT(p.model)
   tx, lr_fn = make_optimizer(config, p.schedule)
-  init_fn, rng = init_state(model, tx, p.cfg, config.seed, config.optim.ema_decay > 0)
+  init_fn, rng = init_state(model, tx, p.model, config.seed, config.optim.ema_decay > 0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     abstract = jax.eval_shape(init_fn, rng)
     state_sharding = sharding.logical_shardings(abstract, mesh, axis_rules)
@@ -509,37 +528,22 @@ def _throughput(config, p: Plan, peak, k: int, step: int, step_s: float) -> dict
   b = config.train.global_batch_size
   out = {
     "k": k,
-    "tokens_per_s": b * npp.num_patches(p.cfg.grid, k) / step_s,
-    "relative_cost": costs.cumulative_relative_cost(p.schedule, p.cfg, step),
+    "tokens_per_s": b * npp.num_patches(p.model.grid, k) / step_s,
+    "relative_cost": costs.cumulative_relative_cost(p.schedule, p.model, step),
     "epoch": step / p.steps_per_epoch,
   }
-  util = costs.mfu(costs.train_step_flops(p.cfg, k, b).total, step_s, jax.device_count(), peak)
+  util = costs.mfu(costs.train_step_flops(p.model, k, b).total, step_s, jax.device_count(), peak)
   if util is not None:
     out["mfu"] = util
   return out
 
 
 def _loop(
-  config,
-  p: Plan,
-  run: _Run,
-  it,
-  ckpt,
-  steps: _CompiledSteps,
-  evaluator,
-  writer,
-  hooks,
-  start: int,
-  preempt,
-  on_log,
-  scorer=None,
+  config, p: Plan, run: _Run, it, ckpt, steps, evaluators, writer, hooks, start, preempt, on_log
 ):
   """Steps until the end of the schedule or a preemption; returns (last step, last logged scalars)."""
   peak = costs.peak_flops_per_device(override=config.train.peak_flops_per_device)
   t, step, last_eval = config.train, start, {}
-  eval_at = {s.end_step for s in p.schedule.stages} | {
-    p.total_steps
-  }  # And every t.eval_every_steps.
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
     lp = loop.Loop(
       total_steps=p.total_steps,
@@ -554,11 +558,7 @@ def _loop(
       start=start,
       sync_every=t.preemption_sync_every_steps,
       on_log=on_log,
-      excluded_s=lambda: (
-        steps.compile_s()
-        + (evaluator.seconds if evaluator else 0.0)
-        + (scorer.seconds if scorer else 0.0)
-      ),
+      excluded_s=lambda: steps.compile_s() + sum(e.seconds for e in evaluators),
     )
     while step < p.total_steps:
       k = p.schedule.k_at(step)
@@ -575,29 +575,26 @@ def _loop(
         note=f" (k={k})",
       ):
         break
-      if evaluator is not None and (
-        step in eval_at or (t.eval_every_steps and step % t.eval_every_steps == 0)
-      ):
-        last_eval = _evaluate(evaluator, run.state.params, p, step, writer)
-      if scorer is not None and scorer.due(step):
-        last_eval = {**last_eval, **scorer(run.state, step, writer)}
+      for evaluator in evaluators:
+        if evaluator.due(step):
+          last_eval |= _evaluate(evaluator, run.state, p, step, writer)
   return step, {**lp.last, **last_eval}
 
 
-def _evaluate(evaluator: Evaluator, params, p: Plan, step: int, writer) -> dict:
-  """One held-out evaluation, written under eval/ beside the cost so far (quality against cost)."""
-  out = evaluator(params)
-  out["eval/relative_cost"] = costs.cumulative_relative_cost(p.schedule, p.cfg, step)
-  out["eval/epoch"] = step / p.steps_per_epoch
-  writer.write_scalars(step, out)
-  logging.info(
-    "Step %d: held-out NLL %.4f nats/token, class information %.3f nats/image (%s split).",
+def _evaluate(evaluator, state, p: Plan, step: int, writer) -> dict:
+  """One evaluation (npp_jax.evaluators), written under eval/ beside the cost so far (quality against
+  cost); returns its own scalars."""
+  out = evaluator(state, step)
+  writer.write_scalars(
     step,
-    out["eval/nll"],
-    out["eval/class_info"],
-    evaluator.split,
+    {
+      **out,
+      "eval/relative_cost": costs.cumulative_relative_cost(p.schedule, p.model, step),
+      "eval/epoch": step / p.steps_per_epoch,
+    },
   )
-  return {"eval/nll": out["eval/nll"], "eval/class_info": out["eval/class_info"]}
+  logging.info("Step %d: %s.", step, ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+  return out
 
 
 def _layout_like(params, cfg: gpt.GPTConfig):

@@ -26,11 +26,13 @@ import numpy as np
 import optax
 
 from npp_jax import checkpoints
+from npp_jax import jobs
 from npp_jax import loop
 from npp_jax import optim
+from npp_jax import preflight
+from npp_jax import rules
 from npp_jax import sharding
 from npp_jax import summaries
-from npp_jax import validate
 from npp_jax.data import images as images_lib
 from npp_jax.models import vq
 
@@ -45,9 +47,13 @@ class VQTrainState:
   code_ema: jax.Array  # [codebook_size] running distribution of the codes chosen.
 
 
+SECTIONS = ("vq", "vq_train", "mesh")
+
+
 @dataclasses.dataclass(frozen=True)
 class VQHparams:
-  """The optimisation settings, hashable: they are static arguments of the compiled step."""
+  """The optimisation settings of config.vq_train, hashable: they are static arguments of the
+  compiled step."""
 
   lr: float
   b1: float
@@ -58,31 +64,67 @@ class VQHparams:
   l2_weight: float
   seed: int
 
-  @classmethod
-  def from_config(cls, t: ml_collections.ConfigDict) -> "VQHparams":
-    if not isinstance(t.lr, (int, float)) or not t.lr > 0:
-      raise ValueError(f"vq_train.lr={t.lr!r}; expected a positive number")
-    for name in ("b1", "b2"):
-      if not isinstance(t[name], (int, float)) or not 0.0 <= t[name] < 1.0:
-        raise ValueError(f"vq_train.{name}={t[name]!r}; expected a number in [0, 1)")
-    for name in ("weight_decay", "grad_clip", "l1_weight", "l2_weight"):
-      if not isinstance(t[name], (int, float)) or t[name] < 0:
-        raise ValueError(f"vq_train.{name}={t[name]!r}; expected a number >= 0")
-    if t.l1_weight == 0 and t.l2_weight == 0:
+  def __post_init__(self):
+    rules.check_fields(self, "vq_train", _HPARAM_RULES)
+    if self.l1_weight == 0 and self.l2_weight == 0:
       raise ValueError(
         "vq_train.l1_weight and vq_train.l2_weight are both 0; expected a reconstruction "
         "loss (l2_weight=1 is the release's)"
       )
-    return cls(
-      lr=float(t.lr),
-      b1=float(t.b1),
-      b2=float(t.b2),
-      weight_decay=float(t.weight_decay),
-      grad_clip=float(t.grad_clip),
-      l1_weight=float(t.l1_weight),
-      l2_weight=float(t.l2_weight),
-      seed=int(t.seed),
-    )
+
+  @classmethod
+  def from_config(cls, config) -> "VQHparams":
+    return cls(**rules.section(config, "vq_train", cls))
+
+
+_HPARAM_RULES = {
+  "lr": rules.POSITIVE,
+  "b1": rules.FRACTION,
+  "b2": rules.FRACTION,
+  "weight_decay": rules.NON_NEGATIVE,
+  "grad_clip": rules.NON_NEGATIVE,
+  "l1_weight": rules.NON_NEGATIVE,
+  "l2_weight": rules.NON_NEGATIVE,
+  "seed": rules.INT,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VQTrainSettings:
+  """config.vq_train: the images, the loop and (hparams) the optimisation."""
+
+  dataset: str  # "digits", a TFDS name or directory, an image folder.
+  data_dir: str
+  split: str
+  steps: int
+  batch_size: int  # Global images per step.
+  random_flip: bool
+  log_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  num_threads: int  # 0: min(16, CPU count).
+  hparams: VQHparams
+
+  def __post_init__(self):
+    rules.check_fields(self, "vq_train", _RULES)
+
+  @classmethod
+  def from_config(cls, config) -> "VQTrainSettings":
+    return cls(**rules.section(config, "vq_train", cls, hparams=VQHparams.from_config(config)))
+
+
+_RULES = {
+  "dataset": rules.NON_EMPTY,
+  "data_dir": rules.TEXT,
+  "split": rules.SPLIT,
+  "steps": rules.POSITIVE_INT,
+  "batch_size": rules.POSITIVE_INT,
+  "random_flip": rules.BOOL,
+  "log_every_steps": rules.POSITIVE_INT,
+  "checkpoint_every_steps": rules.POSITIVE_INT,
+  "keep_checkpoints": rules.KEEP,
+  "num_threads": rules.COUNT,
+}
 
 
 def make_optimizer(hp: VQHparams) -> optax.GradientTransformation:
@@ -219,40 +261,70 @@ def _vq_batches(
 
 
 @dataclasses.dataclass(frozen=True)
+class Settings:
+  vq: vq.VQConfig
+  train: VQTrainSettings
+  mesh: sharding.MeshSettings
+
+
+def check_settings(config, topology: jobs.Topology) -> Settings:
+  """Every rule of the sections the VQ trainer reads, and its batch against the devices."""
+  s = Settings(
+    vq.VQConfig.from_config(rules.get(config, "vq")),
+    VQTrainSettings.from_config(config),
+    sharding.MeshSettings.from_config(config),
+  )
+  sharding.check_batch(
+    s.train.batch_size,
+    s.mesh,
+    "vq_train.batch_size",
+    num_devices=topology.num_devices,
+    process_count=topology.process_count,
+  )
+  return s
+
+
+def check(config, workdir, topology: jobs.Topology) -> Settings:
+  """Every setting, the workdir and the keep count against the run's checkpoints: one-line
+  ValueErrors, nothing loaded, compiled or written."""
+  work = preflight.check_workdir(workdir)
+  preflight.check_keep(config, "vq_train.keep_checkpoints", work / "vq_checkpoints")
+  return check_settings(config, topology)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Plan:
-  cfg: vq.VQConfig
-  hp: VQHparams
+  settings: Settings
   source: Any
   final_dir: epath.Path
   ckpt_dir: epath.Path
   architecture: dict
 
+  @property
+  def cfg(self) -> vq.VQConfig:
+    return self.settings.vq
+
+  @property
+  def hp(self) -> VQHparams:
+    return self.settings.train.hparams
+
 
 def _plan(config: ml_collections.ConfigDict, workdir) -> _Plan:
-  """Every check of the job, before anything is compiled or written (one-line ValueErrors)."""
-  t = config.vq_train
-  cfg = vq.VQConfig.from_config(config.vq)
-  hp = VQHparams.from_config(t)
-  for name in (
-    "steps",
-    "batch_size",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-  ):
-    validate.positive_int(t[name], f"vq_train.{name}")
-  sharding.check_batch(t.batch_size, config.mesh, "vq_train.batch_size")
+  """check, then the images' source and the run's checkpoints, before anything is compiled or
+  written (one-line ValueErrors)."""
+  s = check(config, workdir, jobs.Topology.current())
+  t = s.train
   arch = checkpoints.architecture(config.vq, checkpoints.VQ_ARCH_FIELDS)
   workdir = epath.Path(workdir)
   final_dir, ckpt_dir = workdir / "vq", workdir / "vq_checkpoints"
   if final_dir.exists():
-    return _Plan(cfg, hp, None, final_dir, ckpt_dir, arch)
+    return _Plan(s, None, final_dir, ckpt_dir, arch)
   source = images_lib.open_images(t.dataset, t.split, t.data_dir, "vq_train.dataset")
   if ckpt_dir.is_dir():
     checkpoints.Checkpointer(
       ckpt_dir, keep=t.keep_checkpoints, architecture=arch
     ).check_architecture()
-  return _Plan(cfg, hp, source, final_dir, ckpt_dir, arch)
+  return _Plan(s, source, final_dir, ckpt_dir, arch)
 
 
 def _start(p: _Plan, ckpt: checkpoints.Checkpointer, mesh) -> tuple[VQTrainState, int]:
@@ -285,22 +357,27 @@ def _writer(config, workdir, start: int):
   return writer
 
 
-def train_vq(
+def run(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
   on_log: Optional[Callable[[int, Mapping[str, float]], None]] = None,
-) -> Optional[str]:
-  """Train a VQ tokenizer of config.vq's architecture on images; returns WORKDIR/vq (its final params),
-  or None when a SIGTERM stopped it early (after saving a checkpoint to resume from).
+) -> jobs.Result:
+  """Train a VQ tokenizer of config.vq's architecture on images; outputs: "vq", WORKDIR/vq (its
+  final params); stopped_early when a SIGTERM stopped it (after saving a checkpoint to resume from).
 
   Data parallel over the mesh's batch axes (parameters replicated). Logs losses, codebook usage in the
-  batch and a running perplexity (npp_jax.summaries); orbax checkpoints under WORKDIR/vq_checkpoints (keep
-  vq_train.keep_checkpoints; a re-run resumes from the latest; SIGTERM saves and stops). At the end the
-  parameters go to WORKDIR/vq, a params directory (what extract and the sampler read); when that exists
-  already, nothing is trained again. on_log(step, scalars) is called after each logged line (the demo's
-  progress bar).
+  batch and a running perplexity (npp_jax.summaries); orbax checkpoints under WORKDIR/vq_checkpoints
+  (keep vq_train.keep_checkpoints; a re-run resumes from the latest; SIGTERM saves and stops). At the
+  end the parameters go to WORKDIR/vq, a params directory (what extract and the sampler read); when
+  that exists already, nothing is trained again. on_log(step, scalars) is called after each logged
+  line (the demo's progress bar).
   """
+  final = _train(config, workdir, on_log)
+  return jobs.Result(stopped_early=final is None, outputs={} if final is None else {"vq": final})
+
+
+def _train(config, workdir, on_log) -> Optional[str]:
   p = _plan(config, workdir)
   if p.source is None:
     checkpoints.load_vq_params(p.final_dir, config.vq)
