@@ -120,6 +120,26 @@ def check_param_shapes(params, expected: dict[str, tuple[int, ...]], what: str) 
   )
 
 
+def check_gpt_params(params, model_config, what: str) -> None:
+  """One-line error when a parameter tree does not have the shapes of config.model (naming the release
+  size it looks like, if any)."""
+  got = param_shapes_of(gpt.unstack_layers(params))
+  n_layer = sum(1 for k in got if k.startswith("layers_") and k.endswith("attention/wo/kernel"))
+  dim = got.get("tok_embeddings/embedding", (0, 0))[-1]
+  names = [name for name, (l, _, d) in gpt.MODEL_SIZES.items() if (l, d) == (n_layer, dim)]
+  size = f" (it looks like {names[0]})" if names else ""
+  try:
+    check_param_shapes(
+      gpt.unstack_layers(params),
+      gpt.param_shapes(model_config),
+      f"{what} does not fit model.name={model_config.name!r}{size}",
+    )
+  except ValueError as e:
+    raise ValueError(
+      f"{e}; expected a checkpoint of the configured model (set --config.model.name)"
+    ) from None
+
+
 # ------------------------------------------------------------------------------------------ Checkpointer
 
 
@@ -461,6 +481,13 @@ def weights_kind(path) -> str:
     family = _checkpoints_family(p)
     return f"{family}_checkpoints" if family else "unfinished"
   return "other"
+
+
+def load_torch_inception(path, what: str) -> dict:
+  """pytorch-fid's FID Inception .pth file -> params, every key and shape checked."""
+  from npp_jax import convert  # The PyTorch reader: loaded only for a .pth file.
+
+  return convert.inception_state_to_params(convert.load_torch_state(str(path)), what=what)
 
 
 def _is_manager_dir(path: epath.Path) -> bool:

@@ -36,6 +36,7 @@ from npp_jax import cli
 from npp_jax import files
 from npp_jax import preflight
 from npp_jax.models import gpt
+from npp_jax.models import inception
 from npp_jax.models import vq
 
 KINDS = ("gpt", "vq")
@@ -308,6 +309,38 @@ def run(argv: Sequence[str]) -> None:
         "--src=FILE --config=CONFIG --dst=DIR [--ema] [--to=torch]"
       )
   convert(fv.kind, fv.src, fv.dst, fv.config, ema=fv.ema, to=fv.to)
+
+
+def inception_state_to_params(
+  state: dict[str, np.ndarray], what: str = "the Inception weights"
+) -> dict:
+  """pytorch-fid's FID Inception state dict (numpy) -> params; every key and shape checked first.
+
+  BN's `num_batches_tracked` counters carry no weights and are skipped.
+  """
+  shapes = inception.param_shapes()
+  names = {inception.torch_name(p): p for p in shapes}
+  missing = sorted(n for n in names if n not in state)
+  unexpected = sorted(k for k in state if k not in names and not k.endswith("num_batches_tracked"))
+  misshaped = []
+  for name, path in names.items():
+    want = to_torch(path, np.empty(shapes[path], np.uint8)).shape
+    if name in state and tuple(state[name].shape) != want:
+      misshaped.append(f"{name} {list(state[name].shape)} (expected {list(want)})")
+  problems = [f"{what} do not match the FID Inception-v3 ({inception.WEIGHTS_FILE})"]
+  if missing:
+    problems.append(f"missing {len(missing)} keys, e.g. {missing[0]}")
+  if unexpected:
+    problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+  if misshaped:
+    problems.append(f"{len(misshaped)} mis-shaped, e.g. {misshaped[0]}")
+  if len(problems) > 1:
+    raise ValueError("; ".join(problems))
+  flat = {
+    path: np.asarray(to_flax(path, np.asarray(state[name], np.float32)), np.float32)
+    for name, path in names.items()
+  }
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

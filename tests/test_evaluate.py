@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from npp_jax import convert
 from npp_jax import sharding
 from npp_jax.fid import features
 from npp_jax.fid import metrics
@@ -64,7 +65,7 @@ def files(tmp_path_factory):
   np.savez(d / "float.npz", arr_0=samples.astype(np.float32))
   np.savez(d / "grey.npz", arr_0=samples[..., :1])
   np.savez(d / "three.npz", arr_0=samples[:3])
-  params = inception.state_to_params({k: v.numpy() for k, v in state.items()})
+  params = convert.inception_state_to_params({k: v.numpy() for k, v in state.items()})
   return {
     "dir": d,
     "weights": str(weights),

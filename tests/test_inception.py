@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from npp_jax import checkpoints
 from npp_jax import convert
 from npp_jax.models import inception
 
@@ -66,8 +67,8 @@ def test_matches_pytorch_fid_with_resize(weights_file):
   """256 px uint8 images through pytorch-fid's resize (bilinear, align_corners=False) and network."""
   images = np.random.default_rng(1).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
   want = torch_outputs(weights_file, images)
-  params = inception.state_to_params(convert.load_torch_state(weights_file))
-  inception.check_params(params, "converted weights")
+  params = convert.inception_state_to_params(convert.load_torch_state(weights_file))
+  checkpoints.check_param_shapes(params, inception.param_shapes(), "converted weights")
   import jax
 
   got = jax.jit(lambda p, x: inception.features(p, x, recipe="pytorch_fid"))(params, images)
@@ -133,7 +134,7 @@ def test_wrong_weights_are_one_line_errors(weights_file):
   state = convert.load_torch_state(weights_file)
   bad = dict(state, **{"fc.weight": np.zeros((1000, 2048), np.float32)})
   with pytest.raises(ValueError, match=r"mis-shaped, e\.g\. fc\.weight \[1000, 2048\]"):
-    inception.state_to_params(bad)
+    convert.inception_state_to_params(bad)
   del bad["Mixed_7c.branch_pool.conv.weight"]
   with pytest.raises(ValueError, match="missing 1 keys"):
-    inception.state_to_params(bad)
+    convert.inception_state_to_params(bad)

@@ -358,7 +358,10 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
 @pytest.mark.parametrize(
   "sample_kw,match",
   [
-    (dict(classes=(1, N_CLASSES)), "class id 10 out of range"),
+    (
+      dict(classes=(1, N_CLASSES)),
+      r"sample.classes holds 10; expected class ids in \[0, model.num_classes=10\)",
+    ),
     (dict(batch_size=4), "multiple of 8"),
     (dict(num_images=0), "num_images"),
     (dict(temperature=-1.0), "temperature"),

@@ -26,7 +26,6 @@ def _missing_weights(value: str, what: str) -> ValueError:
 def load_inception(value: str) -> tuple[dict, bool]:
   """(params, converted) from pytorch-fid's .pth file (converted=True) or a params directory."""
   from npp_jax import checkpoints
-  from npp_jax import convert
 
   if not value:
     raise _missing_weights(value, "is empty")
@@ -35,10 +34,13 @@ def load_inception(value: str) -> tuple[dict, bool]:
     raise _missing_weights(value, "does not exist")
   if path.is_dir():
     params = checkpoints.read_params(path)
-    inception.check_params(params, f"evaluate.inception={value!r}")
+    checkpoints.check_param_shapes(
+      params,
+      inception.param_shapes(),
+      f"evaluate.inception={value!r} does not hold FID Inception-v3 params",
+    )
     return params, False
-  state = convert.load_torch_state(str(path))
-  return inception.state_to_params(state, what=f"the weights in {value}"), True
+  return checkpoints.load_torch_inception(path, f"the weights in {value}"), True
 
 
 def fingerprint(params) -> str:

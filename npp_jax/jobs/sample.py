@@ -125,26 +125,6 @@ def check(config, workdir, topology: jobs.Topology, *, params_given: bool = Fals
   return plan
 
 
-def check_params(params, model_config, what: str) -> None:
-  """One-line error when a parameter tree does not have the shapes of config.model (naming the release
-  size it looks like, if any)."""
-  got = checkpoints.param_shapes_of(gpt.unstack_layers(params))
-  n_layer = sum(1 for k in got if k.startswith("layers_") and k.endswith("attention/wo/kernel"))
-  dim = got.get("tok_embeddings/embedding", (0, 0))[-1]
-  names = [name for name, (l, _, d) in gpt.MODEL_SIZES.items() if (l, d) == (n_layer, dim)]
-  size = f" (it looks like {names[0]})" if names else ""
-  try:
-    checkpoints.check_param_shapes(
-      gpt.unstack_layers(params),
-      gpt.param_shapes(model_config),
-      f"{what} does not fit model.name={model_config.name!r}{size}",
-    )
-  except ValueError as e:
-    raise ValueError(
-      f"{e}; expected a checkpoint of the configured model (set --config.model.name)"
-    ) from None
-
-
 def _absolute(path: str) -> str:
   # A path with a scheme (gs://) is absolute already and must stay as it is.
   return "" if not path else path if "://" in path else str(epath.Path(path).absolute())
@@ -224,7 +204,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> jobs
   inputs = None if plan.score is None else scores.load_inputs(plan.score)
   if params is None:
     params = checkpoints.load_params(s.checkpoint, ema=s.samples.use_ema)
-  check_params(params, config.model, f"checkpoint {s.checkpoint or '(given params)'}")
+  checkpoints.check_gpt_params(
+    params, config.model, f"checkpoint {s.checkpoint or '(given params)'}"
+  )
   vq_params = None
   if plan.vq_cfg is not None:
     vq_params = checkpoints.load_vq_params(s.samples.vq_checkpoint, config.vq)

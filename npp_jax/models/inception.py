@@ -4,7 +4,7 @@ This is the 2015-12-05 TensorFlow Inception graph that the ADM evaluator (and TT
 in the form pytorch-fid ported it: torchvision's Inception-v3 layout with 1008 classes and the graph's
 quirks kept, i.e. average pools that ignore padding (count_include_pad=False) in the A, C and first E
 blocks, a max pool in the last E block, and batch norms with eps 1e-3. Weights come from pytorch-fid's
-release file `pt_inception-2015-12-05-6726825d.pth` (see `state_to_params`).
+release file `pt_inception-2015-12-05-6726825d.pth` (`convert.inception_state_to_params`).
 
 Outputs per image:
   pool3   [2048]      the global average pool: FID, precision and recall.
@@ -23,7 +23,6 @@ Preprocessing (`preprocess`): uint8 [N, H, W, 3] -> float [N, 299, 299, 3]; two 
 import functools
 from typing import Any
 
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -278,48 +277,3 @@ def torch_name(path: str) -> str:
   if leaf in _BN_NAMES:
     return ".".join(modules + [_BN_NAMES[leaf]])
   return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
-
-
-def state_to_params(state: dict[str, np.ndarray], what: str = "the Inception weights") -> dict:
-  """pytorch-fid's FID Inception state dict (numpy) -> params; every key and shape checked first.
-
-  BN's `num_batches_tracked` counters carry no weights and are skipped.
-  """
-  from npp_jax import convert
-
-  shapes = param_shapes()
-  names = {torch_name(p): p for p in shapes}
-  missing = sorted(n for n in names if n not in state)
-  unexpected = sorted(k for k in state if k not in names and not k.endswith("num_batches_tracked"))
-  misshaped = []
-  for name, path in names.items():
-    want = convert.to_torch(path, np.empty(shapes[path], np.uint8)).shape
-    if name in state and tuple(state[name].shape) != want:
-      misshaped.append(f"{name} {list(state[name].shape)} (expected {list(want)})")
-  problems = [f"{what} do not match the FID Inception-v3 ({WEIGHTS_FILE})"]
-  if missing:
-    problems.append(f"missing {len(missing)} keys, e.g. {missing[0]}")
-  if unexpected:
-    problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
-  if misshaped:
-    problems.append(f"{len(misshaped)} mis-shaped, e.g. {misshaped[0]}")
-  if len(problems) > 1:
-    raise ValueError("; ".join(problems))
-  flat = {
-    path: np.asarray(convert.to_flax(path, np.asarray(state[name], np.float32)), np.float32)
-    for name, path in names.items()
-  }
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def check_params(params, what: str) -> None:
-  """One-line error unless `params` has the FID Inception's paths and shapes."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  got = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x)) for path, x in flat}
-  want = param_shapes()
-  diff = sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k])
-  if diff:
-    raise ValueError(
-      f"{what} does not hold FID Inception-v3 params: {diff[0]} is "
-      f"{got.get(diff[0], 'missing')} there, {want.get(diff[0], 'absent')} expected"
-    )
