@@ -14,11 +14,15 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 from etils import epath
-import grain
+from etils import epy
 import numpy as np
 from PIL import Image
 
 from npp_jax import rules
+
+# grain (and orbax under it) loads at first use: a bad command line fails without it.
+with epy.lazy_imports():
+  import grain
 
 AUGS = {"tencrop": 10, "flip": 2, "none": 1}  # Views per image (the code data set's n_aug).
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 from absl import logging
 from etils import epath
-import grain
+from etils import epy
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,6 +31,10 @@ from npp_jax.data import code_dataset
 from npp_jax.data import images as images_lib
 from npp_jax.models import gpt
 from npp_jax.models import vq
+
+# grain (and orbax under it) loads at first use: a bad command line fails without it.
+with epy.lazy_imports():
+  import grain
 
 
 def encode_views(params, views: np.ndarray, cfg: vq.VQConfig, mesh) -> np.ndarray:

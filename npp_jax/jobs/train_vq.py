@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from absl import logging
 from etils import epath
+from etils import epy
 import flax
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,6 +35,10 @@ from npp_jax import sharding
 from npp_jax import summaries
 from npp_jax.data import images as images_lib
 from npp_jax.models import vq
+
+# grain (and orbax under it) loads at first use: a bad command line fails without it.
+with epy.lazy_imports():
+  import grain
 
 _USAGE_DECAY = 0.99  # EMA of the code distribution behind the running perplexity (~100 steps).
 
