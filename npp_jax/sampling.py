@@ -330,6 +330,16 @@ def _programs(model: gpt.GPTConfig, mesh: Mesh, axis_rules: tuple, static: tuple
   )
 
 
+@functools.lru_cache(maxsize=32)
+def _placer(model: gpt.GPTConfig, mesh: Mesh, axis_rules: tuple):
+  """Jitted: device parameters of any layout -> unscanned, compute dtype, the sampler's layout."""
+
+  def place(params):
+    return jax.tree.map(lambda x: x.astype(model.dtype), gpt.unstack_layers(params))
+
+  return jax.jit(place, out_shardings=_layout(model, mesh, axis_rules).params)
+
+
 # -------------------------------------------------------------------------------------------------
 # The sampler.
 
@@ -401,11 +411,17 @@ class Sampler:
 
   def place_params(self, params):
     """GPT parameters (either layout; host arrays, device arrays, or a sharded training state) ->
-    unscanned, in the compute dtype, placed as the sampler wants them. Cast before they are placed,
-    so the devices never hold a second copy in the parameter dtype."""
+    unscanned, in the compute dtype, placed as the sampler wants them. Arrays already on the mesh's
+    devices (a training state, on any number of processes) go through one jitted program straight
+    into the sampler's shardings; others are cast before they are placed, so the devices never
+    hold a second copy in the parameter dtype."""
+    devices = set(self.mesh.devices.flat)
+    leaves = jax.tree.leaves(params)
+    if all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x in leaves):
+      return _placer(self.model, self.mesh, self.rules)(params)
+    dtype = self.model.dtype
 
     def one(x, s):
-      dtype = self.model.dtype
       return sharding.put(x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x, dtype), s)
 
     return jax.tree.map(one, gpt.unstack_layers(params), self.param_shardings)

@@ -2,12 +2,14 @@
 references, data-parallel and sharded sampling on 8 fake devices, the programs an ahead-of-time
 compile sees, and the sampling job (codes, images, resume)."""
 
+import dataclasses
 import functools
 import os
 import subprocess
 import sys
 
 import chex
+import flax.linen as nn
 import helpers  # noqa: E402  (tests/ is on sys.path)
 from helpers import random_params  # noqa: E402
 import jax
@@ -348,6 +350,28 @@ def test_sharded_sampler_equals_replicated(tiny, replicated_codes, shape, case):
   got = sampler.sample(placed, labels, jax.random.key(4), first_index=3)
   assert got.sharding.shard_shape(got.shape)[0] == 8 // (data * fsdp)
   np.testing.assert_array_equal(np.asarray(got), replicated_codes[case])
+
+
+def test_a_sharded_training_state_is_placed_on_the_devices(tiny, replicated_codes):
+  """Scanned weights split as training splits them (FID during training): placed by one program
+  into the sampler's layout, the same values and codes as from host arrays."""
+  cfg, params, _ = tiny
+  mesh = jax.make_mesh((2, 2, 2), AXES, devices=jax.devices()[:8])
+  scanned = dataclasses.replace(cfg, scan_layers=True)
+  state_shardings = sharding.logical_shardings(gpt.abstract_params(scanned), mesh, RULES)
+  state = jax.device_put(gpt.stack_layers(params, cfg.n_layer), nn.unbox(state_shardings))
+  sampler = sampling.Sampler(cfg, SHARDED_CASES["seeded"], mesh, RULES)
+  placed = sampler.place_params(state)
+  from_host = sampler.place_params(jax.tree.map(np.asarray, params))
+  chex.assert_trees_all_equal(placed, from_host)
+  jax.tree.map(lambda x, y: assert_same_sharding(x, y), placed, from_host)
+  labels = np.arange(8, dtype=np.int32) % N_CLASSES
+  got = sampler.sample(placed, labels, jax.random.key(4), first_index=3)
+  np.testing.assert_array_equal(np.asarray(got), replicated_codes["seeded"])
+
+
+def assert_same_sharding(x, y):
+  assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (x.sharding, y.sharding)
 
 
 def test_prefill_and_decode_compile_from_shapes_and_are_the_loop(tiny):
