@@ -378,6 +378,20 @@ class Sampler:
     self.settings.check_vocab(model.vocab_size)
     _layout(model, mesh, axis_rules)  # Checks that every array splits over the mesh.
 
+  @classmethod
+  def from_config(
+    cls, config: ml_collections.ConfigDict, mesh: Mesh, platform: str | None = None
+  ) -> "Sampler":
+    """The sampler a run of `config` uses on `mesh`: config.model in sample.dtype's compute dtype
+    for `platform` (see `compute_dtype`), config.sample's settings, config.mesh's rules. With
+    `platform="tpu"` and a TPU topology's mesh, `programs` gives what that slice would run."""
+    model = dataclasses.replace(
+      gpt.GPTConfig.from_config(config.model),
+      dtype=compute_dtype(config.sample, config.model, platform),
+    )
+    settings = SamplingSettings.from_config(config)
+    return cls(model, settings, mesh, sharding.rules(config.mesh))
+
   @property
   def _jitted(self) -> _Programs:
     return _programs(self.model, self.mesh, self.rules, self.settings.static())
@@ -511,10 +525,12 @@ def sample_labels(sample_config, num_classes: int, indices) -> np.ndarray:
   return classes[np.asarray(indices) % len(classes)]
 
 
-def compute_dtype(sample_config, model_config):
+def compute_dtype(sample_config, model_config, platform: str | None = None):
+  """sample.dtype on `platform` (default: this machine's; "tpu" for a TPU program built here)."""
   if sample_config.dtype == "auto":
     # GPT-B decode in bf16 measured 1.4x slower than fp32 on a 2-core CPU (benchmarks/sample.py).
-    return jnp.float32 if jax.devices()[0].platform == "cpu" else gpt.DTYPES[model_config.dtype]
+    platform = platform or jax.devices()[0].platform
+    return jnp.float32 if platform == "cpu" else gpt.DTYPES[model_config.dtype]
   if sample_config.dtype not in gpt.DTYPES:
     raise ValueError(
       f"sample.dtype={sample_config.dtype!r}; expected 'auto' or one of {sorted(gpt.DTYPES)}"

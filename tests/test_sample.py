@@ -467,6 +467,22 @@ def tiny_params():
   return random_params(cfg)[1]
 
 
+def test_sampler_from_config_is_the_runs_sampler():
+  """What `--mode=compile` builds for a TPU slice: the config's settings and mesh rules, model.dtype
+  as the compute dtype on a TPU (sample.dtype="auto"), float32 on this CPU."""
+  config = job_config(top_k=7, temperature=0.8)
+  config.mesh.shape, config.model.dtype = (1, 2, 4), "bfloat16"
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  tpu = sampling.Sampler.from_config(config, mesh, platform="tpu")
+  assert tpu.settings == sampling.SamplingSettings(cfg_scale=2.0, temperature=0.8, top_k=7)
+  assert tpu.rules == sharding.rules(config.mesh)
+  assert tpu.model.dtype == jnp.bfloat16 and not tpu.model.scan_layers
+  assert sampling.Sampler.from_config(config, mesh).model.dtype == jnp.float32
+  params = tpu.programs(4)["sample_decode"][1][0]
+  wqkv = params["layers_0"]["attention"]["wqkv"]["kernel"]
+  assert wqkv.dtype == jnp.bfloat16 and wqkv.sharding.shard_shape(wqkv.shape) == (16, 24)
+
+
 def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params):
   config = job_config()
   merged = sample.sample_and_save(config, str(tmp_path), params=tiny_params)
