@@ -10,6 +10,7 @@ from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
 import numpy as np
 import pytest
 
+from npp_jax import caption_codes
 from npp_jax import checkpoints
 from npp_jax import convert
 from npp_jax import files
@@ -133,6 +134,7 @@ def _bypasses(source: str) -> list[str]:
     captions,
     caption_index,
     npy_captions,
+    caption_codes,
   ],
   ids=lambda m: m.__name__,
 )
