@@ -3,9 +3,9 @@ ids.
 
 Cleaning (NPP.md, "Text to image"): LlamaGen passes every caption twice through DeepFloyd IF's
 caption cleaning before tokenizing, for its features and its prompts alike; features of a converted
-checkpoint were made so. `clean` does the same with our own rule tables (`_RULES_*`), written from the
-description: URL-decode, lowercase, drop URLs, HTML tags, @handles, CJK, IP addresses, file names,
-long digit runs and ids, unify dashes and quotes, split words joined by many -/_, collapse
+checkpoint were made so. `clean` does the same with our own rule tables (`_RULES_*`), written from
+the description: URL-decode, lowercase, drop URLs, HTML tags, @handles, CJK, IP addresses, file
+names, long digit runs and ids, unify dashes and quotes, split words joined by many -/_, collapse
 whitespace, strip quotes and stray punctuation at the ends. For plain prompts that is lowercasing
 and whitespace normalisation. DeepFloyd's code leans on BeautifulSoup (tags) and ftfy (text repair);
 here the standard library's HTML parser strips tags and `_repair` does ftfy's character-level fixes
@@ -163,6 +163,27 @@ def clean(caption: str) -> str:
   """The caption as LlamaGen tokenizes it: two passes of the cleaning (the second catches what the
   first uncovered, e.g. an entity that decoded into a tag)."""
   return clean_once(clean_once(caption))
+
+
+def read_prompts(path) -> list[str]:
+  """A prompts file: UTF-8 text, one prompt a line, blank lines skipped. One-line ValueError when it
+  is missing, not UTF-8, or holds no prompt."""
+  try:
+    raw = epath.Path(path).read_bytes()
+  except (FileNotFoundError, IsADirectoryError):
+    raise ValueError(
+      f"prompts file {path} does not exist; expected a text file, one prompt a line"
+    ) from None
+  try:
+    lines = raw.decode("utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise ValueError(
+      f"prompts file {path} is not UTF-8 (byte {e.start}); expected UTF-8 text, one prompt a line"
+    ) from None
+  prompts = [line.strip() for line in lines if line.strip()]
+  if not prompts:
+    raise ValueError(f"prompts file {path} holds no prompt; expected one prompt a line")
+  return prompts
 
 
 # --------------------------------------------------------------------------------------------------

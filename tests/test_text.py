@@ -2,6 +2,7 @@
 tokenizer's checks."""
 
 import io
+import re
 
 import pytest
 
@@ -89,3 +90,26 @@ def test_tokenizer_lengths(tmp_path):
   assert tokens.ids[0, tokens.lengths[0] :].tolist() == [text.PAD_ID] * (6 - tokens.lengths[0])
   with pytest.raises(ValueError, match="max_length=1; expected an integer >= 2"):
     text.Tokenizer(path, max_length=1)
+
+
+@pytest.mark.parametrize(
+  "content, message",
+  [
+    (b"", "holds no prompt; expected one prompt a line"),
+    (b"\n  \n", "holds no prompt"),
+    (b"a cat\n\xff\xfe dog\n", "is not UTF-8 (byte 6)"),
+    (None, "does not exist; expected a text file"),
+  ],
+)
+def test_bad_prompts_file(tmp_path, content, message):
+  path = tmp_path / "prompts.txt"
+  if content is not None:
+    path.write_bytes(content)
+  with pytest.raises(ValueError, match=re.escape(message)) as e:
+    text.read_prompts(path)
+  assert "\n" not in str(e.value)
+
+
+def test_prompts_file(tmp_path):
+  (tmp_path / "p.txt").write_text("A red car\n\n  a café at night \n", encoding="utf-8")
+  assert text.read_prompts(tmp_path / "p.txt") == ["A red car", "a café at night"]
