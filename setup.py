@@ -31,9 +31,9 @@ setuptools.setup(
     "numpy>=2.4.6",
     "pillow>=13.0.0",
     "tqdm>=4.70.1",
-    # Tokenizing captions with a T5 folder's spiece.model (text-to-image prompts and extraction): a small
-    # wheel on every platform the base runs on, so text paths fail on bad input, never on a missing
-    # package (a `text` extra would turn a sampling run's first prompt into an ImportError).
+    # Tokenizing captions with a T5 folder's spiece.model (text-to-image prompts, extraction): a
+    # small wheel on every platform the base runs on, so text paths fail on bad input, never on a
+    # missing package (a `text` extra would turn a sampling run's first prompt into an ImportError).
     "sentencepiece>=0.2.3",
   ],
   extras_require={
