@@ -211,6 +211,7 @@ def train_step(
   ema = state.ema
   if ema_decay > 0:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    ema = optim.keep_frozen(ema, params)  # A fixed tensor (the null caption) stays bit-exact.
   metrics = {
     "loss": loss,
     "grad_norm": optax.global_norm(grads),
