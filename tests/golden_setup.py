@@ -36,11 +36,16 @@ def sample(cfg, params, **kw):
   return sample_lib.sample_codes(params, labels, jax.random.key(11), cfg=cfg, first_index=5, **kw)
 
 
-def losses(cfg, model, params):
-  """The NPP patch loss at k = 1, 2, 4 on a fixed batch (a 4x4 grid), from the model's patch logits."""
+def loss_batch(cfg):
+  """The fixed (codes [3, h, w], labels [3]) the losses are computed on."""
   rng = np.random.default_rng(3)
   codes = rng.integers(0, cfg.vocab_size, (3, *cfg.grid)).astype(np.int32)
-  labels = np.array([2, 5, 8], np.int32)
+  return codes, np.array([2, 5, 8], np.int32)
+
+
+def losses(cfg, model, params):
+  """The NPP patch loss at k = 1, 2, 4 on a fixed batch (a 4x4 grid), from the model's patch logits."""
+  codes, labels = loss_batch(cfg)
   out = {}
   for k in (1, 2, 4):
     logits = model.apply({"params": params}, jnp.asarray(codes), jnp.asarray(labels), patch_size=k)
