@@ -41,9 +41,8 @@ def model_config(name: str = "GPT-B") -> ml_collections.ConfigDict:
   m.token_dropout = 0.1
   m.resid_dropout = 0.1
   m.ffn_dropout = 0.1
-  m.class_dropout = (
-    0.1  # Label (text: whole caption) drop to the null one, for classifier-free guidance.
-  )
+  # Label (text: the whole caption) dropped to the null one, for classifier-free guidance.
+  m.class_dropout = 0.1
   m.dtype = "bfloat16"  # Compute dtype; parameters stay in param_dtype.
   m.param_dtype = "float32"
   m.scan_layers = False

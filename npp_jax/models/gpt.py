@@ -62,9 +62,8 @@ class GPTConfig:
   resid_dropout: float = 0.1
   ffn_dropout: float = 0.1
   class_dropout: float = 0.1  # Class label (or whole caption) replaced by the null one in training.
-  condition: str = (
-    "class"  # "class": a label; "text": caption features [cls_token_num, caption_dim].
-  )
+  # "class": a label; "text": caption features [cls_token_num, caption_dim].
+  condition: str = "class"
   caption_dim: int = 2048  # Width of the caption features (FLAN-T5-XL's); text models only.
   cls_token_num: int = 1  # Condition positions before the image: 1 for a class, 120 for a caption.
   dtype: Any = jnp.bfloat16
