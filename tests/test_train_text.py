@@ -18,7 +18,9 @@ import numpy as np
 import optax
 import pytest
 
+from npp_jax import config_lib
 from npp_jax import optim
+from npp_jax import sharding
 from npp_jax.jobs import train
 from npp_jax.models import gpt
 
@@ -178,3 +180,32 @@ def test_eval_step_counts_valid_rows_with_the_caption_and_the_null_caption():
     np.testing.assert_allclose(float(out[key]), want, rtol=1e-5)
   assert float(out["images"]) == 4.0
   assert float(out["null_nll"]) != float(out["nll"])
+
+
+def test_text_step_on_a_2x2x2_mesh_equals_one_device():
+  """State sharded by the config's logical-axis rules, the caption batch over data x fsdp."""
+  cfg = deterministic_cfg()
+  model, tx = gpt.GPT(cfg), optax.sgd(1.0)
+  state = random_state(model, cfg, tx)
+  batch = caption_batch(cfg, 8, seed=11, valid=[1, 1, 0, 1, 1, 1, 0, 1])
+  want_state, want = step_fn(model, tx, 2, accum=2)(state, batch)
+  mesh_config = config_lib.base_config().mesh
+  mesh_config.shape = (2, 2, 2)
+  mesh, rules = sharding.make_mesh(mesh_config), sharding.rules(mesh_config)
+  init_fn, rng = train.init_state(model, tx, cfg, 0, ema=False)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state_sharding = sharding.logical_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
+    fn = functools.partial(train.train_step, model=model, tx=tx, lr_fn=lambda s: 1.0, k=2, accum=2)
+    step = jax.jit(
+      fn,
+      in_shardings=(state_sharding, sharding.data_sharding(mesh)),
+      out_shardings=(state_sharding, None),
+    )
+    got_state, got = step(jax.device_put(state, state_sharding), sharding.global_batch(batch, mesh))
+  assert got_state.params["layers_0"]["attention"]["wqkv"]["kernel"].sharding.spec != (None, None)
+  np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+    got_state.params,
+    want_state.params,
+  )
