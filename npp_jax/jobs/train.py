@@ -85,6 +85,13 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
       "data.path is empty; expected the directory of a code data set "
       "(python -m npp_jax.npy_codes, or --mode=extract)"
     )
+  if cfg.condition == "text":
+    # The step takes caption batches (BATCH_KEYS); the caption code data set's reader is not part of
+    # the trainer yet: refuse here rather than fail on the first batch after compiling.
+    raise ValueError(
+      f"model.condition='text' with data.path={config.data.path!r}: the trainer reads class code "
+      "data sets only so far; expected model.condition='class'"
+    )
   meta = code_dataset.load_metadata(config.data.path, split="train")
   if tuple(meta.grid) != tuple(cfg.grid):
     raise ValueError(
@@ -155,8 +162,7 @@ def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
   """A fresh TrainState with boxed (logically partitioned) leaves, so eval_shape yields its layout."""
 
   def init(rng):
-    h, w = cfg.grid
-    params = model.init(rng, jnp.zeros((1, h, w), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+    params = model.init(rng, *gpt.example_inputs(cfg, zeros=True))["params"]
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -166,6 +172,20 @@ def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
     )
 
   return init, jax.random.key(seed)
+
+
+# The batch entries a train step reads, per model.condition (data/code_dataset.py, data/captions.py).
+BATCH_KEYS = {"class": ("codes", "labels"), "text": ("codes", "caption", "caption_len", "valid")}
+
+
+def model_inputs(batch: dict, cfg: gpt.GPTConfig) -> tuple[Any, dict]:
+  """(condition, keyword arguments) of GPT for a batch: a class batch's labels, or a caption batch's
+  right-aligned features [B, T, caption_dim] with the mask their lengths make."""
+  if cfg.condition != "text":
+    return batch["labels"], {}
+  t = batch["caption"].shape[1]
+  mask = jnp.arange(t)[None, :] >= t - batch["caption_len"][:, None]  # Left padding, LlamaGen's.
+  return batch["caption"], {"caption_mask": mask}
 
 
 def train_step(
@@ -179,27 +199,39 @@ def train_step(
   accum: int,
   ema_decay: float = 0.0,
 ):
-  """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state, metrics)."""
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state, metrics).
 
-  def loss_fn(params, codes, labels, rng):
+  A caption batch's invalid examples (unreadable images) are left out of the loss: it is the mean
+  over the valid examples of the whole global batch, whichever micro-batch holds them."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  inputs = {key: batch[key] for key in BATCH_KEYS[model.cfg.condition]}
+  num_valid = jnp.maximum(inputs["valid"].sum(), 1) if "valid" in inputs else None
+
+  def loss_fn(params, micro, rng):
+    codes = micro["codes"]
+    cond, kw = model_inputs(micro, model.cfg)
     logits = model.apply(
-      {"params": params}, codes, labels, patch_size=k, train=True, rngs={"dropout": rng}
+      {"params": params}, codes, cond, **kw, patch_size=k, train=True, rngs={"dropout": rng}
     )
-    return npp.patch_loss(logits, npp.group_targets(codes, k))
+    targets = npp.group_targets(codes, k)
+    if num_valid is None:
+      return npp.patch_loss(logits, targets)
+    valid = micro["valid"]
+    loss = npp.patch_loss(logits, targets, jnp.broadcast_to(valid[:, None], logits.shape[:2]))
+    # The micro-batch's share of the valid examples (times accum, which the mean below divides out).
+    return loss * (valid.sum() * accum / num_valid)
 
   grad_fn = jax.value_and_grad(loss_fn)
-  codes, labels = batch["codes"], batch["labels"]
   if accum == 1:
-    loss, grads = grad_fn(state.params, codes, labels, rng)
+    loss, grads = grad_fn(state.params, inputs, rng)
   else:
     # Micro-batch i takes rows i, i + accum, ...: every device keeps an equal share of each micro-batch.
     split = lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-    micro = (split(codes), split(labels), jnp.arange(accum))
+    micro = (jax.tree.map(split, inputs), jnp.arange(accum))
 
     def body(carry, xs):
-      c, l, i = xs
-      loss, grads = grad_fn(state.params, c, l, jax.random.fold_in(rng, i))
+      m, i = xs
+      loss, grads = grad_fn(state.params, m, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -211,6 +243,7 @@ def train_step(
   ema = state.ema
   if ema_decay > 0:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    ema = optim.keep_frozen(ema, params)  # A fixed tensor (the null caption) stays bit-exact.
   metrics = {
     "loss": loss,
     "grad_norm": optax.global_norm(grads),
@@ -224,18 +257,25 @@ def train_step(
 
 
 def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
-  """Sums over the batch's real rows (mask): k = 1 NLL in nats per image, with the true and the null class."""
+  """Sums over the batch's real rows (mask; a caption batch's valid ones): k = 1 NLL in nats per image,
+  with the true condition and the null one (the null class, or the null caption under the caption's
+  mask)."""
   codes, mask = batch["codes"], batch["mask"].astype(jnp.float32)
   targets = codes.reshape(codes.shape[0], -1)
+  cond, kw = model_inputs(batch, model.cfg)
+  if model.cfg.condition == "text":
+    mask = mask * batch["valid"].astype(jnp.float32)
+    null_cond, null_kw = cond, {**kw, "null_caption": jnp.ones(codes.shape[:1], bool)}
+  else:
+    null_cond, null_kw = jnp.full_like(cond, num_classes), kw
 
-  def image_nll(labels):  # [B]: the sum over the image's tokens.
-    logits = model.apply({"params": params}, codes, labels, patch_size=1, train=False)
+  def image_nll(c, extra):  # [B]: the sum over the image's tokens.
+    logits = model.apply({"params": params}, codes, c, **extra, patch_size=1, train=False)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].sum(-1)
 
-  cond = image_nll(batch["labels"])
-  null = image_nll(jnp.full_like(batch["labels"], num_classes))
-  return {"nll": jnp.sum(cond * mask), "null_nll": jnp.sum(null * mask), "images": jnp.sum(mask)}
+  nll, null = image_nll(cond, kw), image_nll(null_cond, null_kw)
+  return {"nll": jnp.sum(nll * mask), "null_nll": jnp.sum(null * mask), "images": jnp.sum(mask)}
 
 
 class Evaluator:
@@ -563,7 +603,8 @@ def _loop(
     while step < p.total_steps:
       k = p.schedule.k_at(step)
       local = next(it)
-      batch = sharding.global_batch({"codes": local["codes"], "labels": local["labels"]}, run.mesh)
+      batch = {key: local[key] for key in BATCH_KEYS[p.cfg.condition]}
+      batch = sharding.global_batch(batch, run.mesh)
       run.state, metrics = steps(k, run.state, batch)(run.state, batch)
       step += 1
       save = lambda s: ckpt.save(s, run.state, code_dataset.iterator_state(it), force=True)
