@@ -673,3 +673,124 @@ def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
   with np.load(one) as a, np.load(two) as b:
     for key in a.files:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+# ------------------------------------------------------------------------------------ text models
+
+TEXT_T, TEXT_C = 6, 12  # Caption positions and feature width of the tiny text model.
+
+
+def text_model_config(**kw):
+  return tiny_model_config(condition="text", cls_token_num=TEXT_T, caption_dim=TEXT_C, **kw)
+
+
+def random_captions(n, seed, lengths=None):
+  """Left-padded caption features and masks as the sampler takes them (`sampling.left_pad`)."""
+  rng = np.random.default_rng(seed)
+  if lengths is None:
+    lengths = rng.integers(1, TEXT_T + 1, size=n)
+  captions = [rng.normal(size=(int(n_i), TEXT_C)).astype(np.float32) for n_i in lengths]
+  return sampling.left_pad(captions, TEXT_T)
+
+
+@pytest.fixture(scope="module")
+def tiny_text():
+  cfg = gpt.GPTConfig.from_config(text_model_config())
+  model, params = random_params(cfg, seed=4)
+
+  @jax.jit
+  def full(p, tokens, caption, mask, null):
+    return model.apply({"params": p}, tokens, caption, caption_mask=mask, null_caption=null)
+
+  return cfg, params, full
+
+
+def test_left_pad_moves_each_caption_to_the_end():
+  captions = [np.full((2, 3), 1.0), np.full((4, 3), 2.0)]
+  features, mask = sampling.left_pad(captions, 4)
+  np.testing.assert_array_equal(mask, [[False, False, True, True], [True] * 4])
+  np.testing.assert_array_equal(features[0, :, 0], [0, 0, 1, 1])
+  np.testing.assert_array_equal(features[1, :, 0], [2, 2, 2, 2])
+  with pytest.raises(ValueError, match=r"caption 0 of shape \(5, 3\); expected \[L, 3\]"):
+    sampling.left_pad([np.zeros((5, 3))], 4)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_cached_text_decoding_matches_full_forward(tiny_text, chunk):
+  """Padded captions (and a null caption with a caption's mask) prefilled into the cache, then the
+  teacher tokens through it `chunk` positions per call: every logit from position T - 1 on equals
+  the text GPT's full forward pass."""
+  cfg, params, full = tiny_text
+  b, (h, w), t = 4, cfg.grid, cfg.cls_token_num
+  features, mask = random_captions(b, 0, lengths=[1, 3, TEXT_T, 2])
+  null = jnp.array([False, False, False, True])
+  tokens = jax.random.randint(jax.random.key(3), (b, h, w), 0, cfg.vocab_size)
+  want = full(params, tokens, features, mask, null)
+
+  decoder = gpt.Decoder(cfg)
+  variables = {"params": params}
+  cache = gpt.init_cache(cfg, b, gpt.cache_length(cfg))
+  x = jnp.concatenate(
+    [
+      decoder.apply(variables, features, null, method=gpt.Decoder.embed_caption),
+      decoder.apply(variables, tokens.reshape(b, -1)[:, :-1], method=gpt.Decoder.embed_tokens),
+    ],
+    axis=1,
+  )
+  chex.assert_shape(x, (b, gpt.cache_length(cfg), cfg.dim))
+  step = jax.jit(lambda v, x, c, pos, m: decoder.apply(v, x, c, pos, m))
+  logits, cache = step(variables, x[:, :t], cache, 0, mask)  # The prefill: T positions at once.
+  got = [logits[:, -1:]]
+  for pos in range(t, x.shape[1], chunk):
+    logits, cache = step(variables, x[:, pos : pos + chunk], cache, pos, mask)
+    got.append(logits)
+  got = jnp.concatenate(got, axis=1)
+  chex.assert_shape(got, want.shape)
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  # The mask matters: without it the padded captions' logits differ.
+  unmasked, _ = step(variables, x[:, :t], gpt.init_cache(cfg, b, gpt.cache_length(cfg)), 0, None)
+  assert np.abs(np.asarray(unmasked[0, -1] - want[0, 0])).max() > 1e-3
+
+
+def text_reference_logits(full, params, codes, features, mask, cfg, cfg_scale):
+  """Guided logits [B, n, V] of every position from the text GPT's full forward (teacher forcing);
+  the null caption keeps the caption's mask."""
+  b = codes.shape[0]
+  grid = codes.reshape(b, *cfg.grid)
+  no = np.zeros(b, bool)
+  cond = np.asarray(full(params, grid, features, mask, no), np.float64)
+  if cfg_scale <= 1.0:
+    return cond
+  uncond = np.asarray(full(params, grid, features, mask, ~no), np.float64)
+  return uncond + cfg_scale * (cond - uncond)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_greedy_text_sampling_is_the_stepwise_full_forward_argmax(tiny_text, cfg_scale):
+  cfg, params, full = tiny_text
+  features, mask = random_captions(4, 1)
+  settings = sampling.SamplingSettings(cfg_scale, top_k=1)
+  codes = np.asarray(
+    sampling.sample_codes(params, (features, mask), jax.random.key(0), model=cfg, settings=settings)
+  ).reshape(4, -1)
+  want = text_reference_logits(full, params, codes, features, mask, cfg, cfg_scale)
+  np.testing.assert_array_equal(codes, want.argmax(-1))
+  assert len(np.unique(codes)) > 4  # Not a constant grid.
+
+
+def test_text_sampling_on_eight_devices_equals_one(tiny_text):
+  cfg, params, _ = tiny_text
+  features, mask = random_captions(8, 2)
+  mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  for settings in [
+    sampling.SamplingSettings(7.5, top_k=1),
+    sampling.SamplingSettings(3.0, top_k=20, temperature=1.3),
+  ]:
+    kw = dict(model=cfg, settings=settings)
+    one = sampling.sample_codes(params, (features, mask), jax.random.key(7), mesh=mesh1, **kw)
+    mesh8 = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    eight = sampling.sample_codes(
+      params, (features, mask), jax.random.key(7), mesh=mesh8, rules=RULES, **kw
+    )
+    assert len(eight.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(eight), np.asarray(one))
