@@ -88,6 +88,14 @@ class SamplingSettings:
   temperature: float = 1.0
   top_k: int = 0  # 0 = off; 1 = greedy.
   top_p: float = 1.0  # 1.0 = off.
+  # Text models (model.condition="text"): the captions, as a prompts file read through the T5
+  # folder `text_encoder`, or a folder of LlamaGen's caption features 0.npy .. N-1.npy; each
+  # caption is sampled `images_per_caption` times. configs/t2i.py sets LlamaGen's text defaults
+  # (cfg_scale 7.5, top_k 1000).
+  prompts: str = ""
+  text_encoder: str = ""
+  caption_features: str = ""
+  images_per_caption: int = 1
 
   def __post_init__(self):
     # The release ignores scales below 1; they are refused rather than silently dropped.
@@ -96,6 +104,19 @@ class SamplingSettings:
     rules.check("sample.temperature", self.temperature, rules.POSITIVE)
     rules.check("sample.top_k", self.top_k, rules.COUNT)
     rules.check("sample.top_p", self.top_p, _TOP_P)
+    for field in ("prompts", "text_encoder", "caption_features"):
+      rules.check(f"sample.{field}", getattr(self, field), _PATH)
+    rules.check("sample.images_per_caption", self.images_per_caption, rules.POSITIVE_INT)
+    if self.prompts and self.caption_features:
+      raise ValueError(
+        f"sample.prompts={self.prompts!r} and sample.caption_features="
+        f"{self.caption_features!r}; expected one of them (prompts need sample.text_encoder)"
+      )
+    if bool(self.prompts) != bool(self.text_encoder):
+      raise ValueError(
+        f"sample.prompts={self.prompts!r} with sample.text_encoder={self.text_encoder!r}; "
+        "expected both (a prompts file and the T5 folder that encodes it) or neither"
+      )
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SamplingSettings":
@@ -107,6 +128,27 @@ class SamplingSettings:
       raise ValueError(
         f"sample.top_k={self.top_k}; expected an integer in [0, model.vocab_size={vocab_size}] "
         "(0 = off, 1 = greedy)"
+      )
+    return self
+
+  @property
+  def text(self) -> bool:
+    """Captions are given (a text model's run)."""
+    return bool(self.prompts or self.caption_features)
+
+  def check_model(self, model: gpt.GPTConfig) -> "SamplingSettings":
+    """Captions for a text model, none for a class model."""
+    if model.condition == "text" and not self.text:
+      raise ValueError(
+        "model.condition='text' but sample.prompts and sample.caption_features are empty; "
+        "expected captions to sample from (a prompts file with sample.text_encoder, or a folder "
+        "of caption features)"
+      )
+    if model.condition != "text" and self.text:
+      field = "prompts" if self.prompts else "caption_features"
+      raise ValueError(
+        f"sample.{field}={getattr(self, field)!r} but model.condition={model.condition!r}; "
+        "expected a text model (model.condition='text') for captions, or no captions"
       )
     return self
 
@@ -129,7 +171,18 @@ class SamplingSettings:
     }
 
 
-_FIELDS = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")
+_FIELDS = (
+  "cfg_scale",
+  "cfg_interval",
+  "temperature",
+  "top_k",
+  "top_p",
+  "prompts",
+  "text_encoder",
+  "caption_features",
+  "images_per_caption",
+)
+_PATH = ("a path (a string; '' = unset)", lambda v: isinstance(v, str))
 _CFG_SCALE = ("a number >= 1 (1 turns guidance off)", lambda v: rules.is_num(v) and v >= 1)
 _CFG_INTERVAL = (
   "-1 (guide every token) or an integer >= 0",

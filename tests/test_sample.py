@@ -794,3 +794,97 @@ def test_text_sampling_on_eight_devices_equals_one(tiny_text):
     )
     assert len(eight.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(eight), np.asarray(one))
+
+
+# ------------------------------------------------------------------------------ text sampling job
+
+_TEXT_CONFIG_FILE = """
+from npp_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  m = c.model
+  m.name, m.n_layer, m.n_head, m.dim, m.multiple_of, m.dtype = "custom", 2, 4, 32, 32, "float32"
+  m.vocab_size, m.num_classes, m.grid = 64, 10, (4, 4)
+  m.condition, m.cls_token_num, m.caption_dim = "text", {t}, {c}
+  c.vq.codebook_size, c.vq.ch, c.vq.ch_mult = 64, 32, (1, 1)
+  c.vq.z_channels, c.vq.num_res_blocks, c.vq.image_size = 32, 1, 8
+  c.sample.batch_size, c.sample.cfg_scale, c.sample.top_k = 8, 7.5, 16
+  c.sample.images_per_caption, c.sample.grid_cols = 3, 2
+  c.sample.checkpoint = {gpt!r}
+  c.mesh.shape = (-1, 1, 1)
+  return c
+"""
+
+
+def run_cli(workdir, config_path, *flags):
+  from test_multiprocess import ROOT  # noqa: E402
+  from test_multiprocess import _env  # noqa: E402
+
+  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=sample", f"--config={config_path}"]
+  cmd += [f"--workdir={workdir}", *flags]
+  return subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+
+
+def write_text_job(tmp_path, t, c, seed=5):
+  """A text model's checkpoint and a config file for it; -> (config path, params, config)."""
+  from npp_jax import checkpoints
+
+  path = tmp_path / "cfg.py"
+  path.write_text(_TEXT_CONFIG_FILE.format(t=t, c=c, gpt=str(tmp_path / "gpt")))
+  config = config_lib.load(str(path))
+  params = random_params(gpt.GPTConfig.from_config(config.model), seed=seed)[1]
+  checkpoints.save_params(str(tmp_path / "gpt"), params)
+  return path, params, config
+
+
+def direct_codes(params, config, captions, images_per_caption):
+  """What the sampler gives for caption i's images, sample index i * ipc + j, on 8 devices."""
+  cfg = gpt.GPTConfig.from_config(config.model)
+  features, mask = sampling.left_pad(captions, cfg.cls_token_num)
+  index = np.repeat(np.arange(len(captions)), images_per_caption)
+  settings = sampling.SamplingSettings(7.5, top_k=16, caption_features="x")
+  mesh = jax.make_mesh((8,), ("data",))
+  n = len(index)
+  pad = -n % 8
+  index = np.concatenate([index, np.full(pad, index[-1])])
+  codes = sampling.sample_codes(
+    params,
+    (features[index], mask[index]),
+    jax.random.key(0),
+    model=cfg,
+    settings=settings,
+    mesh=mesh,
+  )
+  return np.asarray(codes)[:n]
+
+
+def test_text_job_from_caption_features_through_the_cli(tmp_path):
+  """LlamaGen-format features (float32 (1, L, dim), L <= T) -> the npz in caption order, equal to
+  the sampler's codes for the left-padded captions; resumable (a deleted shard is redone alone)."""
+  path, params, config = write_text_job(tmp_path, TEXT_T, TEXT_C)
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "features"
+  folder.mkdir()
+  captions = [rng.normal(size=(n, TEXT_C)).astype(np.float32) for n in (2, TEXT_T, 1, 4)]
+  for i, cap in enumerate(captions):
+    np.save(folder / f"{i}.npy", cap[None])
+  flag = f"--config.sample.caption_features={folder}"
+  done = run_cli(tmp_path / "w", path, flag)
+  assert done.returncode == 0, done.stderr[-3000:]
+  samples = tmp_path / "w" / "samples"
+  with np.load(samples / "samples_12.npz") as z:
+    assert sorted(z.files) == ["caption_index", "codes"]
+    codes, index = z["codes"], z["caption_index"]
+  np.testing.assert_array_equal(index, np.repeat(np.arange(4), 3))
+  np.testing.assert_array_equal(codes, direct_codes(params, config, captions, 3))
+  assert len({codes[i].tobytes() for i in range(0, 12, 3)}) == 4  # The caption matters.
+  # Resume: only the missing shard is sampled again, to the same codes.
+  kept = samples / "shard_00-08.npz"
+  stamp = kept.stat().st_mtime_ns
+  (samples / "shard_08-12.npz").unlink()
+  assert run_cli(tmp_path / "w", path, flag).returncode == 0
+  assert kept.stat().st_mtime_ns == stamp
+  with np.load(samples / "samples_12.npz") as z:
+    np.testing.assert_array_equal(z["codes"], codes)
