@@ -888,3 +888,70 @@ def test_text_job_from_caption_features_through_the_cli(tmp_path):
   assert kept.stat().st_mtime_ns == stamp
   with np.load(samples / "samples_12.npz") as z:
     np.testing.assert_array_equal(z["codes"], codes)
+
+
+def text_job_config(**sample_kw):
+  c = job_config(**sample_kw)
+  c.model = text_model_config()
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_text_params(tiny_text):
+  return tiny_text[1]
+
+
+def _feature_folder(path, shapes, dtype=np.float32, rename=None):
+  path.mkdir()
+  for i, shape in enumerate(shapes):
+    np.save(path / f"{i}.npy", np.ones(shape, dtype))
+  if rename:  # A gap in the numbering.
+    (path / f"{rename[0]}.npy").rename(path / f"{rename[1]}.npy")
+  return str(path)
+
+
+def test_text_job_bad_inputs_fail_in_one_line_before_compile_or_write(
+  tmp_path, monkeypatch, tiny_params, tiny_text_params
+):
+  monkeypatch.setattr(sampling, "_programs", lambda *a: pytest.fail("compiled before the check"))
+  empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
+  empty.write_text("\n  \n")
+  latin.write_bytes("un caf\xe9\n".encode("latin-1"))
+  t, c = TEXT_T, TEXT_C
+  good = _feature_folder(tmp_path / "good", [(1, 2, c)])
+  cases = [
+    (dict(prompts=str(empty), text_encoder="t5"), "holds no prompt; expected one prompt a line"),
+    (dict(prompts=str(latin), text_encoder="t5"), r"is not UTF-8 \(byte 6\); expected UTF-8"),
+    (dict(prompts=str(latin)), "expected both"),
+    (dict(prompts=str(latin), text_encoder="t5", caption_features=good), "expected one of them"),
+    (dict(caption_features=good, images_per_caption=0), "sample.images_per_caption=0; expected"),
+    (dict(), "model.condition='text' but sample.prompts and sample.caption_features are empty"),
+    (dict(caption_features=str(tmp_path / "none")), "is not a directory"),
+    (
+      dict(caption_features=_feature_folder(tmp_path / "dim", [(1, 2, c), (1, 3, c + 1)])),
+      rf"1.npy of shape \(1, 3, {c + 1}\) \(float32\); expected float \(1, L, "
+      rf"model.caption_dim={c}\) with 1 <= L <= model.cls_token_num={t}",
+    ),
+    (
+      dict(caption_features=_feature_folder(tmp_path / "long", [(1, t + 1, c)])),
+      rf"of shape \(1, {t + 1}, {c}\)",
+    ),
+    (
+      dict(caption_features=_feature_folder(tmp_path / "gap", [(1, 2, c)] * 2, rename=(1, 2))),
+      "1.npy is missing; expected caption features 0.npy .. N-1.npy",
+    ),
+  ]
+  for kw, match in cases:
+    with pytest.raises(ValueError, match=match) as e:
+      sample.sample_and_save(text_job_config(**kw), str(tmp_path), params=tiny_text_params)
+    assert "\n" not in str(e.value)
+  # A class checkpoint for a text model, the reverse, and captions for a class model.
+  with pytest.raises(ValueError, match="is a class-conditional model but model.condition='text'"):
+    sample.sample_and_save(
+      text_job_config(caption_features=good), str(tmp_path), params=tiny_params
+    )
+  with pytest.raises(ValueError, match="is a text-conditional model but model.condition='class'"):
+    sample.sample_and_save(job_config(), str(tmp_path), params=tiny_text_params)
+  with pytest.raises(ValueError, match="sample.caption_features=.* but model.condition='class'"):
+    sample.sample_and_save(job_config(caption_features=good), str(tmp_path), params=tiny_params)
+  assert not (tmp_path / "samples").exists()

@@ -31,6 +31,12 @@ def check_params(params, model_config, what: str) -> None:
   """One-line error when a parameter tree does not have the shapes of config.model (naming the release
   size it looks like, if any)."""
   got = checkpoints.param_shapes_of(gpt.unstack_layers(params))
+  condition = "text" if "cls_embedding/cap_proj/fc1/kernel" in got else "class"
+  if condition != model_config.condition:
+    raise ValueError(
+      f"{what} is a {condition}-conditional model but model.condition="
+      f"{model_config.condition!r}; expected a checkpoint of the configured condition"
+    )
   n_layer = sum(1 for k in got if k.startswith("layers_") and k.endswith("attention/wo/kernel"))
   dim = got.get("tok_embeddings/embedding", (0, 0))[-1]
   names = [name for name, (l, _, d) in gpt.MODEL_SIZES.items() if (l, d) == (n_layer, dim)]
