@@ -955,3 +955,63 @@ def test_text_job_bad_inputs_fail_in_one_line_before_compile_or_write(
   with pytest.raises(ValueError, match="sample.caption_features=.* but model.condition='class'"):
     sample.sample_and_save(job_config(caption_features=good), str(tmp_path), params=tiny_params)
   assert not (tmp_path / "samples").exists()
+
+
+def test_text_job_from_prompts_through_the_cli(tmp_path):
+  """A prompts file encoded by a T5 folder (a random-weight HF T5 and a sentencepiece model built
+  here) -> codes equal to the sampler's for the encoder's left-padded features, the images, and a
+  PNG with one caption per row (its prompts listed beside it)."""
+  from PIL import Image
+
+  from npp_jax import checkpoints
+  from npp_jax import text_encoder
+  from npp_jax.models import vq
+  from tests import t5_helpers
+
+  folder = t5_helpers.write_folder(
+    tmp_path / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece()
+  )
+  t, c = 12, 32  # t5_helpers' encoder is 32 wide; 12 tokens cut the long prompt.
+  path, params, config = write_text_job(tmp_path, t, c)
+  checkpoints.save_params(
+    str(tmp_path / "vq"), vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
+  )
+  prompts = [
+    "A photo of a cat",
+    "two dogs running on the beach at sunset, next to a small boat on a calm river",
+    "an old castle",
+  ]
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+  flags = [
+    f"--config.sample.prompts={tmp_path / 'prompts.txt'}",
+    f"--config.sample.text_encoder={folder}",
+    f"--config.sample.vq_checkpoint={tmp_path / 'vq'}",
+  ]
+  done = run_cli(tmp_path / "w", path, *flags)
+  assert done.returncode == 0, done.stderr[-3000:]
+  samples = tmp_path / "w" / "samples"
+  with np.load(samples / "samples_9.npz") as z:
+    assert sorted(z.files) == ["arr_0", "caption_index", "codes"]
+    codes, index = z["codes"], z["caption_index"]
+    chex.assert_shape(z["arr_0"], (9, 8, 8, 3))
+  np.testing.assert_array_equal(index, np.repeat(np.arange(3), 3))
+  mesh = sharding.make_mesh(config.mesh)  # The job's: (8, 1, 1).
+  encoder = text_encoder.TextEncoder(folder, mesh, sharding.rules(config.mesh), max_length=t)
+  out = encoder(prompts)
+  assert out.truncated >= 1 and out.lengths.min() < t  # Cut captions, and padded ones.
+  captions = [f[:n] for f, n in zip(out.features, out.lengths)]
+  np.testing.assert_array_equal(codes, direct_codes(params, config, captions, 3))
+  # The grid: 3 rows (one per prompt) of grid_cols = 2 images, each with a caption strip.
+  grid = np.asarray(Image.open(samples / "samples_9.png"))
+  chex.assert_shape(grid, (3 * (8 + sample.CAPTION_STRIP), 2 * 8, 3))
+  strip = grid[8 : 8 + sample.CAPTION_STRIP]
+  assert (strip < 128).any() and (strip == 255).any()  # Text drawn on white.
+  assert (samples / "samples_9.txt").read_text().splitlines() == prompts
+
+  # The encoder's width must be the model's caption_dim.
+  bad = text_job_config(prompts=str(tmp_path / "prompts.txt"), text_encoder=str(folder))
+  with pytest.raises(
+    ValueError, match=f"gives 32 features per token but model.caption_dim={TEXT_C}"
+  ):
+    sample.sample_and_save(bad, str(tmp_path / "bad"), params=params)
+  assert not (tmp_path / "bad").exists()

@@ -254,6 +254,9 @@ def _write_caption_grid(path: epath.Path, images_of, job, sample_config) -> None
     label = name if len(name) <= chars else name[: chars - 3] + "..."
     draw.text((2, r * step + h + 1), label, fill="black")
   files.atomic_write(str(path), lambda f: grid.save(f, format="PNG"))
+  # The whole captions, which a row's strip may cut: row r of the PNG is line r.
+  listing = "".join(f"{job.captions.names[r]}\n" for r in range(rows))
+  files.atomic_write(str(path.with_suffix(".txt")), lambda f: f.write(listing.encode("utf-8")))
 
 
 @dataclasses.dataclass(frozen=True)
