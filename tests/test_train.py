@@ -233,7 +233,7 @@ BAD = [
   ({"model.num_classes": 5}, "holds label 9; expected labels < model.num_classes=5"),
   (
     {"model.condition": "text", "model.cls_token_num": 8, "model.caption_dim": 32},
-    "model.condition='text' with data.path=.*; expected model.condition='class'",
+    "is a class code data set; expected a caption code data set",
   ),
   ({"data.path": "/nonexistent/codes"}, "/nonexistent/codes"),
   ({"data.path": ""}, "data.path is empty"),

@@ -26,6 +26,7 @@ from npp_jax import optim
 from npp_jax import sharding
 from npp_jax import summaries
 from npp_jax import validate
+from npp_jax.data import captions
 from npp_jax.data import code_dataset
 from npp_jax.evaluators import sample_metrics
 from npp_jax.models import gpt
@@ -85,29 +86,14 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
       "data.path is empty; expected the directory of a code data set "
       "(python -m npp_jax.npy_codes, or --mode=extract)"
     )
-  if cfg.condition == "text":
-    # The step takes caption batches (BATCH_KEYS); the caption code data set's reader is not part of
-    # the trainer yet: refuse here rather than fail on the first batch after compiling.
+  if cfg.condition == "text" and config.evaluate.every_steps:
+    # Sample metrics draw class-conditional samples; a text model needs sampling from captions.
     raise ValueError(
-      f"model.condition='text' with data.path={config.data.path!r}: the trainer reads class code "
-      "data sets only so far; expected model.condition='class'"
+      f"evaluate.every_steps={config.evaluate.every_steps} with model.condition='text'; expected "
+      "0 (sample metrics during training are for class models)"
     )
-  meta = code_dataset.load_metadata(config.data.path, split="train")
-  if tuple(meta.grid) != tuple(cfg.grid):
-    raise ValueError(
-      f"the data set {config.data.path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
-      f"expected model.grid={tuple(cfg.grid)}"
-    )
-  if meta.max_code >= cfg.vocab_size:
-    raise ValueError(
-      f"the data set {config.data.path} holds code {meta.max_code}; expected codes "
-      f"< model.vocab_size={cfg.vocab_size}"
-    )
-  if meta.max_label >= cfg.num_classes:
-    raise ValueError(
-      f"the data set {config.data.path} holds label {meta.max_label}; expected labels "
-      f"< model.num_classes={cfg.num_classes}"
-    )
+  meta = _dataset(cfg).load_metadata(config.data.path, split="train")
+  _check_dataset(meta, cfg, f"the data set {config.data.path}")
   steps_per_epoch = code_dataset.steps_per_epoch(meta.num_examples, b)
   if steps_per_epoch < 1:
     raise ValueError(
@@ -118,6 +104,39 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
   schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)  # Validates the LR knobs.
   total = schedule.total_steps if t.max_steps <= 0 else min(t.max_steps, schedule.total_steps)
   return Plan(cfg, schedule, meta, steps_per_epoch, total, _eval_split(config, cfg))
+
+
+def _dataset(cfg: gpt.GPTConfig):
+  """The module that reads the model's kind of code data set: class labels, or captions."""
+  return captions if cfg.condition == "text" else code_dataset
+
+
+def _check_dataset(meta, cfg: gpt.GPTConfig, what: str) -> None:
+  """One-line ValueErrors for a data set (split) that does not fit the model."""
+  if tuple(meta.grid) != tuple(cfg.grid):
+    raise ValueError(
+      f"{what} holds {meta.grid[0]}x{meta.grid[1]} code grids; expected model.grid={tuple(cfg.grid)}"
+    )
+  if meta.max_code >= cfg.vocab_size:
+    raise ValueError(
+      f"{what} holds code {meta.max_code}; expected codes < model.vocab_size={cfg.vocab_size}"
+    )
+  if cfg.condition != "text":
+    if meta.max_label >= cfg.num_classes:
+      raise ValueError(
+        f"{what} holds label {meta.max_label}; expected labels < model.num_classes="
+        f"{cfg.num_classes}"
+      )
+    return
+  # Batches carry the caption padded to the data set's max_length: the model's condition positions.
+  got = (meta.max_length, meta.caption_dim)
+  if got != (cfg.cls_token_num, cfg.caption_dim):
+    raise ValueError(
+      f"{what} holds captions of {got[0]} x {got[1]} features; expected model.cls_token_num="
+      f"{cfg.cls_token_num} x model.caption_dim={cfg.caption_dim}"
+    )
+  if meta.num_valid == 0:
+    raise ValueError(f"{what} holds no valid example (no image was readable); expected some")
 
 
 def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
@@ -136,12 +155,8 @@ def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
     split = found[0] if found else None
   if t.eval_batches == 0 or split is None:
     return None
-  meta = code_dataset.load_metadata(path, validate.split_name(split, "data.eval_split"))
-  if meta.max_code >= cfg.vocab_size or meta.max_label >= cfg.num_classes:
-    raise ValueError(
-      f"split {split!r} of {path} holds code {meta.max_code} and label {meta.max_label}; "
-      f"expected codes < {cfg.vocab_size} and labels < {cfg.num_classes}"
-    )
+  meta = _dataset(cfg).load_metadata(path, validate.split_name(split, "data.eval_split"))
+  _check_dataset(meta, cfg, f"split {split!r} of {path}")
   return split
 
 
@@ -295,7 +310,7 @@ class Evaluator:
   ):
     self.mesh, self.path, self.split = mesh, path, split
     self.batch_size, self.max_batches = batch_size, max_batches
-    self.tokens = model.cfg.grid[0] * model.cfg.grid[1]
+    self.cfg, self.tokens = model.cfg, model.cfg.grid[0] * model.cfg.grid[1]
     self.seconds = 0.0  # Time spent evaluating: the trainer leaves it out of its step time.
     self._batches = None
     self._fn = jax.jit(
@@ -306,7 +321,7 @@ class Evaluator:
   def __call__(self, params) -> dict[str, float]:
     t0 = time.perf_counter()
     if self._batches is None:
-      it = code_dataset.make_eval_iterator(
+      it = _dataset(self.cfg).make_eval_iterator(
         self.path,
         batch_size=self.batch_size,
         split=self.split,
@@ -367,7 +382,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
   ckpt_dir = epath.Path(workdir) / "checkpoints"
   ckpt, init_params = _open_checkpoints(config, ckpt_dir)
   scorer = sample_metrics.prepare(config, workdir, p)  # FID etc. of samples; None when off.
-  it = code_dataset.make_train_iterator(
+  it = _dataset(p.cfg).make_train_iterator(
     config.data.path,
     global_batch_size=config.train.global_batch_size,
     seed=config.data.shuffle_seed,
