@@ -1,6 +1,7 @@
 """Training a text model on a caption code data set (data/captions.py) with configs/tiny.py:text:
 it learns through the NPP stages, evaluates with and without the caption, keeps the null caption
-fixed, and a SIGTERM'd run resumes bit-exactly through the real CLI; bad data sets one line each."""
+fixed, a SIGTERM'd run resumes bit-exactly through the real CLI, two processes train as one;
+bad data sets one line each."""
 
 import os
 import signal
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import test_multiprocess as mp  # noqa: E402  (tests/ is on sys.path)
 
 from npp_jax import checkpoints
 from npp_jax import config_lib
@@ -146,3 +148,41 @@ def test_bad_caption_data_sets_fail_before_anything_is_written(dataset, tmp_path
     with pytest.raises(ValueError, match=match) as e:
       train.train_and_evaluate(config, str(workdir))
     assert "\n" not in str(e.value) and not workdir.exists()
+
+
+def _launch(workdir, dataset, processes):
+  """`processes` CLI processes of the tiny text run on 8 CPU devices, as test_multiprocess runs."""
+  cmd = [
+    sys.executable,
+    "-m",
+    "npp_jax.main",
+    "--config=configs/tiny.py:text",
+    f"--workdir={workdir}",
+    f"--config.data.path={dataset}",
+    "--config.train.epochs=16",
+    "--config.train.max_steps=8",
+    "--config.train.eval_batches=0",
+  ]
+  if processes > 1:
+    cmd += [f"--coordinator_address=127.0.0.1:{mp._free_port()}", f"--num_processes={processes}"]
+  procs = []
+  for i in range(processes):
+    log = f"{workdir}.{i}.log"
+    with open(log, "w") as f:
+      extra = [f"--process_id={i}"] if processes > 1 else []
+      env = mp._env(processes)
+      procs.append(
+        (subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), log)
+      )
+  statuses = mp._finish(procs, timeout=300)
+  assert statuses == [0] * processes, "\n".join(open(log).read()[-3000:] for _, log in procs)
+
+
+@pytest.mark.timeout(700)
+def test_two_processes_train_a_text_model_as_one_process_does(dataset, tmp_path):
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  _launch(two, dataset, 2)
+  _launch(one, dataset, 1)
+  a, b = (jax.tree.map(np.asarray, checkpoints.load_params(w)) for w in (two, one))
+  # As test_multiprocess: only the all-reduce differs (gloo vs. in-process), fp32 round-off.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6), a, b)
