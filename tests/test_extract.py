@@ -242,12 +242,21 @@ def test_extract_of_an_image_folder_equals_the_tfds_path(tmp_path, vq_params):
       "extract.split": "train",
       "extract.aug": "tencrop",
       "extract.batch_size": 5,
+      "extract.keep_shards": True,
     }
   )
   out = extract.extract(c, str(tmp_path / "ours"))
   # Batches of 5 on 8 devices: padded to 8 rows on the way in, trimmed on the way out.
   assert out["num_examples"] == 11 and out["n_aug"] == 10 and out["shards_encoded"] == 3
   codes, labels = read_split(str(tmp_path / "ours" / "codes"), "train")
+  # Resume as from any source: a lost shard of the folder's is encoded again, the rest reused.
+  shutil.rmtree(tmp_path / "ours" / "codes")
+  os.remove(sorted(glob.glob(str(tmp_path / "ours" / "extract_tmp" / "train" / "shard_*.npz")))[1])
+  out = extract.extract(c, str(tmp_path / "ours"))
+  assert (out["shards_encoded"], out["shards_reused"]) == (1, 2)
+  again, again_labels = read_split(str(tmp_path / "ours" / "codes"), "train")
+  np.testing.assert_array_equal(again, codes)
+  np.testing.assert_array_equal(again_labels, labels)
 
   # Today's TFDS path: ImageFolder's records, their bytes undecoded (TfdsSource's SkipDecoding)
   # and decoded by PIL, as extraction read them through TensorFlow.
