@@ -1,7 +1,7 @@
 """Training a text model on a caption code data set (data/captions.py) with configs/tiny.py:text:
 it learns through the NPP stages, evaluates with and without the caption, keeps the null caption
-fixed, a SIGTERM'd run resumes bit-exactly through the real CLI, two processes train as one;
-bad data sets one line each."""
+fixed, a SIGTERM'd run resumes bit-exactly through the real CLI, the workdir exports to the
+release's t2i layout, two processes train as one; bad data sets one line each."""
 
 import os
 import signal
@@ -108,9 +108,16 @@ def _run_main(workdir, dataset, wait=True):
   return proc
 
 
-def test_sigterm_saves_and_stops_then_resumes_bit_exact(dataset, tmp_path):
-  full = str(tmp_path / "full")
-  _run_main(full, dataset)
+@pytest.fixture(scope="module")
+def full_run(dataset, tmp_path_factory):
+  """An uninterrupted CLI run of the tiny text model (16 steps)."""
+  workdir = str(tmp_path_factory.mktemp("full") / "run")
+  _run_main(workdir, dataset)
+  return workdir
+
+
+def test_sigterm_saves_and_stops_then_resumes_bit_exact(dataset, full_run, tmp_path):
+  full = full_run
   workdir = str(tmp_path / "run")
   proc = _run_main(workdir, dataset, wait=False)
   deadline = time.time() + 240
@@ -148,6 +155,54 @@ def test_bad_caption_data_sets_fail_before_anything_is_written(dataset, tmp_path
     with pytest.raises(ValueError, match=match) as e:
       train.train_and_evaluate(config, str(workdir))
     assert "\n" not in str(e.value) and not workdir.exists()
+
+
+def test_a_text_workdir_exports_to_the_release_t2i_layout(full_run, tmp_path):
+  """`convert --to=torch --src=WORKDIR` with the text config: a state dict LlamaGen's t2i class
+  (tests/torch_reference.py) loads strictly, null caption included, with the logits of the run's
+  weights on padded captions and null rows (1e-4 relative, as tests/test_convert_t2i.py)."""
+  torch = pytest.importorskip("torch")
+  from test_convert import rel_err  # noqa: E402
+  from test_convert import run_cli  # noqa: E402
+  import torch_reference as ref  # noqa: E402  (tests/ is on sys.path)
+
+  pt = tmp_path / "t2i.pt"
+  run_cli(
+    "--kind=gpt", f"--src={full_run}", "--config=configs/tiny.py:text", f"--dst={pt}", "--to=torch"
+  )
+  config = config_lib.load("configs/tiny.py:text")
+  m = config.model
+  model = ref.GPT(
+    m.n_layer,
+    m.n_head,
+    m.dim,
+    m.vocab_size,
+    m.num_classes,
+    m.grid,
+    multiple_of=m.multiple_of,
+    condition="text",
+    caption_dim=m.caption_dim,
+    cls_token_num=m.cls_token_num,
+  )
+  model.load_state_dict(torch.load(pt, weights_only=True)["model"], strict=True)
+  params = checkpoints.load_params(full_run)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, m.vocab_size, size=(3, 16, 16)).astype(np.int32)
+  valid = np.arange(T)[None, :] >= T - np.array([2, T, 5])[:, None]
+  caption = rng.normal(size=(3, T, DIM)).astype(np.float32) * valid[..., None]
+  null = np.array([False, True, False])
+  logits = gpt.GPT(gpt.GPTConfig.from_config(m)).apply(
+    {"params": params}, tokens, caption, caption_mask=valid, null_caption=null, patch_size=1
+  )
+  with torch.no_grad():
+    want = model(
+      torch.from_numpy(tokens.reshape(3, -1).astype(np.int64)),
+      torch.from_numpy(caption),
+      1,
+      valid=torch.from_numpy(valid),
+      drop=torch.from_numpy(null),
+    ).numpy()
+  assert rel_err(logits, want) <= 1e-4
 
 
 def _launch(workdir, dataset, processes):
