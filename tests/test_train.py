@@ -233,7 +233,7 @@ BAD = [
   ({"model.num_classes": 5}, "holds label 9; expected labels < model.num_classes=5"),
   (
     {"model.condition": "text", "model.cls_token_num": 8, "model.caption_dim": 32},
-    "model.condition='text' with data.path=.*; expected model.condition='class'",
+    "is a class code data set; expected a caption code data set",
   ),
   ({"data.path": "/nonexistent/codes"}, "/nonexistent/codes"),
   ({"data.path": ""}, "data.path is empty"),
@@ -388,6 +388,9 @@ def test_held_out_eval_matches_numpy(
   cfg = dataclasses.replace(p.cfg, scan_layers=False)
   params = checkpoints.load_params(workdir)  # Step 9's: the last evaluation's parameters.
   codes, labels = codes[:n_images], labels[:n_images]
+  # clu's parameter table of the run, in the workdir (not on the console).
+  count = sum(x.size for x in jax.tree.leaves(params))
+  assert f"Total: {count:,}" in open(os.path.join(workdir, "parameters.txt")).read()
 
   def image_nll(
     lbls,

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from absl import logging
+from clu import metrics as clu_metrics
 from etils import epath
 import flax
 import flax.linen as nn
@@ -26,6 +27,7 @@ from npp_jax import optim
 from npp_jax import sharding
 from npp_jax import summaries
 from npp_jax import validate
+from npp_jax.data import captions
 from npp_jax.data import code_dataset
 from npp_jax.evaluators import sample_metrics
 from npp_jax.models import gpt
@@ -85,29 +87,14 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
       "data.path is empty; expected the directory of a code data set "
       "(python -m npp_jax.npy_codes, or --mode=extract)"
     )
-  if cfg.condition == "text":
-    # The step takes caption batches (BATCH_KEYS); the caption code data set's reader is not part of
-    # the trainer yet: refuse here rather than fail on the first batch after compiling.
+  if cfg.condition == "text" and config.evaluate.every_steps:
+    # Sample metrics draw class-conditional samples; a text model needs sampling from captions.
     raise ValueError(
-      f"model.condition='text' with data.path={config.data.path!r}: the trainer reads class code "
-      "data sets only so far; expected model.condition='class'"
+      f"evaluate.every_steps={config.evaluate.every_steps} with model.condition='text'; expected "
+      "0 (sample metrics during training are for class models)"
     )
-  meta = code_dataset.load_metadata(config.data.path, split="train")
-  if tuple(meta.grid) != tuple(cfg.grid):
-    raise ValueError(
-      f"the data set {config.data.path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
-      f"expected model.grid={tuple(cfg.grid)}"
-    )
-  if meta.max_code >= cfg.vocab_size:
-    raise ValueError(
-      f"the data set {config.data.path} holds code {meta.max_code}; expected codes "
-      f"< model.vocab_size={cfg.vocab_size}"
-    )
-  if meta.max_label >= cfg.num_classes:
-    raise ValueError(
-      f"the data set {config.data.path} holds label {meta.max_label}; expected labels "
-      f"< model.num_classes={cfg.num_classes}"
-    )
+  meta = _dataset(cfg).load_metadata(config.data.path, split="train")
+  _check_dataset(meta, cfg, f"the data set {config.data.path}")
   steps_per_epoch = code_dataset.steps_per_epoch(meta.num_examples, b)
   if steps_per_epoch < 1:
     raise ValueError(
@@ -118,6 +105,39 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
   schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)  # Validates the LR knobs.
   total = schedule.total_steps if t.max_steps <= 0 else min(t.max_steps, schedule.total_steps)
   return Plan(cfg, schedule, meta, steps_per_epoch, total, _eval_split(config, cfg))
+
+
+def _dataset(cfg: gpt.GPTConfig):
+  """The module that reads the model's kind of code data set: class labels, or captions."""
+  return captions if cfg.condition == "text" else code_dataset
+
+
+def _check_dataset(meta, cfg: gpt.GPTConfig, what: str) -> None:
+  """One-line ValueErrors for a data set (split) that does not fit the model."""
+  if tuple(meta.grid) != tuple(cfg.grid):
+    raise ValueError(
+      f"{what} holds {meta.grid[0]}x{meta.grid[1]} code grids; expected model.grid={tuple(cfg.grid)}"
+    )
+  if meta.max_code >= cfg.vocab_size:
+    raise ValueError(
+      f"{what} holds code {meta.max_code}; expected codes < model.vocab_size={cfg.vocab_size}"
+    )
+  if cfg.condition != "text":
+    if meta.max_label >= cfg.num_classes:
+      raise ValueError(
+        f"{what} holds label {meta.max_label}; expected labels < model.num_classes="
+        f"{cfg.num_classes}"
+      )
+    return
+  # Batches carry the caption padded to the data set's max_length: the model's condition positions.
+  got = (meta.max_length, meta.caption_dim)
+  if got != (cfg.cls_token_num, cfg.caption_dim):
+    raise ValueError(
+      f"{what} holds captions of {got[0]} x {got[1]} features; expected model.cls_token_num="
+      f"{cfg.cls_token_num} x model.caption_dim={cfg.caption_dim}"
+    )
+  if meta.num_valid == 0:
+    raise ValueError(f"{what} holds no valid example (no image was readable); expected some")
 
 
 def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
@@ -136,12 +156,8 @@ def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
     split = found[0] if found else None
   if t.eval_batches == 0 or split is None:
     return None
-  meta = code_dataset.load_metadata(path, validate.split_name(split, "data.eval_split"))
-  if meta.max_code >= cfg.vocab_size or meta.max_label >= cfg.num_classes:
-    raise ValueError(
-      f"split {split!r} of {path} holds code {meta.max_code} and label {meta.max_label}; "
-      f"expected codes < {cfg.vocab_size} and labels < {cfg.num_classes}"
-    )
+  meta = _dataset(cfg).load_metadata(path, validate.split_name(split, "data.eval_split"))
+  _check_dataset(meta, cfg, f"split {split!r} of {path}")
   return split
 
 
@@ -256,15 +272,23 @@ def train_step(
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
-  """Sums over the batch's real rows (mask; a caption batch's valid ones): k = 1 NLL in nats per image,
-  with the true condition and the null one (the null class, or the null caption under the caption's
-  mask)."""
-  codes, mask = batch["codes"], batch["mask"].astype(jnp.float32)
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  """Held-out averages over the real images (clu.metrics: masked sums merged across batches)."""
+
+  nll: clu_metrics.Average.from_output("nll")  # k = 1 NLL, nats per token.
+  class_info: clu_metrics.Average.from_output("class_info")  # Null minus true NLL, nats per image.
+
+
+def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> EvalMetrics:
+  """k = 1 NLL with the true condition and with the null one (the null class, or the null caption
+  under the caption's mask), over the batch's real rows (mask; of a caption batch, valid ones)."""
+  codes = batch["codes"]
   targets = codes.reshape(codes.shape[0], -1)
   cond, kw = model_inputs(batch, model.cfg)
+  mask = batch["mask"].astype(bool)
   if model.cfg.condition == "text":
-    mask = mask * batch["valid"].astype(jnp.float32)
+    mask = mask & batch["valid"].astype(bool)
     null_cond, null_kw = cond, {**kw, "null_caption": jnp.ones(codes.shape[:1], bool)}
   else:
     null_cond, null_kw = jnp.full_like(cond, num_classes), kw
@@ -275,7 +299,9 @@ def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].sum(-1)
 
   nll, null = image_nll(cond, kw), image_nll(null_cond, null_kw)
-  return {"nll": jnp.sum(nll * mask), "null_nll": jnp.sum(null * mask), "images": jnp.sum(mask)}
+  return EvalMetrics.single_from_model_output(
+    nll=nll / targets.shape[1], class_info=null - nll, mask=mask
+  )
 
 
 class Evaluator:
@@ -295,7 +321,7 @@ class Evaluator:
   ):
     self.mesh, self.path, self.split = mesh, path, split
     self.batch_size, self.max_batches = batch_size, max_batches
-    self.tokens = model.cfg.grid[0] * model.cfg.grid[1]
+    self.cfg = model.cfg
     self.seconds = 0.0  # Time spent evaluating: the trainer leaves it out of its step time.
     self._batches = None
     self._fn = jax.jit(
@@ -306,7 +332,7 @@ class Evaluator:
   def __call__(self, params) -> dict[str, float]:
     t0 = time.perf_counter()
     if self._batches is None:
-      it = code_dataset.make_eval_iterator(
+      it = _dataset(self.cfg).make_eval_iterator(
         self.path,
         batch_size=self.batch_size,
         split=self.split,
@@ -314,16 +340,12 @@ class Evaluator:
         process_count=jax.process_count(),
       )
       self._batches = [b for _, b in zip(range(self.max_batches), it)]
-    sums = {"nll": 0.0, "null_nll": 0.0, "images": 0.0}
+    total = EvalMetrics.empty()
     for local in self._batches:
-      out = jax.device_get(self._fn(params, sharding.global_batch(local, self.mesh)))
-      for key in sums:
-        sums[key] += float(out[key])
+      total = total.merge(self._fn(params, sharding.global_batch(local, self.mesh)))
+    out = jax.device_get(total.compute())
     self.seconds += time.perf_counter() - t0
-    return {
-      "eval/nll": sums["nll"] / (sums["images"] * self.tokens),
-      "eval/class_info": (sums["null_nll"] - sums["nll"]) / sums["images"],
-    }
+    return {"eval/nll": float(out["nll"]), "eval/class_info": float(out["class_info"])}
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -367,7 +389,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
   ckpt_dir = epath.Path(workdir) / "checkpoints"
   ckpt, init_params = _open_checkpoints(config, ckpt_dir)
   scorer = sample_metrics.prepare(config, workdir, p)  # FID etc. of samples; None when off.
-  it = code_dataset.make_train_iterator(
+  it = _dataset(p.cfg).make_train_iterator(
     config.data.path,
     global_batch_size=config.train.global_batch_size,
     seed=config.data.shuffle_seed,
@@ -396,6 +418,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
       config.train.eval_batches,
     )
   writer, hooks = _writer(config, workdir, p.total_steps, start)
+  summaries.write_parameter_overview(run.state.params, workdir, is_main=jax.process_index() == 0)
   logging.info(
     "Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
     "FLOP ratio %.3f vs next-token training.",
