@@ -1015,3 +1015,28 @@ def test_text_job_from_prompts_through_the_cli(tmp_path):
   ):
     sample.sample_and_save(bad, str(tmp_path / "bad"), params=params)
   assert not (tmp_path / "bad").exists()
+
+
+def test_text_prefill_and_decode_compile_from_shapes_and_are_the_loop(tiny_text):
+  """A text model's two programs (`--mode=compile`) lower from shapes alone (caption features and
+  mask as the condition); run step by step on a sharded mesh they give the loop's codes, with the
+  caption mask carried in the state and caches of T + n - 1 positions."""
+  cfg, params, _ = tiny_text
+  mesh = jax.make_mesh((2, 2, 2), AXES, devices=jax.devices()[:8])
+  settings = sampling.SamplingSettings(7.5, top_k=20, temperature=1.2)
+  sampler = sampling.Sampler(cfg, settings, mesh, RULES)
+  programs = sampler.programs(4)
+  compiled = {name: fn.lower(*args).compile() for name, (fn, args) in programs.items()}
+  placed = sampler.place_params(params)
+  rep = sharding.replicated(sampler.mesh)
+  features, mask = random_captions(4, 9)
+  cond = sharding.put((features, mask), compiled["sample_prefill"].input_shardings[0][1])
+  rng, first, knobs = sharding.put((jax.random.key(8), jnp.int32(5), settings.knobs()), rep)
+  state = compiled["sample_prefill"](placed, cond, rng, first, knobs)
+  n = cfg.grid[0] * cfg.grid[1]
+  chex.assert_shape(state["cache"][0][0], (8, cfg.n_kv_head, TEXT_T + n - 1, cfg.head_dim))
+  np.testing.assert_array_equal(np.asarray(state["text_mask"]), np.repeat(mask, 2, axis=0))
+  for t in range(1, n):
+    state = compiled["sample_decode"](placed, state, sharding.put(jnp.int32(t), rep), knobs)
+  loop = sampler.sample(placed, (features, mask), jax.random.key(8), first_index=5)
+  np.testing.assert_array_equal(np.asarray(state["codes"]).reshape(4, *cfg.grid), np.asarray(loop))
