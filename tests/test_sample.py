@@ -1040,3 +1040,50 @@ def test_text_prefill_and_decode_compile_from_shapes_and_are_the_loop(tiny_text)
     state = compiled["sample_decode"](placed, state, sharding.put(jnp.int32(t), rep), knobs)
   loop = sampler.sample(placed, (features, mask), jax.random.key(8), first_index=5)
   np.testing.assert_array_equal(np.asarray(state["codes"]).reshape(4, *cfg.grid), np.asarray(loop))
+
+
+def test_text_job_from_prompts_on_two_processes_equals_one_process(tmp_path):
+  """2 processes x 4 CPU devices (the CLI's flags): each encodes the prompts on the global mesh and
+  samples its devices' share; the npz equals one process's (resuming is the shard loop's, tested
+  with class samples on two processes)."""
+  from test_multiprocess import ROOT  # noqa: E402
+  from test_multiprocess import _env  # noqa: E402
+  from test_multiprocess import _free_port  # noqa: E402
+
+  from tests import t5_helpers
+
+  folder = t5_helpers.write_folder(
+    tmp_path / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece()
+  )
+  path, _, _ = write_text_job(tmp_path, 12, 32)
+  (tmp_path / "prompts.txt").write_text("a red car\ntwo dogs on the beach\nan old castle\n")
+  flags = [
+    f"--config.sample.prompts={tmp_path / 'prompts.txt'}",
+    f"--config.sample.text_encoder={folder}",
+  ]
+  one = run_cli(tmp_path / "one", path, *flags)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=sample", f"--config={path}", *flags]
+  cmd += [f"--workdir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{_free_port()}"]
+  cmd += ["--num_processes=2"]
+  procs = [
+    subprocess.Popen(
+      cmd + [f"--process_id={i}"],
+      cwd=ROOT,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+  samples = tmp_path / "two" / "samples"
+  with np.load(tmp_path / "one" / "samples" / "samples_9.npz") as a:
+    want = {k: a[k] for k in a.files}
+  with np.load(samples / "samples_9.npz") as b:
+    assert sorted(b.files) == ["caption_index", "codes"]
+    for key in b.files:
+      np.testing.assert_array_equal(b[key], want[key])
