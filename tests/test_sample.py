@@ -782,10 +782,8 @@ def test_text_sampling_on_eight_devices_equals_one(tiny_text):
   cfg, params, _ = tiny_text
   features, mask = random_captions(8, 2)
   mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  for settings in [
-    sampling.SamplingSettings(7.5, top_k=1),
-    sampling.SamplingSettings(3.0, top_k=20, temperature=1.3),
-  ]:
+  # Seeded with guidance (greedy text sampling is checked against the full forward above).
+  for settings in [sampling.SamplingSettings(3.0, top_k=20, temperature=1.3)]:
     kw = dict(model=cfg, settings=settings)
     one = sampling.sample_codes(params, (features, mask), jax.random.key(7), mesh=mesh1, **kw)
     mesh8 = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
