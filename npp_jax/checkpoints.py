@@ -54,11 +54,19 @@ VQ_ARCH_FIELDS = (
   "image_size",
   "param_dtype",
 )
+# A text model (model.condition="text") has no class table but a caption width and length.
+TEXT_ARCH_FIELDS = ("condition", "cls_token_num", "caption_dim")
+# What a field means when a checkpoint's meta predates it.
+_ARCH_DEFAULTS = {"condition": "class"}
 _ITEMS = ("state", "data", "meta")
 
 
 def architecture(section, fields: Sequence[str] = ARCH_FIELDS) -> dict:
   """The fields of a config section (config.model, or config.vq with VQ_ARCH_FIELDS) as JSON values."""
+  if fields is ARCH_FIELDS and section.get("condition", "class") != "class":
+    fields = [f for f in fields if f != "num_classes"] + list(TEXT_ARCH_FIELDS)
+  elif fields is ARCH_FIELDS:
+    fields = [*fields, "condition"]
   return {
     f: list(section[f]) if isinstance(section[f], (tuple, list)) else section[f] for f in fields
   }
@@ -124,6 +132,12 @@ def check_gpt_params(params, model_config, what: str) -> None:
   """One-line error when a parameter tree does not have the shapes of config.model (naming the release
   size it looks like, if any)."""
   got = param_shapes_of(gpt.unstack_layers(params))
+  condition = "text" if "cls_embedding/cap_proj/fc1/kernel" in got else "class"
+  if condition != model_config.condition:
+    raise ValueError(
+      f"{what} is a {condition}-conditional model but model.condition="
+      f"{model_config.condition!r}; expected a checkpoint of the configured condition"
+    )
   n_layer = sum(1 for k in got if k.startswith("layers_") and k.endswith("attention/wo/kernel"))
   dim = got.get("tok_embeddings/embedding", (0, 0))[-1]
   names = [name for name, (l, _, d) in gpt.MODEL_SIZES.items() if (l, d) == (n_layer, dim)]
@@ -174,7 +188,8 @@ class Checkpointer:
       return
     saved = self._read_meta(step).get("architecture", {})
     want = self.architecture or {}
-    diff = {k: (saved.get(k), want[k]) for k in want if saved.get(k) != want[k]}
+    saved = {k: saved.get(k, _ARCH_DEFAULTS.get(k)) for k in want}
+    diff = {k: (saved[k], want[k]) for k in want if saved[k] != want[k]}
     if diff:
       pretty = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
       raise CheckpointError(
@@ -514,13 +529,25 @@ def load_params(path, *, ema: bool = False) -> dict:
         "--ema to take the release's EMA weights)"
       )
     return gpt.unstack_layers(read_params(p))
+  return gpt.unstack_layers(checkpoint_params(p, ema=ema))
+
+
+def checkpoint_params(directory, *, step: int | None = None, ema: bool = False) -> dict:
+  """The params (EMA with ema=True) of step `step` (the latest when None) of a trainer's
+  checkpoints folder (WORKDIR/checkpoints, WORKDIR/vq_checkpoints), in the layout they were saved
+  in, on one local device."""
+  p = files.absolute(directory)
+  steps = _finished_steps(p)
+  if not steps:
+    raise CheckpointError(f"{p} holds no finished checkpoint")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f"{p} holds no checkpoint of step {step}; expected one of {steps}")
   manager = ocp.CheckpointManager(
     p, item_names=_ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
   )
-  step = manager.latest_step()
-  if step is None:
-    raise CheckpointError(f"{p} holds no finished checkpoint")
-  # A run saved by several processes names devices this process does not have: restore onto one device.
+  # A run saved by several processes names devices this process lacks: restore onto one device.
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
     state = manager.restore(
@@ -531,6 +558,8 @@ def load_params(path, *, ema: bool = False) -> dict:
       f"checkpoint step {step} in {p} is corrupt or partial ({type(e).__name__})"
     ) from None
   if ema:
+    if "code_ema" in state:  # train_vq's state: its "EMA" is code usage, not weights.
+      raise CheckpointError(f"{p} is a VQ run's; VQ training keeps no EMA weights")
     if not state.get("ema"):
       raise CheckpointError(
         f"checkpoint step {step} in {p} has no EMA weights (train.ema_decay was "
@@ -540,4 +569,4 @@ def load_params(path, *, ema: bool = False) -> dict:
   else:
     params = state["params"]
   logging.info("Loaded parameters of step %d from %s%s.", step, p, " (EMA)" if ema else "")
-  return gpt.unstack_layers(jax.tree.map(lambda x: x, params))
+  return jax.tree.map(lambda x: x, params)

@@ -41,9 +41,11 @@ class SampleSetSettings:
     return cls(**fields | {"classes": tuple(classes) if isinstance(classes, list) else classes})
 
   def check_model(self, model: gpt.GPTConfig) -> None:
-    """Class ids the model has, and a top_k its vocabulary allows."""
+    """Class ids the model has (a text model samples captions), a top_k its vocabulary allows, and
+    captions exactly for a text model."""
+    self.sampling.check_model(model)
     bad = [c for c in self.classes if not c < model.num_classes]
-    if bad:
+    if bad and model.condition != "text":
       raise ValueError(
         f"sample.classes holds {bad[0]!r}; expected class ids in [0, model.num_classes="
         f"{model.num_classes})"
@@ -88,30 +90,18 @@ _RULES = {
 }
 
 
-def draw(params, vq_params, start: int, stop: int, s: SampleSetSettings, model, vq_cfg, mesh):
-  """Samples start .. stop - 1 (stop - start <= batch_size) on every device of `mesh`: {"codes",
-  "labels"} and, with vq_params, "arr_0" (uint8 images), every process holding all of them.
+def draw(sampler: sampling.Sampler, params, vq_params, start: int, stop: int, s, vq_cfg):
+  """Samples start .. stop - 1 (stop - start <= batch_size) on every device of the sampler's mesh:
+  {"codes", "labels"} and, with vq_params, "arr_0" (uint8 images), every process holding all of them.
 
-  params: the sampler's (sampler_model's) unscanned weights; the batch is padded to batch_size, so every
-  call has one shape.
+  params: as sampler.place_params returns them; the batch is padded to batch_size, so every call has
+  one shape.
   """
+  model = sampler.model
   labels = s.labels(np.arange(start, start + s.batch_size), model.num_classes)
-  rng = jax.random.key(int(s.seed))
-  t = s.sampling
-  codes = sampling.sample_codes(
-    params,
-    labels,
-    rng,
-    cfg=model,
-    cfg_scale=t.cfg_scale,
-    cfg_interval=t.cfg_interval,
-    temperature=t.temperature,
-    top_k=t.top_k,
-    top_p=t.top_p,
-    first_index=start,
-    mesh=mesh,
-  )
+  rng = sharding.put(jax.random.key(int(s.seed)), sharding.replicated(sampler.mesh))
+  codes = sampler.sample(params, labels, rng, first_index=start)
   out = {"codes": sharding.gather(codes)[: stop - start], "labels": labels[: stop - start]}
   if vq_params is not None:
-    out["arr_0"] = sampling.decode_images(vq_params, out["codes"], vq_cfg, mesh)
+    out["arr_0"] = sampling.decode_images(vq_params, out["codes"], vq_cfg, sampler.mesh)
   return out

@@ -237,6 +237,10 @@ BAD = [
   ({"mesh.shape": (3, 1, 1)}, r"mesh.shape=\(3, 1, 1\) needs 3 devices; found 8"),
   ({"model.vocab_size": 100}, "holds code 2[0-9][0-9]; expected codes < model.vocab_size=100"),
   ({"model.num_classes": 5}, "holds label 9; expected labels < model.num_classes=5"),
+  (
+    {"model.condition": "text", "model.cls_token_num": 8, "model.caption_dim": 32},
+    "is a class code data set; expected a caption code data set",
+  ),
   ({"data.path": "/nonexistent/codes"}, "/nonexistent/codes"),
   ({"data.path": ""}, "data.path is empty"),
   ({"optim.lr": 0.0}, "optim.lr=0.0; expected a positive number"),
@@ -390,6 +394,9 @@ def test_held_out_eval_matches_numpy(
   cfg = dataclasses.replace(p.model, scan_layers=False)
   params = checkpoints.load_params(workdir)  # Step 9's: the last evaluation's parameters.
   codes, labels = codes[:n_images], labels[:n_images]
+  # clu's parameter table of the run, in the workdir (not on the console).
+  count = sum(x.size for x in jax.tree.leaves(params))
+  assert f"Total: {count:,}" in open(os.path.join(workdir, "parameters.txt")).read()
 
   def image_nll(
     lbls,

@@ -4,28 +4,46 @@ step): a training evaluator (npp_jax.evaluators) on the code data set's held-out
 import functools
 import time
 
+from clu import metrics as clu_metrics
+import flax
 import jax
 import jax.numpy as jnp
 
+from npp_jax import data as datasets
 from npp_jax import sharding
-from npp_jax.data import code_dataset
 from npp_jax.models import gpt
 
 
-def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
-  """Sums over the batch's real rows (mask): k = 1 NLL in nats per image, with the true and the null
-  class."""
-  codes, mask = batch["codes"], batch["mask"].astype(jnp.float32)
-  targets = codes.reshape(codes.shape[0], -1)
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  """Held-out averages over the real images (clu.metrics: masked sums merged across batches)."""
 
-  def image_nll(labels):  # [B]: the sum over the image's tokens.
-    logits = model.apply({"params": params}, codes, labels, patch_size=1, train=False)
+  nll: clu_metrics.Average.from_output("nll")  # k = 1 NLL, nats per token.
+  class_info: clu_metrics.Average.from_output("class_info")  # Null minus true NLL, nats per image.
+
+
+def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> EvalMetrics:
+  """k = 1 NLL with the true condition and with the null one (the null class, or the null caption
+  under the caption's mask), over the batch's real rows (mask; of a caption batch, valid ones)."""
+  codes = batch["codes"]
+  targets = codes.reshape(codes.shape[0], -1)
+  cond, kw = gpt.model_inputs(batch, model.cfg)
+  mask = batch["mask"].astype(bool)
+  if model.cfg.condition == "text":
+    mask = mask & batch["valid"].astype(bool)
+    null_cond, null_kw = cond, {**kw, "null_caption": jnp.ones(codes.shape[:1], bool)}
+  else:
+    null_cond, null_kw = jnp.full_like(cond, num_classes), kw
+
+  def image_nll(c, extra):  # [B]: the sum over the image's tokens.
+    logits = model.apply({"params": params}, codes, c, **extra, patch_size=1, train=False)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].sum(-1)
 
-  cond = image_nll(batch["labels"])
-  null = image_nll(jnp.full_like(batch["labels"], num_classes))
-  return {"nll": jnp.sum(cond * mask), "null_nll": jnp.sum(null * mask), "images": jnp.sum(mask)}
+  nll, null = image_nll(cond, kw), image_nll(null_cond, null_kw)
+  return EvalMetrics.single_from_model_output(
+    nll=nll / targets.shape[1], class_info=null - nll, mask=mask
+  )
 
 
 class HeldOutNLL:
@@ -39,7 +57,7 @@ class HeldOutNLL:
   def __init__(self, model: gpt.GPT, mesh, params_sharding, data, *, at, every_steps: int):
     self.mesh, (self.path, self.split, self.batch_size, self.max_batches) = mesh, data
     self.at, self.every_steps = frozenset(at), every_steps
-    self.tokens = model.cfg.grid[0] * model.cfg.grid[1]
+    self.cfg = model.cfg
     self.seconds = 0.0
     self._batches = None
     self._fn = jax.jit(
@@ -54,7 +72,7 @@ class HeldOutNLL:
     del step  # The same batches every time.
     t0 = time.perf_counter()
     if self._batches is None:
-      it = code_dataset.make_eval_iterator(
+      it = datasets.reader(self.cfg).make_eval_iterator(
         self.path,
         batch_size=self.batch_size,
         split=self.split,
@@ -62,13 +80,9 @@ class HeldOutNLL:
         process_count=jax.process_count(),
       )
       self._batches = [b for _, b in zip(range(self.max_batches), it)]
-    sums = {"nll": 0.0, "null_nll": 0.0, "images": 0.0}
+    total = EvalMetrics.empty()
     for local in self._batches:
-      out = jax.device_get(self._fn(state.params, sharding.global_batch(local, self.mesh)))
-      for key in sums:
-        sums[key] += float(out[key])
+      total = total.merge(self._fn(state.params, sharding.global_batch(local, self.mesh)))
+    out = jax.device_get(total.compute())
     self.seconds += time.perf_counter() - t0
-    return {
-      "eval/nll": sums["nll"] / (sums["images"] * self.tokens),
-      "eval/class_info": (sums["null_nll"] - sums["nll"]) / sums["images"],
-    }
+    return {"eval/nll": float(out["nll"]), "eval/class_info": float(out["class_info"])}

@@ -27,6 +27,7 @@ from npp_jax import checkpoints
 from npp_jax import preflight
 from npp_jax import rules
 from npp_jax import sample_set
+from npp_jax import sampling
 from npp_jax import sharding
 from npp_jax.fid import features
 from npp_jax.fid import scores
@@ -68,8 +69,15 @@ _EVERY = ("an integer >= 0 (0: no sample metrics)", rules.COUNT[1])
 def check_settings(config, model: gpt.GPTConfig, ema_decay: float, topology):
   """None when evaluate.every_steps is 0; else the settings, every rule and cross-section rule
   checked (one-line ValueErrors). ema_decay: optim.ema_decay, which sample.use_ema needs above 0."""
-  if rules.expect(config, "evaluate.every_steps", _EVERY) == 0:
+  every = rules.expect(config, "evaluate.every_steps", _EVERY)
+  if every == 0:
     return None
+  if model.condition == "text":
+    # The evaluator draws class-conditional samples; a text model needs sampling from captions.
+    raise ValueError(
+      f"evaluate.every_steps={every} with model.condition='text'; expected 0 (sample metrics "
+      "during training are for class models)"
+    )
   s = SampleMetricsSettings.from_config(config)
   s.samples.check_model(model)
   s.samples.check_devices(topology.num_devices)
@@ -127,6 +135,7 @@ class SampleMetrics:
   model: gpt.GPTConfig  # As the sampler runs it: unscanned, in the compute dtype.
   vq_cfg: vq.VQConfig
   mesh: jax.sharding.Mesh
+  sampler: sampling.Sampler  # On `mesh`, weights placed by config.mesh's rules.
   inception: Any  # Replicated on the mesh.
   vq_params: Any  # Replicated on the mesh.
   ref_stats: dict
@@ -139,8 +148,7 @@ class SampleMetrics:
   def __call__(self, state, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
     params = state.ema if self.settings.samples.use_ema else state.params
-    rep = sharding.replicated(self.mesh)
-    params = jax.jit(gpt.unstack_layers, out_shardings=rep)(params)  # Any training layout -> whole.
+    params = self.sampler.place_params(params)  # Any training layout -> the sampler's.
     pool3, spatial = _features(self, _images(self, params))
     score = self.settings.score
     out = scores.scores(score, self.inception, pool3, spatial, self.ref_stats, self.ref_pool3)
@@ -159,9 +167,7 @@ def _images(m: SampleMetrics, params):
   gets all of them), drawn as --mode=sample draws them."""
   s, n = m.settings.samples, m.settings.num_samples
   for a in range(0, n, s.batch_size):
-    out = sample_set.draw(
-      params, m.vq_params, a, min(n, a + s.batch_size), s, m.model, m.vq_cfg, m.mesh
-    )
+    out = sample_set.draw(m.sampler, params, m.vq_params, a, min(n, a + s.batch_size), s, m.vq_cfg)
     yield out["arr_0"]
 
 
@@ -197,6 +203,9 @@ def create(
   inputs = scores.load_inputs(s.score)
   vq_cfg = vq.VQConfig.from_config(config.vq)
   vq_params = checkpoints.load_vq_params(s.samples.vq_checkpoint, config.vq)
+  sampler = sampling.Sampler(
+    s.samples.sampler_model(model), s.samples.sampling, mesh, sharding.rules(config.mesh)
+  )
   ref_stats, ref_pool3 = scores.reference_statistics(
     inputs.reference, inputs.params, mesh, s.score, epath.Path(workdir)
   )
@@ -218,6 +227,7 @@ def create(
     s.samples.sampler_model(model),
     vq_cfg,
     mesh,
+    sampler,
     sharding.put(inputs.params, rep),
     sharding.put(vq_params, rep),
     ref_stats,

@@ -1,7 +1,10 @@
 """The sampling job: python -m npp_jax.main --mode=sample --config=... --workdir=DIR
 
 Class-conditional samples (codes, and images with a VQ) of a checkpoint into WORKDIR/samples, one shard file
-per global batch so that a killed run resumes; the sampler itself is `npp_jax.sampling`.
+per global batch so that a killed run resumes; the sampler itself is `npp_jax.sampling`. A text
+model samples each caption (sample.prompts through sample.text_encoder, or sample.caption_features)
+sample.images_per_caption times, in caption order: the npz holds `codes` and `caption_index`.
+With evaluate.reference set the samples are scored through the fid library.
 """
 
 import dataclasses
@@ -20,7 +23,9 @@ from npp_jax import jobs
 from npp_jax import preflight
 from npp_jax import rules
 from npp_jax import sample_set
+from npp_jax import sampling
 from npp_jax import sharding
+from npp_jax import shards
 from npp_jax.fid import images as image_sets
 from npp_jax.fid import scores
 from npp_jax.models import gpt
@@ -66,16 +71,21 @@ class Plan:
   score: scores.ScoreSettings | None  # evaluate.reference set: the samples are scored.
   out_dir: epath.Path
   meta: dict  # What fixes the content of sample i (WORKDIR/samples/meta.json).
+  num_images: int  # sample.num_images; a text model: captions x sample.images_per_caption.
+  captions: Any = None  # A text model's captions (_FeatureFolder or _Prompts); None: classes.
 
   @property
-  def spans(self) -> list[tuple[int, int]]:
-    """[start, end) of the samples in each shard: one shard per global batch."""
-    n, bs = self.settings.num_images, self.settings.samples.batch_size
-    return [(a, min(a + bs, n)) for a in range(0, n, bs)]
+  def images_per_caption(self) -> int:
+    return self.settings.samples.sampling.images_per_caption
 
-  def shard_path(self, span) -> epath.Path:
-    width = len(str(self.settings.num_images))
-    return self.out_dir / f"shard_{span[0]:0{width}d}-{span[1]:0{width}d}.npz"
+  def caption_index(self, indices) -> np.ndarray:
+    """Caption of each global sample index (past the end: the last caption, padding)."""
+    return np.minimum(np.asarray(indices) // self.images_per_caption, len(self.captions) - 1)
+
+  @property
+  def shards(self) -> shards.Shards:
+    """One shard per global batch, shard_<start>-<end>.npz, the settings in meta.json."""
+    return shards.Shards(self.out_dir, self.num_images, self.settings.samples.batch_size)
 
 
 def check_settings(config, topology: jobs.Topology):
@@ -114,14 +124,13 @@ def check(config, workdir, topology: jobs.Topology, *, params_given: bool = Fals
       "sample.vq_checkpoint", s.samples.vq_checkpoint, preflight.VQ_KINDS, preflight.VQ_WANTED
     )
     preflight.check_vq_fits(vq_cfg, model)
-  plan = Plan(s, model, vq_cfg, score, work / "samples", _settings(config))
-  files.check_same_settings(
-    str(plan.out_dir / "meta.json"),
-    plan.meta,
-    str(plan.out_dir),
-    "samples",
-    "expected the same settings or another --workdir",
-  )
+  captions, n = None, s.num_images
+  if s.samples.sampling.text:
+    captions = _check_captions(s.samples.sampling, model)
+    n = len(captions) * s.samples.sampling.images_per_caption  # Each caption, that many times.
+  meta = _settings(config, captions)
+  plan = Plan(s, model, vq_cfg, score, work / "samples", meta, n, captions)
+  plan.shards.check_settings(meta, "samples", "expected the same settings or another --workdir")
   return plan
 
 
@@ -130,10 +139,18 @@ def _absolute(path: str) -> str:
   return "" if not path else path if "://" in path else str(epath.Path(path).absolute())
 
 
-def _settings(config) -> dict:
+def _settings(config, captions=None) -> dict:
   """What fixes the content of sample i: a resumed run must agree on all of it."""
   s = config.sample
+  text = {}
+  if captions is not None:
+    text = {
+      "captions": captions.what,
+      "text_encoder": _absolute(s.text_encoder),
+      "images_per_caption": int(s.images_per_caption),
+    }
   return {
+    **text,
     "checkpoint": _absolute(s.checkpoint),
     "use_ema": bool(s.use_ema),
     "vq_checkpoint": _absolute(s.vq_checkpoint),
@@ -147,6 +164,156 @@ def _settings(config) -> dict:
     "dtype": str(s.dtype),
     "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.items()},
   }
+
+
+# -------------------------------------------------------------------------------------------------
+# Captions of a text model's run.
+
+
+class _FeatureFolder:
+  """sample.caption_features: LlamaGen's T5 features 0.npy .. N-1.npy, each float (1, L, dim)."""
+
+  def __init__(self, path: str, cfg: gpt.GPTConfig):
+    self.folder = epath.Path(path)
+    field = f"sample.caption_features={path!r}"
+    if not self.folder.is_dir():
+      raise ValueError(f"{field} is not a directory; expected a folder of 0.npy .. N-1.npy")
+    names = {p.name for p in self.folder.glob("*.npy")}
+    n = len(names)
+    missing = [i for i in range(n) if f"{i}.npy" not in names]
+    if not n or missing:
+      first = f"{missing[0]}.npy is missing" if missing else "it holds no .npy file"
+      raise ValueError(f"{field}: {first}; expected caption features 0.npy .. N-1.npy")
+    self.paths = [self.folder / f"{i}.npy" for i in range(n)]
+    t, c = cfg.cls_token_num, cfg.caption_dim
+    for file in self.paths:  # Headers only: a wrong file fails here, before any compile.
+      with file.open("rb") as f:
+        try:
+          version = np.lib.format.read_magic(f)
+          read = {(1, 0): np.lib.format.read_array_header_1_0}
+          shape, _, dtype = read.get(version, np.lib.format.read_array_header_2_0)(f)
+        except ValueError:
+          shape, dtype = None, None
+      if (
+        shape is None
+        or len(shape) != 3
+        or shape[0] != 1
+        or not 1 <= shape[1] <= t
+        or shape[2] != c
+        or dtype.kind != "f"
+      ):
+        raise ValueError(
+          f"caption features {file} of shape {shape} ({dtype}); expected float (1, L, "
+          f"model.caption_dim={c}) with 1 <= L <= model.cls_token_num={t}"
+        )
+    self.what = {"caption_features": _absolute(path), "count": n}
+    self.names = [f"caption {i} ({i}.npy)" for i in range(n)]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def features(self, index: np.ndarray):
+    """Captions [index] -> (left-padded features, mask) as the sampler takes them."""
+    rows = []
+    for i in index:
+      with self.paths[int(i)].open("rb") as f:
+        rows.append(np.load(f)[0].astype(np.float32))
+    return rows
+
+
+class _Prompts:
+  """sample.prompts (one prompt a line), encoded on the mesh by the T5 folder
+  sample.text_encoder."""
+
+  def __init__(self, s, cfg: gpt.GPTConfig):
+    from npp_jax import text
+    from npp_jax import text_encoder
+
+    self.prompts = text.read_prompts(s.prompts)
+    folder = text_encoder.check_folder(s.text_encoder, "sample.text_encoder")
+    if folder.config.d_model != cfg.caption_dim:
+      raise ValueError(
+        f"sample.text_encoder {s.text_encoder} gives {folder.config.d_model} features per token "
+        f"but model.caption_dim={cfg.caption_dim}; expected the encoder the model was trained with"
+      )
+    self.folder, self.encoder = s.text_encoder, None
+    self.what = {"prompts": self.prompts}
+    self.names = self.prompts
+
+  def __len__(self) -> int:
+    return len(self.prompts)
+
+  def start(self, mesh, axis_rules, length: int) -> None:
+    """Loads the encoder's weights onto the mesh (after every check)."""
+    from npp_jax import text_encoder
+
+    self.encoder = text_encoder.TextEncoder(self.folder, mesh, axis_rules, max_length=length)
+
+  def features(self, index: np.ndarray):
+    # Every process encodes the same captions (the whole batch, one shape: one compile); the
+    # encoder returns every process's rows in process order, so the first len(index) are these.
+    out = self.encoder([self.prompts[int(i)] for i in index])
+    if out.truncated:
+      logging.info(
+        "%d prompts longer than %d tokens were cut.", out.truncated, out.features.shape[1]
+      )
+    return [f[:n] for f, n in zip(out.features[: len(index)], out.lengths[: len(index)])]
+
+
+def _check_captions(s, cfg: gpt.GPTConfig):
+  return _Prompts(s, cfg) if s.prompts else _FeatureFolder(s.caption_features, cfg)
+
+
+CAPTION_STRIP = 14  # Pixels of caption text under each row of the text grid.
+
+
+def _write_caption_grid(path: epath.Path, images_of, job: Plan) -> None:
+  """PNG, one caption per row: the first grid_rows captions, each with up to grid_cols of its
+  images and its prompt (or feature file) written under them."""
+  from PIL import Image
+  from PIL import ImageDraw
+
+  rows = min(job.settings.grid_rows, len(job.captions))
+  cols = min(job.settings.grid_cols, job.images_per_caption)
+  picks = [
+    np.arange(r * job.images_per_caption, r * job.images_per_caption + cols) for r in range(rows)
+  ]
+  cells = images_of(np.concatenate(picks))
+  h, w = cells.shape[1:3]
+  step = h + CAPTION_STRIP
+  grid = Image.new("RGB", (cols * w, rows * step), "white")
+  draw = ImageDraw.Draw(grid)
+  for r in range(rows):
+    for c in range(cols):
+      grid.paste(Image.fromarray(cells[r * cols + c]), (c * w, r * step))
+    name = job.captions.names[r]
+    chars = max(4, cols * w // 6)  # The default bitmap font is ~6 px a character.
+    label = name if len(name) <= chars else name[: chars - 3] + "..."
+    draw.text((2, r * step + h + 1), label, fill="black")
+  files.atomic_write(str(path), lambda f: grid.save(f, format="PNG"))
+  # The whole captions, which a row's strip may cut: row r of the PNG is line r.
+  listing = "".join(f"{job.captions.names[r]}\n" for r in range(rows))
+  files.atomic_write(str(path.with_suffix(".txt")), lambda f: f.write(listing.encode("utf-8")))
+
+
+def _write_grid(path: epath.Path, images_of, labels: np.ndarray, plan: Plan) -> None:
+  """PNG, one class per row: row r shows the first images of the r-th class sampled (sample.classes, or
+  all classes in order), at most grid_rows rows of grid_cols images."""
+  from PIL import Image
+
+  rows, cols = plan.settings.grid_rows, plan.settings.grid_cols
+  classes = list(plan.settings.samples.classes) or list(range(plan.model.num_classes))
+  picks = [np.flatnonzero(labels == c)[:cols] for c in classes[:rows]]
+  picks = [p for p in picks if len(p)]
+  cells = images_of(np.concatenate(picks))
+  h, w = cells.shape[1:3]
+  grid = np.zeros((len(picks) * h, cols * w, 3), np.uint8)
+  i = 0
+  for r, row in enumerate(picks):
+    for c in range(len(row)):
+      grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = cells[i]
+      i += 1
+  files.atomic_write(str(path), lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 def _merge(path: epath.Path, shard_paths: list[epath.Path], n: int) -> None:
@@ -171,26 +338,6 @@ def _merge(path: epath.Path, shard_paths: list[epath.Path], n: int) -> None:
   files.atomic_write(str(path), write)
 
 
-def _write_grid(path: epath.Path, images_of, labels: np.ndarray, plan: Plan) -> None:
-  """PNG, one class per row: row r shows the first images of the r-th class sampled (sample.classes, or
-  all classes in order), at most grid_rows rows of grid_cols images."""
-  from PIL import Image
-
-  rows, cols = plan.settings.grid_rows, plan.settings.grid_cols
-  classes = list(plan.settings.samples.classes) or list(range(plan.model.num_classes))
-  picks = [np.flatnonzero(labels == c)[:cols] for c in classes[:rows]]
-  picks = [p for p in picks if len(p)]
-  cells = images_of(np.concatenate(picks))
-  h, w = cells.shape[1:3]
-  grid = np.zeros((len(picks) * h, cols * w, 3), np.uint8)
-  i = 0
-  for r, row in enumerate(picks):
-    for c in range(len(row)):
-      grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = cells[i]
-      i += 1
-  files.atomic_write(str(path), lambda f: Image.fromarray(grid).save(f, format="PNG"))
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> jobs.Result:
   """Samples config.sample.num_images images (or codes) into WORKDIR/samples, and scores them when
   evaluate.reference is set; outputs: "samples" (the merged .npz) and, scored, "metrics".
@@ -213,7 +360,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> jobs
   else:
     logging.info("No sample.vq_checkpoint: writing codes and labels only, no images.")
   mesh = sharding.make_mesh(config.mesh)
-  merged = _run_job(plan, mesh, params, vq_params)
+  sampler = sampling.Sampler(plan.model, s.samples.sampling, mesh, sharding.rules(config.mesh))
+  merged = _run_job(plan, sampler, params, vq_params)
   outputs = {"samples": str(merged)}
   if inputs is not None:
     images = image_sets.open_npz_images(merged, "the samples")
@@ -221,62 +369,58 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> jobs
   return jobs.Result(outputs=outputs)
 
 
-def _run_job(plan: Plan, mesh, params, vq_params) -> epath.Path:
-  """Samples the shards not on disk yet, then the merged .npz and the PNG grid (process 0 writes)."""
-  is_main = jax.process_index() == 0
-  n, s = plan.settings.num_images, plan.settings.samples
-  if is_main:
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(str(plan.out_dir / "meta.json"), plan.meta)
-  # Placed once for the whole job: every batch reuses the same device copies. On several processes each
-  # fills its own devices' shards; each process samples its devices' share of every batch.
-  rep = sharding.replicated(mesh)
-  params = sharding.put(gpt.unstack_layers(params), rep)
+def _run_job(job: Plan, sampler: sampling.Sampler, params, vq_params) -> epath.Path:
+  """Samples the shards not on disk yet, then the merged .npz and the PNG grid (process 0 writes
+  them)."""
+  store = job.shards
+  # Placed once for the whole job, split as config.mesh splits training's weights: every batch
+  # reuses the same device copies. On several processes each fills its own devices' shards; each
+  # process samples its devices' share of every batch.
+  rep = sharding.replicated(sampler.mesh)
+  params = sampler.place_params(params)
   if vq_params is not None:
     vq_params = sharding.put(vq_params, rep)
-  spans = plan.spans
-  todo = _shards_to_do(plan)
-  done = n - sum(spans[i][1] - spans[i][0] for i in todo)
-  if done:
-    logging.info("Resuming: %d of %d samples already in %s.", done, n, plan.out_dir)
-  from tqdm import tqdm
-
-  bar = tqdm(total=n, initial=done, unit="img", desc="sampling", disable=not is_main, smoothing=0.3)
-  for i in todo:
-    a, b = spans[i]
-    out = sample_set.draw(params, vq_params, a, b, s, plan.model, plan.vq_cfg, mesh)
-    if is_main:
-      files.atomic_write(str(plan.shard_path(spans[i])), lambda f: np.savez(f, **out))
-    bar.update(b - a)
-  bar.close()
-  merged = plan.out_dir / f"samples_{n}.npz"
-  if is_main and (todo or not merged.exists()):
-    _write_outputs(plan, merged, vq_params is not None)
-  if jax.process_count() > 1:  # Nobody returns a path before process 0 has written it.
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("npp_jax.jobs.sample.run")
+  s = job.settings.samples
+  rng = sharding.put(jax.random.key(int(s.seed)), rep)
+  todo = store.start(job.settings, "Resuming: %d of %d samples already in %s.")
+  store.write(todo, _sample_shards(job, sampler, params, vq_params, rng, todo), "sampling")
+  merged = job.out_dir / f"samples_{job.num_images}.npz"
+  if jax.process_index() == 0 and (todo or not merged.exists()):
+    _write_outputs(job, merged, vq_params is not None)
+  store.finish("npp_jax.jobs.sample.run")  # Nobody returns a path before it is written.
   return merged
 
 
-def _shards_to_do(job: Plan) -> list[int]:
-  """Shards not on disk yet, as process 0 sees them: every process must run the same batches (each one
-  is a collective), even where a process sees another filesystem."""
-  missing = np.array([not job.shard_path(span).exists() for span in job.spans])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+def _sample_shards(job: Plan, sampler: sampling.Sampler, params, vq_params, rng, todo):
+  """The arrays of each shard in `todo`: codes and labels (text: caption_index), and images with a
+  VQ."""
+  cfg, bs, spans = job.model, job.settings.samples.batch_size, job.shards.spans
+  if isinstance(job.captions, _Prompts) and todo:
+    job.captions.start(sampler.mesh, sampler.rules, cfg.cls_token_num)
+  for i in todo:
+    a, b = spans[i]
+    indices = np.arange(a, a + bs)  # Padded to bs past the end.
+    if job.captions is None:
+      labels = job.settings.samples.labels(indices, cfg.num_classes)
+      codes = sampler.sample(params, labels, rng, first_index=a)
+      out = {"codes": sharding.gather(codes)[: b - a], "labels": labels[: b - a]}
+    else:
+      index = job.caption_index(indices)
+      cond = sampling.left_pad(job.captions.features(index), cfg.cls_token_num)
+      codes = sampler.sample(params, cond, rng, first_index=a)
+      out = {"codes": sharding.gather(codes)[: b - a], "caption_index": index[: b - a]}
+    if vq_params is not None:
+      out["arr_0"] = sampling.decode_images(vq_params, out["codes"], job.vq_cfg, sampler.mesh)
+    yield out
 
-    missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
-  return [int(i) for i in np.flatnonzero(missing)]
 
-
-def _write_outputs(plan: Plan, merged: epath.Path, images: bool) -> None:
+def _write_outputs(job: Plan, merged: epath.Path, images: bool) -> None:
   """The merged .npz of every shard and, with images, the PNG grid of the first samples per class."""
-  paths = [plan.shard_path(span) for span in plan.spans]
-  n, s = plan.settings.num_images, plan.settings.samples
-  _merge(merged, paths, n)
+  store = job.shards
+  paths = [store.path(i) for i in range(len(store.spans))]
+  _merge(merged, paths, job.num_images)
   if images:
-    bs = s.batch_size
+    bs = job.settings.samples.batch_size
 
     def images_of(indices):
       shards = {}
@@ -285,6 +429,10 @@ def _write_outputs(plan: Plan, merged: epath.Path, images: bool) -> None:
           shards[j] = z["arr_0"]
       return np.stack([shards[i // bs][i % bs] for i in indices])
 
-    all_labels = s.labels(np.arange(n), plan.model.num_classes)
-    _write_grid(plan.out_dir / f"samples_{n}.png", images_of, all_labels, plan)
-  logging.info("Wrote %d %s to %s.", n, "images" if images else "code grids", merged)
+    png = job.out_dir / f"samples_{job.num_images}.png"
+    if job.captions is not None:
+      _write_caption_grid(png, images_of, job)
+    else:
+      all_labels = job.settings.samples.labels(np.arange(job.num_images), job.model.num_classes)
+      _write_grid(png, images_of, all_labels, job)
+  logging.info("Wrote %d %s to %s.", job.num_images, "images" if images else "code grids", merged)

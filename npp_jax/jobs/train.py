@@ -20,6 +20,7 @@ import optax
 
 from npp_jax import checkpoints
 from npp_jax import costs
+from npp_jax import data as datasets
 from npp_jax import jobs
 from npp_jax import loop
 from npp_jax import npp
@@ -180,24 +181,37 @@ def check(config, workdir, topology: jobs.Topology) -> Plan:
 
 
 def _check_data(s: Settings, split: str, path: str):
-  """The split's metadata, its grid, codes and labels checked against the model."""
-  meta = code_dataset.load_metadata(path, split=split)
-  model = s.model
+  """The split's metadata (of the model's kind of data set), checked against the model."""
+  meta = datasets.reader(s.model).load_metadata(path, split=split)
+  model, what = (
+    s.model,
+    f"the data set {path}" if split == "train" else f"split {split!r} of {path}",
+  )
   if tuple(meta.grid) != tuple(model.grid):
     raise ValueError(
-      f"the data set {path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
+      f"{what} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
       f"expected model.grid={tuple(model.grid)}"
     )
   if meta.max_code >= model.vocab_size:
     raise ValueError(
-      f"the data set {path} holds code {meta.max_code}; expected codes "
-      f"< model.vocab_size={model.vocab_size}"
+      f"{what} holds code {meta.max_code}; expected codes < model.vocab_size={model.vocab_size}"
     )
-  if meta.max_label >= model.num_classes:
+  if model.condition != "text":
+    if meta.max_label >= model.num_classes:
+      raise ValueError(
+        f"{what} holds label {meta.max_label}; expected labels "
+        f"< model.num_classes={model.num_classes}"
+      )
+    return meta
+  # Batches carry the caption padded to the data set's max_length: the model's condition positions.
+  got = (meta.max_length, meta.caption_dim)
+  if got != (model.cls_token_num, model.caption_dim):
     raise ValueError(
-      f"the data set {path} holds label {meta.max_label}; expected labels "
-      f"< model.num_classes={model.num_classes}"
+      f"{what} holds captions of {got[0]} x {got[1]} features; expected model.cls_token_num="
+      f"{model.cls_token_num} x model.caption_dim={model.caption_dim}"
     )
+  if meta.num_valid == 0:
+    raise ValueError(f"{what} holds no valid example (no image was readable); expected some")
   return meta
 
 
@@ -230,8 +244,7 @@ def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
   """A fresh TrainState with boxed (logically partitioned) leaves, so eval_shape yields its layout."""
 
   def init(rng):
-    h, w = cfg.grid
-    params = model.init(rng, jnp.zeros((1, h, w), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+    params = model.init(rng, *gpt.example_inputs(cfg, zeros=True))["params"]
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -241,6 +254,10 @@ def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
     )
 
   return init, jax.random.key(seed)
+
+
+# The batch entries a train step reads, per model.condition (data/code_dataset.py, data/captions.py).
+BATCH_KEYS = {"class": ("codes", "labels"), "text": ("codes", "caption", "caption_len", "valid")}
 
 
 def train_step(
@@ -254,27 +271,39 @@ def train_step(
   accum: int,
   ema_decay: float = 0.0,
 ):
-  """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state, metrics)."""
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state, metrics).
 
-  def loss_fn(params, codes, labels, rng):
+  A caption batch's invalid examples (unreadable images) are left out of the loss: it is the mean
+  over the valid examples of the whole global batch, whichever micro-batch holds them."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  inputs = {key: batch[key] for key in BATCH_KEYS[model.cfg.condition]}
+  num_valid = jnp.maximum(inputs["valid"].sum(), 1) if "valid" in inputs else None
+
+  def loss_fn(params, micro, rng):
+    codes = micro["codes"]
+    cond, kw = gpt.model_inputs(micro, model.cfg)
     logits = model.apply(
-      {"params": params}, codes, labels, patch_size=k, train=True, rngs={"dropout": rng}
+      {"params": params}, codes, cond, **kw, patch_size=k, train=True, rngs={"dropout": rng}
     )
-    return npp.patch_loss(logits, npp.group_targets(codes, k))
+    targets = npp.group_targets(codes, k)
+    if num_valid is None:
+      return npp.patch_loss(logits, targets)
+    valid = micro["valid"]
+    loss = npp.patch_loss(logits, targets, jnp.broadcast_to(valid[:, None], logits.shape[:2]))
+    # The micro-batch's share of the valid examples (times accum, which the mean below divides out).
+    return loss * (valid.sum() * accum / num_valid)
 
   grad_fn = jax.value_and_grad(loss_fn)
-  codes, labels = batch["codes"], batch["labels"]
   if accum == 1:
-    loss, grads = grad_fn(state.params, codes, labels, rng)
+    loss, grads = grad_fn(state.params, inputs, rng)
   else:
     # Micro-batch i takes rows i, i + accum, ...: every device keeps an equal share of each micro-batch.
     split = lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-    micro = (split(codes), split(labels), jnp.arange(accum))
+    micro = (jax.tree.map(split, inputs), jnp.arange(accum))
 
     def body(carry, xs):
-      c, l, i = xs
-      loss, grads = grad_fn(state.params, c, l, jax.random.fold_in(rng, i))
+      m, i = xs
+      loss, grads = grad_fn(state.params, m, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -286,6 +315,7 @@ def train_step(
   ema = state.ema
   if ema_decay > 0:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    ema = optim.keep_frozen(ema, params)  # A fixed tensor (the null caption) stays bit-exact.
   metrics = {
     "loss": loss,
     "grad_norm": optax.global_norm(grads),
@@ -340,7 +370,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
   metrics = p.settings.sample_metrics
   if metrics is not None:  # FID etc. of samples: its inputs loaded and checked before any compile.
     metrics = sample_metrics.create(metrics, config, p.model, workdir, mesh, p.total_steps)
-  it = code_dataset.make_train_iterator(
+  it = datasets.reader(p.model).make_train_iterator(
     config.data.path,
     global_batch_size=config.train.global_batch_size,
     seed=config.data.shuffle_seed,
@@ -359,6 +389,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
   steps = _CompiledSteps(config, run)
   evaluators = [e for e in (_heldout(config, p, run), metrics) if e is not None]
   writer, hooks = _writer(config, workdir, p.total_steps, start)
+  summaries.write_parameter_overview(run.state.params, workdir, is_main=jax.process_index() == 0)
   logging.info(
     "Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
     "FLOP ratio %.3f vs next-token training.",
@@ -563,7 +594,8 @@ def _loop(
     while step < p.total_steps:
       k = p.schedule.k_at(step)
       local = next(it)
-      batch = sharding.global_batch({"codes": local["codes"], "labels": local["labels"]}, run.mesh)
+      batch = {key: local[key] for key in BATCH_KEYS[p.cfg.condition]}
+      batch = sharding.global_batch(batch, run.mesh)
       run.state, metrics = steps(k, run.state, batch)(run.state, batch)
       step += 1
       save = lambda s: ckpt.save(s, run.state, code_dataset.iterator_state(it), force=True)

@@ -406,6 +406,7 @@ def _train(config, workdir, on_log) -> Optional[str]:
     p.source.num_examples,
   )
   writer = _writer(config, workdir, start)
+  summaries.write_parameter_overview(state.params, workdir, is_main=jax.process_index() == 0)
   batches = _vq_batches(
     p.source,
     cfg.image_size,
