@@ -353,7 +353,7 @@ def _read_weights(kind: str, src: str, to: str, ema: bool, step: int | None):
     return checkpoints.read_params(src)
   folder = epath.Path(src)
   if found == "vq_workdir":
-    if step is None and preflight.weights_kind(folder / "vq") == "vq_params":
+    if step is None and checkpoints.weights_kind(folder / "vq") == "vq_params":
       return checkpoints.read_params(folder / "vq")  # A finished run's final weights.
     folder = folder / "vq_checkpoints"
   elif found == "gpt_workdir":

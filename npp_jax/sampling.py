@@ -435,7 +435,7 @@ class Sampler:
 
   model: the GPT (any layout; sampling uses the unscanned one) whose `dtype` is the compute dtype.
   mesh: None is one local device. rules: the logical-axis rules that place the weights, the KV
-  caches and the batch, as `sharding.rules(config.mesh)` returns them (training's placement); None
+  caches and the batch, as `sharding.axis_rules(config.mesh)` returns them (training's placement); None
   keeps the weights whole on every device and splits the batch over all of them.
 
   The sampling job and FID during training use config.mesh and its rules: on the default mesh
@@ -475,7 +475,7 @@ class Sampler:
       dtype=compute_dtype(config.sample, config.model, platform),
     )
     settings = SamplingSettings.from_config(config)
-    return cls(model, settings, mesh, sharding.rules(config.mesh))
+    return cls(model, settings, mesh, sharding.axis_rules(config.mesh))
 
   @property
   def _jitted(self) -> _Programs:

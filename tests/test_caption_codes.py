@@ -45,7 +45,7 @@ def test_extract_captions(tmp_path):
   entries, good = _index(tmp_path, rng)
   config = vq_helpers.tiny_config()
   config.mesh.shape = (8, 1, 1)
-  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(config.mesh)
   cfg = vq.VQConfig.from_config(config.vq)
   params = jax.jit(lambda key: vq.init_params(cfg, key))(jax.random.key(0))  # One compile.
   folder = t5_helpers.write_folder(

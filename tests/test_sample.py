@@ -301,7 +301,9 @@ def test_sampler_batch_must_split_over_the_mesh(tiny):
 # ---------------------------------------------------------------------------------- sharded weights
 
 AXES = ("data", "fsdp", "tensor")
-RULES = sharding.rules(config_lib.base_config().mesh)  # Training's rules: the config's default.
+RULES = sharding.axis_rules(
+  config_lib.base_config().mesh
+)  # Training's rules: the config's default.
 SHARDED_CASES = {
   "greedy": sampling.SamplingSettings(cfg_scale=3.0, top_k=1),
   "seeded": sampling.SamplingSettings(cfg_scale=2.0, temperature=1.1, top_k=20, top_p=0.9),
@@ -475,7 +477,7 @@ def test_sampler_from_config_is_the_runs_sampler():
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
   tpu = sampling.Sampler.from_config(config, mesh, platform="tpu")
   assert tpu.settings == sampling.SamplingSettings(cfg_scale=2.0, temperature=0.8, top_k=7)
-  assert tpu.rules == sharding.rules(config.mesh)
+  assert tpu.rules == sharding.axis_rules(config.mesh)
   assert tpu.model.dtype == jnp.bfloat16 and not tpu.model.scan_layers
   assert sampling.Sampler.from_config(config, mesh).model.dtype == jnp.float32
   params = tpu.programs(4)["sample_decode"][1][0]
@@ -995,7 +997,7 @@ def test_text_job_from_prompts_through_the_cli(tmp_path):
     chex.assert_shape(z["arr_0"], (9, 8, 8, 3))
   np.testing.assert_array_equal(index, np.repeat(np.arange(3), 3))
   mesh = sharding.make_mesh(config.mesh)  # The job's: (8, 1, 1).
-  encoder = text_encoder.TextEncoder(folder, mesh, sharding.rules(config.mesh), max_length=t)
+  encoder = text_encoder.TextEncoder(folder, mesh, sharding.axis_rules(config.mesh), max_length=t)
   out = encoder(prompts)
   assert out.truncated >= 1 and out.lengths.min() < t  # Cut captions, and padded ones.
   captions = [f[:n] for f, n in zip(out.features, out.lengths)]

@@ -39,7 +39,7 @@ def model():
 def _mesh(shape=(2, 2, 2)):
   mesh_config = config_lib.base_config().mesh
   mesh_config.shape = shape
-  return sharding.make_mesh(mesh_config), sharding.rules(mesh_config)
+  return sharding.make_mesh(mesh_config), sharding.axis_rules(mesh_config)
 
 
 def test_relative_buckets_match_hf():

@@ -197,7 +197,7 @@ def test_text_step_on_a_2x2x2_mesh_equals_one_device():
   want_state, want = step_fn(model, tx, 2, accum=2)(state, batch)
   mesh_config = config_lib.base_config().mesh
   mesh_config.shape = (2, 2, 2)
-  mesh, rules = sharding.make_mesh(mesh_config), sharding.rules(mesh_config)
+  mesh, rules = sharding.make_mesh(mesh_config), sharding.axis_rules(mesh_config)
   init_fn, rng = train.init_state(model, tx, cfg, 0, ema=False)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state_sharding = sharding.logical_shardings(jax.eval_shape(init_fn, rng), mesh, rules)

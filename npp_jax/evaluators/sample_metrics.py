@@ -204,7 +204,7 @@ def create(
   vq_cfg = vq.VQConfig.from_config(config.vq)
   vq_params = checkpoints.load_vq_params(s.samples.vq_checkpoint, config.vq)
   sampler = sampling.Sampler(
-    s.samples.sampler_model(model), s.samples.sampling, mesh, sharding.rules(config.mesh)
+    s.samples.sampler_model(model), s.samples.sampling, mesh, sharding.axis_rules(config.mesh)
   )
   ref_stats, ref_pool3 = scores.reference_statistics(
     inputs.reference, inputs.params, mesh, s.score, epath.Path(workdir)

@@ -360,7 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> jobs
   else:
     logging.info("No sample.vq_checkpoint: writing codes and labels only, no images.")
   mesh = sharding.make_mesh(config.mesh)
-  sampler = sampling.Sampler(plan.model, s.samples.sampling, mesh, sharding.rules(config.mesh))
+  sampler = sampling.Sampler(plan.model, s.samples.sampling, mesh, sharding.axis_rules(config.mesh))
   merged = _run_job(plan, sampler, params, vq_params)
   outputs = {"samples": str(merged)}
   if inputs is not None:
@@ -382,7 +382,7 @@ def _run_job(job: Plan, sampler: sampling.Sampler, params, vq_params) -> epath.P
     vq_params = sharding.put(vq_params, rep)
   s = job.settings.samples
   rng = sharding.put(jax.random.key(int(s.seed)), rep)
-  todo = store.start(job.settings, "Resuming: %d of %d samples already in %s.")
+  todo = store.start(job.meta, "Resuming: %d of %d samples already in %s.")
   store.write(todo, _sample_shards(job, sampler, params, vq_params, rng, todo), "sampling")
   merged = job.out_dir / f"samples_{job.num_images}.npz"
   if jax.process_index() == 0 and (todo or not merged.exists()):

@@ -594,7 +594,7 @@ def _loop(
     while step < p.total_steps:
       k = p.schedule.k_at(step)
       local = next(it)
-      batch = {key: local[key] for key in BATCH_KEYS[p.cfg.condition]}
+      batch = {key: local[key] for key in BATCH_KEYS[p.model.condition]}
       batch = sharding.global_batch(batch, run.mesh)
       run.state, metrics = steps(k, run.state, batch)(run.state, batch)
       step += 1
