@@ -92,7 +92,8 @@ _RULES = {
 
 def draw(sampler: sampling.Sampler, params, vq_params, start: int, stop: int, s, vq_cfg):
   """Samples start .. stop - 1 (stop - start <= batch_size) on every device of the sampler's mesh:
-  {"codes", "labels"} and, with vq_params, "arr_0" (uint8 images), every process holding all of them.
+  {"codes", "labels"} and, with vq_params, "arr_0" (uint8 images), every process holding all of
+  them.
 
   params: as sampler.place_params returns them; the batch is padded to batch_size, so every call has
   one shape.

@@ -435,8 +435,8 @@ class Sampler:
 
   model: the GPT (any layout; sampling uses the unscanned one) whose `dtype` is the compute dtype.
   mesh: None is one local device. rules: the logical-axis rules that place the weights, the KV
-  caches and the batch, as `sharding.axis_rules(config.mesh)` returns them (training's placement); None
-  keeps the weights whole on every device and splits the batch over all of them.
+  caches and the batch, as `sharding.axis_rules(config.mesh)` returns them (training's placement);
+  None keeps the weights whole on every device and splits the batch over all of them.
 
   The sampling job and FID during training use config.mesh and its rules: on the default mesh
   (-1, 1, 1) that is the replicated layout, and a config whose mesh splits the weights to train
