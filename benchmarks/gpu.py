@@ -4,7 +4,8 @@
   python benchmarks/gpu.py --only=train,attention --steps=10
   python benchmarks/gpu.py --smoke          # tiny sizes, seconds on a CPU (tests/test_gpu_bench.py)
 
-Figures (the `figure` field; docs/performance.md, "GPU figures", says how to run it on a lent GPU):
+Figures (they run short ones first, training last; docs/performance.md, "GPU figures", says how
+to run this on a lent GPU):
   train           GPT-B / L / XL, bf16 compute, fp32 weights and AdamW, global batch 256, k = 1, 2,
                   4, layers scanned, remat where needed to fit (the policy is in the line): s/step,
                   tokens/s (sequence positions), MFU against the chip's dense bf16 peak with the
@@ -54,14 +55,16 @@ from npp_jax.jobs import train  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
 from npp_jax.models import vq  # noqa: E402
 
+# In run order: short figures first, training (nine compiles, up to GPT-XL) last, so that a run
+# cut off at its time limit loses the tail of training, not the rest.
 FIGURES = (
-  "train",
-  "attention",
   "sample_serving",
   "sample_fid",
   "inception",
   "vq_encode",
   "vq_decode",
+  "attention",
+  "train",
 )
 REMAT_ORDER = (
   "none",
