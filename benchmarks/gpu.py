@@ -434,11 +434,12 @@ def _sampler_run(sizes: Sizes, name, grid, n_images, cfg_scale, top_k, steps):
   )
   params = sampling_params(cfg)
   labels = jnp.arange(n_images, dtype=jnp.int32) % cfg.num_classes
+  settings = sampling.SamplingSettings(cfg_scale=cfg_scale, top_k=top_k)
   seeds = iter(range(1, 10_000))
 
   def call():
     key = jax.random.key(next(seeds))
-    return sampling.sample_codes(params, labels, key, cfg=cfg, cfg_scale=cfg_scale, top_k=top_k)
+    return sampling.sample_codes(params, labels, key, model=cfg, settings=settings)
 
   t0 = time.perf_counter()
   codes = jax.block_until_ready(call())
