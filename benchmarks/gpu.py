@@ -13,7 +13,8 @@ to run this on a lent GPU):
   attention       jax.nn.dot_product_attention, causal, forward + backward at each training shape,
                   implementation "xla" and "cudnn": times, and each one's error against fp32 XLA.
   sample_serving  LlamaGen's serving measurement: GPT-B and GPT-XL, 24 x 24 grid, 8 class labels
-                  with guidance 4.0 (16 sequences), top-k 2000, bf16, GPT only: s for 8 images.
+                  with guidance 4.0 (16 sequences), top-k 2000, bf16 (GPT-B also fp32), GPT
+                  only: seconds for the 8 images.
   sample_fid      GPT-B, 16 x 16, batch 256 with its guidance (2.0): images/s, projected 50,000.
   inception       The FID Inception (299 px, fp32) on 256 px uint8 images, batch 500: images/s.
   vq_encode       VQ-16 encoder + quantizer at 256 px, batch 256, fp32: images/s.
@@ -90,7 +91,7 @@ class Sizes:
   batch: int
   ks: tuple[int, ...]
   attention_ks: tuple[int, ...]
-  serving_models: tuple[str, ...]
+  serving: tuple[tuple[str, str], ...]  # (model, dtype) runs of the serving figure.
   serving_grid: int
   serving_images: int
   serving_top_k: int
@@ -115,7 +116,8 @@ FULL = Sizes(
   batch=256,
   ks=(1, 2, 4),
   attention_ks=(1, 2, 4),
-  serving_models=("GPT-B", "GPT-XL"),
+  # GPT-B in fp32 too: the GPU default of sample.dtype follows the faster of the two.
+  serving=(("GPT-B", "bfloat16"), ("GPT-B", "float32"), ("GPT-XL", "bfloat16")),
   serving_grid=24,
   serving_images=8,
   serving_top_k=2000,
@@ -137,7 +139,7 @@ SMOKE = Sizes(
   batch=4,
   ks=(1, 2),
   attention_ks=(1,),
-  serving_models=("tiny",),
+  serving=(("tiny", "float32"),),
   serving_grid=4,
   serving_images=2,
   serving_top_k=16,
@@ -425,10 +427,10 @@ def _rel_err(xs, refs) -> float:
   return round(max(errs), 6)
 
 
-def _sampler_run(sizes: Sizes, name, grid, n_images, cfg_scale, top_k, steps):
-  """Seconds for n_images from sampling.sample_codes, weights and compute in sizes.dtype:
+def _sampler_run(dtype_name: str, name, grid, n_images, cfg_scale, top_k, steps):
+  """Seconds for n_images from sampling.sample_codes, weights and compute in `dtype_name`:
   (line fields, median seconds)."""
-  dtype = gpt.DTYPES[sizes.dtype]
+  dtype = gpt.DTYPES[dtype_name]
   cfg = dataclasses.replace(
     gpt.GPTConfig.from_config(model_config(name, grid)), dtype=dtype, param_dtype=dtype
   )
@@ -453,7 +455,7 @@ def _sampler_run(sizes: Sizes, name, grid, n_images, cfg_scale, top_k, steps):
     "sequences": 2 * n_images if cfg_scale > 1 else n_images,
     "cfg_scale": cfg_scale,
     "top_k": top_k,
-    "dtype": f"{sizes.dtype} weights and compute",
+    "dtype": f"{dtype_name} weights and compute",
     **spread(times),
     "compile_s": round(max(first - s, 0.0), 2),
     "distinct_codes": int(len(np.unique(np.asarray(codes)))),
@@ -463,9 +465,9 @@ def _sampler_run(sizes: Sizes, name, grid, n_images, cfg_scale, top_k, steps):
 
 
 def serving_figures(sizes: Sizes, args):
-  for name in sizes.serving_models:
+  for name, dtype_name in sizes.serving:
     fields, _ = _sampler_run(
-      sizes,
+      dtype_name,
       name,
       sizes.serving_grid,
       sizes.serving_images,
@@ -477,9 +479,9 @@ def serving_figures(sizes: Sizes, args):
 
 
 def fid_figures(sizes: Sizes, args):
-  name = sizes.serving_models[0]
+  name = sizes.serving[0][0]
   fields, s = _sampler_run(
-    sizes, name, sizes.fid_grid, sizes.fid_batch, GUIDANCE["fid"], 0, args.steps
+    sizes.dtype, name, sizes.fid_grid, sizes.fid_batch, GUIDANCE["fid"], 0, args.steps
   )
   ips = sizes.fid_batch / s
   yield {
