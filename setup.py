@@ -31,6 +31,9 @@ setuptools.setup(
     "numpy>=2.4.6",
     "pillow>=13.0.0",
     "tqdm>=4.70.1",
+    # The parameter table and held-out averages; its parameter_overview and metrics import no
+    # TensorFlow (its metric writers do, so npp_jax.summaries writes TensorBoard files itself).
+    "clu>=0.0.12",
     # Tokenizing captions with a T5 folder's spiece.model (text-to-image prompts, extraction): a
     # small wheel on every platform the base runs on, so text paths fail on bad input, never on a
     # missing package (a `text` extra would turn a sampling run's first prompt into an ImportError).
