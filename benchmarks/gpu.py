@@ -346,7 +346,7 @@ def train_one(config, cfg, state, batch, k, remat, tx, lr_fn, steps):
       "scan_layers": cfg.scan_layers,
       **spread(times),
       "tokens_per_s": round(batch["codes"].shape[0] * positions / s, 1),
-      "images_per_s": round(batch["codes"].shape[0] / s, 2),
+      "images_per_s": round(batch["codes"].shape[0] / s, 3),
       "tflop_per_step": round(flops.total / 1e12, 4),
       "flop_split_tflop": {
         "dense": round(flops.transformer / 1e12, 4),
@@ -486,7 +486,7 @@ def fid_figures(sizes: Sizes, args):
   ips = sizes.fid_batch / s
   yield {
     **fields,
-    "images_per_s": round(ips, 2),
+    "images_per_s": round(ips, 3),
     "projected_50k_s": round(50_000 / ips, 1),
     "what": "GPT only, one batch per call; add vq_decode and inception for the whole FID run",
   }
@@ -509,7 +509,7 @@ def inception_figures(sizes: Sizes, args):
     "dtype": "float32",
     "outputs": "pool3 and spatial (fid/features.feature_fn)",
     **spread(times),
-    "images_per_s": round(n / statistics.median(times), 1),
+    "images_per_s": round(n / statistics.median(times), 3),
     "compile_s": compile_s,
     "program_gib": gib(program_bytes(compiled)),
     "process_peak_gib": process_peak(),
@@ -543,7 +543,7 @@ def vq_figures(sizes: Sizes, args, mode: str):
     "grid": [h, w],
     "dtype": jnp.dtype(cfg.dtype).name,
     **spread(times),
-    "images_per_s": round(n / statistics.median(times), 1),
+    "images_per_s": round(n / statistics.median(times), 3),
     "compile_s": compile_s,
     "program_gib": gib(program_bytes(compiled)),
     "process_peak_gib": process_peak(),
