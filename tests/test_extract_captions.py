@@ -77,8 +77,13 @@ def inputs(tmp_path_factory):
 
 
 def cli(workdir, inputs, *flags):
+  argv = cli_argv(workdir, inputs, *flags)
+  return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def cli_argv(workdir, inputs, *flags) -> list[str]:
   tmp, vq_dir, t5, index, config_file = inputs
-  argv = [
+  return [
     sys.executable,
     "-m",
     "npp_jax.main",
@@ -94,7 +99,6 @@ def cli(workdir, inputs, *flags):
     "--config.extract.text_dtype=float32",
     *flags,
   ]
-  return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def records(path):
@@ -208,3 +212,30 @@ def test_extract_captions_bad_input_is_one_line_and_writes_nothing(inputs, case)
   assert last.startswith("error: ") and fragment in last, last
   assert "Traceback" not in run.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.timeout(400)
+def test_two_processes_extract_the_one_process_caption_data_set(inputs, first_run):
+  """2 real processes x 4 CPU devices (gloo on loopback), one line of each shard per process."""
+  from test_multiprocess import _env  # noqa: E402  (tests/ is on sys.path)
+  from test_multiprocess import _free_port  # noqa: E402
+
+  workdir = inputs[0] / "two"
+  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  procs, logs = [], []
+  for i in range(2):
+    logs.append(inputs[0] / f"process_{i}.log")
+    with open(logs[-1], "w") as f:
+      argv = cli_argv(workdir, inputs, address, "--num_processes=2", f"--process_id={i}")
+      procs.append(subprocess.Popen(argv, cwd=ROOT, env=_env(2), stdout=f, stderr=f))
+  try:
+    statuses = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert statuses == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+  assert "1 images unreadable" in logs[0].read_text()
+  assert_same(records(workdir / "codes"), records(first_run[0] / "codes"))
+  assert not (workdir / "extract_tmp").exists()  # Process 0 cleaned up after writing.
