@@ -216,6 +216,14 @@ def sample_config() -> ml_collections.ConfigDict:
   s.temperature = 1.0
   s.top_k = 0  # 0 = off; 1 = greedy.
   s.top_p = 1.0  # 1.0 = off.
+  # Text models (model.condition="text"; configs/t2i.py sets LlamaGen's cfg_scale 7.5, top_k 1000):
+  # either a prompts file (UTF-8, one prompt a line) encoded by the T5 folder text_encoder, or
+  # caption_features, a folder of LlamaGen's T5 features 0.npy .. N-1.npy, float32 (1, L, dim).
+  # Each caption is sampled images_per_caption times; sample.num_images and classes are unused.
+  s.prompts = ""
+  s.text_encoder = ""
+  s.caption_features = ""
+  s.images_per_caption = 1
   s.seed = 0
   s.batch_size = (
     64  # Global images per step (a multiple of the device count); one shard file per step.
