@@ -17,13 +17,13 @@ import time
 import urllib.parse
 import urllib.request
 
-import jax
 import numpy as np
 import pytest
 
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
+import fixtures  # noqa: E402  (tests/ is on sys.path)
 from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
 from test_multiprocess import _env  # noqa: E402
 from test_multiprocess import _free_port  # noqa: E402
@@ -161,7 +161,7 @@ def test_train_resume_sample_extract_with_workdirs_in_a_bucket(tmp_path, gcs):
   # (array_record).
   vq_dir = str(tmp_path / "vq")
   cfg = vq.VQConfig.from_config(config_lib.load("configs/demo.py:smoke").vq)
-  checkpoints.save_params(vq_dir, jax.device_get(vq.init_params(cfg, jax.random.key(3))))
+  checkpoints.save_params(vq_dir, fixtures.random_vq_params(cfg, 3))
   out = str(tmp_path / "extracted")
   ok(
     cli(
