@@ -29,7 +29,11 @@ def model_config(name: str = "GPT-B") -> ml_collections.ConfigDict:
   m.vocab_size = 16384
   m.num_classes = 1000
   m.grid = (16, 16)  # Code grid (rows, cols): 256 px through VQ-16.
-  m.cls_token_num = 1
+  # "class": a class label (num_classes + 1 rows, the last the null class). "text": caption features
+  # [cls_token_num, caption_dim] (FLAN-T5-XL's 120 x 2048 in LlamaGen's t2i; configs/t2i.py).
+  m.condition = "class"
+  m.caption_dim = 2048  # Text only: width of the caption features.
+  m.cls_token_num = 1  # Condition positions before the image: 1 for a class, 120 for a caption.
   m.multiple_of = 256
   m.ffn_dim_multiplier = config_dict.placeholder(float)
   m.norm_eps = 1e-5
@@ -37,7 +41,8 @@ def model_config(name: str = "GPT-B") -> ml_collections.ConfigDict:
   m.token_dropout = 0.1
   m.resid_dropout = 0.1
   m.ffn_dropout = 0.1
-  m.class_dropout = 0.1  # Label drop for classifier-free guidance.
+  # Label (text: the whole caption) dropped to the null one, for classifier-free guidance.
+  m.class_dropout = 0.1
   m.dtype = "bfloat16"  # Compute dtype; parameters stay in param_dtype.
   m.param_dtype = "float32"
   m.scan_layers = False

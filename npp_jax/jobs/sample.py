@@ -18,6 +18,7 @@ from npp_jax import checkpoints
 from npp_jax import files
 from npp_jax import sampling
 from npp_jax import sharding
+from npp_jax import shards
 from npp_jax import validate
 from npp_jax.models import gpt
 
@@ -127,14 +128,9 @@ class _Job:
   batch_size: int
 
   @property
-  def spans(self) -> list[tuple[int, int]]:
-    """[start, end) of the samples in each shard: one shard per global batch."""
-    n, bs = self.num_images, self.batch_size
-    return [(a, min(a + bs, n)) for a in range(0, n, bs)]
-
-  def shard_path(self, span) -> epath.Path:
-    width = len(str(self.num_images))
-    return self.out_dir / f"shard_{span[0]:0{width}d}-{span[1]:0{width}d}.npz"
+  def shards(self) -> shards.Shards:
+    """One shard per global batch, shard_<start>-<end>.npz, the settings in meta.json."""
+    return shards.Shards(self.out_dir, self.num_images, self.batch_size)
 
 
 def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> str:
@@ -145,12 +141,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=N
   sample.checkpoint (tests, notebooks).
   """
   job = _check_job(config, workdir, params is not None)
-  files.check_same_settings(
-    str(job.out_dir / "meta.json"),
-    job.settings,
-    str(job.out_dir),
-    "samples",
-    "expected the same settings or another --workdir",
+  job.shards.check_settings(
+    job.settings, "samples", "expected the same settings or another --workdir"
   )
   s = config.sample
   if params is None:
@@ -236,12 +228,9 @@ def _check_vq(config, cfg: gpt.GPTConfig):
 
 
 def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
-  """Samples the shards not on disk yet, then the merged .npz and the PNG grid (process 0 writes)."""
-  is_main = jax.process_index() == 0
-  n, bs, cfg = job.num_images, job.batch_size, job.cfg
-  if is_main:
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(str(job.out_dir / "meta.json"), job.settings)
+  """Samples the shards not on disk yet, then the merged .npz and the PNG grid (process 0 writes
+  them)."""
+  store = job.shards
   # Placed once for the whole job, split as config.mesh splits training's weights: every batch
   # reuses the same device copies. On several processes each fills its own devices' shards; each
   # process samples its devices' share of every batch.
@@ -250,14 +239,18 @@ def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
   if vq_params is not None:
     vq_params = sharding.put(vq_params, rep)
   rng = sharding.put(jax.random.key(int(s.seed)), rep)
-  spans = job.spans
-  todo = _shards_to_do(job)
-  done = n - sum(spans[i][1] - spans[i][0] for i in todo)
-  if done:
-    logging.info("Resuming: %d of %d samples already in %s.", done, n, job.out_dir)
-  from tqdm import tqdm
+  todo = store.start(job.settings, "Resuming: %d of %d samples already in %s.")
+  store.write(todo, _sample_shards(job, s, params, vq_params, rng, todo), "sampling")
+  merged = job.out_dir / f"samples_{job.num_images}.npz"
+  if jax.process_index() == 0 and (todo or not merged.exists()):
+    _write_outputs(job, s, merged, vq_params is not None)
+  store.finish("npp_jax.jobs.sample.sample_and_save")  # Nobody returns a path before it is written.
+  return merged
 
-  bar = tqdm(total=n, initial=done, unit="img", desc="sampling", disable=not is_main, smoothing=0.3)
+
+def _sample_shards(job: _Job, s, params, vq_params, rng, todo: list[int]):
+  """The arrays of each shard in `todo`: codes and labels, and images with a VQ."""
+  cfg, bs, spans = job.cfg, job.batch_size, job.shards.spans
   for i in todo:
     a, b = spans[i]
     labels = sampling.sample_labels(
@@ -267,34 +260,13 @@ def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
     out = {"codes": sharding.gather(codes)[: b - a], "labels": labels[: b - a]}
     if vq_params is not None:
       out["arr_0"] = sampling.decode_images(vq_params, out["codes"], job.vq_cfg, job.mesh)
-    if is_main:
-      files.atomic_write(str(job.shard_path(spans[i])), lambda f: np.savez(f, **out))
-    bar.update(b - a)
-  bar.close()
-  merged = job.out_dir / f"samples_{n}.npz"
-  if is_main and (todo or not merged.exists()):
-    _write_outputs(job, s, merged, vq_params is not None)
-  if jax.process_count() > 1:  # Nobody returns a path before process 0 has written it.
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("npp_jax.jobs.sample.sample_and_save")
-  return merged
-
-
-def _shards_to_do(job: _Job) -> list[int]:
-  """Shards not on disk yet, as process 0 sees them: every process must run the same batches (each one
-  is a collective), even where a process sees another filesystem."""
-  missing = np.array([not job.shard_path(span).exists() for span in job.spans])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
-  return [int(i) for i in np.flatnonzero(missing)]
+    yield out
 
 
 def _write_outputs(job: _Job, s, merged: epath.Path, images: bool) -> None:
   """The merged .npz of every shard and, with images, the PNG grid of the first samples per class."""
-  paths = [job.shard_path(span) for span in job.spans]
+  store = job.shards
+  paths = [store.path(i) for i in range(len(store.spans))]
   _merge(merged, paths, job.num_images)
   if images:
     bs = job.batch_size
