@@ -535,6 +535,11 @@ def unstack_layers(params: dict) -> dict:
 CACHE_AXES = ("batch", "heads", None, None)
 
 
+def cache_length(cfg: GPTConfig) -> int:
+  """Positions a sampling cache holds: the T condition positions, every grid token but the last."""
+  return cfg.cls_token_num + cfg.grid[0] * cfg.grid[1] - 1
+
+
 def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=None) -> tuple:
   """Per-layer (k, v) caches of zeros, each [batch, n_kv_head, length, head_dim]."""
   shape = (batch, cfg.n_kv_head, length, cfg.head_dim)
@@ -542,8 +547,13 @@ def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=None) -> tuple:
   return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer))
 
 
-def _attend(q, keys, values, pos, cfg: GPTConfig):
-  """q [B, S, H, hd] at positions pos.. over cache entries keys/values [B, Hkv, T, hd] -> [B, S, H, hd]."""
+def _attend(q, keys, values, pos, cfg: GPTConfig, text_mask=None):
+  """q [B, S, H, hd] at positions pos.. over cache entries keys/values [B, Hkv, T, hd] ->
+  [B, S, H, hd].
+
+  text_mask: None (class models: causal), or bool [B, T_text] of a text model's caption positions
+  (True: a caption token): padded caption keys are hidden from every query, but a query always
+  sees its own key, as `caption_attention_mask` does in the full forward pass."""
   b, s = q.shape[:2]
   t = keys.shape[2]
   group = cfg.n_head // cfg.n_kv_head
@@ -555,7 +565,14 @@ def _attend(q, keys, values, pos, cfg: GPTConfig):
   scores = jnp.einsum("bkqd,bktd->bkqt", qg, keys, preferred_element_type=jnp.float32)
   scores = scores * (1.0 / np.sqrt(cfg.head_dim))
   query_pos = pos + jnp.tile(jnp.arange(s), group)  # Row g*S + i of qg is position pos + i.
-  visible = jnp.arange(t)[None, :] <= query_pos[:, None]  # [G*S, T]
+  key_pos = jnp.arange(t)
+  visible = key_pos[None, :] <= query_pos[:, None]  # [G*S, T]
+  if text_mask is not None:
+    keys_ok = jnp.concatenate(
+      [text_mask.astype(bool), jnp.ones((b, t - text_mask.shape[1]), bool)], axis=1
+    )  # [B, T]
+    diagonal = key_pos[None, :] == query_pos[:, None]
+    visible = ((visible[None] & keys_ok[:, None, :]) | diagonal[None])[:, None]  # [B, 1, G*S, T]
   scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
   o = jnp.einsum("bkqt,bktd->bkqd", probs, values)  # [B, Hkv, G*S, hd]
@@ -563,7 +580,7 @@ def _attend(q, keys, values, pos, cfg: GPTConfig):
   return o.reshape(b, s, cfg.n_head, cfg.head_dim)
 
 
-def _cached_attention(attention: Attention, x, rope, cache, pos):
+def _cached_attention(attention: Attention, x, rope, cache, pos, text_mask=None):
   """x [B, S, D] at positions pos .. pos+S-1 -> (residual branch [B, S, D], updated (k, v) cache).
 
   Attention reads the whole cache and masks the entries past the current position. Reading only the
@@ -580,15 +597,18 @@ def _cached_attention(attention: Attention, x, rope, cache, pos):
   v_cache = jax.lax.dynamic_update_slice(
     v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, pos, 0)
   )
-  return attention.out(_attend(q, k_cache, v_cache, pos, cfg)), (k_cache, v_cache)
+  o = _attend(q, k_cache, v_cache, pos, cfg, text_mask)
+  return attention.out(o), (k_cache, v_cache)
 
 
 class Decoder(nn.Module):
   """GPT's parameters run incrementally against per-layer KV caches (sampling; always k = 1).
 
   Parameter names match GPT's unscanned layout, so `Decoder(cfg).apply({"params": unstack_layers(p)}, ...)`
-  takes a trained GPT's parameters. Position 0 is the class embedding, position t >= 1 holds token t - 1
-  of the raster-order grid, and the output at position t predicts token t.
+  takes a trained GPT's parameters. Positions 0 .. T-1 hold the condition (T = cls_token_num: the
+  class embedding, or the caption's T projected features), position T - 1 + t (t >= 1) holds token
+  t - 1 of the raster-order grid, and the output at position T - 1 + t predicts token t. A cache
+  holds T + n - 1 positions (`cache_length`).
   """
 
   cfg: GPTConfig
@@ -602,7 +622,10 @@ class Decoder(nn.Module):
       param_dtype=cfg.param_dtype,
       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
     )
-    self.cls_embedding = LabelEmbedder(cfg)
+    if cfg.condition == "text":
+      self.cls_embedding = CaptionEmbedder(cfg)
+    else:
+      self.cls_embedding = LabelEmbedder(cfg)
     self.layers = [Block(cfg) for _ in range(cfg.n_layer)]  # Named layers_0 .. layers_{n-1}.
     self.norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
     self.output = nn.Dense(
@@ -621,19 +644,26 @@ class Decoder(nn.Module):
     """labels [B] (num_classes = the null class) -> [B, 1, D]."""
     return self.cls_embedding(labels)
 
-  def __call__(self, x, cache, pos):
+  def embed_caption(self, caption, null=None):
+    """caption features [B, T, caption_dim] (left-padded), null: optional bool [B] (rows given the
+    null caption of guidance) -> [B, T, D]."""
+    return self.cls_embedding(caption, null)
+
+  def __call__(self, x, cache, pos, text_mask=None):
     """x [B, S, D] embeddings at positions pos .. pos+S-1 -> (logits [B, S, V] fp32, updated cache).
 
     S = 1 is one decode step; S > 1 fills several positions at once (a prefill). pos may be traced.
+    text_mask: a text model's caption mask bool [B, T] (True: a caption token; see `_attend`),
+    given at every call; None for class models (and for a caption without padding).
     """
     cfg = self.cfg
     s = x.shape[1]
-    table = jnp.asarray(rope_2d(*cfg.grid, cfg.head_dim, cfg.rope_base))
-    rope = jax.lax.dynamic_slice_in_dim(table, pos, s)
+    table = rope_2d(*cfg.grid, cfg.head_dim, cfg.rope_base, n_cond=cfg.cls_token_num)
+    rope = jax.lax.dynamic_slice_in_dim(jnp.asarray(table), pos, s)
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
       h, layer_cache = _cached_attention(
-        layer.attention, layer.attention_norm(x), rope, layer_cache, pos
+        layer.attention, layer.attention_norm(x), rope, layer_cache, pos, text_mask
       )
       x = x + h
       x = x + layer.feed_forward(layer.ffn_norm(x))
