@@ -971,7 +971,7 @@ def test_text_job_from_prompts_through_the_cli(tmp_path):
   t, c = 12, 32  # t5_helpers' encoder is 32 wide; 12 tokens cut the long prompt.
   path, params, config = write_text_job(tmp_path, t, c)
   checkpoints.save_params(
-    str(tmp_path / "vq"), vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
+    str(tmp_path / "vq"), fixtures.random_vq_params(vq.VQConfig.from_config(config.vq), 0)
   )
   prompts = [
     "A photo of a cat",
