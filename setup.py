@@ -47,6 +47,9 @@ setuptools.setup(
       "pytorch-fid>=0.3.0",  # The FID Inception parity tests build pytorch-fid's own modules.
       # tests/test_gcs.py serves gs:// on loopback (the oldest release tried; older ones untested).
       "gcp-storage-emulator>=2026.7.19",
+      # --mode=compile compiles for TPU slices on any machine (jax.experimental.topologies); jax
+      # 0.10.2's own `tpu` extra pins 0.0.42.*. Wheels: Linux x86_64 only (elsewhere those tests skip).
+      'libtpu~=0.0.42.1; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
   },
 )
