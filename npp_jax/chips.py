@@ -116,7 +116,7 @@ def quiet_libtpu(what: str) -> Iterator[None]:
 
   libtpu prints start-up warnings from C++ when it loads on a machine without TPUs
   (TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES unset): harmless here, not for the console. They
-  are logged at verbosity 1 (`--verbosity=1` shows them; log.txt keeps them).
+  are logged at verbosity 1 (`--verbosity=1` shows them).
   """
   import sys  # pylint: disable=import-outside-toplevel
 

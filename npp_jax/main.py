@@ -1,4 +1,4 @@
-"""python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=train|sample|extract|train_vq|demo|evaluate]"""
+"""python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=train|sample|...|compile]"""
 
 import os
 import sys
@@ -13,7 +13,10 @@ FLAGS = flags.FLAGS
 cli.define_config()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs of this run.")
 flags.DEFINE_enum(
-  "mode", "train", ["train", "sample", "extract", "train_vq", "demo", "evaluate"], "The job to run."
+  "mode",
+  "train",
+  ["train", "sample", "extract", "train_vq", "demo", "evaluate", "compile"],
+  "The job to run.",
 )
 flags.DEFINE_enum(
   "distributed",
@@ -45,6 +48,11 @@ def _run():
   ):  # The demo keeps the console for its progress; it logs INFO to WORKDIR/log.txt.
     logging.set_verbosity(logging.WARNING)
   import jax  # After absl parsed the flags: JAX reads its own (e.g. --jax_platforms) at import.
+
+  if FLAGS.mode == "compile":
+    # Its TPU devices are libtpu's compile-only topology; the process itself runs on the CPU, so
+    # libtpu's TPU backend is not started (its start-up warnings would reach the console).
+    jax.config.update("jax_platforms", "cpu")
 
   from npp_jax import distributed
   from npp_jax import preflight
@@ -103,6 +111,10 @@ def _run():
     from npp_jax.jobs import evaluate
 
     evaluate.evaluate(config, workdir)
+  elif FLAGS.mode == "compile":
+    from npp_jax.jobs import compile as compile_job
+
+    compile_job.run(config, workdir)
 
 
 if __name__ == "__main__":
