@@ -140,6 +140,10 @@ def load_topology(s: Slice):
   """The slice's TPU devices (compile-only: no TPU needed), libtpu's warnings logged."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
+  # libtpu takes /tmp/libtpu_lockfile so that two processes do not drive one TPU; a compile-only
+  # topology drives none, and without this a second compile run at the same time (two users, two
+  # test workers) fails with "Internal error when accessing libtpu multi-process lockfile".
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = {}
   if s.num_chips < 4:  # libtpu assumes 2x2 chips per host unless told (v5litepod-1, v6e-1).
     kwargs["chips_per_host_bounds"] = (*s.shape, 1)[:3] if s.chip.dims == 2 else s.shape
