@@ -24,9 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-jax.config.update(
-  "jax_platforms", "cpu"
-)  # The slice's devices are libtpu's; the process runs here.
+# The slice's devices are libtpu's; the process itself runs here, on the CPU.
+jax.config.update("jax_platforms", "cpu")
+
+import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 from npp_jax import chips  # noqa: E402
 from npp_jax import config_lib  # noqa: E402
@@ -109,11 +110,11 @@ def main():
 
 
 def row(size, topology, config, plan, rows, seconds) -> dict:
-  per_k = {r.k: r for r in rows}
+  per_k, stages = {r.k: r for r in rows}, plan.schedule.stages
   steps_per_epoch = IMAGES / config.train.global_batch_size
   hours = {k: r.estimated_s * steps_per_epoch / 3600 for k, r in per_k.items() if r.estimated_s}
-  npp_h = sum(st.epochs * hours[st.k] for st in plan.schedule.stages if st.k in hours)
-  ntp_h = plan.schedule.total_epochs * hours.get(1, float("nan"))
+  npp_h = sum(st.epochs * hours[st.k] for st in stages if st.k in hours)
+  ntp_h = plan.schedule.total_epochs * hours[1] if 1 in hours else None
   return {
     "size": size,
     "topology": topology,
@@ -124,9 +125,12 @@ def row(size, topology, config, plan, rows, seconds) -> dict:
     "gib_per_device": {r.k: _gib(r.bytes_per_device) for r in rows},
     "estimated_s_per_step": {r.k: r.estimated_s for r in rows},
     "estimated_h_per_epoch_k1": hours.get(1),
-    "estimated_npp_vs_ntp": npp_h / ntp_h if ntp_h else None,
+    # Every k of the schedule is needed for the ratio.
+    "estimated_npp_vs_ntp": npp_h / ntp_h
+    if ntp_h and all(st.k in hours for st in stages)
+    else None,
     "compile_s": round(seconds, 1),
-    "machine": f"{os.cpu_count()} cores",
+    "machine": machine.describe(),  # Where it was compiled (the compile_s figure).
   }
 
 
