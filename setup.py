@@ -31,6 +31,13 @@ setuptools.setup(
     "numpy>=2.4.6",
     "pillow>=13.0.0",
     "tqdm>=4.70.1",
+    # The parameter table and held-out averages; its parameter_overview and metrics import no
+    # TensorFlow (its metric writers do, so npp_jax.summaries writes TensorBoard files itself).
+    "clu>=0.0.12",
+    # Tokenizing captions with a T5 folder's spiece.model (text-to-image prompts, extraction): a
+    # small wheel on every platform the base runs on, so text paths fail on bad input, never on a
+    # missing package (a `text` extra would turn a sampling run's first prompt into an ImportError).
+    "sentencepiece>=0.2.3",
   ],
   extras_require={
     # Only the PyTorch <-> JAX checkpoint converter (and its parity tests) need torch.
@@ -47,6 +54,10 @@ setuptools.setup(
       "pytorch-fid>=0.3.0",  # The FID Inception parity tests build pytorch-fid's own modules.
       # tests/test_gcs.py serves gs:// on loopback (the oldest release tried; older ones untested).
       "gcp-storage-emulator>=2026.7.19",
+      # T5 parity (tests/test_t5.py): PyTorch T5EncoderModel and T5Tokenizer, folders written by
+      # save_pretrained. Base transformers only (no TensorFlow or Flax extras); v5's T5Tokenizer.
+      "transformers>=5.25.0",
+      "safetensors>=0.8.0",
       # --mode=compile compiles for TPU slices on any machine (jax.experimental.topologies); jax
       # 0.10.2's own `tpu` extra pins 0.0.42.*. Wheels: Linux x86_64 only (elsewhere those tests skip).
       'libtpu~=0.0.42.1; platform_system == "Linux" and platform_machine == "x86_64"',

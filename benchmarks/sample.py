@@ -54,7 +54,7 @@ def random_params(cfg: gpt.GPTConfig, dtype):
 
 def time_sampler(params, cfg, n_images):
   labels = jnp.arange(n_images, dtype=jnp.int32) % cfg.num_classes
-  kw = dict(cfg=cfg, cfg_scale=FLAGS.cfg_scale, temperature=1.0, top_k=0, top_p=1.0)
+  kw = dict(model=cfg, settings=sampling.SamplingSettings(cfg_scale=FLAGS.cfg_scale))
   t0 = time.perf_counter()
   jax.block_until_ready(sampling.sample_codes(params, labels, jax.random.key(0), **kw))
   first = time.perf_counter() - t0

@@ -383,13 +383,25 @@ def load_params(path, *, ema: bool = False) -> dict:
         "--ema to take the release's EMA weights)"
       )
     return gpt.unstack_layers(read_params(p))
+  return gpt.unstack_layers(checkpoint_params(p, ema=ema))
+
+
+def checkpoint_params(directory, *, step: int | None = None, ema: bool = False) -> dict:
+  """The params (EMA with ema=True) of step `step` (the latest when None) of a trainer's
+  checkpoints folder (WORKDIR/checkpoints, WORKDIR/vq_checkpoints), in the layout they were saved
+  in, on one local device."""
+  p = files.absolute(directory)
+  steps = _finished_steps(p)
+  if not steps:
+    raise CheckpointError(f"{p} holds no finished checkpoint")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f"{p} holds no checkpoint of step {step}; expected one of {steps}")
   manager = ocp.CheckpointManager(
     p, item_names=_ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
   )
-  step = manager.latest_step()
-  if step is None:
-    raise CheckpointError(f"{p} holds no finished checkpoint")
-  # A run saved by several processes names devices this process does not have: restore onto one device.
+  # A run saved by several processes names devices this process lacks: restore onto one device.
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
     state = manager.restore(
@@ -400,6 +412,8 @@ def load_params(path, *, ema: bool = False) -> dict:
       f"checkpoint step {step} in {p} is corrupt or partial ({type(e).__name__})"
     ) from None
   if ema:
+    if "code_ema" in state:  # train_vq's state: its "EMA" is code usage, not weights.
+      raise CheckpointError(f"{p} is a VQ run's; VQ training keeps no EMA weights")
     if not state.get("ema"):
       raise CheckpointError(
         f"checkpoint step {step} in {p} has no EMA weights (train.ema_decay was "
@@ -409,4 +423,4 @@ def load_params(path, *, ema: bool = False) -> dict:
   else:
     params = state["params"]
   logging.info("Loaded parameters of step %d from %s%s.", step, p, " (EMA)" if ema else "")
-  return gpt.unstack_layers(jax.tree.map(lambda x: x, params))
+  return jax.tree.map(lambda x: x, params)

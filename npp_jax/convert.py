@@ -3,6 +3,13 @@
   python -m npp_jax.convert --kind=gpt --src=c2i_B_256.pt --config=configs/b.py --dst=/ckpt/gpt_b
   python -m npp_jax.convert --kind=vq --src=vq_ds16_c2i.pt --config=configs/b.py --dst=/ckpt/vq16
   python -m npp_jax.convert --kind=gpt --src=/ckpt/gpt_b --config=configs/b.py --dst=out.pt --to=torch
+  python -m npp_jax.convert --kind=gpt --src=work/b --config=configs/b.py --dst=b.pt --to=torch
+  python -m npp_jax.convert --kind=gpt --src=work/b --config=configs/b.py --dst=/ckpt/b --to=params
+
+`--to=torch` reads a params directory or a training workdir (WORKDIR, WORKDIR/checkpoints; for the
+VQ, WORKDIR of --mode=train_vq or its vq_checkpoints/): the latest step, `--step=N` for another,
+`--ema` for the EMA weights when the run kept them. `--to=params` writes a training workdir's
+weights as a params directory, what sampling, extraction and `--to=torch` read.
 
 The GPT architecture comes from `config.model`, the tokenizer's from `config.vq`.
 
@@ -39,6 +46,7 @@ from npp_jax.models import gpt
 from npp_jax.models import vq
 
 KINDS = ("gpt", "vq")
+DIRECTIONS = ("jax", "torch", "params")  # --to: a .pt to JAX, JAX to a .pt, a workdir to params.
 # Torch keys that name the same tensor in both frameworks only after a special rename.
 _SPECIAL_NAMES = {
   "cls_embedding/embedding": "cls_embedding.embedding_table.weight",
@@ -255,36 +263,74 @@ def params_to_state(kind: str, params, config, what: str = "the params") -> dict
 # Entry points.
 
 
-def convert(kind: str, src: str, dst: str, config, ema: bool = False, to: str = "jax") -> None:
+def convert(
+  kind: str,
+  src: str,
+  dst: str,
+  config,
+  ema: bool = False,
+  to: str = "jax",
+  step: int | None = None,
+) -> None:
   """One conversion; every argument is checked before anything is read or written."""
   if kind not in KINDS:
     raise ValueError(f"--kind={kind!r}; expected one of {KINDS}")
-  if to not in ("jax", "torch"):
-    raise ValueError(f"--to={to!r}; expected 'jax' or 'torch'")
-  if ema and to == "torch":
+  if to not in DIRECTIONS:
+    raise ValueError(f"--to={to!r}; expected one of {DIRECTIONS}")
+  if step is not None and (to == "jax" or step < 0):
     raise ValueError(
-      "--ema selects the EMA weights of a PyTorch checkpoint; it does not apply to --to=torch"
+      f"--step={step}; expected a step >= 0 of a training workdir, with --to=torch or --to=params"
     )
+  if ema and kind == "vq" and to != "jax":
+    raise ValueError("--ema with --kind=vq; VQ training keeps no EMA weights")
   if epath.Path(dst).exists():
     raise ValueError(f"--dst={dst!r} already exists; expected a new path (nothing is overwritten)")
-  expected_shapes(kind, config)  # Validates the config before any file is read.
+  shapes = expected_shapes(kind, config)  # Validates the config before any file is read.
   if to == "jax":
     params = state_to_params(kind, load_torch_state(src, ema), config, what=f"checkpoint {src}")
     checkpoints.save_params(dst, params)
     return
+  params = _read_weights(kind, src, to, ema, step)
+  if to == "params":
+    checkpoints.check_param_shapes(params, shapes, f"the weights in {src} do not fit the config")
+    checkpoints.save_params(dst, params)
+    return
   import torch
 
-  # A training workdir or the other model's weights: say what it is before orbax reads any array.
-  preflight.expect_weights(
-    "--src",
-    src,
-    (f"{kind}_params",),
-    f"a {kind.upper()} params directory (what npp_jax.convert --kind={kind} writes)",
-  )
-  params = checkpoints.read_params(src)
   state = params_to_state(kind, params, config, what=f"checkpoint {src}")
   state = {"model": {k: torch.from_numpy(v) for k, v in state.items()}}
   files.atomic_write(dst, lambda f: torch.save(state, f))
+
+
+def _read_weights(kind: str, src: str, to: str, ema: bool, step: int | None):
+  """The unscanned params `src` holds: a params directory (--to=torch only: --to=params would copy
+  it), or a step of a training workdir. What `src` is gets said before orbax reads any array."""
+  trained = (
+    ("gpt_workdir", "gpt_checkpoints") if kind == "gpt" else ("vq_workdir", "vq_checkpoints")
+  )
+  wanted = f"a {kind.upper()} training workdir or its {'vq_' * (kind == 'vq')}checkpoints/ folder"
+  if to == "torch":
+    trained += (f"{kind}_params",)
+    wanted = (
+      f"a {kind.upper()} params directory (what npp_jax.convert --kind={kind} writes) or {wanted}"
+    )
+  found = preflight.expect_weights("--src", src, trained, wanted)
+  if found == f"{kind}_params":
+    if step is not None or ema:
+      raise ValueError(
+        f"--src={src!r} is a {kind.upper()} params directory, one set of weights; --step and --ema "
+        "pick among the checkpoints of a training workdir"
+      )
+    return checkpoints.read_params(src)
+  folder = epath.Path(src)
+  if found == "vq_workdir":
+    if step is None and preflight.weights_kind(folder / "vq") == "vq_params":
+      return checkpoints.read_params(folder / "vq")  # A finished run's final weights.
+    folder = folder / "vq_checkpoints"
+  elif found == "gpt_workdir":
+    folder = folder / "checkpoints"
+  params = checkpoints.checkpoint_params(folder, step=step, ema=ema)
+  return gpt.unstack_layers(dict(params)) if kind == "gpt" else params
 
 
 def run(argv: Sequence[str]) -> None:
@@ -292,22 +338,36 @@ def run(argv: Sequence[str]) -> None:
   fv = flags.FlagValues()
   flags.DEFINE_enum("kind", None, list(KINDS), "Which model: gpt or vq.", flag_values=fv)
   flags.DEFINE_string(
-    "src", None, "PyTorch checkpoint (.pt), or an orbax directory with --to=torch.", flag_values=fv
+    "src",
+    None,
+    "PyTorch checkpoint (.pt); with --to=torch|params a params directory or a training workdir.",
+    flag_values=fv,
   )
   flags.DEFINE_string(
-    "dst", None, "Output: an orbax directory, or a .pt file with --to=torch.", flag_values=fv
+    "dst", None, "Output: a params directory, or a .pt file with --to=torch.", flag_values=fv
   )
-  flags.DEFINE_bool("ema", False, "Read the checkpoint's 'ema' weights.", flag_values=fv)
-  flags.DEFINE_enum("to", "jax", ["jax", "torch"], "Direction of the conversion.", flag_values=fv)
+  flags.DEFINE_bool(
+    "ema", False, "The EMA weights (of a .pt, or of a training workdir).", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "step", None, "A training workdir's checkpoint step (default: the latest).", flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "to",
+    "jax",
+    list(DIRECTIONS),
+    "jax: a .pt to a params directory; torch: to a .pt; params: a workdir to a params directory.",
+    flag_values=fv,
+  )
   cli.define_config(fv, sys_argv=argv, help_string="A config file (config.model, config.vq).")
   cli.parse(argv, fv)  # One-line ValueError for a bad flag, config file or key.
   for name in ("kind", "src", "dst", "config"):
     if fv[name].value is None:
       raise ValueError(
         f"--{name} is required; usage: python -m npp_jax.convert --kind=gpt|vq "
-        "--src=FILE --config=CONFIG --dst=DIR [--ema] [--to=torch]"
+        "--src=FILE|DIR --config=CONFIG --dst=DIR|FILE [--to=torch|params] [--step=N] [--ema]"
       )
-  convert(fv.kind, fv.src, fv.dst, fv.config, ema=fv.ema, to=fv.to)
+  convert(fv.kind, fv.src, fv.dst, fv.config, ema=fv.ema, to=fv.to, step=fv.step)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

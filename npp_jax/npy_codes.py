@@ -36,7 +36,7 @@ def _one_subfolder(src: str, suffix: str) -> str:
   return str(epath.Path(src) / found[0])
 
 
-def _npy_codes(path: str, grid) -> np.ndarray:
+def read_codes(path: str, grid) -> np.ndarray:
   """One image's codes, stored as [1, n_aug, h*w], [n_aug, h*w] or [h*w] -> [n_aug, h, w]."""
   with epath.Path(path).open("rb") as f:
     x = np.load(f)
@@ -96,14 +96,14 @@ def from_npy_folder(
       f"image {missing} has no {side} file in {src}; expected matching {{i}}.npy in both"
     )
   order = sorted(code_files)
-  first = _npy_codes(code_files[order[0]], grid)
+  first = read_codes(code_files[order[0]], grid)
   n_aug, grid = first.shape[0], first.shape[1:]
   with code_dataset.CodeDatasetWriter(
     out_dir, grid, n_aug, vocab_size, num_classes, split=split, overwrite=overwrite
   ) as writer:
     for start in range(0, len(order), batch):
       ids = order[start : start + batch]
-      codes = [_npy_codes(code_files[i], grid) for i in ids]
+      codes = [read_codes(code_files[i], grid) for i in ids]
       for i, c in zip(ids, codes):
         if c.shape != first.shape:
           raise ValueError(

@@ -14,7 +14,10 @@ import time
 from typing import Any, Mapping
 
 from absl import logging
+from clu import parameter_overview
 import numpy as np
+
+from npp_jax import files
 
 
 class MetricWriter:
@@ -132,6 +135,20 @@ class _ObjectEventWriter:
 
   def close(self) -> None:
     self.flush()
+
+
+def write_parameter_overview(params, workdir, *, is_main: bool = True) -> int:
+  """clu's parameter table (name, shape, dtype, size; no statistics, which would read every sharded
+  value to the host) written to WORKDIR/parameters.txt by process 0, and one INFO line naming it: a
+  large model's table runs to hundreds of lines, which belong in a file, not the console. clu's
+  parameter_overview imports no TensorFlow (its metric writers do: see above). Returns the count."""
+  count = int(parameter_overview.count_parameters(params))
+  path = files.absolute(workdir) / "parameters.txt"
+  if is_main:
+    table = parameter_overview.get_parameter_overview(params, include_stats=False)
+    files.atomic_write(path, lambda f: f.write((table + "\n").encode()))
+  logging.info("%s parameters; their table is in %s.", f"{count:,}", path)
+  return count
 
 
 def create_default_writer(

@@ -31,9 +31,13 @@ def tiny_gpt():
   return cfg, model, params
 
 
-def sample(cfg, params, **kw):
+def sample(cfg, params, mesh=None, **kw):
+  """Codes of the fixed labels; kw are SamplingSettings fields."""
   labels = np.array([0, 3, 9, 1, 4, 4, 7, 2], np.int32)
-  return sample_lib.sample_codes(params, labels, jax.random.key(11), cfg=cfg, first_index=5, **kw)
+  settings = sample_lib.SamplingSettings(**kw)
+  return sample_lib.sample_codes(
+    params, labels, jax.random.key(11), model=cfg, settings=settings, first_index=5, mesh=mesh
+  )
 
 
 def loss_batch(cfg):

@@ -341,3 +341,152 @@ def test_bad_arguments(gpt_setup, config_path, tmp_path, capsys):
   assert convert.main(["convert", "--kind=gpt", src, f"--dst={tmp_path / 'a'}"]) == 2
   assert capsys.readouterr().err.startswith("error: --config is required")
   assert not os.path.exists(tmp_path / "a")
+
+
+# ----------------------------------------------------------------------------- training workdirs
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """A real run of configs/tiny.py on 8 devices, EMA on: checkpoints at steps 2 and 4."""
+  import subprocess
+  import sys
+
+  from npp_jax.data import code_dataset
+
+  tmp = tmp_path_factory.mktemp("trained")
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 256, (32, 1, 16, 16)).astype(np.int32)
+  labels = rng.integers(0, 10, 32).astype(np.int32)
+  code_dataset.write_code_dataset(str(tmp / "codes"), codes, labels, vocab_size=256, num_classes=10)
+  workdir = str(tmp / "work")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = [
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.path={tmp / 'codes'}",
+    "--config.train.max_steps=4",
+    "--config.train.checkpoint_every_steps=2",
+    "--config.optim.ema_decay=0.5",
+  ]
+  run = subprocess.run(
+    [sys.executable, "-m", "npp_jax.main", *argv],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  config = load_config(os.path.join(root, "configs", "tiny.py"))
+  return config, os.path.join(root, "configs", "tiny.py"), workdir
+
+
+def _logits_match(config, params, pt):
+  """The .pt loads strictly into the release's class and gives the logits `params` give in Flax."""
+  model = make_gpt(config, seed=3)
+  model.load_state_dict(torch.load(pt, weights_only=True)["model"], strict=True)
+  h, w = config.model.grid
+  tokens = jax.random.randint(jax.random.key(1), (2, h, w), 0, config.model.vocab_size, jnp.int32)
+  labels = jnp.array([3, config.model.num_classes], jnp.int32)
+  logits = gpt.GPT(gpt.GPTConfig.from_config(config.model)).apply(
+    {"params": params}, tokens, labels, patch_size=2, train=False
+  )
+  with torch.no_grad():
+    want = model(
+      torch.from_numpy(np.asarray(tokens).reshape(2, h * w).astype(np.int64)),
+      torch.from_numpy(np.asarray(labels).astype(np.int64)),
+      2,
+    ).numpy()
+  assert rel_err(logits, want) <= REL_TOL
+
+
+def test_a_training_workdir_exports_to_torch_and_params(trained_workdir, tmp_path):
+  """`--to=torch --src=WORKDIR`: the latest step, --step=2, --ema, each a .pt the release's class
+  loads strictly with the logits of those weights; `--to=params` the same weights as a params
+  directory, which exports to the same .pt."""
+  config, config_path, workdir = trained_workdir
+  ckpts = os.path.join(workdir, "checkpoints")
+  args = ("--kind=gpt", f"--src={workdir}", f"--config={config_path}")
+  picks = {
+    "latest": ((), checkpoints.checkpoint_params(ckpts)),
+    "step2": (("--step=2",), checkpoints.checkpoint_params(ckpts, step=2)),
+    "ema": (("--ema",), checkpoints.checkpoint_params(ckpts, ema=True)),
+  }
+  for name, (extra, params) in picks.items():
+    run_cli(*args, f"--dst={tmp_path / name}.pt", "--to=torch", *extra)
+    _logits_match(config, gpt.unstack_layers(dict(params)), str(tmp_path / f"{name}.pt"))
+  # The three are different weights (4 steps of training; the EMA lags): each flag picks its own.
+  states = {n: torch.load(tmp_path / f"{n}.pt", weights_only=True)["model"] for n in picks}
+  for a, b in (("latest", "step2"), ("latest", "ema"), ("step2", "ema")):
+    assert not torch.equal(states[a]["norm.weight"], states[b]["norm.weight"]), (a, b)
+  # The same step reached through WORKDIR/checkpoints.
+  run_cli(
+    "--kind=gpt",
+    f"--src={ckpts}",
+    f"--config={config_path}",
+    "--step=2",
+    "--to=torch",
+    f"--dst={tmp_path / 'via_ckpts.pt'}",
+  )
+  again = torch.load(tmp_path / "via_ckpts.pt", weights_only=True)["model"]
+  assert all(torch.equal(again[k], v) for k, v in states["step2"].items())
+
+  run_cli(*args, "--ema", "--to=params", f"--dst={tmp_path / 'params'}")
+  chex.assert_trees_all_equal(
+    flat_np(checkpoints.read_params(str(tmp_path / "params"))),
+    flat_np(checkpoints.load_params(workdir, ema=True)),  # What sampling reads from the workdir.
+  )
+  run_cli(
+    "--kind=gpt",
+    f"--src={tmp_path / 'params'}",
+    f"--config={config_path}",
+    "--to=torch",
+    f"--dst={tmp_path / 'from_params.pt'}",
+  )
+  again = torch.load(tmp_path / "from_params.pt", weights_only=True)["model"]
+  assert again.keys() == states["ema"].keys()
+  assert all(torch.equal(again[k], v) for k, v in states["ema"].items())
+
+
+def test_workdir_export_refuses_what_does_not_fit(
+  trained_workdir, gpt_setup, config_path, tmp_path
+):
+  """A step the run did not keep, --step or --ema on a params directory, --to=params of a params
+  directory, the wrong kind and the wrong config: one line each, nothing written."""
+  _, tiny_path, workdir = trained_workdir
+  _, _, _, tmp = gpt_setup
+  dst = f"--dst={tmp_path / 'out'}"
+  cases = [
+    (
+      ("--kind=gpt", f"--src={workdir}", "--step=3", "--to=torch"),
+      r"holds no checkpoint of step 3; expected one of \[2, 4\]",
+    ),
+    (
+      ("--kind=gpt", f"--src={workdir}", "--step=2"),
+      r"--step=2; expected a step >= 0 .* with --to",
+    ),
+    (
+      ("--kind=gpt", f"--src={tmp / 'jax'}", "--step=2", "--to=torch"),
+      "is a GPT params directory, one set of weights; --step and --ema pick",
+    ),
+    (
+      ("--kind=gpt", f"--src={tmp / 'jax'}", "--ema", "--to=torch"),
+      "is a GPT params directory, one set of weights",
+    ),
+    (
+      ("--kind=gpt", f"--src={tmp / 'jax'}", "--to=params"),
+      "is a GPT params directory; expected a GPT training workdir or its checkpoints/ folder",
+    ),
+    (
+      ("--kind=vq", f"--src={workdir}", "--to=torch"),
+      "is a GPT training workdir; expected a VQ params directory",
+    ),
+    (("--kind=vq", f"--src={workdir}", "--to=params", "--ema"), "VQ training keeps no EMA"),
+  ]
+  for argv, match in cases:
+    with pytest.raises(ValueError, match=match):
+      run_cli(*argv, f"--config={tiny_path}", dst)
+  # Another architecture than the run's (test_convert's config): named, nothing written.
+  with pytest.raises(ValueError, match="do not fit the config"):
+    run_cli("--kind=gpt", f"--src={workdir}", "--to=params", f"--config={config_path}", dst)
+  assert not os.path.exists(tmp_path / "out")

@@ -1,9 +1,12 @@
-"""Extraction on 8 fake CPU devices: codes equal to the encoder's, resume after a crash and after lost shards,
-TFDS ImageFolder, and bad inputs refused before anything is written."""
+"""Extraction on 8 fake CPU devices: codes equal to the encoder's, resume after a crash and after
+lost shards, image folders (without TensorFlow, and equal to TFDS's reader), bad inputs refused
+before anything is written."""
 
 import glob
 import os
 import shutil
+import subprocess
+import sys
 
 from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
 import jax
@@ -22,6 +25,8 @@ from npp_jax.jobs import train_vq
 from npp_jax.models import vq
 
 N_TEST = 500  # Digits in the "test" split: the extraction tests encode all of them.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 
 
 @pytest.fixture(scope="module")
@@ -215,22 +220,21 @@ def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
   assert not os.path.exists(workdir)
 
 
-def test_extract_reads_a_tfds_image_folder(tmp_path, vq_params):
-  """root/<split>/<class>/*.png through TFDS's ImageFolder, ten-crop of images of several sizes."""
+def test_extract_of_an_image_folder_equals_the_tfds_path(tmp_path, vq_params):
+  """root/<split>/<class>/ read by our folder reader gives the code data set that TFDS's ImageFolder
+  (extraction's reader before, through TensorFlow) gives, row for row; the codes are the encoder's
+  of the release's ten crops of each file decoded by PIL."""
   pytest.importorskip("tensorflow")  # TFDS reads image folders through it.
   import tensorflow_datasets as tfds
+  from test_images import write_image  # noqa: E402  (tests/ is on sys.path)
 
   cfg, params, path = vq_params
   root = tmp_path / "images"
-  rng = np.random.default_rng(0)
   sizes = [(40, 48), (35, 35), (80, 72), (36, 60)]
-  for k, name in enumerate(("cat", "dog", "owl")):
-    os.makedirs(root / "train" / name)
-    for j in range(3):
-      h, w = sizes[(k + j) % len(sizes)]
-      image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-      Image.fromarray(image).save(root / "train" / name / f"{j}.png")
-  workdir = str(tmp_path / "w")
+  modes = [("RGB", "png"), ("L", "png"), ("CMYK", "jpg"), ("RGB", "jpg")]
+  for k in range(11):
+    mode, ext = modes[k % len(modes)]
+    write_image(str(root / "train" / f"c{k % 3}" / f"{k}.{ext}"), mode, sizes[k % 4], seed=k)
   c = tiny_config(
     **{
       "extract.vq_checkpoint": path,
@@ -238,19 +242,89 @@ def test_extract_reads_a_tfds_image_folder(tmp_path, vq_params):
       "extract.split": "train",
       "extract.aug": "tencrop",
       "extract.batch_size": 5,
+      "extract.keep_shards": True,
     }
   )
-  out = extract.extract(c, workdir)
+  out = extract.extract(c, str(tmp_path / "ours"))
   # Batches of 5 on 8 devices: padded to 8 rows on the way in, trimmed on the way out.
-  assert out["num_examples"] == 9 and out["n_aug"] == 10 and out["shards_encoded"] == 2
-  codes, labels = read_split(os.path.join(workdir, "codes"), "train")
-  # ImageFolder's own order (a fixed shuffle) and labels (sorted class names).
-  records = list(tfds.as_numpy(tfds.folder_dataset.ImageFolder(str(root)).as_dataset("train")))
-  np.testing.assert_array_equal(labels, [r["label"] for r in records])
-  assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  assert out["num_examples"] == 11 and out["n_aug"] == 10 and out["shards_encoded"] == 3
+  codes, labels = read_split(str(tmp_path / "ours" / "codes"), "train")
+  # Resume as from any source: a lost shard of the folder's is encoded again, the rest reused.
+  shutil.rmtree(tmp_path / "ours" / "codes")
+  os.remove(sorted(glob.glob(str(tmp_path / "ours" / "extract_tmp" / "train" / "shard_*.npz")))[1])
+  out = extract.extract(c, str(tmp_path / "ours"))
+  assert (out["shards_encoded"], out["shards_reused"]) == (1, 2)
+  again, again_labels = read_split(str(tmp_path / "ours" / "codes"), "train")
+  np.testing.assert_array_equal(again, codes)
+  np.testing.assert_array_equal(again_labels, labels)
+
+  # Today's TFDS path: ImageFolder's records, their bytes undecoded (TfdsSource's SkipDecoding)
+  # and decoded by PIL, as extraction read them through TensorFlow.
+  builder = tfds.folder_dataset.ImageFolder(str(root))
+  skip = {"image": tfds.decode.SkipDecoding()}
+  records = list(tfds.as_numpy(builder.as_dataset("train", decoders=skip)))
+  tfds_path = images_lib.ArraySource(
+    str(root),
+    np.array([r["image"] for r in records], dtype=object),  # Encoded bytes, as TFDS gave them.
+    np.array([r["label"] for r in records]),
+    3,
+  )
+  extract.extract(c, str(tmp_path / "tfds"), source=tfds_path)
+  tfds_codes, tfds_labels = read_split(str(tmp_path / "tfds" / "codes"), "train")
+  np.testing.assert_array_equal(codes, tfds_codes)
+  np.testing.assert_array_equal(labels, tfds_labels)
+  assert sorted(labels.tolist()) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
   for r, got in zip(records, codes):
-    name = r["image/filename"].decode()
-    image = np.asarray(Image.open(name).convert("RGB"))
+    with Image.open(r["image/filename"].decode()) as im:
+      image = np.asarray(im.convert("RGB"))
     views = images_lib.augment(image, "tencrop", 32, 1.1)
     want = np.asarray(vq.encode_fn(params, vq.PIXEL_VALUES[views], cfg))
     np.testing.assert_array_equal(got, want)
+
+
+def test_extract_an_image_folder_from_the_cli_without_tensorflow(tmp_path, vq_params):
+  """`--mode=extract` on one split's class folders (JPEG, PNG, WebP, CMYK, junk) in a process where
+  TensorFlow cannot be imported: the encoder's codes of every readable file, the junk counted."""
+  from test_images import NO_TENSORFLOW  # noqa: E402
+  from test_images import make_split_folder  # noqa: E402
+
+  cfg, params, path = vq_params
+  folder = str(tmp_path / "imagenet" / "train")
+  good, bad = make_split_folder(folder)
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(
+    f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom vq_helpers import tiny_config\n\n\n"
+    "def get_config():\n  return tiny_config()\n"
+  )
+  workdir = str(tmp_path / "w")
+  argv = [
+    "--mode=extract",
+    f"--config={config_file}",
+    f"--workdir={workdir}",
+    f"--config.extract.vq_checkpoint={path}",
+    f"--config.extract.dataset={folder}",
+    "--config.extract.split=train",
+    "--config.extract.aug=tencrop",
+    "--config.extract.batch_size=4",
+  ]
+  code = NO_TENSORFLOW + (
+    f"sys.argv = ['npp_jax.main', *{argv!r}]\n"
+    "import runpy\n"
+    "runpy.run_module('npp_jax.main', run_name='__main__')\n"
+  )
+  run = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f"3 of {len(good) + len(bad)} image files are unreadable" in run.stderr
+  codes, labels = read_split(os.path.join(workdir, "codes"), "train")
+  source = images_lib.open_images(folder, "train")  # The reader's order: TFDS's (test_images).
+  paths, _ = source.get(range(source.num_examples))
+  assert sorted(str(p) for p in paths) == sorted(good) and len(codes) == len(good)
+  for p, label, got in zip(paths, labels, codes):
+    assert source.classes[label] == os.path.relpath(str(p), folder).split(os.sep)[0]
+    with Image.open(str(p)) as im:
+      views = images_lib.augment(np.asarray(im.convert("RGB")), "tencrop", 32, 1.1)
+    np.testing.assert_array_equal(
+      got, np.asarray(vq.encode_fn(params, vq.PIXEL_VALUES[views], cfg))
+    )

@@ -10,14 +10,20 @@ from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
 import numpy as np
 import pytest
 
+from npp_jax import caption_codes
 from npp_jax import checkpoints
 from npp_jax import convert
 from npp_jax import files
 from npp_jax import main
+from npp_jax import npy_captions
 from npp_jax import npy_codes
 from npp_jax import preflight
 from npp_jax import sampling
 from npp_jax import summaries
+from npp_jax import text
+from npp_jax import text_encoder
+from npp_jax.data import caption_index
+from npp_jax.data import captions
 from npp_jax.data import code_dataset
 from npp_jax.data import images
 from npp_jax.fid import features
@@ -123,6 +129,12 @@ def _bypasses(source: str) -> list[str]:
     features,
     fid_scores,
     image_sets,
+    text,
+    text_encoder,
+    captions,
+    caption_index,
+    npy_captions,
+    caption_codes,
   ],
   ids=lambda m: m.__name__,
 )

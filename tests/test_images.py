@@ -76,37 +76,146 @@ def test_center_crop_of_a_wide_image_and_pixel_values():
   )
 
 
-def test_an_image_folder_without_tensorflow_is_refused_in_one_line(tmp_path):
-  """TensorFlow is no dependency of the package; TFDS needs it for image folders: a one-line error up front."""
-  root = tmp_path / "images"
-  os.makedirs(root / "train" / "cat")
-  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "cat" / "0.png")
-  code = (
-    "import importlib.abc, importlib.util, sys\n"
-    "class NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"  # `import` fails.
-    "  def find_spec(self, name, path, target=None):\n"
-    "    if name.split('.')[0] == 'tensorflow':\n"
-    "      return importlib.util.spec_from_loader(name, self)\n"
-    "  def create_module(self, spec):\n"
-    "    raise ModuleNotFoundError(f'No module named {spec.name!r}')\n"
-    "  def exec_module(self, module):\n"
-    "    pass\n"
-    "sys.meta_path.insert(0, NoTensorFlow())\n"
+# A child interpreter in which `import tensorflow` fails, as where TensorFlow is not installed.
+NO_TENSORFLOW = (
+  "import importlib.abc, importlib.util, sys\n"
+  "class NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"
+  "  def find_spec(self, name, path, target=None):\n"
+  "    if name.split('.')[0] == 'tensorflow':\n"
+  "      return importlib.util.spec_from_loader(name, self)\n"
+  "  def create_module(self, spec):\n"
+  "    raise ModuleNotFoundError(f'No module named {spec.name!r}')\n"
+  "  def exec_module(self, module):\n"
+  "    pass\n"
+  "sys.meta_path.insert(0, NoTensorFlow())\n"
+)
+
+
+def write_image(path, mode, size, seed, fmt=None):
+  """A random image of PIL mode `mode` (RGB, L, RGBA, P, CMYK) saved at `path`."""
+  rng = np.random.default_rng(seed)
+  w, h = size
+  if mode in ("L", "P"):
+    im = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
+    im = im.convert("P") if mode == "P" else im
+  else:
+    im = Image.fromarray(rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8), mode)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  im.save(path, fmt)
+
+
+def make_split_folder(folder):
+  """One split's class folders as users keep ImageNet (train/<wnid>/*.JPEG), with the formats and
+  the junk a real folder holds; returns (the readable files, the unreadable ones)."""
+  good = {
+    "n01/a.JPEG": ("RGB", (40, 36), "JPEG"),
+    "n01/b.png": ("L", (35, 48), "PNG"),  # Greyscale.
+    "n01/deeper/c.jpg": ("RGB", (36, 36), "JPEG"),  # In a subfolder: read, as torchvision does.
+    "n02/d.webp": ("RGB", (50, 40), "WEBP"),
+    "n02/e.jpg": ("CMYK", (38, 44), "JPEG"),  # ImageNet holds a few CMYK JPEGs.
+    "n03/f.png": ("RGBA", (36, 40), "PNG"),
+    "n03/g.PNG": ("P", (44, 36), "PNG"),  # Palette.
+  }
+  for k, (name, (mode, size, fmt)) in enumerate(good.items()):
+    write_image(os.path.join(folder, name), mode, size, seed=k, fmt=fmt)
+  bad = ["n01/empty.JPEG", "n02/not_an_image.png", "n03/._f.png"]  # ._f.png: a macOS fork file.
+  for name in bad:
+    with open(os.path.join(folder, name), "wb") as f:
+      f.write(b"" if "empty" in name else b"<html>404</html>")
+  with open(os.path.join(folder, "n01", "README.txt"), "w") as f:  # No image extension: not read.
+    f.write("notes")
+  write_image(os.path.join(folder, ".ipynb_checkpoints", "x.png"), "RGB", (36, 36), 9)  # No class.
+  os.makedirs(os.path.join(folder, "n04"))  # An empty class still takes its number.
+  return [os.path.join(folder, n) for n in good], [os.path.join(folder, n) for n in bad]
+
+
+def test_an_image_folder_reads_without_tensorflow(tmp_path):
+  """JPEG, PNG (grey, RGBA, palette), WebP and CMYK files of one split's class folders, decoded by
+  PIL to RGB as the release's loader does, classes numbered by sorted name, junk skipped and
+  counted, in a process where TensorFlow cannot be imported."""
+  folder = str(tmp_path / "imagenet" / "train")
+  good, bad = make_split_folder(folder)
+  out = str(tmp_path / "read.npz")
+  code = NO_TENSORFLOW + (
+    "import numpy as np\n"
     "from npp_jax.data import images\n"
-    "try:\n"
-    f"  images.open_images({str(root)!r}, 'train', field='extract.dataset')\n"
-    "except ValueError as e:\n"
-    "  print('error:', e)\n"
+    f"s = images.open_images({folder!r}, 'train', field='extract.dataset')\n"
+    "paths, labels = s.get(range(s.num_examples))\n"
+    "pixels = [images.to_rgb(p) for p in paths]\n"
+    f"np.savez({out!r}, paths=[str(p) for p in paths], labels=labels, classes=s.classes,\n"
+    "  skipped=sorted(str(p) for p in s.skipped), pixels=np.array(pixels, dtype=object))\n"
+    "print('tensorflow' in sys.modules)\n"
   )
   root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
+  run = subprocess.run(
     [sys.executable, "-c", code], cwd=root_dir, capture_output=True, text=True, timeout=300
   )
-  assert out.stdout.strip() == (
-    f"error: extract.dataset={str(root)!r} is an image folder, which TFDS reads "
-    "through TensorFlow; expected TensorFlow installed (pip install tensorflow-cpu), "
-    "or the data set prepared as array_record (tfds build --file_format=array_record)"
-  ), out.stderr[-2000:]
+  assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr[-3000:]
+  with np.load(out, allow_pickle=True) as z:
+    paths, labels, classes = list(z["paths"]), z["labels"], list(z["classes"])
+    skipped, pixels = list(z["skipped"]), list(z["pixels"])
+  assert classes == ["n01", "n02", "n03", "n04"]
+  assert sorted(paths) == sorted(good) and skipped == sorted(bad)
+  for path, label, got in zip(paths, labels, pixels):
+    assert classes[label] == os.path.relpath(path, folder).split(os.sep)[0]
+    with Image.open(path) as im:
+      want = np.asarray(im.convert("RGB"))
+    assert got.dtype == np.uint8 and got.shape == (*want.shape[:2], 3)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_image_folder_layouts_and_bad_folders(tmp_path):
+  """root/<split>/<class>: classes numbered over every split; one-line errors for what is no image
+  folder, a split that is not there, and a folder whose images are all unreadable."""
+  root = tmp_path / "root"
+  write_image(str(root / "train" / "cat" / "0.png"), "RGB", (36, 36), 0)
+  write_image(str(root / "train" / "dog" / "0.png"), "RGB", (36, 36), 1)
+  write_image(str(root / "val" / "dog" / "1.png"), "RGB", (36, 36), 2)  # val has no cat.
+  val = images_lib.open_images(str(root), "val")
+  assert (val.num_examples, val.classes, list(val.labels)) == (1, ["cat", "dog"], [1])
+  assert images_lib.open_images(str(root / "train"), "anything").classes == ["cat", "dog"]
+  with pytest.raises(ValueError, match=r"has no split 'test'; expected one of \['train', 'val'\]"):
+    images_lib.open_images(str(root), "test")
+  (tmp_path / "flat").mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat" / "0.png")
+  with pytest.raises(ValueError, match="is a folder without class folders of images; expected"):
+    images_lib.open_images(str(tmp_path / "flat"), "train", field="vq_train.dataset")
+  (tmp_path / "junk" / "cat").mkdir(parents=True)
+  (tmp_path / "junk" / "cat" / "0.jpg").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"junk holds no readable image \(1 unreadable\)") as e:
+    images_lib.open_images(str(tmp_path / "junk"), "train", field="extract.dataset")
+  assert "\n" not in str(e.value)
+  # A truncated file passes the header scan and is refused, by name, when it is decoded.
+  data = (root / "train" / "cat" / "0.png").read_bytes()
+  (root / "train" / "cat" / "0.png").write_bytes(data[: len(data) // 2])
+  source = images_lib.open_images(str(root), "train")
+  paths, _ = source.get(range(source.num_examples))
+  cat = [p for p in paths if p.parent.name == "cat"][0]
+  with pytest.raises(ValueError, match=r"image file .*0\.png is unreadable \("):
+    images_lib.to_rgb(cat)
+
+
+def test_image_folder_order_and_labels_are_tfds_image_folders(tmp_path):
+  """The order (a fixed shuffle) and labels of TFDS's ImageFolder, which extraction read before, for
+  root/<split>/ and for the same split's folder given alone."""
+  pytest.importorskip("tensorflow")  # TFDS's ImageFolder reads through it.
+  import tensorflow_datasets as tfds
+
+  root = tmp_path / "root"
+  for k in range(40):
+    split = "train" if k % 4 else "val"
+    write_image(str(root / split / f"c{k % 5}" / f"{k:03d}.png"), "RGB", (20, 20), k)
+  builder = tfds.folder_dataset.ImageFolder(str(root))
+  for split in ("train", "val"):
+    records = list(tfds.as_numpy(builder.as_dataset(split)))
+    want = [(r["image/filename"].decode(), int(r["label"])) for r in records]
+    for source in (
+      images_lib.open_images(str(root), split),
+      images_lib.open_images(str(root / split), "ignored"),
+    ):
+      paths, labels = source.get(range(source.num_examples))
+      assert [(str(p), int(y)) for p, y in zip(paths, labels)] == want
+      assert source.classes == builder.info.features["label"].names
 
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])

@@ -1,11 +1,15 @@
 """The KV-cache decoder against the full forward pass, the sampler against NumPy and step-by-step
-references, data-parallel sampling on 8 fake devices, and the sampling job (codes, images, resume)."""
+references, data-parallel and sharded sampling on 8 fake devices, the programs an ahead-of-time
+compile sees, and the sampling job (codes, images, resume)."""
 
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
 
 import chex
+import flax.linen as nn
 import helpers  # noqa: E402  (tests/ is on sys.path)
 from helpers import random_params  # noqa: E402
 import jax
@@ -15,6 +19,7 @@ import pytest
 
 from npp_jax import config_lib
 from npp_jax import sampling
+from npp_jax import sharding
 from npp_jax.jobs import sample
 from npp_jax.models import gpt
 
@@ -48,13 +53,14 @@ def reference_logits(full, params, codes, labels, cfg, cfg_scale=1.0, cfg_interv
   return np.where(on[None, :, None], guided, cond)
 
 
-# --------------------------------------------------------------------------------------- the cached decoder
+# ------------------------------------------------------------------------------- the cached decoder
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 2])
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_cached_decoding_matches_full_forward(n_kv_head, chunk):
-  """Teacher tokens through the cache, `chunk` positions per call, against every full-forward logit."""
+  """Teacher tokens through the cache, `chunk` positions per call, against every full-forward
+  logit."""
   cfg = gpt.GPTConfig.from_config(tiny_model_config(n_kv_head=n_kv_head, grid=(4, 5)))
   model, params = random_params(cfg)
   b, (h, w) = 3, cfg.grid
@@ -81,11 +87,12 @@ def test_cached_decoding_matches_full_forward(n_kv_head, chunk):
   got = jnp.concatenate(got, axis=1)
   chex.assert_shape(got, want.shape)
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-  # Every position's values landed in the cache (keys of position 0 are zero: RoPE zeroes the condition).
+  # Every position's values landed in the cache (keys of position 0 are zero: RoPE zeroes the
+  # condition).
   assert np.all(np.abs(np.asarray(cache[-1][1])).sum(-1) > 0)
 
 
-# ------------------------------------------------------------------------------------ logit processing
+# --------------------------------------------------------------------------------- logit processing
 
 
 def np_guide(cond, uncond, s):
@@ -144,7 +151,8 @@ def test_filter_logits_matches_numpy(temperature, top_k, top_p):
   if top_k and top_p == 1.0:
     assert np.all(kept.sum(-1) == top_k)
   if top_p < 1.0:
-    # The smallest set of most likely tokens with mass >= top_p (of the top-k-filtered distribution).
+    # The smallest set of most likely tokens with mass >= top_p (of the top-k-filtered
+    # distribution).
     base = np_filter(logits, temperature, top_k, 1.0)
     probs = np.exp(base - base.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -154,14 +162,15 @@ def test_filter_logits_matches_numpy(temperature, top_k, top_p):
     assert np.all(mass - smallest_kept < top_p)
 
 
-# ----------------------------------------------------------------------------------------------- sampler
+# ------------------------------------------------------------------------------------------ sampler
 
 
 @pytest.mark.parametrize("cfg_scale,cfg_interval", [(1.0, -1), (3.0, -1), (3.0, 1)])
 def test_greedy_equals_stepwise_full_forward_argmax(tiny, cfg_scale, cfg_interval):
   cfg, params, full = tiny
   labels = np.array([0, 4, 9, 2], np.int32)
-  kw = dict(cfg=cfg, cfg_scale=cfg_scale, cfg_interval=cfg_interval, top_k=1)
+  settings = sampling.SamplingSettings(cfg_scale=cfg_scale, cfg_interval=cfg_interval, top_k=1)
+  kw = dict(model=cfg, settings=settings)
   got = np.asarray(sampling.sample_codes(params, labels, jax.random.key(0), **kw))
   again = np.asarray(sampling.sample_codes(params, labels, jax.random.key(7), **kw))
   np.testing.assert_array_equal(got, again)  # Greedy: no randomness at all.
@@ -184,11 +193,8 @@ def test_sampled_tokens_lie_in_the_filtered_set(tiny, temperature, top_k, top_p)
       params,
       labels,
       jax.random.key(2),
-      cfg=cfg,
-      cfg_scale=2.0,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
+      model=cfg,
+      settings=sampling.SamplingSettings(2.0, temperature=temperature, top_k=top_k, top_p=top_p),
     )
   )
   flat = codes.reshape(len(labels), -1)
@@ -203,7 +209,9 @@ def test_sampling_is_reproducible_and_seeded(tiny):
   cfg, params, _ = tiny
   labels = np.array([1, 1, 2, 3], np.int32)
   draw = lambda seed: np.asarray(
-    sampling.sample_codes(params, labels, jax.random.key(seed), cfg=cfg, cfg_scale=1.5)
+    sampling.sample_codes(
+      params, labels, jax.random.key(seed), model=cfg, settings=sampling.SamplingSettings(1.5)
+    )
   )
   a, b, c = draw(0), draw(0), draw(1)
   np.testing.assert_array_equal(a, b)
@@ -215,7 +223,7 @@ def test_a_sample_depends_on_its_global_index_only(tiny):
   """Batches [0:4] + [4:8] (first_index 0 and 4) give the same samples as one batch of 8."""
   cfg, params, _ = tiny
   labels = np.arange(8, dtype=np.int32)
-  kw = dict(cfg=cfg, cfg_scale=2.0, top_k=20, temperature=1.2)
+  kw = dict(model=cfg, settings=sampling.SamplingSettings(2.0, top_k=20, temperature=1.2))
   whole = np.asarray(sampling.sample_codes(params, labels, jax.random.key(5), **kw))
   first = np.asarray(sampling.sample_codes(params, labels[:4], jax.random.key(5), **kw))
   second = np.asarray(
@@ -228,7 +236,7 @@ def test_eight_devices_give_the_samples_of_one(tiny):
   cfg, params, _ = tiny
   assert jax.device_count() == 8
   labels = np.arange(16, dtype=np.int32) % N_CLASSES
-  kw = dict(cfg=cfg, cfg_scale=2.0, top_p=0.9)
+  kw = dict(model=cfg, settings=sampling.SamplingSettings(2.0, top_p=0.9))
   mesh8 = jax.make_mesh((8,), ("data",))
   mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   got8 = sampling.sample_codes(params, labels, jax.random.key(3), mesh=mesh8, **kw)
@@ -245,32 +253,200 @@ def test_eight_devices_give_the_samples_of_one(tiny):
 @pytest.mark.parametrize(
   "kw,match",
   [
-    (dict(labels=[0, N_CLASSES]), "class id 10 out of range"),
-    (dict(labels=[-1, 0]), "class id -1 out of range"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(cfg_scale=0.5), "cfg_scale"),
-    (dict(cfg_interval=-2), "cfg_interval"),
+    (dict(temperature=0.0), "sample.temperature=0.0; expected a positive number"),
+    (dict(top_p=0.0), "sample.top_p=0.0; expected a number in"),
+    (dict(top_p=1.5), "sample.top_p=1.5"),
+    (dict(top_k=-1), "sample.top_k=-1; expected an integer >= 0"),
+    (dict(top_k=2.5), "sample.top_k=2.5"),
+    (dict(cfg_scale=0.5), "sample.cfg_scale=0.5; expected a number >= 1"),
+    (dict(cfg_interval=-2), "sample.cfg_interval=-2"),
   ],
 )
-def test_sampler_bad_inputs(tiny, kw, match):
-  cfg, params, _ = tiny
-  labels = np.asarray(kw.pop("labels", [0, 1]), np.int32)
+def test_sampling_settings_refuse_bad_values(kw, match):
   with pytest.raises(ValueError, match=match):
-    sampling.sample_codes(params, labels, jax.random.key(0), cfg=cfg, **kw)
+    sampling.SamplingSettings(**kw)
+
+
+@pytest.mark.parametrize(
+  "labels,settings,match",
+  [
+    ([0, N_CLASSES], {}, "class id 10 out of range"),
+    ([-1, 0], {}, "class id -1 out of range"),
+    ([[0, 1]], {}, "expected a non-empty vector"),
+    ([0, 1], dict(top_k=65), r"sample.top_k=65; expected an integer in \[0, model.vocab_size=64\]"),
+  ],
+)
+def test_sampler_bad_inputs(tiny, monkeypatch, labels, settings, match):
+  monkeypatch.setattr(sampling, "_programs", lambda *a: pytest.fail("compiled before the check"))
+  cfg, params, _ = tiny
+  settings = sampling.SamplingSettings(**settings)
+  with pytest.raises(ValueError, match=match):
+    sampling.sample_codes(
+      params, np.asarray(labels), jax.random.key(0), model=cfg, settings=settings
+    )
 
 
 def test_sampler_batch_must_split_over_the_mesh(tiny):
   cfg, params, _ = tiny
   with pytest.raises(ValueError, match="multiple of 8"):
     sampling.sample_codes(
-      params, np.zeros(4, np.int32), jax.random.key(0), cfg=cfg, mesh=jax.make_mesh((8,), ("data",))
+      params,
+      np.zeros(4, np.int32),
+      jax.random.key(0),
+      model=cfg,
+      mesh=jax.make_mesh((8,), ("data",)),
     )
 
 
-# -------------------------------------------------------------------------------------------------- job
+# ---------------------------------------------------------------------------------- sharded weights
+
+AXES = ("data", "fsdp", "tensor")
+RULES = sharding.rules(config_lib.base_config().mesh)  # Training's rules: the config's default.
+SHARDED_CASES = {
+  "greedy": sampling.SamplingSettings(cfg_scale=3.0, top_k=1),
+  "seeded": sampling.SamplingSettings(cfg_scale=2.0, temperature=1.1, top_k=20, top_p=0.9),
+}
+
+
+@pytest.fixture(scope="module")
+def replicated_codes(tiny):
+  """The replicated sampler's codes of each case, on one device (8 devices give the same codes:
+  test_eight_devices_give_the_samples_of_one)."""
+  cfg, params, _ = tiny
+  labels = np.arange(8, dtype=np.int32) % N_CLASSES
+  return {
+    case: np.asarray(
+      sampling.sample_codes(
+        params, labels, jax.random.key(4), model=cfg, settings=settings, first_index=3
+      )
+    )
+    for case, settings in SHARDED_CASES.items()
+  }
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 2, 4)])
+@pytest.mark.parametrize("case", sorted(SHARDED_CASES))
+def test_sharded_sampler_equals_replicated(tiny, replicated_codes, shape, case):
+  """Weights split over fsdp and tensor, caches over the batch and heads, the batch over data and
+  fsdp: the same codes as the replicated sampler, greedy and seeded, with guidance (fp32; exact)."""
+  cfg, params, _ = tiny
+  data, fsdp, tensor = shape
+  sampler = sampling.Sampler(
+    cfg, SHARDED_CASES[case], jax.make_mesh(shape, AXES, devices=jax.devices()[:8]), RULES
+  )
+  placed = sampler.place_params(params)
+  # As training splits them: the embedding width over fsdp, heads, FFN width and vocabulary over
+  # tensor.
+  for path, want in [
+    (("layers_0", "attention", "wqkv", "kernel"), (32 // fsdp, 96 // tensor)),
+    (("layers_1", "feed_forward", "w2", "kernel"), (96 // tensor, 32 // fsdp)),
+    (("tok_embeddings", "embedding"), (64 // tensor, 32 // fsdp)),
+    (("norm", "scale"), (32,)),
+  ]:
+    x = functools.reduce(lambda t, k: t[k], path, placed)
+    assert x.sharding.shard_shape(x.shape) == want, path
+  assert sampler.batch_devices == data * fsdp
+  labels = np.arange(8, dtype=np.int32) % N_CLASSES
+  got = sampler.sample(placed, labels, jax.random.key(4), first_index=3)
+  assert got.sharding.shard_shape(got.shape)[0] == 8 // (data * fsdp)
+  np.testing.assert_array_equal(np.asarray(got), replicated_codes[case])
+
+
+def test_a_sharded_training_state_is_placed_on_the_devices(tiny, replicated_codes):
+  """Scanned weights split as training splits them (FID during training): placed by one program
+  into the sampler's layout, the same values and codes as from host arrays."""
+  cfg, params, _ = tiny
+  mesh = jax.make_mesh((2, 2, 2), AXES, devices=jax.devices()[:8])
+  scanned = dataclasses.replace(cfg, scan_layers=True)
+  state_shardings = sharding.logical_shardings(gpt.abstract_params(scanned), mesh, RULES)
+  state = jax.device_put(gpt.stack_layers(params, cfg.n_layer), nn.unbox(state_shardings))
+  sampler = sampling.Sampler(cfg, SHARDED_CASES["seeded"], mesh, RULES)
+  placed = sampler.place_params(state)
+  from_host = sampler.place_params(jax.tree.map(np.asarray, params))
+  chex.assert_trees_all_equal(placed, from_host)
+  jax.tree.map(lambda x, y: assert_same_sharding(x, y), placed, from_host)
+  labels = np.arange(8, dtype=np.int32) % N_CLASSES
+  got = sampler.sample(placed, labels, jax.random.key(4), first_index=3)
+  np.testing.assert_array_equal(np.asarray(got), replicated_codes["seeded"])
+
+
+def assert_same_sharding(x, y):
+  assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (x.sharding, y.sharding)
+
+
+def test_prefill_and_decode_compile_from_shapes_and_are_the_loop(tiny):
+  """The two programs an ahead-of-time compile sees (`--mode=compile`) lower from ShapeDtypeStructs
+  alone; run step by step they give the jitted loop's codes, and the caches they carry are split
+  over the batch (data, fsdp) and the KV heads (tensor)."""
+  cfg, params, _ = tiny
+  mesh = jax.make_mesh((1, 2, 4), AXES, devices=jax.devices()[:8])
+  sampler = sampling.Sampler(cfg, SHARDED_CASES["seeded"], mesh, RULES)
+  programs = sampler.programs(4)
+  assert sorted(programs) == ["sample_decode", "sample_prefill"]
+  compiled = {name: fn.lower(*args).compile() for name, (fn, args) in programs.items()}
+  prefill_args = programs["sample_prefill"][1]
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+    prefill_args[0], jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  )
+  placed = sampler.place_params(params)
+  rep = sharding.replicated(sampler.mesh)
+  labels = sharding.put(
+    np.array([3, 1, 4, 1], np.int32), compiled["sample_prefill"].input_shardings[0][1]
+  )
+  rng, first, knobs = sharding.put(
+    (jax.random.key(8), jnp.int32(5), SHARDED_CASES["seeded"].knobs()), rep
+  )
+  state = compiled["sample_prefill"](placed, labels, rng, first, knobs)
+  keys = state["cache"][0][0]  # [2B, Hkv, n, hd]: guidance doubles the sequences.
+  chex.assert_shape(keys, (8, cfg.n_kv_head, 16, cfg.head_dim))
+  assert keys.sharding.shard_shape(keys.shape) == (4, cfg.n_kv_head // 4, 16, cfg.head_dim)
+  for t in range(1, 16):
+    state = compiled["sample_decode"](placed, state, sharding.put(jnp.int32(t), rep), knobs)
+  loop = sampler.sample(placed, np.array([3, 1, 4, 1], np.int32), jax.random.key(8), first_index=5)
+  np.testing.assert_array_equal(np.asarray(state["codes"]).reshape(4, 4, 4), np.asarray(loop))
+
+
+def test_cache_heads_stay_whole_when_they_do_not_split():
+  """2 KV heads over tensor = 4: each device keeps all heads of its samples; codes unchanged."""
+  cfg = gpt.GPTConfig.from_config(tiny_model_config(n_kv_head=2))
+  params = random_params(cfg)[1]
+  mesh = jax.make_mesh((1, 2, 4), AXES, devices=jax.devices()[:8])
+  settings = SHARDED_CASES["greedy"]
+  sampler = sampling.Sampler(cfg, settings, mesh, RULES)
+  fn, args = sampler.programs(2)["sample_decode"]
+  cache = args[1]["cache"][0][0]
+  assert cache.sharding.shard_shape(cache.shape) == (2, 2, 16, cfg.head_dim)
+  labels = np.array([7, 2], np.int32)
+  got = sampling.sample_codes(
+    params, labels, jax.random.key(0), model=cfg, settings=settings, mesh=mesh, rules=RULES
+  )
+  want = sampling.sample_codes(params, labels, jax.random.key(0), model=cfg, settings=settings)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize(
+  "model_kw,shape,rules,batch,match",
+  [
+    (
+      dict(vocab_size=60),
+      (1, 1, 8),
+      RULES,
+      8,
+      r"parameter \S+ of shape .*60.* does not split over",
+    ),
+    ({}, (1, 8, 1), (("embed", "model"),), 8, "mesh.rules maps 'embed' to mesh axis 'model'"),
+    ({}, (2, 2, 2), RULES, 6, "batch of 6 samples over 4 devices .*expected a multiple of 4"),
+  ],
+)
+def test_sharded_sampler_bad_layouts(monkeypatch, model_kw, shape, rules, batch, match):
+  monkeypatch.setattr(sampling, "_programs", lambda *a: pytest.fail("compiled before the check"))
+  cfg = gpt.GPTConfig.from_config(tiny_model_config(**model_kw))
+  mesh = jax.make_mesh(shape, AXES, devices=jax.devices()[:8])
+  with pytest.raises(ValueError, match=match):
+    sampling.Sampler(cfg, sampling.SamplingSettings(), mesh, rules).check_batch(batch)
+
+
+# ---------------------------------------------------------------------------------------------- job
 
 
 def job_config(**sample_kw):
@@ -291,6 +467,22 @@ def tiny_params():
   return random_params(cfg)[1]
 
 
+def test_sampler_from_config_is_the_runs_sampler():
+  """What `--mode=compile` builds for a TPU slice: the config's settings and mesh rules, model.dtype
+  as the compute dtype on a TPU (sample.dtype="auto"), float32 on this CPU."""
+  config = job_config(top_k=7, temperature=0.8)
+  config.mesh.shape, config.model.dtype = (1, 2, 4), "bfloat16"
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  tpu = sampling.Sampler.from_config(config, mesh, platform="tpu")
+  assert tpu.settings == sampling.SamplingSettings(cfg_scale=2.0, temperature=0.8, top_k=7)
+  assert tpu.rules == sharding.rules(config.mesh)
+  assert tpu.model.dtype == jnp.bfloat16 and not tpu.model.scan_layers
+  assert sampling.Sampler.from_config(config, mesh).model.dtype == jnp.float32
+  params = tpu.programs(4)["sample_decode"][1][0]
+  wqkv = params["layers_0"]["attention"]["wqkv"]["kernel"]
+  assert wqkv.dtype == jnp.bfloat16 and wqkv.sharding.shard_shape(wqkv.shape) == (16, 24)
+
+
 def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params):
   config = job_config()
   merged = sample.sample_and_save(config, str(tmp_path), params=tiny_params)
@@ -304,7 +496,10 @@ def test_job_writes_codes_and_resumes_only_missing_shards(tmp_path, tiny_params)
   np.testing.assert_array_equal(labels, np.arange(10) % N_CLASSES)
   # Sample i is the sampler's sample i, whatever the batch it was drawn in.
   cfg = gpt.GPTConfig.from_config(config.model)
-  direct = sampling.sample_codes(tiny_params, labels, jax.random.key(0), cfg=cfg, cfg_scale=2.0)
+  settings = sampling.SamplingSettings(cfg_scale=2.0)
+  direct = sampling.sample_codes(
+    tiny_params, labels, jax.random.key(0), model=cfg, settings=settings
+  )
   np.testing.assert_array_equal(codes, np.asarray(direct))
 
   os.remove(out_dir / "shard_00-08.npz")
@@ -371,18 +566,14 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
 def test_job_bad_inputs_fail_before_compile_or_write(
   tmp_path, tiny_params, monkeypatch, sample_kw, match
 ):
-  monkeypatch.setattr(
-    sampling, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check")
-  )
+  monkeypatch.setattr(sampling, "_programs", lambda *a: pytest.fail("compiled before the check"))
   with pytest.raises(ValueError, match=match):
     sample.sample_and_save(job_config(**sample_kw), str(tmp_path), params=tiny_params)
   assert not (tmp_path / "samples").exists()
 
 
 def test_job_refuses_a_checkpoint_of_another_size(tmp_path, monkeypatch):
-  monkeypatch.setattr(
-    sampling, "_compiled_sampler", lambda *a: pytest.fail("compiled before the check")
-  )
+  monkeypatch.setattr(sampling, "_programs", lambda *a: pytest.fail("compiled before the check"))
   other = random_params(gpt.GPTConfig.from_config(tiny_model_config(dim=64)))[1]
   with pytest.raises(ValueError, match="does not fit model.name='custom'"):
     sample.sample_and_save(job_config(), str(tmp_path), params=other)
@@ -399,7 +590,7 @@ def test_job_refuses_to_mix_settings_on_resume(tmp_path, tiny_params):
     sample.sample_and_save(job_config(num_images=8, seed=1), str(tmp_path), params=tiny_params)
 
 
-# ------------------------------------------------------------------------------------ several processes
+# -------------------------------------------------------------------------------- several processes
 
 _CONFIG_FILE = """
 from npp_jax import config_lib

@@ -1,6 +1,8 @@
-"""npp_jax.summaries: TensorBoard event files written without TensorFlow, read back by tensorboard's reader."""
+"""npp_jax.summaries: TensorBoard event files written without TensorFlow, read back by
+tensorboard's reader; clu's parameter table and metrics, which need no TensorFlow either."""
 
 from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
+import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
 from npp_jax import summaries
@@ -29,3 +31,52 @@ def test_just_logging_writes_no_files(tmp_path):
   writer.write_scalars(1, {"loss": 1.0})
   writer.flush()
   assert not (tmp_path / "other").exists()
+
+
+def test_parameter_table_and_eval_averages_without_tensorflow(tmp_path):
+  """clu's parameter_overview (the table in WORKDIR/parameters.txt) and clu.metrics (the trainer's
+  held-out averages, masked rows left out) in a process where TensorFlow cannot be imported; the
+  averages against NumPy's over the real rows of three batches."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from test_images import NO_TENSORFLOW  # noqa: E402  (tests/ is on sys.path)
+
+  rng = np.random.default_rng(0)
+  batches = [
+    (rng.uniform(1, 6, 8), rng.normal(0, 2, 8), rng.uniform(size=8) < 0.7) for _ in range(3)
+  ]
+  batches[2][2][:] = False  # An all-padding batch changes nothing.
+  batches[0][2][0] = True
+  code = NO_TENSORFLOW + (
+    "import json\n"
+    "import numpy as np\n"
+    "from npp_jax import summaries\n"
+    "from npp_jax.jobs import train\n"
+    "params = {'block': {'kernel': np.ones((3, 4), np.float32)}, 'scale': np.ones(5, np.float32)}\n"
+    f"count = summaries.write_parameter_overview(params, {str(tmp_path)!r})\n"
+    "total = train.EvalMetrics.empty()\n"
+    f"for nll, info, mask in {[[b.tolist() for b in batch] for batch in batches]!r}:\n"
+    "  total = total.merge(train.EvalMetrics.single_from_model_output(\n"
+    "    nll=np.array(nll, np.float32), class_info=np.array(info, np.float32),\n"
+    "    mask=np.array(mask)))\n"
+    "out = total.compute()\n"
+    "print(json.dumps({'count': count, 'nll': float(out['nll']),\n"
+    "  'class_info': float(out['class_info']), 'tf': 'tensorflow' in sys.modules}))\n"
+  )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run(
+    [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  assert got["count"] == 17 and not got["tf"]
+  table = (tmp_path / "parameters.txt").read_text()
+  assert "block/kernel" in table and "(3, 4)" in table and "Total: 17" in table
+  mask = np.concatenate([m for _, _, m in batches])
+  nll = np.concatenate([n for n, _, _ in batches])
+  info = np.concatenate([i for _, i, _ in batches])
+  np.testing.assert_allclose(got["nll"], nll[mask].mean(), rtol=1e-6)
+  np.testing.assert_allclose(got["class_info"], info[mask].mean(), rtol=1e-5, atol=1e-6)

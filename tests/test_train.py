@@ -384,6 +384,9 @@ def test_held_out_eval_matches_numpy(
   cfg = dataclasses.replace(p.cfg, scan_layers=False)
   params = checkpoints.load_params(workdir)  # Step 9's: the last evaluation's parameters.
   codes, labels = codes[:n_images], labels[:n_images]
+  # clu's parameter table of the run, in the workdir (not on the console).
+  count = sum(x.size for x in jax.tree.leaves(params))
+  assert f"Total: {count:,}" in open(os.path.join(workdir, "parameters.txt")).read()
 
   def image_nll(
     lbls,

@@ -1,5 +1,5 @@
 """VQ training on 8 fake CPU devices: learns, logs codebook usage, resumes, is not redone, saves and stops on
-SIGTERM, and refuses bad inputs before anything is written."""
+SIGTERM, refuses bad inputs before anything is written, and its workdir exports to PyTorch."""
 
 import os
 import shutil
@@ -52,10 +52,17 @@ def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  """The final parameters of a run of the SIGTERM test's config that nothing interrupts."""
-  c = tiny_config(**{"vq_train.checkpoint_every_steps": 100})
-  return checkpoints.read_params(train_vq.train_vq(c, str(tmp_path_factory.mktemp("vq") / "w")))
+def uninterrupted_run(tmp_path_factory):
+  """(workdir, final parameters) of a run of the SIGTERM test's config that nothing interrupts;
+  it keeps steps 4 and 6 (test_a_vq_workdir_exports_to_torch_and_params reads them)."""
+  c = tiny_config(**{"vq_train.checkpoint_every_steps": 4})
+  workdir = str(tmp_path_factory.mktemp("vq") / "w")
+  return workdir, checkpoints.read_params(train_vq.train_vq(c, workdir))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+  return uninterrupted_run[1]
 
 
 def test_train_vq_saves_and_stops_on_sigterm_then_resumes(tmp_path, monkeypatch, uninterrupted):
@@ -97,3 +104,43 @@ def test_train_vq_refuses_bad_input_before_writing(tmp_path):
       train_vq.train_vq(c, workdir)
     assert "\n" not in str(e.value)
     assert not os.path.exists(workdir)
+
+
+def test_a_vq_workdir_exports_to_torch_and_params(tmp_path, uninterrupted_run):
+  """`convert --kind=vq --src=WORKDIR`: the final weights as a .pt the release's VQModel loads
+  strictly (and converts back to them bit for bit), --step=4 a kept step, --to=params a params
+  directory of the weights the step holds."""
+  torch = pytest.importorskip("torch")
+  import torch_reference as ref  # noqa: E402  (tests/ is on sys.path)
+
+  from npp_jax import convert
+
+  workdir, uninterrupted = uninterrupted_run
+  config_file = tmp_path / "tiny_vq.py"
+  config_file.write_text(
+    f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+    "from vq_helpers import tiny_config\n\n\ndef get_config():\n  return tiny_config()\n"
+  )
+  base = ["convert", "--kind=vq", f"--config={config_file}"]
+  convert.run([*base, f"--src={workdir}", "--to=torch", f"--dst={tmp_path / 'vq.pt'}"])
+  v = tiny_config().vq
+  model = ref.VQModel(
+    v.codebook_size,
+    v.codebook_embed_dim,
+    v.z_channels,
+    v.ch,
+    v.ch_mult,
+    v.num_res_blocks,
+    v.norm_groups,
+  )
+  model.load_state_dict(torch.load(tmp_path / "vq.pt", weights_only=True)["model"], strict=True)
+  convert.run([*base, f"--src={tmp_path / 'vq.pt'}", f"--dst={tmp_path / 'back'}"])
+  jax.tree.map(
+    np.testing.assert_array_equal, checkpoints.read_params(str(tmp_path / "back")), uninterrupted
+  )
+  # A kept step, as a params directory: step 4's weights, not the final ones.
+  convert.run([*base, f"--src={workdir}", "--step=4", "--to=params", f"--dst={tmp_path / 's4'}"])
+  step4 = checkpoints.read_params(str(tmp_path / "s4"))
+  want = checkpoints.checkpoint_params(os.path.join(workdir, "vq_checkpoints"), step=4)
+  jax.tree.map(np.testing.assert_array_equal, step4, want)
+  assert not np.array_equal(step4["quantize"]["embedding"], uninterrupted["quantize"]["embedding"])

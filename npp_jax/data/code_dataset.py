@@ -11,6 +11,9 @@ On disk it is a TFDS data set in array_record format (random access, no TensorFl
 
 Writing: `write_code_dataset` for arrays in memory, `CodeDatasetWriter` for jobs that produce codes as
 they go (code extraction); npp_jax.npy_codes converts the PyTorch LlamaGen release's per-image .npy files.
+Other kinds of examples (npp_jax.data.captions: codes with caption features) reuse `SplitWriter`,
+`train_iterator` and `eval_iterator` with their own features and row reader; code_dataset.json names
+their kind ("kind", absent for class data sets) and each reader refuses the other kind.
 
 Reading: `make_train_iterator` is an infinite grain iterator of local batches, one fresh shuffle and one
 random augmentation per image per epoch, remainder dropped, global batches split across processes; its
@@ -61,7 +64,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 # Writing.
 
 
-def _code_dtype(vocab_size: int) -> np.dtype:
+def code_dtype(vocab_size: int) -> np.dtype:
   # Raw bytes of the narrowest type: ImageNet with ten-crop x flip is ~13 GB as uint16, twice that as int32.
   return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
 
@@ -71,20 +74,10 @@ def _features(grid, n_aug, vocab_size) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(
     {
       "codes": tfds.features.Tensor(
-        shape=(n_aug, *grid), dtype=_code_dtype(vocab_size), encoding=tfds.features.Encoding.BYTES
+        shape=(n_aug, *grid), dtype=code_dtype(vocab_size), encoding=tfds.features.Encoding.BYTES
       ),
       "label": tfds.features.Tensor(shape=(), dtype=np.int32),
     }
-  )
-
-
-def _tfds_info(out_dir, grid, n_aug, vocab_size, num_classes) -> tfds.core.DatasetInfo:
-  return tfds.core.DatasetInfo(
-    builder=tfds.core.DatasetIdentity(
-      name=_NAME, version=_VERSION, data_dir=out_dir, module_name=""
-    ),
-    description=f"VQ codes ({vocab_size}-entry codebook) of {num_classes}-class images, npp_jax.data.code_dataset.",
-    features=_features(grid, n_aug, vocab_size),
   )
 
 
@@ -150,54 +143,56 @@ def _write_meta(path, meta: dict[str, Any]) -> None:
   )
 
 
-class CodeDatasetWriter:
-  """Writes one split of a code data set batch by batch; `finalize()` makes the split readable.
+class SplitWriter:
+  """What every data set kind writes alike: one split of a TFDS array_record data set with our
+  `code_dataset.json` beside it, added to batch by batch and made readable by `finalize()`.
 
   Use it as a context manager: an exception inside the block removes the partly written split, so a
   failed job leaves the data set as it was. Only one writer may work on a directory at a time (TFDS
-  rewrites dataset_info.json on every `add`). Other splits already in `out_dir` are kept; their grid,
-  n_aug, vocab_size and num_classes must match.
+  rewrites dataset_info.json on every `add`). Other splits already in `out_dir` are kept; the data
+  set's `fields` (grid, n_aug, vocabulary, ...) must match theirs. A kind subclasses it with its
+  `add` and the per-split numbers it records (`_split_stats`).
   """
+
+  KIND = "class"  # code_dataset.json's "kind" (absent in class data sets written before kinds).
+  TFDS_NAME = _NAME
 
   def __init__(
     self,
     out_dir: str,
-    grid: Sequence[int],
-    n_aug: int,
-    vocab_size: int,
-    num_classes: int,
+    fields: dict[str, Any],
+    features: tfds.features.FeaturesDict,
+    description: str,
     *,
-    split: str = "train",
-    overwrite: bool = False,
-    examples_per_shard: Optional[int] = None,
+    split: str,
+    overwrite: bool,
+    examples_per_shard: int,
   ):
-    self.out_dir = os.fspath(
-      out_dir
-    )  # A str for TFDS; epath.Path(self.out_dir) for our own file work.
+    self.out_dir = os.fspath(out_dir)  # A str for TFDS; self._dir for our own file work.
     self._dir = epath.Path(self.out_dir)
-    self.grid = check_grid(grid)
-    self.n_aug = validate.positive_int(n_aug, "n_aug")
-    self.vocab_size = validate.positive_int(vocab_size, "vocab_size")
-    self.num_classes = validate.positive_int(num_classes, "num_classes")
     self.split = validate.split_name(split)
-    if examples_per_shard is None:
-      example_bytes = (
-        self.n_aug * self.grid[0] * self.grid[1] * _code_dtype(self.vocab_size).itemsize
-      )
-      examples_per_shard = max(1, _SHARD_BYTES // example_bytes)
+    self._fields, self._features, self._description = fields, features, description
     examples_per_shard = validate.positive_int(examples_per_shard, "examples_per_shard")
     self._meta = self._open_dataset(overwrite)
-    info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
     # overwrite=False: TFDS loads the splits already on disk and appends ours beside them.
     self._writer = tfds.core.SequentialWriter(
-      ds_info=info,
+      ds_info=self._info(),
       max_examples_per_shard=examples_per_shard,
       overwrite=False,
       file_format="array_record",
     )
     self._writer.initialize_splits([self.split])
-    self.num_examples, self.max_code, self.max_label = 0, -1, -1
+    self.num_examples = 0
     self._done = False
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=tfds.core.DatasetIdentity(
+        name=self.TFDS_NAME, version=_VERSION, data_dir=self.out_dir, module_name=""
+      ),
+      description=self._description,
+      features=self._features,
+    )
 
   def _open_dataset(self, overwrite: bool) -> dict[str, Any]:
     meta = _read_meta(self.out_dir)
@@ -211,22 +206,17 @@ class CodeDatasetWriter:
       self._made_dir = not self._dir.is_dir()
       self._made_dataset = True
       self._dir.mkdir(parents=True, exist_ok=True)
-      meta = {
-        "format": _FORMAT,
-        "grid": list(self.grid),
-        "n_aug": self.n_aug,
-        "vocab_size": self.vocab_size,
-        "num_classes": self.num_classes,
-        "splits": {},
-      }
+      meta = {"format": _FORMAT, **self._fields, "splits": {}}
+      if self.KIND != "class":
+        meta["kind"] = self.KIND
       _write_meta(self.out_dir, meta)
       return meta
-    for key, want in (
-      ("grid", list(self.grid)),
-      ("n_aug", self.n_aug),
-      ("vocab_size", self.vocab_size),
-      ("num_classes", self.num_classes),
-    ):
+    if meta.get("kind", "class") != self.KIND:
+      raise ValueError(
+        f"{self.out_dir} is a {meta.get('kind', 'class')} code data set; this writer adds "
+        f"{self.KIND} examples"
+      )
+    for key, want in self._fields.items():
       if meta.get(key) != want:
         raise ValueError(
           f"code data set {self.out_dir} has {key}={meta.get(key)}, the writer was given {want}"
@@ -246,58 +236,40 @@ class CodeDatasetWriter:
     meta["splits"].pop(self.split, None)
     _write_meta(self.out_dir, meta)
     if (self._dir / "dataset_info.json").exists():
-      info = _tfds_info(self.out_dir, self.grid, self.n_aug, self.vocab_size, self.num_classes)
+      info = self._info()
       info.read_from_directory(self.out_dir)
       info.set_splits(
         tfds.core.SplitDict([s for name, s in info.splits.items() if name != self.split])
       )
       info.write_to_directory(self.out_dir)
-    prefix = f"{_NAME}-{self.split}."
+    prefix = f"{self.TFDS_NAME}-{self.split}."
     for f in self._dir.iterdir():
       if f.name.startswith(prefix):
         f.unlink()
 
-  def add(self, codes, labels) -> None:
-    """Appends a batch: codes [B, n_aug, h, w] (or [B, h, w] when n_aug = 1), labels [B]. Checked first."""
+  def _check_open(self) -> None:
     if self._done:
       raise ValueError(f"split '{self.split}' of {self.out_dir} is already finalized")
-    codes, labels = as_examples(
-      codes,
-      labels,
-      vocab_size=self.vocab_size,
-      num_classes=self.num_classes,
-      where=lambda i: f"at example {self.num_examples + i}",
-    )
-    if codes.shape[1:] != (self.n_aug, *self.grid):
-      raise ValueError(
-        f"codes batch is [B, n_aug, h, w] = {codes.shape}, the writer expects "
-        f"[B, {self.n_aug}, {self.grid[0]}, {self.grid[1]}]"
-      )
-    codes = codes.astype(_code_dtype(self.vocab_size))
-    self._writer.add_examples(
-      {self.split: [{"codes": c, "label": np.int32(l)} for c, l in zip(codes, labels)]}
-    )
-    self.num_examples += len(labels)
-    self.max_code = max(self.max_code, int(codes.max()))
-    self.max_label = max(self.max_label, int(labels.max()))
 
-  def finalize(self) -> CodeDatasetMetadata:
-    if self._done:
-      raise ValueError(f"split '{self.split}' of {self.out_dir} is already finalized")
+  def _add_examples(self, examples: list[dict[str, Any]]) -> None:
+    self._writer.add_examples({self.split: examples})
+    self.num_examples += len(examples)
+
+  def _split_stats(self) -> dict[str, Any]:
+    """What code_dataset.json records of a finished split besides num_examples."""
+    return {}
+
+  def finalize(self) -> None:
+    self._check_open()
     if self.num_examples == 0:
       self.abort()
       raise ValueError(
         f"no examples were added to split '{self.split}' of {self.out_dir}; expected N > 0"
       )
     self._writer.close_splits([self.split])
-    self._meta["splits"][self.split] = {
-      "num_examples": self.num_examples,
-      "max_code": self.max_code,
-      "max_label": self.max_label,
-    }
+    self._meta["splits"][self.split] = {"num_examples": self.num_examples, **self._split_stats()}
     _write_meta(self.out_dir, self._meta)
     self._done = True
-    return load_metadata(self.out_dir, self.split)
 
   def abort(self) -> None:
     """Drops what this writer wrote; other splits stay."""
@@ -313,7 +285,7 @@ class CodeDatasetWriter:
       if self._made_dir and not any(self._dir.iterdir()):
         self._dir.rmdir()
 
-  def __enter__(self) -> "CodeDatasetWriter":
+  def __enter__(self):
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -321,6 +293,82 @@ class CodeDatasetWriter:
       self.abort()
     elif not self._done:
       self.finalize()
+
+
+def shard_size(example_bytes: int, examples_per_shard: Optional[int]) -> int:
+  """Examples per shard: as given, or what fills _SHARD_BYTES."""
+  if examples_per_shard is None:
+    return max(1, _SHARD_BYTES // max(1, example_bytes))
+  return examples_per_shard
+
+
+class CodeDatasetWriter(SplitWriter):
+  """Writes one split of a class-conditional code data set (codes and labels); see SplitWriter."""
+
+  def __init__(
+    self,
+    out_dir: str,
+    grid: Sequence[int],
+    n_aug: int,
+    vocab_size: int,
+    num_classes: int,
+    *,
+    split: str = "train",
+    overwrite: bool = False,
+    examples_per_shard: Optional[int] = None,
+  ):
+    self.grid = check_grid(grid)
+    self.n_aug = validate.positive_int(n_aug, "n_aug")
+    self.vocab_size = validate.positive_int(vocab_size, "vocab_size")
+    self.num_classes = validate.positive_int(num_classes, "num_classes")
+    example_bytes = self.n_aug * self.grid[0] * self.grid[1] * code_dtype(vocab_size).itemsize
+    super().__init__(
+      out_dir,
+      {
+        "grid": list(self.grid),
+        "n_aug": self.n_aug,
+        "vocab_size": self.vocab_size,
+        "num_classes": self.num_classes,
+      },
+      _features(self.grid, self.n_aug, self.vocab_size),
+      f"VQ codes ({vocab_size}-entry codebook) of {num_classes}-class images, "
+      "npp_jax.data.code_dataset.",
+      split=split,
+      overwrite=overwrite,
+      examples_per_shard=shard_size(example_bytes, examples_per_shard),
+    )
+    self.max_code, self.max_label = -1, -1
+
+  def add(self, codes, labels) -> None:
+    """Appends codes [B, n_aug, h, w] (or [B, h, w] when n_aug = 1) and labels [B], checked."""
+    self._check_open()
+    codes, labels = as_examples(
+      codes,
+      labels,
+      vocab_size=self.vocab_size,
+      num_classes=self.num_classes,
+      where=lambda i: f"at example {self.num_examples + i}",
+    )
+    codes = check_codes_shape(codes, self.n_aug, self.grid).astype(code_dtype(self.vocab_size))
+    self._add_examples([{"codes": c, "label": np.int32(l)} for c, l in zip(codes, labels)])
+    self.max_code = max(self.max_code, int(codes.max()))
+    self.max_label = max(self.max_label, int(labels.max()))
+
+  def _split_stats(self) -> dict[str, Any]:
+    return {"max_code": self.max_code, "max_label": self.max_label}
+
+  def finalize(self) -> CodeDatasetMetadata:
+    super().finalize()
+    return load_metadata(self.out_dir, self.split)
+
+
+def check_codes_shape(codes: np.ndarray, n_aug: int, grid) -> np.ndarray:
+  if codes.shape[1:] != (n_aug, *grid):
+    raise ValueError(
+      f"codes batch is [B, n_aug, h, w] = {codes.shape}, the writer expects "
+      f"[B, {n_aug}, {grid[0]}, {grid[1]}]"
+    )
+  return codes
 
 
 def write_code_dataset(
@@ -364,7 +412,8 @@ def _tfds_split_names(path) -> list[str]:
 # Reading.
 
 
-def load_metadata(path: str, split: str = "train") -> CodeDatasetMetadata:
+def split_meta(path: str, split: str, kind: str = "class") -> tuple[dict, dict]:
+  """(code_dataset.json, its record of `split`) of a finished split of a data set of `kind`."""
   path = os.fspath(path)
   if not epath.Path(path).is_dir():
     raise ValueError(f"no code data set at {path}: the directory does not exist")
@@ -375,6 +424,10 @@ def load_metadata(path: str, split: str = "train") -> CodeDatasetMetadata:
     raise ValueError(
       f"code data set {path} has format {meta.get('format')}, this code reads {_FORMAT}"
     )
+  if meta.get("kind", "class") != kind:
+    raise ValueError(
+      f"{path} is a {meta.get('kind', 'class')} code data set; expected a {kind} code data set"
+    )
   s = meta["splits"].get(split)
   if s is None:
     raise ValueError(
@@ -382,6 +435,11 @@ def load_metadata(path: str, split: str = "train") -> CodeDatasetMetadata:
     )
   if s["num_examples"] <= 0:
     raise ValueError(f"split '{split}' of code data set {path} has 0 examples")
+  return meta, s
+
+
+def load_metadata(path: str, split: str = "train") -> CodeDatasetMetadata:
+  meta, s = split_meta(path, split)
   return CodeDatasetMetadata(
     num_examples=s["num_examples"],
     grid=tuple(meta["grid"]),
@@ -399,8 +457,9 @@ def finished_splits(path: str) -> list[str]:
   return sorted(meta["splits"]) if meta else []
 
 
-def _open_split(path: str, split: str):
-  meta = load_metadata(path, split)
+def open_split(path: str, split: str, load=load_metadata):
+  """(load(path, split), the split's TFDS random-access source), their sizes checked to agree."""
+  meta = load(path, split)
   source = tfds.builder_from_directory(path).as_data_source(split)
   if len(source) != meta.num_examples:
     raise ValueError(
@@ -410,13 +469,19 @@ def _open_split(path: str, split: str):
   return meta, source
 
 
-def _read(source, ids: np.ndarray):
-  """(codes [B, n_aug, h, w], labels [B]) of the examples `ids`, read in one batched call."""
-  records = source.__getitems__([int(i) for i in ids])
-  return (
-    np.stack([r["codes"] for r in records]),
-    np.array([r["label"] for r in records], np.int32),
-  )
+class _ClassRows:
+  """Examples `ids`, augmentation `aug` each -> {"codes" int32 [B, h, w], "labels" int32 [B]}."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __call__(self, ids: np.ndarray, aug: np.ndarray) -> dict[str, np.ndarray]:
+    records = self.source.__getitems__([int(i) for i in ids])  # One batched read.
+    codes = np.stack([r["codes"] for r in records])
+    return {
+      "codes": codes[np.arange(len(ids)), aug].astype(np.int32),
+      "labels": np.array([r["label"] for r in records], np.int32),
+    }
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -440,16 +505,15 @@ class _TrainBatch:
   """Global batch of example ids at step s -> this process's slice, read, one augmentation each."""
 
   def __init__(
-    self, source, seed: int, n_aug: int, steps_per_epoch: int, process_index: int, local: int
+    self, rows, seed: int, n_aug: int, steps_per_epoch: int, process_index: int, local: int
   ):
-    self.source, self.seed, self.n_aug = source, seed, n_aug
+    self.rows, self.seed, self.n_aug = rows, seed, n_aug
     self.steps_per_epoch, self.process_index, self.local = steps_per_epoch, process_index, local
 
   def __call__(self, step: int, ids: np.ndarray) -> dict[str, np.ndarray]:
     ids = ids[self.process_index * self.local : (self.process_index + 1) * self.local]
     aug = augmentation_index(self.seed, step // self.steps_per_epoch, ids, self.n_aug)
-    codes, labels = _read(self.source, ids)
-    return {"codes": codes[np.arange(len(ids)), aug].astype(np.int32), "labels": labels}
+    return self.rows(ids, aug)
 
 
 def _local_batch(batch_size: int, process_index: int, process_count: int, what: str) -> int:
@@ -496,45 +560,70 @@ def make_train_iterator(
   order depends only on (seed, global_batch_size, data), never on process_count or worker_count; process
   p gets rows [p * local, (p + 1) * local) of every global batch.
   """
-  meta, source = _open_split(path, split)
+  meta, source = open_split(path, split)
+  return train_iterator(
+    f"split '{split}' of {path}",
+    meta.num_examples,
+    meta.n_aug,
+    _ClassRows(source),
+    global_batch_size=global_batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    worker_count=worker_count,
+    read_threads=read_threads,
+  )
+
+
+def train_iterator(
+  what: str,
+  num_examples: int,
+  n_aug: int,
+  rows,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  worker_count: int,
+  read_threads: int,
+) -> grain.DatasetIterator:
+  """make_train_iterator's order for any kind of data set: `rows(ids, aug) -> batch dict` reads the
+  examples (a picklable object when worker_count > 0)."""
   local = _local_batch(global_batch_size, process_index, process_count, "global_batch_size")
-  steps = steps_per_epoch(meta.num_examples, global_batch_size)
+  steps = steps_per_epoch(num_examples, global_batch_size)
   if steps == 0:
     raise ValueError(
-      f"global_batch_size {global_batch_size} is larger than split '{split}' of {path} "
-      f"({meta.num_examples} examples); expected at most one epoch per batch"
+      f"global_batch_size {global_batch_size} is larger than {what} "
+      f"({num_examples} examples); expected at most one epoch per batch"
     )
   # grain's shuffle reseeds with seed + epoch; scrambling the seed first keeps runs with neighbouring seeds
   # from sharing epochs. Slicing after the shuffle and repeating after the slice passes the epoch on (grain
   # maps index i of epoch e to parent index i + e * len), so each epoch is a new permutation cut to full
   # batches.
   shuffle_seed = int(_mix64(np.array([seed & (2**64 - 1)], np.uint64))[0] % np.uint64(2**32))
-  order = grain.MapDataset.range(meta.num_examples).shuffle(seed=shuffle_seed)[
+  order = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed)[
     : steps * global_batch_size
   ]
   batches = order.repeat().batch(global_batch_size, drop_remainder=True)
-  ds = batches.map_with_index(_TrainBatch(source, seed, meta.n_aug, steps, process_index, local))
+  ds = batches.map_with_index(_TrainBatch(rows, seed, n_aug, steps, process_index, local))
   return _to_iterator(ds, worker_count, read_threads)
 
 
 class _EvalBatch:
   """Batch b -> this process's rows of examples [b * batch, (b + 1) * batch), augmentation 0, padded."""
 
-  def __init__(
-    self, source, num_examples: int, grid, batch_size: int, process_index: int, local: int
-  ):
-    self.source, self.num_examples, self.grid = source, num_examples, grid
+  def __init__(self, rows, num_examples: int, batch_size: int, process_index: int, local: int):
+    self.rows, self.num_examples = rows, num_examples
     self.batch_size, self.process_index, self.local = batch_size, process_index, local
 
   def __call__(self, b: int) -> dict[str, np.ndarray]:
     ids = b * self.batch_size + self.process_index * self.local + np.arange(self.local)
     mask = ids < self.num_examples
-    codes = np.zeros((self.local, *self.grid), np.int32)
-    labels = np.zeros((self.local,), np.int32)
-    if mask.any():
-      got_codes, got_labels = _read(self.source, ids[mask])
-      codes[mask], labels[mask] = got_codes[:, 0], got_labels
-    return {"codes": codes, "labels": labels, "mask": mask}
+    # Padding rows read example 0 and are zeroed: every kind of data set pads the same way.
+    batch = self.rows(np.where(mask, ids, 0), np.zeros_like(ids))
+    pad = lambda x: np.where(mask.reshape(-1, *[1] * (x.ndim - 1)), x, np.zeros_like(x))
+    return {**{k: pad(x) for k, x in batch.items()}, "mask": mask}
 
 
 def make_eval_iterator(
@@ -551,11 +640,25 @@ def make_eval_iterator(
   Augmentation 0 (LlamaGen's first crop, unflipped). The last batch is padded with zeros and mask False;
   every process gets the same number of batches, so collective steps stay in lockstep.
   """
-  meta, source = _open_split(path, split)
+  meta, source = open_split(path, split)
+  return eval_iterator(
+    meta.num_examples, _ClassRows(source), batch_size, process_index, process_count, read_threads
+  )
+
+
+def eval_iterator(
+  num_examples: int,
+  rows,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  read_threads: int,
+) -> grain.DatasetIterator:
+  """make_eval_iterator's pass for any kind of data set (`rows` as in train_iterator)."""
   local = _local_batch(batch_size, process_index, process_count, "batch_size")
-  num_batches = -(-meta.num_examples // batch_size)
+  num_batches = -(-num_examples // batch_size)
   ds = grain.MapDataset.range(num_batches).map(
-    _EvalBatch(source, meta.num_examples, meta.grid, batch_size, process_index, local)
+    _EvalBatch(rows, num_examples, batch_size, process_index, local)
   )
   return _to_iterator(ds, 0, read_threads)
 

@@ -1,9 +1,11 @@
 """Images: the sources a VQ is trained on and codes are extracted from, and the release's preprocessing.
 
-Sources (`open_images`): "digits" (npp_jax.data.digits), a TFDS name prepared under a data_dir (e.g. imagenet2012,
-which needs its manual download), a prepared TFDS directory, or an image folder root/<split>/<class>/*.png|jpg
-read through TFDS's ImageFolder. Pixels are decoded with PIL and cropped as the PyTorch release does (ADM's
-centre crop, torchvision's TenCrop), so codes match the release's.
+Sources (`open_images`): "digits" (npp_jax.data.digits), a TFDS name prepared under a data_dir
+(e.g. imagenet2012, which needs its manual download), a prepared TFDS directory, or an image folder
+read without TensorFlow (`open_image_folder`): one split's class folders
+(`imagenet/train/<wnid>/*.JPEG`) or root/<split>/<class>/. Pixels are decoded with PIL
+(.convert("RGB"), as the release's loader) and cropped as the PyTorch release does (ADM's centre
+crop, torchvision's TenCrop), so codes match the release's.
 
 Host work runs on grain's threads (`parallel_map`, and the jobs' grain pipelines in train_vq.py and
 extract.py): no thread of our own.
@@ -11,8 +13,10 @@ extract.py): no thread of our own.
 
 import io
 import os
+import random
 from typing import Any, Callable, Iterator, Sequence
 
+from absl import logging
 from etils import epath
 import grain
 import numpy as np
@@ -21,6 +25,8 @@ from PIL import Image
 from npp_jax import validate
 
 AUGS = {"tencrop": 10, "flip": 2, "none": 1}  # Views per image (the code data set's n_aug).
+# The files an image folder holds: torchvision's ImageFolder extensions, which the release reads.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -28,7 +34,10 @@ AUGS = {"tencrop": 10, "flip": 2, "none": 1}  # Views per image (the code data s
 
 
 def to_rgb(image) -> np.ndarray:
-  """Encoded bytes (PNG, JPEG) or a uint8 array [H, W], [H, W, 1|3|4] -> uint8 [H, W, 3]."""
+  """An image file (epath.Path), encoded bytes (JPEG, PNG, WebP...) or a uint8 array [H, W],
+  [H, W, 1|3|4] -> uint8 [H, W, 3]."""
+  if isinstance(image, epath.Path):
+    return _read_file(image)
   if isinstance(image, (bytes, np.bytes_)):
     with Image.open(io.BytesIO(image)) as im:
       return np.asarray(im.convert("RGB"))  # As the release's PIL loader: grey, CMYK, RGBA -> RGB.
@@ -44,6 +53,19 @@ def to_rgb(image) -> np.ndarray:
   if x.shape[-1] == 1:
     return np.repeat(x, 3, axis=-1)
   return x[..., :3]
+
+
+def _read_file(path: epath.Path) -> np.ndarray:
+  """An image file as the release's loader reads it (PIL, .convert("RGB")); one-line error when PIL
+  fails on a file the folder's scan let through (a truncated file: its header reads)."""
+  try:
+    with path.open("rb") as f, Image.open(f) as im:
+      return np.asarray(im.convert("RGB"))
+  except _UNREADABLE as e:
+    raise ValueError(
+      f"image file {path} is unreadable ({type(e).__name__}: {e}); expected an image PIL decodes "
+      "(delete the file, or replace it, then run again)"
+    ) from None
 
 
 def float_to_uint8(images: np.ndarray) -> np.ndarray:
@@ -161,9 +183,26 @@ class ArraySource(ImageSource):
     return list(self.images[indices]), self.labels[indices]
 
 
+class FolderSource(ImageSource):
+  """Image files with their labels, in a fixed order; `get` hands out the paths (`to_rgb` reads
+  them, on the consumer's threads). `skipped`: the files PIL could not open, left out."""
+
+  random_access = True
+
+  def __init__(self, name: str, paths: Sequence[epath.Path], labels, classes, skipped=()):
+    self.name, self.paths = name, list(paths)
+    self.labels, self.classes = np.asarray(labels, np.int32), list(classes)
+    self.skipped = list(skipped)
+    self.num_examples, self.num_classes = len(self.paths), len(self.classes)
+
+  def get(self, indices):
+    indices = np.asarray(indices, np.int64)
+    return [self.paths[i] for i in indices], self.labels[indices]
+
+
 class TfdsSource(ImageSource):
-  """A split of a TFDS builder: random access when it is stored as array_record, slices of the split when
-  stored as TFRecord, and one forward pass for ImageFolder (which has neither)."""
+  """A split of a prepared TFDS data set: random access when it is stored as array_record, slices
+  of the split when stored as TFRecord."""
 
   def __init__(self, name: str, builder, split: str, image_key: str, label_key: str):
     import tensorflow_datasets as tfds
@@ -173,12 +212,8 @@ class TfdsSource(ImageSource):
     self.num_examples = int(builder.info.splits[split].num_examples)
     self.num_classes = int(builder.info.features[label_key].num_classes)
     self._decoders = {image_key: tfds.decode.SkipDecoding()}
-    self._folder = isinstance(builder, tfds.folder_dataset.ImageFolder)
-    self.random_access = not self._folder and str(builder.info.file_format).lower().endswith(
-      "array_record"
-    )
+    self.random_access = str(builder.info.file_format).lower().endswith("array_record")
     self._source = None
-    self._iter, self._pos = None, 0  # ImageFolder's forward pass.
 
   def _dataset(self, split: str, shuffle: bool = False, seed: int = 0):
     import tensorflow_datasets as tfds
@@ -206,17 +241,8 @@ class TfdsSource(ImageSource):
 
     if self.random_access:
       return self.get(range(start, stop))
-    if not self._folder:  # TFDS skips whole files and undecoded records to reach a slice.
-      return self._unpack(list(tfds.as_numpy(self._dataset(f"{self.split}[{start}:{stop}]"))))
-    # ImageFolder: one pass forward; reads before the current position restart it. Skipped files are
-    # read from disk but not decoded.
-    if self._iter is None or start < self._pos:
-      self._iter, self._pos = iter(tfds.as_numpy(self._dataset(self.split))), 0
-    for _ in range(start - self._pos):
-      next(self._iter)
-    records = [next(self._iter) for _ in range(stop - start)]
-    self._pos = stop
-    return self._unpack(records)
+    # TFDS skips whole files and undecoded records to reach a slice.
+    return self._unpack(list(tfds.as_numpy(self._dataset(f"{self.split}[{start}:{stop}]"))))
 
   def stream(self, seed, process_index, process_count):
     import tensorflow_datasets as tfds
@@ -236,7 +262,8 @@ def open_images(
   """The split `split` of `dataset` ("digits", a TFDS name, a prepared TFDS directory or an image folder).
 
   `field` names the config field in error messages. Nothing is downloaded: TFDS data sets must be
-  prepared beforehand.
+  prepared beforehand. An image folder of one split's class folders is that split whatever `split`
+  says (`split` then only names what is written, e.g. the code data set's split).
   """
   from npp_jax.data import digits
 
@@ -249,6 +276,9 @@ def open_images(
     images, labels = digits.load_digits(split)
     return ArraySource("digits", float_to_uint8(images), labels, digits.NUM_CLASSES)
 
+  path = epath.Path(dataset).expanduser()
+  if path.is_dir() and not (path / "dataset_info.json").exists():
+    return open_image_folder(dataset, split, field)
   builder = _tfds_builder(dataset, data_dir, field)
   splits = sorted(builder.info.splits)
   if split not in splits:
@@ -274,17 +304,8 @@ def _tfds_builder(dataset: str, data_dir: str, field: str):
   import tensorflow_datasets as tfds
 
   path = epath.Path(dataset).expanduser()
-  if path.is_dir():
-    if (path / "dataset_info.json").exists():
-      return tfds.builder_from_directory(str(path))
-    _need_tensorflow(field, dataset, "an image folder")
-    builder = tfds.folder_dataset.ImageFolder(str(path))
-    if not builder.info.splits:
-      raise ValueError(
-        f"{field}={dataset!r} is a folder without <split>/<class>/ image subfolders; "
-        "expected root/<split>/<class>/*.png|jpg or a prepared TFDS directory"
-      )
-    return builder
+  if path.is_dir():  # open_images sends only prepared TFDS directories here.
+    return tfds.builder_from_directory(str(path))
   if "/" in dataset or dataset.startswith((".", "~")):  # A path (local or gs://) that is not there.
     raise ValueError(
       f"{field}={dataset!r} does not exist; expected an image folder, a prepared TFDS "
@@ -307,7 +328,7 @@ def _tfds_builder(dataset: str, data_dir: str, field: str):
 
 
 def _need_tensorflow(field: str, dataset: str, what: str) -> None:
-  """TFDS reads image folders and TFRecord files through TensorFlow, which the package does not install."""
+  """TFDS reads TFRecord files through TensorFlow, which the package does not install."""
   try:
     import tensorflow  # noqa: F401
   except ImportError:
@@ -316,3 +337,96 @@ def _need_tensorflow(field: str, dataset: str, what: str) -> None:
       "TensorFlow installed (pip install tensorflow-cpu), or the data set prepared as "
       "array_record (tfds build --file_format=array_record)"
     ) from None
+
+
+# -------------------------------------------------------------------------------------------------
+# Image folders, without TensorFlow.
+
+# What PIL raises for a file it cannot read: not an image, an unknown format, a broken header or
+# stream, a decompression bomb.
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def open_image_folder(dataset: str, split: str, field: str = "dataset") -> FolderSource:
+  """The images of a folder of class folders: `dataset` is one split (`imagenet/train`) or
+  root/<split>/.
+
+  Classes are numbered by sorted folder name over all splits (torchvision's ImageFolder order, which
+  the released checkpoints' class ids follow; hidden folders are no class). A class folder's files
+  with torchvision's image extensions are read, in its subfolders too. The order is TFDS
+  ImageFolder's (sorted by class and path, then shuffled by a generator seeded with the split's
+  name), so that the first N images are a sample of every class and codes equal those TFDS's reader
+  gave. Files PIL cannot open are left out, counted and logged.
+  """
+  root = epath.Path(dataset).expanduser()
+  split_dir, classes, split_name = _folder_split(root, split, field, dataset)
+  ids = {c: i for i, c in enumerate(classes)}
+  examples = []
+  for folder in _subfolders(split_dir):
+    names = (
+      str(top / n)
+      for top, _, files in folder.walk()
+      for n in files
+      if n.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    examples += [(p, ids[folder.name]) for p in sorted(names)]
+  random.Random(split_name).shuffle(examples)  # TFDS ImageFolder's order (image_folder.py).
+  paths = [epath.Path(p) for p, _ in examples]
+  ok = parallel_map(_opens, paths, num_threads(0))  # Every file's header, on grain's threads.
+  skipped = [p for p, good in zip(paths, ok) if not good]
+  if skipped:
+    logging.warning(
+      "%s: %d of %d image files are unreadable and left out (first: %s).",
+      split_dir,
+      len(skipped),
+      len(paths),
+      ", ".join(str(p) for p in skipped[:3]),
+    )
+  kept = [(p, label) for p, (_, label), good in zip(paths, examples, ok) if good]
+  if not kept:
+    raise ValueError(
+      f"{field}={dataset!r}: {split_dir} holds no readable image ({len(skipped)} unreadable); "
+      f"expected class folders of {'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS[:5])}... files"
+    )
+  logging.info("Image folder %s: %d images of %d classes.", split_dir, len(kept), len(classes))
+  return FolderSource(dataset, [p for p, _ in kept], [y for _, y in kept], classes, skipped)
+
+
+def _subfolders(folder: epath.Path) -> list[epath.Path]:
+  return sorted(
+    (p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir()),
+    key=lambda p: p.name,
+  )
+
+
+def _holds_images(folder: epath.Path) -> bool:
+  return any(p.name.lower().endswith(IMAGE_EXTENSIONS) for p in folder.iterdir())
+
+
+def _folder_split(root: epath.Path, split: str, field: str, dataset: str):
+  """(the split's folder, the class names of every split sorted, the split's name)."""
+  subfolders = _subfolders(root)
+  if any(_holds_images(d) for d in subfolders):  # One split: its class folders.
+    return root, [d.name for d in subfolders], root.name
+  splits = {d.name: d for d in subfolders if _subfolders(d)}  # Folders of class folders.
+  if not splits:
+    raise ValueError(
+      f"{field}={dataset!r} is a folder without class folders of images; expected "
+      "<class>/<image> (one split, e.g. imagenet/train), root/<split>/<class>/<image>, or a "
+      "prepared TFDS directory"
+    )
+  if split not in splits:
+    raise ValueError(
+      f"image folder {dataset} has no split {split!r}; expected one of {sorted(splits)}"
+    )
+  classes = sorted({c.name for d in splits.values() for c in _subfolders(d)})
+  return splits[split], classes, split
+
+
+def _opens(path: epath.Path) -> bool:
+  """Whether PIL identifies the file (reads its header only: a truncated file passes)."""
+  try:
+    with path.open("rb") as f, Image.open(f) as im:
+      return im.size[0] > 0 and im.size[1] > 0
+  except _UNREADABLE:
+    return False

@@ -46,6 +46,7 @@ class SampleMetrics:
   cfg: gpt.GPTConfig  # Unscanned, in the sampling compute dtype.
   vq_cfg: Any
   mesh: jax.sharding.Mesh
+  sampler: sampling.Sampler  # On `mesh`, weights placed by config.mesh's rules.
   inception: Any  # Replicated on the mesh.
   vq_params: Any  # Replicated on the mesh.
   ref_stats: dict
@@ -60,8 +61,7 @@ class SampleMetrics:
     t0 = time.perf_counter()
     s, e = self.config.sample, self.config.evaluate
     params = state.ema if s.use_ema else state.params
-    rep = sharding.replicated(self.mesh)
-    params = jax.jit(gpt.unstack_layers, out_shardings=rep)(params)  # Any training layout -> whole.
+    params = self.sampler.place_params(params)  # Any training layout -> the sampler's.
     pool3, spatial = _features(self, _images(self, params))
     out = fid_scores.scores(e, self.inception, pool3, spatial, self.ref_stats, self.ref_pool3)
     scalars = {f"eval/{k}": float(out[k]) for k in NAMES if out[k] is not None}
@@ -88,19 +88,7 @@ def _images(m: SampleMetrics, params):
   rng = sharding.put(jax.random.key(int(s.seed)), sharding.replicated(m.mesh))
   for a in range(0, n, bs):
     labels = sampling.sample_labels(s, m.cfg.num_classes, np.arange(a, a + bs))
-    codes = sampling._sample_placed(  # pylint: disable=protected-access
-      params,
-      sharding.put(labels, sampling.batch_sharding(m.mesh)),
-      rng,
-      cfg=m.cfg,
-      cfg_scale=s.cfg_scale,
-      cfg_interval=s.cfg_interval,
-      temperature=s.temperature,
-      top_k=s.top_k,
-      top_p=s.top_p,
-      first_index=a,
-      mesh=m.mesh,
-    )
+    codes = m.sampler.sample(params, labels, rng, first_index=a)
     codes = sharding.gather(codes)[: min(n, a + bs) - a]
     yield sampling.decode_images(m.vq_params, codes, m.vq_cfg, m.mesh)  # pylint: disable=protected-access
 
@@ -144,20 +132,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, plan) -> SampleMetr
   cfg = dataclasses.replace(
     plan.cfg, scan_layers=False, dtype=sampling.compute_dtype(s, config.model)
   )  # pylint: disable=protected-access
-  sampling._check_sampling_args(
-    cfg,
-    s.cfg_scale,
-    s.cfg_interval,
-    s.temperature,
-    s.top_k,  # pylint: disable=protected-access
-    s.top_p,
-  )
+  settings = sampling.SamplingSettings.from_config(config).check_vocab(cfg.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
   if s.batch_size % mesh.size:
     raise ValueError(
       f"sample.batch_size={s.batch_size} over {mesh.size} devices; expected a multiple of "
       f"{mesh.size} (every device decodes the same number of samples)"
     )
+  sampler = sampling.Sampler(cfg, settings, mesh, sharding.rules(config.mesh))
   vq_cfg = sample_job._check_vq(config, cfg)  # pylint: disable=protected-access
   evaluate._check_config(config)  # pylint: disable=protected-access
   ref = fid_scores.open_reference(e)
@@ -182,6 +164,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, plan) -> SampleMetr
     cfg,
     vq_cfg,
     mesh,
+    sampler,
     sharding.put(inception, rep),
     sharding.put(vq_params, rep),
     ref_stats,

@@ -120,6 +120,7 @@ class _Job:
   cfg: gpt.GPTConfig  # Unscanned, in the sampling compute dtype.
   vq_cfg: Any  # vq.VQConfig, or None: codes only.
   mesh: jax.sharding.Mesh
+  sampler: sampling.Sampler  # On `mesh`, weights placed by config.mesh's rules.
   out_dir: epath.Path
   settings: dict
   num_images: int
@@ -171,7 +172,7 @@ def _check_job(config, workdir, have_params: bool) -> _Job:
     scan_layers=False,
     dtype=sampling.compute_dtype(s, config.model),
   )
-  sampling._check_sampling_args(cfg, s.cfg_scale, s.cfg_interval, s.temperature, s.top_k, s.top_p)
+  settings = sampling.SamplingSettings.from_config(config).check_vocab(cfg.vocab_size)
   n, bs = (
     validate.positive_int(s.num_images, "sample.num_images"),
     validate.positive_int(s.batch_size, "sample.batch_size"),
@@ -201,7 +202,8 @@ def _check_job(config, workdir, have_params: bool) -> _Job:
       "checkpoints/ folder, or a converted checkpoint"
     )
   vq_cfg = _check_vq(config, cfg) if s.vq_checkpoint else None
-  return _Job(cfg, vq_cfg, mesh, epath.Path(workdir) / "samples", _settings(config), n, bs)
+  sampler = sampling.Sampler(cfg, settings, mesh, sharding.rules(config.mesh))
+  return _Job(cfg, vq_cfg, mesh, sampler, epath.Path(workdir) / "samples", _settings(config), n, bs)
 
 
 def _check_vq(config, cfg: gpt.GPTConfig):
@@ -240,10 +242,11 @@ def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
   if is_main:
     job.out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(str(job.out_dir / "meta.json"), job.settings)
-  # Placed once for the whole job: every batch reuses the same device copies. On several processes each
-  # fills its own devices' shards; each process samples its devices' share of every batch.
+  # Placed once for the whole job, split as config.mesh splits training's weights: every batch
+  # reuses the same device copies. On several processes each fills its own devices' shards; each
+  # process samples its devices' share of every batch.
   rep = sharding.replicated(job.mesh)
-  params = sharding.put(gpt.unstack_layers(params), rep)
+  params = job.sampler.place_params(params)
   if vq_params is not None:
     vq_params = sharding.put(vq_params, rep)
   rng = sharding.put(jax.random.key(int(s.seed)), rep)
@@ -260,19 +263,7 @@ def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
     labels = sampling.sample_labels(
       s, cfg.num_classes, np.arange(a, a + bs)
     )  # Padded to bs past the end.
-    codes = sampling._sample_placed(
-      params,
-      sharding.put(labels, sampling.batch_sharding(job.mesh)),
-      rng,
-      cfg=cfg,
-      cfg_scale=s.cfg_scale,
-      cfg_interval=s.cfg_interval,
-      temperature=s.temperature,
-      top_k=s.top_k,
-      top_p=s.top_p,
-      first_index=a,
-      mesh=job.mesh,
-    )
+    codes = job.sampler.sample(params, labels, rng, first_index=a)
     out = {"codes": sharding.gather(codes)[: b - a], "labels": labels[: b - a]}
     if vq_params is not None:
       out["arr_0"] = sampling.decode_images(vq_params, out["codes"], job.vq_cfg, job.mesh)

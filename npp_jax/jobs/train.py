@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from absl import logging
+from clu import metrics as clu_metrics
 from etils import epath
 import flax
 import flax.linen as nn
@@ -223,9 +224,17 @@ def train_step(
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
-  """Sums over the batch's real rows (mask): k = 1 NLL in nats per image, with the true and the null class."""
-  codes, mask = batch["codes"], batch["mask"].astype(jnp.float32)
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  """Held-out averages over the real images (clu.metrics: masked sums merged across batches)."""
+
+  nll: clu_metrics.Average.from_output("nll")  # k = 1 NLL, nats per token.
+  class_info: clu_metrics.Average.from_output("class_info")  # Null minus true NLL, nats per image.
+
+
+def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> EvalMetrics:
+  """k = 1 NLL with the true class and with the null class, over the batch's real rows (mask)."""
+  codes = batch["codes"]
   targets = codes.reshape(codes.shape[0], -1)
 
   def image_nll(labels):  # [B]: the sum over the image's tokens.
@@ -235,7 +244,9 @@ def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> dict:
 
   cond = image_nll(batch["labels"])
   null = image_nll(jnp.full_like(batch["labels"], num_classes))
-  return {"nll": jnp.sum(cond * mask), "null_nll": jnp.sum(null * mask), "images": jnp.sum(mask)}
+  return EvalMetrics.single_from_model_output(
+    nll=cond / targets.shape[1], class_info=null - cond, mask=batch["mask"].astype(bool)
+  )
 
 
 class Evaluator:
@@ -255,7 +266,6 @@ class Evaluator:
   ):
     self.mesh, self.path, self.split = mesh, path, split
     self.batch_size, self.max_batches = batch_size, max_batches
-    self.tokens = model.cfg.grid[0] * model.cfg.grid[1]
     self.seconds = 0.0  # Time spent evaluating: the trainer leaves it out of its step time.
     self._batches = None
     self._fn = jax.jit(
@@ -274,16 +284,12 @@ class Evaluator:
         process_count=jax.process_count(),
       )
       self._batches = [b for _, b in zip(range(self.max_batches), it)]
-    sums = {"nll": 0.0, "null_nll": 0.0, "images": 0.0}
+    total = EvalMetrics.empty()
     for local in self._batches:
-      out = jax.device_get(self._fn(params, sharding.global_batch(local, self.mesh)))
-      for key in sums:
-        sums[key] += float(out[key])
+      total = total.merge(self._fn(params, sharding.global_batch(local, self.mesh)))
+    out = jax.device_get(total.compute())
     self.seconds += time.perf_counter() - t0
-    return {
-      "eval/nll": sums["nll"] / (sums["images"] * self.tokens),
-      "eval/class_info": (sums["null_nll"] - sums["nll"]) / sums["images"],
-    }
+    return {"eval/nll": float(out["nll"]), "eval/class_info": float(out["class_info"])}
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -356,6 +362,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
       config.train.eval_batches,
     )
   writer, hooks = _writer(config, workdir, p.total_steps, start)
+  summaries.write_parameter_overview(run.state.params, workdir, is_main=jax.process_index() == 0)
   logging.info(
     "Model %s: %.1fM parameters; schedule %s; %d steps/epoch, %d steps; token ratio %.3f, "
     "FLOP ratio %.3f vs next-token training.",

@@ -325,6 +325,7 @@ def train_vq(
     p.source.num_examples,
   )
   writer = _writer(config, workdir, start)
+  summaries.write_parameter_overview(state.params, workdir, is_main=jax.process_index() == 0)
   batches = _vq_batches(
     p.source,
     cfg.image_size,

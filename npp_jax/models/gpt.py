@@ -401,6 +401,11 @@ def unstack_layers(params: dict) -> dict:
 # that both attention matmuls have their batch dimensions leading and read the cache without a transpose.
 
 
+# Logical axes of each cache, named as parameters name theirs: the sampler splits caches by the same
+# rules as the weights (the batch over data and fsdp, the KV heads over tensor).
+CACHE_AXES = ("batch", "heads", None, None)
+
+
 def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=None) -> tuple:
   """Per-layer (k, v) caches of zeros, each [batch, n_kv_head, length, head_dim]."""
   shape = (batch, cfg.n_kv_head, length, cfg.head_dim)
