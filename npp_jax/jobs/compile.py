@@ -5,9 +5,10 @@
 
 The run's mesh (config.mesh, -1 taking the devices left) is laid over the slice's devices
 (libtpu's compile-only topology: no TPU needed), and each program is lowered from shapes alone
-(jax.eval_shape: no array is allocated) with the real dtypes and shardings, then compiled by XLA for that TPU:
-train_k{k} for every k of the schedule (jobs/train.py's train_step on its sharded state), eval (the
-held-out step) and extract_encode (the VQ encoder at extract.batch_size).
+(jax.eval_shape: no array is allocated) with the real dtypes and shardings, then compiled by XLA
+for that TPU: train_k{k} for every k of the schedule (jobs/train.py's train_step on its sharded
+state), eval (the held-out step) and extract_encode (the VQ encoder at extract.batch_size). The
+sampler's prefill and decode are not compiled yet (they wait for the sharded sampler).
 
 Per program: bytes per device (arguments + outputs + temporaries - aliased, from XLA's memory
 analysis) against the chip's HBM less compile.headroom, XLA's FLOPs and bytes accessed per device,
@@ -110,7 +111,12 @@ def check(config: ml_collections.ConfigDict, workdir) -> Plan:
       "--mode=compile needs libtpu, which is not installed here; expected `pip install libtpu` "
       "(wheels for Linux x86_64 only)"
     )
-  shape = sharding.mesh_shape(config.mesh.shape, tpu.num_chips)
+  try:
+    shape = sharding.mesh_shape(config.mesh.shape, tpu.num_chips)
+  except ValueError as e:  # Its message names this machine's platform; the devices are the slice's.
+    raise ValueError(
+      f"{str(e).split('; found')[0]}; {tpu.name} has {tpu.num_chips} chips"
+    ) from None
   cfg = gpt.GPTConfig.from_config(config.model)
   t = config.train
   sharding.check_batch(
