@@ -1,8 +1,13 @@
-"""--mode=compile: configs/tiny.py compiled for a TPU v5e 2x2 slice through the CLI, on this CPU.
+"""--mode=compile: configs/tiny.py compiled for a TPU v5e 2x2 slice, on this CPU.
 
 The compile-only TPU devices come from libtpu (setup.py's test extra, Linux x86_64 wheels only);
-where it is not installed the CLI test skips, saying so. Only train_k1 and eval are compiled: the VQ
-encoder (extract_encode) takes minutes of TPU compilation on 2 cores and adds nothing checked here.
+where it is not installed these tests skip, saying so. CPU time is kept small (about 30 s in all):
+one CLI run compiles only the held-out eval step (the cheapest program) and checks what a user sees
+(schema, the one-line refusal, no other file); the bytes checks call the job in this process on a
+model of one device's batch, where the training state outweighs the activations as in the release
+sizes. The VQ encoder (extract_encode) takes minutes of TPU compilation on 2 cores and is left out.
+The persistent compilation cache does hold these TPU programs, but a cached train_k1 still costs 5
+of its 6 CPU seconds here (tracing and lowering), so the tests do not rely on it.
 """
 
 import json
@@ -39,39 +44,31 @@ STEP_KEYS = {
 }
 # Bytes per device of train_k1 against the analytic training state on a data-parallel mesh: the
 # state is an argument (its donated output aliased), so at least 1x; the gradients, AdamW's update
-# and the activations add less: within 6x (1.003x measured at width 256, 4.05x at tiny's width 64).
-MAX_FACTOR = 6.0
-# tiny at width 256 (7 MB of params): the state outweighs the activations of 4 images per device, as
-# it does in the release sizes, so sharding it over fsdp must lower the bytes per device.
-DIM = 256
+# and one image's activations per device add less: within 3x (1.96x measured at width 128).
+MAX_FACTOR = 3.0
+# tiny at width 128 with one image per device: the state outweighs the activations, as it does in
+# the release sizes, so sharding it over fsdp must lower the bytes per device.
+DIM, BATCH = 128, 4
 
 
-def compile_cli(workdir, mesh, *extra):
-  return subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "npp_jax.main",
-      "--mode=compile",
-      "--config=configs/tiny.py",
-      f"--workdir={workdir}",
-      "--config.compile.topology=v5e:2x2",
-      f"--config.mesh.shape={mesh}",
-      f"--config.model.dim={DIM}",
-      *extra,
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-
-
-def state_bytes_per_device(fsdp: int) -> float:
-  """Params, AdamW moments and EMA of tiny (shapes from eval_shape), counted by hand: every >= 2-D
-  weight is sharded over fsdp by the model's logical axes, the norms (1-D) are replicated."""
+def tiny(mesh, programs, **compile_knobs):
   config = config_lib.load(os.path.join(ROOT, "configs/tiny.py"))
   config.model.dim = DIM
+  config.train.global_batch_size = BATCH
+  config.sample.batch_size = 2 * BATCH  # Guided: twice the rows in the cache.
+  config.mesh.shape = mesh
+  config.compile.topology = "v5e:2x2"
+  config.compile.programs = programs
+  config.compile.update(compile_knobs)
+  return config
+
+
+def state_bytes_per_device(fsdp: int, copies: int = 3) -> float:
+  """Params (+ AdamW's mu and nu: copies=3; tiny keeps no EMA) of the test's tiny (shapes from eval_shape),
+  counted by hand: every >= 2-D weight is sharded over fsdp by the model's logical axes, the norms
+  (1-D) are replicated."""
+  config = tiny((1, fsdp, 1), ())
+  assert config.optim.ema_decay == 0  # No 4th copy.
   cfg = gpt.GPTConfig.from_config(config.model)
   init_fn, rng = train.init_state(gpt.GPT(cfg), optax.sgd(1.0), cfg, 0, ema=False)
   params = nn.unbox(jax.eval_shape(init_fn, rng).params)
@@ -79,54 +76,96 @@ def state_bytes_per_device(fsdp: int) -> float:
   for x in jax.tree.leaves(params):
     n = np.prod(x.shape) * x.dtype.itemsize
     per_device += n / fsdp if len(x.shape) >= 2 else n
-  copies = 1 + 2 + (1 if config.optim.ema_decay > 0 else 0)  # Params, AdamW's mu and nu, EMA.
   return copies * per_device
 
 
+def check_row(step, k):
+  assert set(step) == STEP_KEYS
+  assert step["k"] == k
+  assert step["hbm_bytes_per_device"] == 16 * 2**30  # A v5e chip.
+  assert step["flops"] > 0 and step["bytes_accessed"] > 0
+  # The roofline, recomputed from the row and the chip table.
+  want = max(step["flops"] / 197e12, step["bytes_accessed"] / 819e9)
+  np.testing.assert_allclose(step["estimated_s"], want, rtol=1e-9)
+
+
 @needs_libtpu
-def test_compile_tiny_for_v5e_through_the_cli(tmp_path):
-  data_parallel = compile_cli(
-    tmp_path / "dp", "(4,1,1)", "--config.compile.programs=('train_k1','eval')"
+def test_cli_reports_and_refuses_in_one_line(tmp_path):
+  """A headroom that leaves less HBM than the program needs makes it a refusal: the table, one
+  error line naming the program and what would fit it, exit 2, compile.json and nothing else."""
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "npp_jax.main",
+      "--mode=compile",
+      "--config=configs/tiny.py",
+      f"--workdir={tmp_path}",
+      "--config.compile.topology=v5e:2x2",
+      "--config.mesh.shape=(4,1,1)",
+      "--config.compile.programs=('eval',)",
+      "--config.compile.headroom=0.99999",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
-  assert data_parallel.returncode == 0, data_parallel.stderr[-3000:]
-  assert "ESTIMATED" in data_parallel.stdout
-  assert sorted(os.listdir(tmp_path / "dp")) == ["compile.json"]  # No other file, no log, no cache.
-  report = json.loads((tmp_path / "dp" / "compile.json").read_text())
-  assert set(report) == {"topology", "mesh", "steps"}
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert "ESTIMATED" in run.stdout and "eval" in run.stdout
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: eval needs "), last
+  assert "GiB per device on v5e:2x2" in last and "to fit:" in last
+  assert "--config.mesh.shape='(1,4,1)'" in last  # The state sharded over the 4 chips.
+  assert sorted(os.listdir(tmp_path)) == ["compile.json"]  # No other file, no log, no cache.
+  report = json.loads((tmp_path / "compile.json").read_text())
   assert report["topology"] == "v5e:2x2"
   assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
-  assert [s["step"] for s in report["steps"]] == ["train_k1", "eval"]
-  for step in report["steps"]:
-    assert set(step) == STEP_KEYS
-    assert step["hbm_bytes_per_device"] == 16 * 2**30  # A v5e chip.
-    assert step["fits"] is True and step["k"] == 1
-    assert step["flops"] > 0 and step["bytes_accessed"] > 0
-    # The roofline, recomputed from the row and the chip table.
-    want = max(step["flops"] / 197e12, step["bytes_accessed"] / 819e9)
-    np.testing.assert_allclose(step["estimated_s"], want, rtol=1e-9)
-  dp_bytes = report["steps"][0]["bytes_per_device"]
-  analytic = state_bytes_per_device(1)
-  assert analytic <= dp_bytes <= MAX_FACTOR * analytic, (dp_bytes, analytic)
+  assert [s["step"] for s in report["steps"]] == ["eval"]
+  check_row(report["steps"][0], 1)
+  assert report["steps"][0]["fits"] is False
 
-  # The same 4 images per device with the state sharded 4 ways: fewer bytes per device. A headroom
-  # that leaves less HBM than the program needs makes it a refusal: one line, exit 2, report kept.
-  sharded = compile_cli(
-    tmp_path / "fsdp",
-    "(1,4,1)",
-    "--config.compile.programs=('train_k1',)",
-    "--config.compile.headroom=0.99999",
-  )
-  assert sharded.returncode == 2, sharded.stderr[-3000:]
-  last = sharded.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: train_k1 needs "), last
-  assert "per device on v5e:2x2" in last and "to fit:" in last
-  assert "--config.model.remat=full" in last
-  assert sorted(os.listdir(tmp_path / "fsdp")) == ["compile.json"]
-  row = json.loads((tmp_path / "fsdp" / "compile.json").read_text())["steps"][0]
-  assert row["fits"] is False
-  assert row["bytes_per_device"] < dp_bytes
+
+@needs_libtpu
+def test_bytes_follow_the_state_and_fall_with_fsdp(tmp_path, capsys):
+  """train_k1 and the sharded sampler's programs through the job's `run`, in this process."""
+  programs = ("train_k1", "sample_prefill", "sample_decode")
+  report = compile_job.run(tiny((4, 1, 1), programs), tmp_path / "dp")
+  out = capsys.readouterr().out
+  assert set(report) == {"topology", "mesh", "steps"}
+  assert json.loads((tmp_path / "dp" / "compile.json").read_text()) == report
+  assert [s["step"] for s in report["steps"]] == list(programs)
+  for step in report["steps"]:
+    check_row(step, 1 if step["step"] == "train_k1" else None)
+    assert step["fits"] is True
+  train_bytes = report["steps"][0]["bytes_per_device"]
+  analytic = state_bytes_per_device(1)
+  assert analytic <= train_bytes <= MAX_FACTOR * analytic, (train_bytes, analytic)
+  # Each sampler program holds at least the weights (float32: sample.dtype auto is the model's
+  # dtype on TPU), replicated on this data-parallel mesh.
+  for step in report["steps"][1:]:
+    assert step["bytes_per_device"] >= state_bytes_per_device(1, copies=1)
+  assert "sample_decode" in out and "one sampling batch (prefill + 255 decode steps)" in out
+
+  # The same image per device with the state sharded 4 ways: fewer bytes per device.
+  sharded = compile_job.run(tiny((1, 4, 1), ("train_k1",)), tmp_path / "fsdp")
+  row = sharded["steps"][0]
+  assert row["bytes_per_device"] < train_bytes
   # Activations do not shrink with fsdp: only the lower bound holds at any factor.
   assert row["bytes_per_device"] >= state_bytes_per_device(4)
+
+
+def test_programs_name_the_sampler_unless_sampling_is_not_set_up(tmp_path):
+  config = tiny((4, 1, 1), ())
+  names = compile_job.check(config, tmp_path).programs
+  want = ("train_k4", "train_k2", "train_k1", "eval", "sample_prefill", "sample_decode")
+  assert names == (*want, "extract_encode")
+  del config.sample
+  assert "sample_decode" not in compile_job.check(config, tmp_path).programs
+  assert "no `sample` section" in compile_job.sampling_note(config)
+  config.compile.programs = ("sample_decode",)
+  with pytest.raises(ValueError, match="compile.programs names 'sample_decode'; expected"):
+    compile_job.check(config, tmp_path)
 
 
 @pytest.mark.parametrize(

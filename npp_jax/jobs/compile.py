@@ -7,8 +7,9 @@ The run's mesh (config.mesh, -1 taking the devices left) is laid over the slice'
 (libtpu's compile-only topology: no TPU needed), and each program is lowered from shapes alone
 (jax.eval_shape: no array is allocated) with the real dtypes and shardings, then compiled by XLA
 for that TPU: train_k{k} for every k of the schedule (jobs/train.py's train_step on its sharded
-state), eval (the held-out step) and extract_encode (the VQ encoder at extract.batch_size). The
-sampler's prefill and decode are not compiled yet (they wait for the sharded sampler).
+state), eval (the held-out step), sample_prefill and sample_decode (sampling.Sampler's programs at
+sample.batch_size, weights sharded; left out, with a note, for a config without sampling) and
+extract_encode (the VQ encoder at extract.batch_size).
 
 Per program: bytes per device (arguments + outputs + temporaries - aliased, from XLA's memory
 analysis) against the chip's HBM less compile.headroom, XLA's FLOPs and bytes accessed per device,
@@ -35,6 +36,7 @@ from npp_jax import chips
 from npp_jax import files
 from npp_jax import npp
 from npp_jax import rules
+from npp_jax import sampling
 from npp_jax import sharding
 from npp_jax.data import code_dataset
 from npp_jax.jobs import train
@@ -51,7 +53,7 @@ STEP_KEYS = (
   "bytes_accessed",
   "estimated_s",
 )
-OTHER_PROGRAMS = ("eval", "extract_encode")
+SAMPLE_PROGRAMS = ("sample_prefill", "sample_decode")
 
 # ----------------------------------------------------------------------------------------- settings
 
@@ -137,7 +139,8 @@ def check(config: ml_collections.ConfigDict, workdir) -> Plan:
   o = config.optim
   schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)  # Validates the LR knobs.
   rules.expect(config, "extract.batch_size", rules.POSITIVE_INT)
-  known = (*(f"train_k{k}" for k in _ks(schedule)), *OTHER_PROGRAMS)
+  sample = () if sampling_note(config) else SAMPLE_PROGRAMS
+  known = (*(f"train_k{k}" for k in _ks(schedule)), "eval", *sample, "extract_encode")
   for name in s.programs:
     if name not in known:
       raise ValueError(
@@ -167,6 +170,8 @@ def programs(config, plan: Plan, mesh) -> list[Program]:
   want = set(plan.programs)
   if want & {*(f"train_k{k}" for k in _ks(plan.schedule)), "eval"}:
     out += _gpt_programs(config, plan, mesh, want)
+  if want & set(SAMPLE_PROGRAMS):
+    out += _sample_programs(config, mesh, want)
   if "extract_encode" in want:
     out.append(_extract_program(config, mesh))
   return out
@@ -226,6 +231,26 @@ def _gpt_programs(config, plan: Plan, mesh, want: set[str]) -> list[Program]:
     }
     out.append(Program("eval", 1, functools.partial(lower_in_mesh, jitted, state.params, batch)))
   return out
+
+
+def _sample_programs(config, mesh, want: set[str]) -> list[Program]:
+  """sample_prefill and sample_decode as sampling runs them on the run's mesh (sampling.Sampler:
+  weights and KV cache sharded as training shards them) at sample.batch_size, guidance included
+  when sample.cfg_scale > 1. Its one-line ValueErrors (batch vs mesh, top_k vs vocab) are raised
+  here, before anything is compiled."""
+  sampler = sampling.Sampler.from_config(config, mesh, platform="tpu")
+  return [
+    Program(name, None, functools.partial(jitted.lower, *args))
+    for name, (jitted, args) in sampler.programs(config.sample.batch_size).items()
+    if name in want
+  ]
+
+
+def sampling_note(config) -> str | None:
+  """Why the sampler's programs are not compiled for this config, or None when they are."""
+  if "sample" not in config:
+    return "the config has no `sample` section (no sampling is set up for this model)"
+  return None
 
 
 def _extract_program(config, mesh) -> Program:
@@ -351,7 +376,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     "mesh": dict(zip(config.mesh.axes, plan.mesh_shape)),
     "steps": [r.row() for r in rows],
   }
-  print(table(plan, rows), flush=True)
+  note = sampling_note(config)
+  if note:
+    logging.info("sample_prefill and sample_decode are not compiled: %s.", note)
+  print(table(plan, rows, note), flush=True)
   out = files.absolute(workdir)
   out.mkdir(parents=True, exist_ok=True)
   files.write_json(out / "compile.json", report)
@@ -365,7 +393,7 @@ def _gib(n) -> str:
   return "?" if n is None else f"{n / chips.GiB:.2f}"
 
 
-def table(plan: Plan, rows: list[Measured]) -> str:
+def table(plan: Plan, rows: list[Measured], sampling_skipped: str | None = None) -> str:
   """The console report: one line per program, every time labelled as a roofline estimate."""
   chip, s = plan.slice.chip, plan.slice
   head = (
@@ -398,6 +426,16 @@ def table(plan: Plan, rows: list[Measured]) -> str:
       f"{[(st.k, st.epochs) for st in plan.schedule.stages]} at {plan.steps_per_epoch} "
       f"steps/epoch takes {hours:.1f} h"
     )
+  decode = {r.step: r.estimated_s for r in rows if r.step.startswith("sample_")}
+  if all(decode.get(p) for p in SAMPLE_PROGRAMS):
+    tokens = plan.cfg.grid[0] * plan.cfg.grid[1]
+    seconds = decode["sample_prefill"] + (tokens - 1) * decode["sample_decode"]
+    lines.append(
+      f"ESTIMATED (roofline): one sampling batch (prefill + {tokens - 1} decode steps) takes "
+      f"{seconds:.2f} s"
+    )
+  if sampling_skipped:
+    lines.append(f"sample_prefill, sample_decode: not compiled, {sampling_skipped}.")
   lines.append(
     "ESTIMATED s = max(FLOPs / peak, bytes / bandwidth) per device: a roofline estimate, not a "
     "measurement (docs/slices.md)."
@@ -427,6 +465,13 @@ def _remedies(config, plan: Plan, r: Measured) -> list[str]:
     dp = d * f
     smaller = max(dp, config.extract.batch_size // 2)
     return [f"fewer images per device (--config.extract.batch_size={smaller})"]
+  if r.step.startswith("sample_"):
+    if f < n // t:
+      out.append(f"shard the weights over more devices (--config.mesh.shape='(1,{n // t},{t})')")
+    b = config.sample.batch_size
+    if b % (2 * d * f) == 0:
+      out.append(f"fewer samples per device (--config.sample.batch_size={b // 2})")
+    return out or [f"a slice with more chips than {n}, or a chip with more HBM"]
   if f < n // t:
     state = f" (arguments now {_gib(r.argument_bytes)} GiB)" if r.argument_bytes else ""
     out.append(f"shard the state over more devices (--config.mesh.shape='(1,{n // t},{t})'){state}")
