@@ -1,5 +1,6 @@
 """python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=train|sample|...|compile]"""
 
+import dataclasses
 import os
 import sys
 
@@ -32,6 +33,12 @@ flags.DEFINE_integer("num_processes", None, "Processes in this run (else JAX_NUM
 flags.DEFINE_integer(
   "process_id", None, "This process, 0 .. num_processes - 1 (else JAX_PROCESS_ID)."
 )
+flags.DEFINE_integer(
+  "heartbeat_timeout_seconds",
+  100,
+  "Several processes: seconds without a heartbeat before the coordination service declares a "
+  "process dead (a killed process, a host that died) and ends the others with one line.",
+)
 flags.DEFINE_bool("traceback", False, "Show the full traceback of a bad-input error, not one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -61,7 +68,8 @@ def _run():
     FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, os.environ
   )
   if launch is not None:
-    distributed.initialize(launch)
+    launch = dataclasses.replace(launch, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+    distributed.initialize(launch, distributed.resume_hint(FLAGS.mode, FLAGS.workdir))
   logging.info(
     "JAX process %d/%d, %d local / %d global devices (%s).",
     jax.process_index(),
