@@ -5,6 +5,7 @@ without starting processes; `initialize` hands its result to `jax.distributed.in
 only JAX_COORDINATOR_ADDRESS from the environment, so JAX_NUM_PROCESSES and JAX_PROCESS_ID are read here.
 """
 
+import atexit
 import dataclasses
 import os
 import sys
@@ -172,6 +173,19 @@ def _watch(launch: Launch, resume_hint: Callable[[], str] | None) -> None:
   client = jax_distributed.global_state.client
   me, n = jax_distributed.global_state.process_id, jax_distributed.global_state.num_processes
   timeout = float(launch.heartbeat_timeout_seconds)
+  # A process that ends normally stops watching and says so first: atexit runs this before JAX's
+  # own shutdown (registered earlier, run later), after which the service may be gone, and while
+  # the others may still work for longer than the timeout.
+  done = threading.Event()
+
+  def stop() -> None:
+    done.set()
+    try:
+      client.key_value_set(f"{_ALIVE}{me}", _EXITED, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  # The service is gone: nobody is watching.
+      pass
+
+  atexit.register(stop)
 
   def beat() -> None:
     seen = {p: (None, time.monotonic()) for p in range(n)}
@@ -183,21 +197,32 @@ def _watch(launch: Launch, resume_hint: Callable[[], str] | None) -> None:
         # Keys come back whole or relative to the directory, by jaxlib version: the last part is the id.
         values = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(_ALIVE)}
       except Exception as e:  # pylint: disable=broad-except  # The service went with process 0.
-        _lost(f"process 0 (the coordinator: {' '.join(str(e).split())[:200]})", resume_hint)
+        if done.is_set():
+          return
+        from absl import logging  # pylint: disable=import-outside-toplevel
+
+        logging.warning("The coordination service did not answer: %s", " ".join(str(e).split()))
+        _lost("process 0 (the coordinator)", resume_hint)
       now = time.monotonic()
       for p in range(n):
         value = values.get(str(p))
         if value != seen[p][0]:
           seen[p] = (value, now)
-      silent = [p for p in range(n) if p != me and now - seen[p][1] > timeout]
-      if silent:
+      silent = [
+        p
+        for p in range(n)
+        if p != me and now - seen[p][1] > timeout and values.get(str(p)) != _EXITED
+      ]
+      if silent and not done.is_set():
         _lost(f"process {', '.join(map(str, silent))}", resume_hint)
-      time.sleep(min(1.0, timeout / 5))
+      if done.wait(min(1.0, timeout / 5)):
+        return
 
   threading.Thread(target=beat, name="npp_jax_heartbeat", daemon=True).start()
 
 
 _ALIVE = "npp_jax/alive/"
+_EXITED = "exited"
 
 
 def _lost(who: str, resume_hint: Callable[[], str] | None) -> None:

@@ -65,6 +65,7 @@ def test_sigkill_of_one_process_ends_the_other_with_one_line(dataset, tmp_path):
       assert all(p.poll() is None for p in procs), [open(e).read()[-2000:] for e in errs]
       assert time.time() < deadline, "no checkpoint after 200 s"
       time.sleep(0.2)
+    first = _finished_steps(workdir)[-1]
     procs[1].send_signal(signal.SIGKILL)
     killed = time.time()
     status = procs[0].wait(timeout=HEARTBEAT_S + 60)
@@ -82,6 +83,7 @@ def test_sigkill_of_one_process_ends_the_other_with_one_line(dataset, tmp_path):
     r"--heartbeat_timeout_seconds\); the same command resumes the run from step (\d+)",
     last,
   )
-  assert m, last
-  assert int(m.group(1)) == _finished_steps(workdir)[-1]
+  assert m, text[-3000:]
+  # The last finished checkpoint when the loss was found (one may finish after the kill).
+  assert first <= int(m.group(1)) and int(m.group(1)) in _finished_steps(workdir), last
   print(f"survivor ended {detected_s:.1f} s after the SIGKILL (heartbeat {HEARTBEAT_S} s)")
