@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.train.profile = False
   c.train.peak_flops_per_device = (
-    0.0  # For MFU where the device is not in costs.PEAK_FLOPS (0: look up).
+    0.0  # For MFU where the device is not in chips.CHIPS (0: look up).
   )
   # Held-out k = 1 NLL and class information (eval/ in TensorBoard) at the end of every stage and, when > 0,
   # every eval_every_steps steps; on the first eval_batches batches of data.eval_split (0 batches: no eval).

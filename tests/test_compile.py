@@ -64,9 +64,9 @@ def tiny(mesh, programs, **compile_knobs):
 
 
 def state_bytes_per_device(fsdp: int, copies: int = 3) -> float:
-  """Params (+ AdamW's mu and nu: copies=3; tiny keeps no EMA) of the test's tiny (shapes from eval_shape),
-  counted by hand: every >= 2-D weight is sharded over fsdp by the model's logical axes, the norms
-  (1-D) are replicated."""
+  """Params (+ AdamW's mu and nu: copies=3; tiny keeps no EMA) of the test's tiny (shapes from
+  eval_shape), counted by hand: every >= 2-D weight is sharded over fsdp by the model's logical
+  axes, the norms (1-D) are replicated."""
   config = tiny((1, fsdp, 1), ())
   assert config.optim.ema_decay == 0  # No 4th copy.
   cfg = gpt.GPTConfig.from_config(config.model)
@@ -160,6 +160,10 @@ def test_programs_name_the_sampler_unless_sampling_is_not_set_up(tmp_path):
   names = compile_job.check(config, tmp_path).programs
   want = ("train_k4", "train_k2", "train_k1", "eval", "sample_prefill", "sample_decode")
   assert names == (*want, "extract_encode")
+  config.model.condition = "text"  # Its training programs compile; the sampler's take labels.
+  assert "sample_decode" not in compile_job.check(config, tmp_path).programs
+  assert "take class labels" in compile_job.sampling_note(config)
+  config.model.condition = "class"
   del config.sample
   assert "sample_decode" not in compile_job.check(config, tmp_path).programs
   assert "no `sample` section" in compile_job.sampling_note(config)

@@ -188,7 +188,6 @@ def _gpt_programs(config, plan: Plan, mesh, want: set[str]) -> list[Program]:
     state_sharding = sharding.logical_shardings(boxed, mesh, axis_rules)
   state = _abstract(nn.unbox(boxed), state_sharding)
   batch_sharding = sharding.data_sharding(mesh)
-  h, w = plan.cfg.grid
   t = config.train
   micro = t.global_batch_size // t.grad_accum_steps
 
@@ -215,18 +214,14 @@ def _gpt_programs(config, plan: Plan, mesh, want: set[str]) -> list[Program]:
       out_shardings=(state_sharding, None),
       donate_argnums=0,
     )
-    batch = {
-      "codes": _array((t.global_batch_size, h, w), jnp.int32, batch_sharding),
-      "labels": _array((t.global_batch_size,), jnp.int32, batch_sharding),
-    }
+    batch = _batch(plan.cfg, t.global_batch_size, batch_sharding)
     out.append(Program(f"train_k{k}", k, functools.partial(lower_in_mesh, jitted, state, batch)))
   if "eval" in want:
     # The trainer's Evaluator: k = 1 NLL of micro-batch-sized batches with their padding mask.
     step = functools.partial(train.eval_step, model=model, num_classes=plan.cfg.num_classes)
     jitted = jax.jit(step, in_shardings=(state_sharding.params, batch_sharding))
     batch = {
-      "codes": _array((micro, h, w), jnp.int32, batch_sharding),
-      "labels": _array((micro,), jnp.int32, batch_sharding),
+      **_batch(plan.cfg, micro, batch_sharding),
       "mask": _array((micro,), jnp.bool_, batch_sharding),
     }
     out.append(Program("eval", 1, functools.partial(lower_in_mesh, jitted, state.params, batch)))
@@ -250,7 +245,24 @@ def sampling_note(config) -> str | None:
   """Why the sampler's programs are not compiled for this config, or None when they are."""
   if "sample" not in config:
     return "the config has no `sample` section (no sampling is set up for this model)"
+  if config.model.get("condition", "class") != "class":
+    # sampling.Sampler.programs builds class-label arguments; a caption prefill has none yet.
+    return f"model.condition={config.model.condition!r}: the sampler's programs take class labels"
   return None
+
+
+def _batch(cfg: gpt.GPTConfig, n: int, sharding_) -> dict:
+  """A batch of n rows as the data sets give it (data/code_dataset.py, data/captions.py)."""
+  h, w = cfg.grid
+  batch = {"codes": _array((n, h, w), jnp.int32, sharding_)}
+  if cfg.condition == "text":
+    caption = (n, cfg.cls_token_num, cfg.caption_dim)
+    batch["caption"] = _array(caption, jnp.bfloat16, sharding_)
+    batch["caption_len"] = _array((n,), jnp.int32, sharding_)
+    batch["valid"] = _array((n,), jnp.bool_, sharding_)
+  else:
+    batch["labels"] = _array((n,), jnp.int32, sharding_)
+  return batch
 
 
 def _extract_program(config, mesh) -> Program:
