@@ -1,13 +1,14 @@
 """A 2-layer model on a 16x16 grid of 256 codes: end-to-end runs on a laptop CPU in seconds (tests).
 
 python -m npp_jax.main --config=configs/tiny.py --workdir=DIR --config.data.path=CODES
+python -m npp_jax.main --config=configs/tiny.py:text ...   # text model: 8 x 32 caption features
 """
 
 from npp_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  config_lib.config_arg(arg)  # Takes none.
+  arg = config_lib.config_arg(arg, "text")
   c = config_lib.base_config()
   c.model.name = "custom"
   c.model.n_layer, c.model.n_head, c.model.dim = 2, 2, 64
@@ -25,4 +26,7 @@ def get_config(arg: str | None = None):
   c.optim.lr = 3e-3
   c.optim.end_lr = 3e-4
   c.optim.warmup_epochs = 0.5
+  if arg == "text":
+    # configs/t2i.py's model, tiny: 8 caption positions of 32 features (LlamaGen: 120 x 2048).
+    c.model.condition, c.model.cls_token_num, c.model.caption_dim = "text", 8, 32
   return c

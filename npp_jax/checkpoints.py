@@ -48,11 +48,19 @@ VQ_ARCH_FIELDS = (
   "image_size",
   "param_dtype",
 )
+# A text model (model.condition="text") has no class table but a caption width and length.
+TEXT_ARCH_FIELDS = ("condition", "cls_token_num", "caption_dim")
+# What a field means when a checkpoint's meta predates it.
+_ARCH_DEFAULTS = {"condition": "class"}
 _ITEMS = ("state", "data", "meta")
 
 
 def architecture(section, fields: Sequence[str] = ARCH_FIELDS) -> dict:
   """The fields of a config section (config.model, or config.vq with VQ_ARCH_FIELDS) as JSON values."""
+  if fields is ARCH_FIELDS and section.get("condition", "class") != "class":
+    fields = [f for f in fields if f != "num_classes"] + list(TEXT_ARCH_FIELDS)
+  elif fields is ARCH_FIELDS:
+    fields = [*fields, "condition"]
   return {
     f: list(section[f]) if isinstance(section[f], (tuple, list)) else section[f] for f in fields
   }
@@ -148,7 +156,8 @@ class Checkpointer:
       return
     saved = self._read_meta(step).get("architecture", {})
     want = self.architecture or {}
-    diff = {k: (saved.get(k), want[k]) for k in want if saved.get(k) != want[k]}
+    saved = {k: saved.get(k, _ARCH_DEFAULTS.get(k)) for k in want}
+    diff = {k: (saved[k], want[k]) for k in want if saved[k] != want[k]}
     if diff:
       pretty = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
       raise CheckpointError(

@@ -29,7 +29,11 @@ def model_config(name: str = "GPT-B") -> ml_collections.ConfigDict:
   m.vocab_size = 16384
   m.num_classes = 1000
   m.grid = (16, 16)  # Code grid (rows, cols): 256 px through VQ-16.
-  m.cls_token_num = 1
+  # "class": a class label (num_classes + 1 rows, the last the null class). "text": caption features
+  # [cls_token_num, caption_dim] (FLAN-T5-XL's 120 x 2048 in LlamaGen's t2i; configs/t2i.py).
+  m.condition = "class"
+  m.caption_dim = 2048  # Text only: width of the caption features.
+  m.cls_token_num = 1  # Condition positions before the image: 1 for a class, 120 for a caption.
   m.multiple_of = 256
   m.ffn_dim_multiplier = config_dict.placeholder(float)
   m.norm_eps = 1e-5
@@ -37,7 +41,8 @@ def model_config(name: str = "GPT-B") -> ml_collections.ConfigDict:
   m.token_dropout = 0.1
   m.resid_dropout = 0.1
   m.ffn_dropout = 0.1
-  m.class_dropout = 0.1  # Label drop for classifier-free guidance.
+  # Label (text: the whole caption) dropped to the null one, for classifier-free guidance.
+  m.class_dropout = 0.1
   m.dtype = "bfloat16"  # Compute dtype; parameters stay in param_dtype.
   m.param_dtype = "float32"
   m.scan_layers = False
@@ -211,6 +216,14 @@ def sample_config() -> ml_collections.ConfigDict:
   s.temperature = 1.0
   s.top_k = 0  # 0 = off; 1 = greedy.
   s.top_p = 1.0  # 1.0 = off.
+  # Text models (model.condition="text"; configs/t2i.py sets LlamaGen's cfg_scale 7.5, top_k 1000):
+  # either a prompts file (UTF-8, one prompt a line) encoded by the T5 folder text_encoder, or
+  # caption_features, a folder of LlamaGen's T5 features 0.npy .. N-1.npy, float32 (1, L, dim).
+  # Each caption is sampled images_per_caption times; sample.num_images and classes are unused.
+  s.prompts = ""
+  s.text_encoder = ""
+  s.caption_features = ""
+  s.images_per_caption = 1
   s.seed = 0
   s.batch_size = (
     64  # Global images per step (a multiple of the device count); one shard file per step.

@@ -5,13 +5,18 @@
   python -m npp_jax.convert --kind=gpt --src=/ckpt/gpt_b --config=configs/b.py --dst=out.pt --to=torch
   python -m npp_jax.convert --kind=gpt --src=work/b --config=configs/b.py --dst=b.pt --to=torch
   python -m npp_jax.convert --kind=gpt --src=work/b --config=configs/b.py --dst=/ckpt/b --to=params
+  python -m npp_jax.convert --kind=gpt --src=t2i_XL_stage1_256.pt --config=configs/t2i.py:XL --dst=D
+  python -m npp_jax.convert --kind=vq --src=vq_ds16_t2i.pt --config=configs/t2i.py:XL --dst=D
 
 `--to=torch` reads a params directory or a training workdir (WORKDIR, WORKDIR/checkpoints; for the
 VQ, WORKDIR of --mode=train_vq or its vq_checkpoints/): the latest step, `--step=N` for another,
 `--ema` for the EMA weights when the run kept them. `--to=params` writes a training workdir's
 weights as a params directory, what sampling, extraction and `--to=torch` read.
 
-The GPT architecture comes from `config.model`, the tokenizer's from `config.vq`.
+The GPT architecture comes from `config.model`, the tokenizer's from `config.vq`. A text model
+(model.condition="text", LlamaGen's t2i) has `cls_embedding.cap_proj.fc1/fc2.weight` and the null
+caption buffer `cls_embedding.uncond_embedding` where a class model has its class table; the t2i
+VQ is a VQ-16 like the class one.
 
 Layout of a converted checkpoint: a directory written by orbax's StandardCheckpointer holding the pytree
 `{"params": params}`, where `params` is the Linen "params" collection of `npp_jax.models.gpt.GPT` (always
@@ -50,6 +55,7 @@ DIRECTIONS = ("jax", "torch", "params")  # --to: a .pt to JAX, JAX to a .pt, a w
 # Torch keys that name the same tensor in both frameworks only after a special rename.
 _SPECIAL_NAMES = {
   "cls_embedding/embedding": "cls_embedding.embedding_table.weight",
+  "cls_embedding/uncond_embedding": "cls_embedding.uncond_embedding",  # A buffer: no ".weight".
   "quantize/embedding": "quantize.embedding.weight",
 }
 # Buffers that are no weights: usage statistics and inference caches the release may have saved.
@@ -217,8 +223,29 @@ def _unloadable(src: str, e: Exception, unpickling_error: type) -> str:
   )
 
 
+# A key only one condition's GPT has: which model.condition a state dict was saved from.
+_CONDITION_KEYS = {
+  "class": "cls_embedding.embedding_table.weight",
+  "text": "cls_embedding.cap_proj.fc1.weight",
+}
+
+
+def _check_condition(kind: str, keys, config, what: str) -> None:
+  """A class checkpoint for a text config (or the reverse): one line that says so."""
+  if kind != "gpt":
+    return
+  want = config.model.condition
+  for other, key in _CONDITION_KEYS.items():
+    if other != want and key in keys and _CONDITION_KEYS.get(want) not in keys:
+      raise ValueError(
+        f"{what} holds a {other}-conditioned GPT ({key}); expected a {want}-conditioned one as "
+        f"model.condition={want!r} says (use the config of the checkpoint's model)"
+      )
+
+
 def state_to_params(kind: str, state: dict[str, np.ndarray], config, what: str = "the checkpoint"):
   """Torch state dict (numpy) -> nested Flax params; every key and shape checked against the config."""
+  _check_condition(kind, state, config, what)
   shapes = expected_shapes(kind, config)
   dtype = _param_dtype(kind, config)
   names = {torch_name(p): p for p in shapes}
@@ -240,6 +267,7 @@ def params_to_state(kind: str, params, config, what: str = "the params") -> dict
   if kind == "gpt":
     params = gpt.unstack_layers(dict(params))
   flat = _flatten(params)
+  _check_condition(kind, {torch_name(p) for p in flat}, config, what)
   shapes = expected_shapes(kind, config)
   missing = [p for p in shapes if p not in flat]
   unexpected = [p for p in flat if p not in shapes]

@@ -3,6 +3,10 @@
 Weight decay goes by parameter NAME, not by rank: the release decays the >= 2-D weights of its (unscanned)
 models, i.e. kernels and embeddings, never norm scales or biases. A rank test breaks under
 `model.scan_layers`, where the RMSNorm scales are stacked to [n_layer, D]; the name does not change.
+
+Frozen leaves (the null caption of a text model, a fixed tensor the release keeps as a buffer) get
+an update of exactly zero, whatever the optimizer's state says; the wrapper adds no state, so the
+optimizer state of a model without frozen leaves is the same tree as before.
 """
 
 import jax
@@ -10,6 +14,8 @@ import optax
 
 # Leaf names that take weight decay: Dense/Conv kernels and embedding tables (token, class, codebook).
 DECAYED = ("kernel", "embedding")
+# Leaf names that are never trained: the text model's null caption (models/gpt.py CaptionEmbedder).
+FROZEN = ("uncond_embedding",)
 
 
 def _leaf_name(path) -> str:
@@ -23,6 +29,27 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in DECAYED, params)
 
 
+def frozen_mask(params):
+  """A tree of bools like `params`: True at the leaves that are never trained."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in FROZEN, params)
+
+
+def keep_frozen(new, old):
+  """`new` with its frozen leaves taken from `old` (an EMA must not round a fixed tensor either)."""
+  return jax.tree.map(lambda f, n, o: o if f else n, frozen_mask(new), new, old)
+
+
+def without_frozen_updates(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` with the updates of frozen leaves replaced by zeros; same state as `inner`."""
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    zeros = jax.tree.map(jax.numpy.zeros_like, updates)
+    return keep_frozen(updates, zeros), state
+
+  return optax.GradientTransformation(inner.init, update)
+
+
 def adamw(
   learning_rate,
   *,
@@ -32,11 +59,14 @@ def adamw(
   grad_clip: float = 0.0,
   eps: float = 1e-8,
 ) -> optax.GradientTransformation:
-  """Global-norm clipping (0 = off), then AdamW with decoupled decay on kernels and embeddings only.
+  """Global-norm clipping (0 = off), then AdamW with decoupled decay on kernels and embeddings only;
+  frozen leaves (FROZEN) get zero updates.
 
   learning_rate: a float or an optax schedule (step -> rate).
   """
-  return optax.chain(
-    optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
-    optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+  return without_frozen_updates(
+    optax.chain(
+      optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
+      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+    )
   )

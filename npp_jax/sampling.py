@@ -1,8 +1,11 @@
-"""Class-conditional sampling, a library: the jitted KV-cache sampler and what surrounds it.
+"""Sampling, a library: the jitted KV-cache sampler and what surrounds it.
 
 The final NPP model is a plain next-token model (NPP.md 5), so sampling is LlamaGen's: condition on
 the class embedding, decode the grid in raster order, classifier-free guidance through a second
 batch half that holds the null class, then temperature, top-k and top-p as the release applies them.
+A text model (model.condition="text") prefills its T left-padded caption positions instead, with
+the caption's padding mask, and guides against the null caption under the same mask (NPP.md, "Text
+to image").
 
 Reproducibility: sample i of a run draws its randomness from fold_in(seed key, i) and step t from
 fold_in(that, t), so a sample depends on its global index only, never on the batch size, the batch
@@ -88,6 +91,14 @@ class SamplingSettings:
   temperature: float = 1.0
   top_k: int = 0  # 0 = off; 1 = greedy.
   top_p: float = 1.0  # 1.0 = off.
+  # Text models (model.condition="text"): the captions, as a prompts file read through the T5
+  # folder `text_encoder`, or a folder of LlamaGen's caption features 0.npy .. N-1.npy; each
+  # caption is sampled `images_per_caption` times. configs/t2i.py sets LlamaGen's text defaults
+  # (cfg_scale 7.5, top_k 1000).
+  prompts: str = ""
+  text_encoder: str = ""
+  caption_features: str = ""
+  images_per_caption: int = 1
 
   def __post_init__(self):
     # The release ignores scales below 1; they are refused rather than silently dropped.
@@ -96,6 +107,19 @@ class SamplingSettings:
     rules.check("sample.temperature", self.temperature, rules.POSITIVE)
     rules.check("sample.top_k", self.top_k, rules.COUNT)
     rules.check("sample.top_p", self.top_p, _TOP_P)
+    for field in ("prompts", "text_encoder", "caption_features"):
+      rules.check(f"sample.{field}", getattr(self, field), _PATH)
+    rules.check("sample.images_per_caption", self.images_per_caption, rules.POSITIVE_INT)
+    if self.prompts and self.caption_features:
+      raise ValueError(
+        f"sample.prompts={self.prompts!r} and sample.caption_features="
+        f"{self.caption_features!r}; expected one of them (prompts need sample.text_encoder)"
+      )
+    if bool(self.prompts) != bool(self.text_encoder):
+      raise ValueError(
+        f"sample.prompts={self.prompts!r} with sample.text_encoder={self.text_encoder!r}; "
+        "expected both (a prompts file and the T5 folder that encodes it) or neither"
+      )
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SamplingSettings":
@@ -107,6 +131,27 @@ class SamplingSettings:
       raise ValueError(
         f"sample.top_k={self.top_k}; expected an integer in [0, model.vocab_size={vocab_size}] "
         "(0 = off, 1 = greedy)"
+      )
+    return self
+
+  @property
+  def text(self) -> bool:
+    """Captions are given (a text model's run)."""
+    return bool(self.prompts or self.caption_features)
+
+  def check_model(self, model: gpt.GPTConfig) -> "SamplingSettings":
+    """Captions for a text model, none for a class model."""
+    if model.condition == "text" and not self.text:
+      raise ValueError(
+        "model.condition='text' but sample.prompts and sample.caption_features are empty; "
+        "expected captions to sample from (a prompts file with sample.text_encoder, or a folder "
+        "of caption features)"
+      )
+    if model.condition != "text" and self.text:
+      field = "prompts" if self.prompts else "caption_features"
+      raise ValueError(
+        f"sample.{field}={getattr(self, field)!r} but model.condition={model.condition!r}; "
+        "expected a text model (model.condition='text') for captions, or no captions"
       )
     return self
 
@@ -129,7 +174,18 @@ class SamplingSettings:
     }
 
 
-_FIELDS = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")
+_FIELDS = (
+  "cfg_scale",
+  "cfg_interval",
+  "temperature",
+  "top_k",
+  "top_p",
+  "prompts",
+  "text_encoder",
+  "caption_features",
+  "images_per_caption",
+)
+_PATH = ("a path (a string; '' = unset)", lambda v: isinstance(v, str))
 _CFG_SCALE = ("a number >= 1 (1 turns guidance off)", lambda v: rules.is_num(v) and v >= 1)
 _CFG_INTERVAL = (
   "-1 (guide every token) or an integer >= 0",
@@ -176,12 +232,14 @@ class _Layout:
   cache: NamedSharding  # Each per-layer [B, Hkv, T, hd] key or value cache.
   replicated: NamedSharding  # The key, scalars.
   n_layer: int
+  text: bool  # A text model: the state carries the caption mask.
 
   @property
   def state(self) -> dict:
     """Shardings of the decode state (see `_programs`)."""
     caches = tuple((self.cache, self.cache) for _ in range(self.n_layer))
-    return {"codes": self.batch, "token": self.batch, "keys": self.batch, "cache": caches}
+    state = {"codes": self.batch, "token": self.batch, "keys": self.batch, "cache": caches}
+    return {**state, "text_mask": self.batch} if self.text else state
 
 
 @functools.lru_cache(maxsize=32)
@@ -212,6 +270,7 @@ def _layout(model: gpt.GPTConfig, mesh: Mesh, axis_rules: tuple) -> _Layout:
     NamedSharding(mesh, P(batch, heads, *rest)),
     NamedSharding(mesh, P()),
     model.n_layer,
+    model.condition == "text",
   )
 
 
@@ -261,12 +320,14 @@ class _Programs:
   """The jitted programs of one (model, mesh, rules, static settings).
 
   State between steps: {"codes" [B, n], "token" [B] (the last chosen), "keys" [B] (each sample's
-  key), "cache" (per-layer (k, v), [B or 2B, Hkv, n, hd])}. params: unscanned, compute dtype.
+  key), "cache" (per-layer (k, v), [B or 2B, Hkv, T + n - 1, hd]), and for text models "text_mask"
+  [B or 2B, T]}. params: unscanned, compute dtype. cond: labels [B] (class models), or (caption
+  features [B, T, caption_dim] left-padded, caption mask bool [B, T]) for text models.
   """
 
-  prefill: Any  # (params, labels [B], rng, first_index, knobs) -> state with token 0 chosen.
+  prefill: Any  # (params, cond, rng, first_index, knobs) -> state with token 0 chosen.
   decode: Any  # (params, state, t, knobs) -> state with token t chosen; the state is donated.
-  loop: Any  # (params, labels, rng, first_index, knobs) -> codes [B, rows, cols].
+  loop: Any  # (params, cond, rng, first_index, knobs) -> codes [B, rows, cols].
   layout: _Layout
 
 
@@ -279,40 +340,64 @@ def _programs(model: gpt.GPTConfig, mesh: Mesh, axis_rules: tuple, static: tuple
   pick = functools.partial(_pick, use_cfg=use_cfg, top_k=top_k, use_top_p=use_top_p)
   layout = _layout(model, mesh, axis_rules)
   constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=layout.state)
+  text = model.condition == "text"
+  last_cond = model.cls_token_num - 1  # The condition position that predicts token 0.
 
-  def prefill(params, labels, rng, first_index, knobs):
+  def embed_condition(variables, cond):
+    """-> (embeddings [B or 2B, T, D], text mask [B or 2B, T] or None). With guidance, rows 2b and
+    2b + 1 are sample b with its condition and with the null one (interleaved so that each device
+    holds both halves of its own samples)."""
+    if not text:
+      labels = cond
+      if use_cfg:
+        labels = jnp.stack([labels, jnp.full_like(labels, model.num_classes)], 1).reshape(-1)
+      labels = jax.lax.with_sharding_constraint(labels, layout.batch)
+      return decoder.apply(variables, labels, method=gpt.Decoder.embed_class), None
+    caption, mask = cond
+    mask = mask.astype(bool)
+    # Padded caption rows are zero, as LlamaGen's sampler zeroes them; the null caption of guidance
+    # stays whole but keeps the caption's mask (NPP.md, "Text to image").
+    caption = caption * mask[..., None].astype(caption.dtype)
+    null = jnp.zeros(mask.shape[:1], bool)
+    if use_cfg:
+      caption, mask = jnp.repeat(caption, 2, axis=0), jnp.repeat(mask, 2, axis=0)
+      null = jnp.tile(jnp.array([False, True]), null.shape[0])
+    caption, mask, null = jax.lax.with_sharding_constraint((caption, mask, null), layout.batch)
+    x = decoder.apply(variables, caption, null, method=gpt.Decoder.embed_caption)
+    return x, mask
+
+  def prefill(params, cond, rng, first_index, knobs):
     variables = {"params": params}
-    b = labels.shape[0]
+    b = jax.tree.leaves(cond)[0].shape[0]
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, first_index + jnp.arange(b))
-    if use_cfg:  # Interleaved so that each device holds both halves of its own samples.
-      labels = jnp.stack([labels, jnp.full_like(labels, model.num_classes)], axis=1).reshape(-1)
-    labels = jax.lax.with_sharding_constraint(labels, layout.batch)
+    x, text_mask = embed_condition(variables, cond)
     cache = jax.lax.with_sharding_constraint(
-      gpt.init_cache(model, labels.shape[0], n), layout.state["cache"]
+      gpt.init_cache(model, x.shape[0], gpt.cache_length(model)), layout.state["cache"]
     )
-    # The class embedding at position 0 predicts token 0.
-    x = decoder.apply(variables, labels, method=gpt.Decoder.embed_class)
-    logits, cache = decoder.apply(variables, x, cache, 0)
+    # All condition positions at once; the last one predicts token 0.
+    logits, cache = decoder.apply(variables, x, cache, 0, text_mask)
     token = pick(logits[:, -1], 0, keys, knobs)
     codes = jnp.zeros((b, n), jnp.int32).at[:, 0].set(token)
-    return constrain({"codes": codes, "token": token, "keys": keys, "cache": cache})
+    state = {"codes": codes, "token": token, "keys": keys, "cache": cache}
+    return constrain({**state, "text_mask": text_mask} if text else state)
 
   def decode(params, state, t, knobs):
     variables = {"params": params}
     token = jnp.repeat(state["token"], 2) if use_cfg else state["token"]
     x = decoder.apply(variables, token[:, None], method=gpt.Decoder.embed_tokens)
-    logits, cache = decoder.apply(variables, x, state["cache"], t)
+    text_mask = state.get("text_mask")
+    logits, cache = decoder.apply(variables, x, state["cache"], last_cond + t, text_mask)
     token = pick(logits[:, -1], t, state["keys"], knobs)
     codes = jax.lax.dynamic_update_slice(state["codes"], token[:, None], (0, t))
-    return constrain({"codes": codes, "token": token, "keys": state["keys"], "cache": cache})
+    return constrain({**state, "codes": codes, "token": token, "cache": cache})
 
-  def loop(params, labels, rng, first_index, knobs):
+  def loop(params, cond, rng, first_index, knobs):
     # Every use casts the weights to the compute dtype anyway; doing it once here keeps the casts
     # (and their memory traffic) out of the token loop. Placed parameters are in that dtype already.
     params = jax.tree.map(lambda p: p.astype(model.dtype), params)
-    state = prefill(params, labels, rng, first_index, knobs)
+    state = prefill(params, cond, rng, first_index, knobs)
     state = jax.lax.fori_loop(1, n, lambda t, s: decode(params, s, t, knobs), state)
-    return state["codes"].reshape(labels.shape[0], rows, cols)
+    return state["codes"].reshape(-1, rows, cols)
 
   rep, batch = layout.replicated, layout.batch
   return _Programs(
@@ -440,15 +525,36 @@ class Sampler:
 
     return jax.tree.map(one, gpt.unstack_layers(params), self.param_shardings)
 
-  def sample(self, params, labels, rng, *, first_index: int = 0) -> jax.Array:
-    """Codes int32 [B, rows, cols], split over the batch devices, for labels [B] (host values, or
-    placed). params: as `place_params` returns them. Nothing is checked here (`sample_codes`
-    checks); the sampling job checks once, then calls this for every batch."""
+  def sample(self, params, cond, rng, *, first_index: int = 0) -> jax.Array:
+    """Codes int32 [B, rows, cols], split over the batch devices. cond (host values, or placed):
+    labels [B] for a class model; for a text model (caption features [B, T, caption_dim]
+    left-padded, caption mask bool [B, T]) as `left_pad` makes them. params: as `place_params`
+    returns them. Nothing is checked here (`sample_codes` checks); the sampling job checks once,
+    then calls this for every batch."""
     p = self._jitted
-    if not isinstance(labels, jax.Array):
-      labels = np.asarray(labels, np.int32)
-    labels, rng = sharding.put(labels, p.layout.batch), sharding.put(rng, p.layout.replicated)
-    return p.loop(params, labels, rng, jnp.int32(first_index), self.settings.knobs())
+    if self.model.condition == "text":
+      cond = tuple(cond)
+      dtypes = (np.float32, np.bool_)
+    else:
+      cond, dtypes = (cond,), (np.int32,)
+    cond = tuple(
+      sharding.put(x if isinstance(x, jax.Array) else np.asarray(x, d), p.layout.batch)
+      for x, d in zip(cond, dtypes)
+    )
+    cond = cond if self.model.condition == "text" else cond[0]
+    rng = sharding.put(rng, p.layout.replicated)
+    return p.loop(params, cond, rng, jnp.int32(first_index), self.settings.knobs())
+
+  def abstract_cond(self, batch_size: int):
+    """The condition of `batch_size` samples as ShapeDtypeStructs with their shardings."""
+    model, batch = self.model, self._jitted.layout.batch
+    if model.condition == "text":
+      t = model.cls_token_num
+      return (
+        jax.ShapeDtypeStruct((batch_size, t, model.caption_dim), jnp.float32, sharding=batch),
+        jax.ShapeDtypeStruct((batch_size, t), jnp.bool_, sharding=batch),
+      )
+    return jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch)
 
   def programs(self, batch_size: int) -> dict:
     """{"sample_prefill": (jitted, args), "sample_decode": (jitted, args)} for `batch_size`
@@ -466,7 +572,7 @@ class Sampler:
     knobs = jax.tree.map(scalar, self.settings.knobs())
     prefill_args = (
       self.abstract_params(),
-      jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=p.layout.batch),
+      self.abstract_cond(batch_size),
       jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep),
       scalar(jnp.int32(0)),
       knobs,
@@ -491,7 +597,9 @@ def sample_codes(
   mesh: Mesh | None = None,
   rules=None,
 ) -> jax.Array:
-  """Codes int32 [B, rows, cols] for class labels [B], decoded in one jitted loop over the grid.
+  """Codes int32 [B, rows, cols] for class labels [B] (class models) or captions (text models:
+  (features [B, T, caption_dim] left-padded, mask bool [B, T]), see `left_pad`), decoded in one
+  jitted loop over the grid.
 
   params: GPT parameters (either layout), cast to model.dtype, the compute dtype. rng: one key;
   sample b uses fold_in(rng, first_index + b), so the global index of a sample fixes its randomness.
@@ -499,6 +607,16 @@ def sample_codes(
   devices.
   """
   sampler = Sampler(model, settings, mesh, rules)
+  if model.condition == "text":
+    features, mask = labels
+    t, c = model.cls_token_num, model.caption_dim
+    if features.ndim != 3 or features.shape[1:] != (t, c) or mask.shape != features.shape[:2]:
+      raise ValueError(
+        f"caption features {tuple(features.shape)} with mask {tuple(mask.shape)}; expected "
+        f"[B, model.cls_token_num={t}, model.caption_dim={c}] and [B, {t}]"
+      )
+    sampler.check_batch(features.shape[0])
+    return sampler.sample(sampler.place_params(params), labels, rng, first_index=first_index)
   if not isinstance(labels, jax.Array):
     labels = np.asarray(labels)
   if labels.ndim != 1 or labels.shape[0] == 0:
@@ -515,7 +633,24 @@ def sample_codes(
 
 
 # -------------------------------------------------------------------------------------------------
-# Around the sampler: labels, compute dtype, codes -> images.
+# Around the sampler: labels, captions, compute dtype, codes -> images.
+
+
+def left_pad(captions, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Captions, each [L_i, caption_dim] with L_i <= length (its tokens' features, EOS included) ->
+  (features float32 [N, length, caption_dim], mask bool [N, length]) with each caption's rows at
+  the end and zeros before them: LlamaGen's left padding at sampling time (NPP.md, "Text to
+  image")."""
+  dim = captions[0].shape[-1]
+  features = np.zeros((len(captions), length, dim), np.float32)
+  mask = np.zeros((len(captions), length), bool)
+  for i, c in enumerate(captions):
+    if c.ndim != 2 or not 1 <= c.shape[0] <= length or c.shape[1] != dim:
+      raise ValueError(
+        f"caption {i} of shape {c.shape}; expected [L, {dim}] with 1 <= L <= {length}"
+      )
+    features[i, length - len(c) :], mask[i, length - len(c) :] = c, True
+  return features, mask
 
 
 def sample_labels(sample_config, num_classes: int, indices) -> np.ndarray:

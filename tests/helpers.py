@@ -5,7 +5,6 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from npp_jax import config_lib
 from npp_jax.models import gpt
@@ -26,11 +25,8 @@ def tiny_model_config(**kw):
 def random_params(cfg, seed=0):
   """Init, then make every weight random: the output layer starts at zero and would hide everything."""
   model = gpt.GPT(cfg)
-  h, w = cfg.grid
   params = nn.unbox(
-    model.init(jax.random.key(seed), jnp.zeros((1, h, w), jnp.int32), jnp.zeros((1,), jnp.int32))[
-      "params"
-    ]
+    model.init(jax.random.key(seed), *gpt.example_inputs(cfg, zeros=True))["params"]
   )
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))

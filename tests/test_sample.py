@@ -673,3 +673,415 @@ def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
   with np.load(one) as a, np.load(two) as b:
     for key in a.files:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+# ------------------------------------------------------------------------------------ text models
+
+TEXT_T, TEXT_C = 6, 12  # Caption positions and feature width of the tiny text model.
+
+
+def text_model_config(**kw):
+  return tiny_model_config(condition="text", cls_token_num=TEXT_T, caption_dim=TEXT_C, **kw)
+
+
+def random_captions(n, seed, lengths=None):
+  """Left-padded caption features and masks as the sampler takes them (`sampling.left_pad`)."""
+  rng = np.random.default_rng(seed)
+  if lengths is None:
+    lengths = rng.integers(1, TEXT_T + 1, size=n)
+  captions = [rng.normal(size=(int(n_i), TEXT_C)).astype(np.float32) for n_i in lengths]
+  return sampling.left_pad(captions, TEXT_T)
+
+
+@pytest.fixture(scope="module")
+def tiny_text():
+  cfg = gpt.GPTConfig.from_config(text_model_config())
+  model, params = random_params(cfg, seed=4)
+
+  @jax.jit
+  def full(p, tokens, caption, mask, null):
+    return model.apply({"params": p}, tokens, caption, caption_mask=mask, null_caption=null)
+
+  return cfg, params, full
+
+
+def test_left_pad_moves_each_caption_to_the_end():
+  captions = [np.full((2, 3), 1.0), np.full((4, 3), 2.0)]
+  features, mask = sampling.left_pad(captions, 4)
+  np.testing.assert_array_equal(mask, [[False, False, True, True], [True] * 4])
+  np.testing.assert_array_equal(features[0, :, 0], [0, 0, 1, 1])
+  np.testing.assert_array_equal(features[1, :, 0], [2, 2, 2, 2])
+  with pytest.raises(ValueError, match=r"caption 0 of shape \(5, 3\); expected \[L, 3\]"):
+    sampling.left_pad([np.zeros((5, 3))], 4)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_cached_text_decoding_matches_full_forward(tiny_text, chunk):
+  """Padded captions (and a null caption with a caption's mask) prefilled into the cache, then the
+  teacher tokens through it `chunk` positions per call: every logit from position T - 1 on equals
+  the text GPT's full forward pass."""
+  cfg, params, full = tiny_text
+  b, (h, w), t = 4, cfg.grid, cfg.cls_token_num
+  features, mask = random_captions(b, 0, lengths=[1, 3, TEXT_T, 2])
+  null = jnp.array([False, False, False, True])
+  tokens = jax.random.randint(jax.random.key(3), (b, h, w), 0, cfg.vocab_size)
+  want = full(params, tokens, features, mask, null)
+
+  decoder = gpt.Decoder(cfg)
+  variables = {"params": params}
+  cache = gpt.init_cache(cfg, b, gpt.cache_length(cfg))
+  x = jnp.concatenate(
+    [
+      decoder.apply(variables, features, null, method=gpt.Decoder.embed_caption),
+      decoder.apply(variables, tokens.reshape(b, -1)[:, :-1], method=gpt.Decoder.embed_tokens),
+    ],
+    axis=1,
+  )
+  chex.assert_shape(x, (b, gpt.cache_length(cfg), cfg.dim))
+  step = jax.jit(lambda v, x, c, pos, m: decoder.apply(v, x, c, pos, m))
+  logits, cache = step(variables, x[:, :t], cache, 0, mask)  # The prefill: T positions at once.
+  got = [logits[:, -1:]]
+  for pos in range(t, x.shape[1], chunk):
+    logits, cache = step(variables, x[:, pos : pos + chunk], cache, pos, mask)
+    got.append(logits)
+  got = jnp.concatenate(got, axis=1)
+  chex.assert_shape(got, want.shape)
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  # The mask matters: without it the padded captions' logits differ.
+  unmasked, _ = step(variables, x[:, :t], gpt.init_cache(cfg, b, gpt.cache_length(cfg)), 0, None)
+  assert np.abs(np.asarray(unmasked[0, -1] - want[0, 0])).max() > 1e-3
+
+
+def text_reference_logits(full, params, codes, features, mask, cfg, cfg_scale):
+  """Guided logits [B, n, V] of every position from the text GPT's full forward (teacher forcing);
+  the null caption keeps the caption's mask."""
+  b = codes.shape[0]
+  grid = codes.reshape(b, *cfg.grid)
+  no = np.zeros(b, bool)
+  cond = np.asarray(full(params, grid, features, mask, no), np.float64)
+  if cfg_scale <= 1.0:
+    return cond
+  uncond = np.asarray(full(params, grid, features, mask, ~no), np.float64)
+  return uncond + cfg_scale * (cond - uncond)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_greedy_text_sampling_is_the_stepwise_full_forward_argmax(tiny_text, cfg_scale):
+  cfg, params, full = tiny_text
+  features, mask = random_captions(4, 1)
+  settings = sampling.SamplingSettings(cfg_scale, top_k=1)
+  codes = np.asarray(
+    sampling.sample_codes(params, (features, mask), jax.random.key(0), model=cfg, settings=settings)
+  ).reshape(4, -1)
+  want = text_reference_logits(full, params, codes, features, mask, cfg, cfg_scale)
+  np.testing.assert_array_equal(codes, want.argmax(-1))
+  assert len(np.unique(codes)) > 4  # Not a constant grid.
+
+
+def test_text_sampling_on_eight_devices_equals_one(tiny_text):
+  cfg, params, _ = tiny_text
+  features, mask = random_captions(8, 2)
+  mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  # Seeded with guidance (greedy text sampling is checked against the full forward above).
+  for settings in [sampling.SamplingSettings(3.0, top_k=20, temperature=1.3)]:
+    kw = dict(model=cfg, settings=settings)
+    one = sampling.sample_codes(params, (features, mask), jax.random.key(7), mesh=mesh1, **kw)
+    mesh8 = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    eight = sampling.sample_codes(
+      params, (features, mask), jax.random.key(7), mesh=mesh8, rules=RULES, **kw
+    )
+    assert len(eight.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(eight), np.asarray(one))
+
+
+# ------------------------------------------------------------------------------ text sampling job
+
+_TEXT_CONFIG_FILE = """
+from npp_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  m = c.model
+  m.name, m.n_layer, m.n_head, m.dim, m.multiple_of, m.dtype = "custom", 2, 4, 32, 32, "float32"
+  m.vocab_size, m.num_classes, m.grid = 64, 10, (4, 4)
+  m.condition, m.cls_token_num, m.caption_dim = "text", {t}, {c}
+  c.vq.codebook_size, c.vq.ch, c.vq.ch_mult = 64, 32, (1, 1)
+  c.vq.z_channels, c.vq.num_res_blocks, c.vq.image_size = 32, 1, 8
+  c.sample.batch_size, c.sample.cfg_scale, c.sample.top_k = 8, 7.5, 16
+  c.sample.images_per_caption, c.sample.grid_cols = 3, 2
+  c.sample.checkpoint = {gpt!r}
+  c.mesh.shape = (-1, 1, 1)
+  return c
+"""
+
+
+def run_cli(workdir, config_path, *flags):
+  from test_multiprocess import ROOT  # noqa: E402
+  from test_multiprocess import _env  # noqa: E402
+
+  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=sample", f"--config={config_path}"]
+  cmd += [f"--workdir={workdir}", *flags]
+  return subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+
+
+def write_text_job(tmp_path, t, c, seed=5):
+  """A text model's checkpoint and a config file for it; -> (config path, params, config)."""
+  from npp_jax import checkpoints
+
+  path = tmp_path / "cfg.py"
+  path.write_text(_TEXT_CONFIG_FILE.format(t=t, c=c, gpt=str(tmp_path / "gpt")))
+  config = config_lib.load(str(path))
+  params = random_params(gpt.GPTConfig.from_config(config.model), seed=seed)[1]
+  checkpoints.save_params(str(tmp_path / "gpt"), params)
+  return path, params, config
+
+
+def direct_codes(params, config, captions, images_per_caption):
+  """What the sampler gives for caption i's images, sample index i * ipc + j, on 8 devices."""
+  cfg = gpt.GPTConfig.from_config(config.model)
+  features, mask = sampling.left_pad(captions, cfg.cls_token_num)
+  index = np.repeat(np.arange(len(captions)), images_per_caption)
+  settings = sampling.SamplingSettings(7.5, top_k=16, caption_features="x")
+  mesh = jax.make_mesh((8,), ("data",))
+  n = len(index)
+  pad = -n % 8
+  index = np.concatenate([index, np.full(pad, index[-1])])
+  codes = sampling.sample_codes(
+    params,
+    (features[index], mask[index]),
+    jax.random.key(0),
+    model=cfg,
+    settings=settings,
+    mesh=mesh,
+  )
+  return np.asarray(codes)[:n]
+
+
+def test_text_job_from_caption_features_through_the_cli(tmp_path):
+  """LlamaGen-format features (float32 (1, L, dim), L <= T) -> the npz in caption order, equal to
+  the sampler's codes for the left-padded captions; resumable (a deleted shard is redone alone)."""
+  path, params, config = write_text_job(tmp_path, TEXT_T, TEXT_C)
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "features"
+  folder.mkdir()
+  captions = [rng.normal(size=(n, TEXT_C)).astype(np.float32) for n in (2, TEXT_T, 1, 4)]
+  for i, cap in enumerate(captions):
+    np.save(folder / f"{i}.npy", cap[None])
+  flag = f"--config.sample.caption_features={folder}"
+  done = run_cli(tmp_path / "w", path, flag)
+  assert done.returncode == 0, done.stderr[-3000:]
+  samples = tmp_path / "w" / "samples"
+  with np.load(samples / "samples_12.npz") as z:
+    assert sorted(z.files) == ["caption_index", "codes"]
+    codes, index = z["codes"], z["caption_index"]
+  np.testing.assert_array_equal(index, np.repeat(np.arange(4), 3))
+  np.testing.assert_array_equal(codes, direct_codes(params, config, captions, 3))
+  assert len({codes[i].tobytes() for i in range(0, 12, 3)}) == 4  # The caption matters.
+  # Resume: only the missing shard is sampled again, to the same codes.
+  kept = samples / "shard_00-08.npz"
+  stamp = kept.stat().st_mtime_ns
+  (samples / "shard_08-12.npz").unlink()
+  assert run_cli(tmp_path / "w", path, flag).returncode == 0
+  assert kept.stat().st_mtime_ns == stamp
+  with np.load(samples / "samples_12.npz") as z:
+    np.testing.assert_array_equal(z["codes"], codes)
+
+
+def text_job_config(**sample_kw):
+  c = job_config(**sample_kw)
+  c.model = text_model_config()
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_text_params(tiny_text):
+  return tiny_text[1]
+
+
+def _feature_folder(path, shapes, dtype=np.float32, rename=None):
+  path.mkdir()
+  for i, shape in enumerate(shapes):
+    np.save(path / f"{i}.npy", np.ones(shape, dtype))
+  if rename:  # A gap in the numbering.
+    (path / f"{rename[0]}.npy").rename(path / f"{rename[1]}.npy")
+  return str(path)
+
+
+def test_text_job_bad_inputs_fail_in_one_line_before_compile_or_write(
+  tmp_path, monkeypatch, tiny_params, tiny_text_params
+):
+  monkeypatch.setattr(sampling, "_programs", lambda *a: pytest.fail("compiled before the check"))
+  empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
+  empty.write_text("\n  \n")
+  latin.write_bytes("un caf\xe9\n".encode("latin-1"))
+  t, c = TEXT_T, TEXT_C
+  good = _feature_folder(tmp_path / "good", [(1, 2, c)])
+  cases = [
+    (dict(prompts=str(empty), text_encoder="t5"), "holds no prompt; expected one prompt a line"),
+    (dict(prompts=str(latin), text_encoder="t5"), r"is not UTF-8 \(byte 6\); expected UTF-8"),
+    (dict(prompts=str(latin)), "expected both"),
+    (dict(prompts=str(latin), text_encoder="t5", caption_features=good), "expected one of them"),
+    (dict(caption_features=good, images_per_caption=0), "sample.images_per_caption=0; expected"),
+    (dict(), "model.condition='text' but sample.prompts and sample.caption_features are empty"),
+    (dict(caption_features=str(tmp_path / "none")), "is not a directory"),
+    (
+      dict(caption_features=_feature_folder(tmp_path / "dim", [(1, 2, c), (1, 3, c + 1)])),
+      rf"1.npy of shape \(1, 3, {c + 1}\) \(float32\); expected float \(1, L, "
+      rf"model.caption_dim={c}\) with 1 <= L <= model.cls_token_num={t}",
+    ),
+    (
+      dict(caption_features=_feature_folder(tmp_path / "long", [(1, t + 1, c)])),
+      rf"of shape \(1, {t + 1}, {c}\)",
+    ),
+    (
+      dict(caption_features=_feature_folder(tmp_path / "gap", [(1, 2, c)] * 2, rename=(1, 2))),
+      "1.npy is missing; expected caption features 0.npy .. N-1.npy",
+    ),
+  ]
+  for kw, match in cases:
+    with pytest.raises(ValueError, match=match) as e:
+      sample.sample_and_save(text_job_config(**kw), str(tmp_path), params=tiny_text_params)
+    assert "\n" not in str(e.value)
+  # A class checkpoint for a text model, the reverse, and captions for a class model.
+  with pytest.raises(ValueError, match="is a class-conditional model but model.condition='text'"):
+    sample.sample_and_save(
+      text_job_config(caption_features=good), str(tmp_path), params=tiny_params
+    )
+  with pytest.raises(ValueError, match="is a text-conditional model but model.condition='class'"):
+    sample.sample_and_save(job_config(), str(tmp_path), params=tiny_text_params)
+  with pytest.raises(ValueError, match="sample.caption_features=.* but model.condition='class'"):
+    sample.sample_and_save(job_config(caption_features=good), str(tmp_path), params=tiny_params)
+  assert not (tmp_path / "samples").exists()
+
+
+def test_text_job_from_prompts_through_the_cli(tmp_path):
+  """A prompts file encoded by a T5 folder (a random-weight HF T5 and a sentencepiece model built
+  here) -> codes equal to the sampler's for the encoder's left-padded features, the images, and a
+  PNG with one caption per row (its prompts listed beside it)."""
+  from PIL import Image
+
+  from npp_jax import checkpoints
+  from npp_jax import text_encoder
+  from npp_jax.models import vq
+  from tests import t5_helpers
+
+  folder = t5_helpers.write_folder(
+    tmp_path / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece()
+  )
+  t, c = 12, 32  # t5_helpers' encoder is 32 wide; 12 tokens cut the long prompt.
+  path, params, config = write_text_job(tmp_path, t, c)
+  checkpoints.save_params(
+    str(tmp_path / "vq"), vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
+  )
+  prompts = [
+    "A photo of a cat",
+    "two dogs running on the beach at sunset, next to a small boat on a calm river",
+    "an old castle",
+  ]
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+  flags = [
+    f"--config.sample.prompts={tmp_path / 'prompts.txt'}",
+    f"--config.sample.text_encoder={folder}",
+    f"--config.sample.vq_checkpoint={tmp_path / 'vq'}",
+  ]
+  done = run_cli(tmp_path / "w", path, *flags)
+  assert done.returncode == 0, done.stderr[-3000:]
+  samples = tmp_path / "w" / "samples"
+  with np.load(samples / "samples_9.npz") as z:
+    assert sorted(z.files) == ["arr_0", "caption_index", "codes"]
+    codes, index = z["codes"], z["caption_index"]
+    chex.assert_shape(z["arr_0"], (9, 8, 8, 3))
+  np.testing.assert_array_equal(index, np.repeat(np.arange(3), 3))
+  mesh = sharding.make_mesh(config.mesh)  # The job's: (8, 1, 1).
+  encoder = text_encoder.TextEncoder(folder, mesh, sharding.rules(config.mesh), max_length=t)
+  out = encoder(prompts)
+  assert out.truncated >= 1 and out.lengths.min() < t  # Cut captions, and padded ones.
+  captions = [f[:n] for f, n in zip(out.features, out.lengths)]
+  np.testing.assert_array_equal(codes, direct_codes(params, config, captions, 3))
+  # The grid: 3 rows (one per prompt) of grid_cols = 2 images, each with a caption strip.
+  grid = np.asarray(Image.open(samples / "samples_9.png"))
+  chex.assert_shape(grid, (3 * (8 + sample.CAPTION_STRIP), 2 * 8, 3))
+  strip = grid[8 : 8 + sample.CAPTION_STRIP]
+  assert (strip < 128).any() and (strip == 255).any()  # Text drawn on white.
+  assert (samples / "samples_9.txt").read_text().splitlines() == prompts
+
+  # The encoder's width must be the model's caption_dim.
+  bad = text_job_config(prompts=str(tmp_path / "prompts.txt"), text_encoder=str(folder))
+  with pytest.raises(
+    ValueError, match=f"gives 32 features per token but model.caption_dim={TEXT_C}"
+  ):
+    sample.sample_and_save(bad, str(tmp_path / "bad"), params=params)
+  assert not (tmp_path / "bad").exists()
+
+
+def test_text_prefill_and_decode_compile_from_shapes_and_are_the_loop(tiny_text):
+  """A text model's two programs (`--mode=compile`) lower from shapes alone (caption features and
+  mask as the condition); run step by step on a sharded mesh they give the loop's codes, with the
+  caption mask carried in the state and caches of T + n - 1 positions."""
+  cfg, params, _ = tiny_text
+  mesh = jax.make_mesh((2, 2, 2), AXES, devices=jax.devices()[:8])
+  settings = sampling.SamplingSettings(7.5, top_k=20, temperature=1.2)
+  sampler = sampling.Sampler(cfg, settings, mesh, RULES)
+  programs = sampler.programs(4)
+  compiled = {name: fn.lower(*args).compile() for name, (fn, args) in programs.items()}
+  placed = sampler.place_params(params)
+  rep = sharding.replicated(sampler.mesh)
+  features, mask = random_captions(4, 9)
+  cond = sharding.put((features, mask), compiled["sample_prefill"].input_shardings[0][1])
+  rng, first, knobs = sharding.put((jax.random.key(8), jnp.int32(5), settings.knobs()), rep)
+  state = compiled["sample_prefill"](placed, cond, rng, first, knobs)
+  n = cfg.grid[0] * cfg.grid[1]
+  chex.assert_shape(state["cache"][0][0], (8, cfg.n_kv_head, TEXT_T + n - 1, cfg.head_dim))
+  np.testing.assert_array_equal(np.asarray(state["text_mask"]), np.repeat(mask, 2, axis=0))
+  for t in range(1, n):
+    state = compiled["sample_decode"](placed, state, sharding.put(jnp.int32(t), rep), knobs)
+  loop = sampler.sample(placed, (features, mask), jax.random.key(8), first_index=5)
+  np.testing.assert_array_equal(np.asarray(state["codes"]).reshape(4, *cfg.grid), np.asarray(loop))
+
+
+def test_text_job_from_prompts_on_two_processes_equals_one_process(tmp_path):
+  """2 processes x 4 CPU devices (the CLI's flags): each encodes the prompts on the global mesh and
+  samples its devices' share; the npz equals one process's (resuming is the shard loop's, tested
+  with class samples on two processes)."""
+  from test_multiprocess import ROOT  # noqa: E402
+  from test_multiprocess import _env  # noqa: E402
+  from test_multiprocess import _free_port  # noqa: E402
+
+  from tests import t5_helpers
+
+  folder = t5_helpers.write_folder(
+    tmp_path / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece()
+  )
+  path, _, _ = write_text_job(tmp_path, 12, 32)
+  (tmp_path / "prompts.txt").write_text("a red car\ntwo dogs on the beach\nan old castle\n")
+  flags = [
+    f"--config.sample.prompts={tmp_path / 'prompts.txt'}",
+    f"--config.sample.text_encoder={folder}",
+  ]
+  one = run_cli(tmp_path / "one", path, *flags)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=sample", f"--config={path}", *flags]
+  cmd += [f"--workdir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{_free_port()}"]
+  cmd += ["--num_processes=2"]
+  procs = [
+    subprocess.Popen(
+      cmd + [f"--process_id={i}"],
+      cwd=ROOT,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+  samples = tmp_path / "two" / "samples"
+  with np.load(tmp_path / "one" / "samples" / "samples_9.npz") as a:
+    want = {k: a[k] for k in a.files}
+  with np.load(samples / "samples_9.npz") as b:
+    assert sorted(b.files) == ["caption_index", "codes"]
+    for key in b.files:
+      np.testing.assert_array_equal(b[key], want[key])

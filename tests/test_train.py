@@ -231,6 +231,10 @@ BAD = [
   ({"mesh.shape": (3, 1, 1)}, r"mesh.shape=\(3, 1, 1\) needs 3 devices; found 8"),
   ({"model.vocab_size": 100}, "holds code 2[0-9][0-9]; expected codes < model.vocab_size=100"),
   ({"model.num_classes": 5}, "holds label 9; expected labels < model.num_classes=5"),
+  (
+    {"model.condition": "text", "model.cls_token_num": 8, "model.caption_dim": 32},
+    "is a class code data set; expected a caption code data set",
+  ),
   ({"data.path": "/nonexistent/codes"}, "/nonexistent/codes"),
   ({"data.path": ""}, "data.path is empty"),
   ({"optim.lr": 0.0}, "optim.lr=0.0; expected a positive number"),

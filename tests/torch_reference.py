@@ -1,5 +1,10 @@
 """A small PyTorch reference of the released GPT and VQ tokenizer, written from NPP.md for parity tests.
 
+The GPT is class-conditional (c2i) or, with condition="text", LlamaGen's text-to-image model (t2i):
+caption features through `cls_embedding.cap_proj` (fc1, tanh GELU, fc2), a null caption buffer
+`cls_embedding.uncond_embedding`, cls_token_num condition positions and a caption padding mask
+(NPP.md, "Text to image").
+
 Parameter names and shapes are those of the PyTorch release (LlamaGen, and NPP's fork for the patch
 training path), so a `state_dict()` of these modules is a checkpoint in the released layout. Everything
 runs in fp32 NCHW / [B, S, D] as the release does; nothing here is used by the package itself.
@@ -67,7 +72,7 @@ class Attention(nn.Module):
     self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
     self.wo = nn.Linear(dim, dim, bias=False)
 
-  def forward(self, x, table):
+  def forward(self, x, table, mask=None):
     b, s, d = x.shape
     nq, nkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
     q, k, v = self.wqkv(x).split([nq, nkv, nkv], dim=-1)
@@ -77,7 +82,10 @@ class Attention(nn.Module):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     rep = self.n_head // self.n_kv_head
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask is None:
+      o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:  # Boolean [B, 1, S, S]: True where a query reads a key.
+      o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return self.wo(o.transpose(1, 2).reshape(b, s, d))
 
 
@@ -100,8 +108,8 @@ class TransformerBlock(nn.Module):
     self.ffn_norm = RMSNorm(dim, eps)
     self.feed_forward = FeedForward(dim, hidden)
 
-  def forward(self, x, table):
-    x = x + self.attention(self.attention_norm(x), table)
+  def forward(self, x, table, mask=None):
+    x = x + self.attention(self.attention_norm(x), table, mask)
     return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -116,8 +124,43 @@ class LabelEmbedder(nn.Module):
     return self.embedding_table(labels)[:, None, :]
 
 
+class CaptionMLP(nn.Module):
+  def __init__(self, caption_dim: int, dim: int):
+    super().__init__()
+    self.fc1 = nn.Linear(caption_dim, dim, bias=False)
+    self.act = nn.GELU(approximate="tanh")
+    self.fc2 = nn.Linear(dim, dim, bias=False)
+
+  def forward(self, x):
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+  """Caption features [B, T, C] -> [B, T, D]; rows in `drop` take the null caption (a buffer)."""
+
+  def __init__(self, caption_dim: int, dim: int, token_num: int):
+    super().__init__()
+    self.cap_proj = CaptionMLP(caption_dim, dim)
+    self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim**0.5)
+
+  def forward(self, caption, drop=None):
+    if drop is not None:
+      caption = torch.where(drop[:, None, None], self.uncond_embedding, caption)
+    return self.cap_proj(caption)
+
+
+def caption_mask(valid: torch.Tensor, seq_len: int) -> torch.Tensor:
+  """valid [B, T] (1 at caption tokens) -> bool [B, 1, S, S]: lower-triangular, padded text columns
+  zeroed for every row, then the diagonal set to 1."""
+  b, t = valid.shape
+  mask = torch.tril(torch.ones(seq_len, seq_len)).repeat(b, 1, 1)
+  mask[:, :, :t] = mask[:, :, :t] * valid[:, None, :].float()
+  eye = torch.eye(seq_len)
+  return (mask * (1 - eye) + eye).bool()[:, None]
+
+
 class GPT(nn.Module):
-  """Class-conditional LlamaGen GPT with NPP's patch input; output position i predicts patch i."""
+  """LlamaGen GPT (class or text condition), NPP patch input; output position i predicts patch i."""
 
   def __init__(
     self,
@@ -132,12 +175,19 @@ class GPT(nn.Module):
     ffn_dim_multiplier=None,
     norm_eps=1e-5,
     rope_base=10000.0,
+    condition="class",
+    caption_dim=2048,
+    cls_token_num=1,
   ):
     super().__init__()
     self.grid, self.head_dim, self.rope_base = tuple(grid), dim // n_head, rope_base
+    self.cls_token_num = cls_token_num
     hidden = ffn_hidden(dim, multiple_of, ffn_dim_multiplier)
     self.tok_embeddings = nn.Embedding(vocab_size, dim)
-    self.cls_embedding = LabelEmbedder(num_classes, dim)
+    if condition == "text":
+      self.cls_embedding = CaptionEmbedder(caption_dim, dim, cls_token_num)
+    else:
+      self.cls_embedding = LabelEmbedder(num_classes, dim)
     self.layers = nn.ModuleList(
       TransformerBlock(dim, n_head, n_kv_head or n_head, hidden, norm_eps) for _ in range(n_layer)
     )
@@ -152,16 +202,21 @@ class GPT(nn.Module):
     blocks = emb.view(b, h // k, k, w // k, k, d).permute(0, 1, 3, 2, 4, 5)
     return blocks.reshape(b, (h // k) * (w // k), k * k, d).mean(dim=2)
 
-  def forward(self, tokens: torch.Tensor, labels: torch.Tensor, patch_size: int = 1):
-    """tokens [B, h*w] long, labels [B] -> logits [B, (h/k)*(w/k), V] fp32."""
+  def forward(
+    self, tokens: torch.Tensor, cond: torch.Tensor, patch_size: int = 1, valid=None, drop=None
+  ):
+    """tokens [B, h*w] long, cond: labels [B] or captions [B, T, C] (valid [B, T]: 1 at caption
+    tokens; drop [B]: rows given the null caption) -> logits [B, (h/k)*(w/k), V] fp32."""
     h, w = self.grid
-    k = patch_size
+    k, t = patch_size, self.cls_token_num
     patches = self.patch_embeddings(tokens, k)
-    x = torch.cat([self.cls_embedding(labels), patches[:, :-1]], dim=1)
-    table = rope_table_2d(h // k, w // k, self.head_dim, self.rope_base)[: x.shape[1]]
+    prefix = self.cls_embedding(cond) if t == 1 else self.cls_embedding(cond, drop)
+    x = torch.cat([prefix, patches[:, :-1]], dim=1)
+    table = rope_table_2d(h // k, w // k, self.head_dim, self.rope_base, n_cond=t)[: x.shape[1]]
+    mask = None if valid is None else caption_mask(valid, x.shape[1])
     for layer in self.layers:
-      x = layer(x, table)
-    return self.output(self.norm(x)).float()
+      x = layer(x, table, mask)
+    return self.output(self.norm(x)).float()[:, t - 1 :]
 
   def group_targets(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
     """tokens [B, h*w] -> [B, n, k*k]: the tokens of each block, blocks and tokens in raster order."""
@@ -170,9 +225,11 @@ class GPT(nn.Module):
     blocks = tokens.view(b, h // k, k, w // k, k).permute(0, 1, 3, 2, 4)
     return blocks.reshape(b, (h // k) * (w // k), k * k)
 
-  def patch_loss(self, tokens: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+  def patch_loss(
+    self, tokens: torch.Tensor, cond: torch.Tensor, k: int, valid=None, drop=None
+  ) -> torch.Tensor:
     """The release's loss: each position's logits repeated k^2 times, cross-entropy vs the next patch."""
-    logits = self.forward(tokens, labels, k)
+    logits = self.forward(tokens, cond, k, valid, drop)
     v = logits.shape[-1]
     repeated = logits.unsqueeze(2).expand(-1, -1, k * k, -1).reshape(-1, v)
     return F.cross_entropy(repeated, self.group_targets(tokens, k).reshape(-1))

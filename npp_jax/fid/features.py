@@ -5,13 +5,12 @@ import functools
 import hashlib
 import json
 
-from absl import logging
 from etils import epath
 import jax
 import numpy as np
 
-from npp_jax import files
 from npp_jax import sharding
+from npp_jax import shards
 from npp_jax.models import inception
 
 
@@ -77,52 +76,29 @@ def batch_features(
 def compute_features(
   images, params, mesh, e, cache_dir: epath.Path, settings: dict, desc: str
 ) -> tuple[np.ndarray, np.ndarray]:
-  """(pool3 [N, 2048], spatial [N, S]) of every image, one cached shard file per global batch."""
-  from tqdm import tqdm
-
+  """(pool3 [N, 2048], spatial [N, S]) of every image, on every process, one cached shard file per
+  global batch."""
   # One folder per set of inputs and settings: a workdir scores other samples or references side by side.
   cache_dir = cache_dir.parent / f"{cache_dir.name}-{_digest(settings)}"
-  bs, n = int(e.batch_size), images.num
-  spans = [(a, min(a + bs, n)) for a in range(0, n, bs)]
-  width = len(str(n))
-  paths = [cache_dir / f"shard_{a:0{width}d}-{b:0{width}d}.npz" for a, b in spans]
-  files.check_same_settings(
-    str(cache_dir / "meta.json"),
-    settings,
-    str(cache_dir),
-    "features",
-    "expected the same inputs and settings, or another --workdir",
+  bs = int(e.batch_size)
+  store = shards.Shards(cache_dir, images.num, bs)
+  store.check_settings(
+    settings, "features", "expected the same inputs and settings, or another --workdir"
   )
-  is_main = jax.process_index() == 0
-  if is_main:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(str(cache_dir / "meta.json"), settings)
-  todo = [i for i, p in enumerate(paths) if not p.exists()]
-  done = n - sum(spans[i][1] - spans[i][0] for i in todo)
-  if done:
-    logging.info(
-      "Resuming: features of %d of %d %s images already in %s.", done, n, desc, cache_dir
-    )
+  todo = store.start(settings, f"Resuming: features of %d of %d {desc} images already in %s.")
   fn = feature_fn(mesh, e.preprocess, int(e.resize_to))
   params = jax.device_put(params, sharding.replicated(mesh))
-  bar = tqdm(total=n, initial=done, unit="img", desc=f"features ({desc})", disable=not is_main)
-  for i in todo:
-    a, b = spans[i]
-    pool3, spatial = batch_features(fn, params, mesh, images.read, a, b, bs, images.shape[1:])
-    if is_main:
-      files.atomic_write(str(paths[i]), lambda f: np.savez(f, pool3=pool3, spatial=spatial))
-    bar.update(b - a)
-  bar.close()
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices("npp_jax.fid.features.compute_features")
-  pool3, spatial = [], []
-  for p in paths:
-    with p.open("rb") as f, np.load(f) as z:
-      pool3.append(z["pool3"])
-      spatial.append(z["spatial"])
-  return np.concatenate(pool3), np.concatenate(spatial)
+  def computed():
+    for i in todo:
+      a, b = store.spans[i]
+      pool3, spatial = batch_features(fn, params, mesh, images.read, a, b, bs, images.shape[1:])
+      yield {"pool3": pool3, "spatial": spatial}
+
+  fresh = store.write(todo, computed(), f"features ({desc})", keep=True)
+  store.finish("npp_jax.fid.features.compute_features")
+  got = store.read_all(fresh)
+  return np.concatenate([s["pool3"] for s in got]), np.concatenate([s["spatial"] for s in got])
 
 
 def common_settings(e, params) -> dict:

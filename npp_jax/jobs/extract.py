@@ -24,6 +24,7 @@ import numpy as np
 from npp_jax import checkpoints
 from npp_jax import files
 from npp_jax import sharding
+from npp_jax import shards
 from npp_jax import validate
 from npp_jax.data import code_dataset
 from npp_jax.data import images as images_lib
@@ -194,12 +195,8 @@ def _plan(config, workdir, source) -> _Job:
     )
   job.params = checkpoints.load_vq_params(e.vq_checkpoint, config.vq)
   job.settings = _settings(e, cfg, job.source)
-  files.check_same_settings(
-    job.tmp_dir / "settings.json",
-    job.settings,
-    job.tmp_dir,
-    "shards",
-    f"expected the same settings, or delete {job.tmp_dir}",
+  _shards(job).check_settings(
+    job.settings, "shards", f"expected the same settings, or delete {job.tmp_dir}"
   )
   return job
 
@@ -231,11 +228,9 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source=None) -> dic
     )
     print(f"extract: split '{job.split}' of {job.output} already exists; skipping", flush=True)
     return {**summary, "num_examples": job.finished["num_examples"], "skipped": True}
-  num_shards = -(-job.source.num_examples // job.batch_size)
-  done = _done_shards(job, num_shards)
-  if jax.process_index() == 0:
-    job.tmp_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(job.tmp_dir / "settings.json", job.settings)
+  store = _shards(job)
+  todo = store.start(job.settings)
+  num_shards, done = len(store.spans), len(store.spans) - len(todo)
   logging.info(
     "Extracting %s split %r: %d images x %d views (%s), %d shards of %d, %d already done.",
     job.source.name,
@@ -245,11 +240,11 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source=None) -> dic
     config.extract.aug,
     num_shards,
     job.batch_size,
-    int(done.sum()),
+    done,
   )
-  encoded, elapsed = _encode(job, [i for i in range(num_shards) if not done[i]], done)
-  summary["shards_encoded"] = num_shards - int(done.sum())
-  summary["shards_reused"] = int(done.sum())
+  encoded, elapsed = _encode(job, store, todo)
+  summary["shards_encoded"] = len(todo)
+  summary["shards_reused"] = done
   summary["images_per_s"] = encoded / elapsed if encoded else None
   if encoded:
     logging.info(
@@ -260,25 +255,16 @@ def extract(config: ml_collections.ConfigDict, workdir: str, source=None) -> dic
       encoded / elapsed,
     )
   if jax.process_index() == 0:
-    _write_dataset(job, num_shards)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("npp_jax.jobs.extract")
+    _write_dataset(job, store)
+  store.finish("npp_jax.jobs.extract")
   return {**summary, "num_examples": job.source.num_examples, "skipped": False}
 
 
-def _shard_path(job: _Job, i: int, num_shards: int) -> epath.Path:
-  return job.tmp_dir / f"shard_{i:0{max(6, len(str(num_shards)))}d}.npz"
-
-
-def _done_shards(job: _Job, num_shards: int) -> np.ndarray:
-  done = np.array([_shard_path(job, i, num_shards).exists() for i in range(num_shards)], bool)
-  if jax.process_count() > 1:  # Process 0's view of the files decides, so every process agrees.
-    from jax.experimental import multihost_utils
-
-    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-  return done
+def _shards(job: _Job) -> shards.Shards:
+  """One shard per global batch of the split: shard_000000.npz ... and settings.json in tmp_dir."""
+  return shards.Shards(
+    job.tmp_dir, job.source.num_examples, job.batch_size, "settings.json", by_index=True
+  )
 
 
 def _views(
@@ -319,47 +305,33 @@ def _views(
     it.close()
 
 
-def _encode(job: _Job, todo: list[int], done: np.ndarray) -> tuple[int, float]:
+def _encode(job: _Job, store: shards.Shards, todo: list[int]) -> tuple[int, float]:
   """Encode the shards in `todo`, process 0 writing each as it is done; (images encoded, seconds)."""
-  from tqdm import tqdm
-
-  n, num_shards, is_main = job.source.num_examples, len(done), jax.process_index() == 0
   local, device_rows = rows(job.config, job.batch_size)
   mesh = sharding.make_mesh(job.config.mesh)
   params = sharding.put(job.params, sharding.replicated(mesh))  # Works on several processes too.
   code_dtype = np.uint16 if job.cfg.codebook_size <= 2**16 else np.int32
-  count = lambda i: min((i + 1) * job.batch_size, n) - i * job.batch_size
-  bar = tqdm(
-    total=n,
-    initial=sum(count(i) for i in range(num_shards) if done[i]),
-    unit="img",
-    desc=f"extract {job.split}",
-    disable=not is_main,
-    smoothing=0.3,
-  )
-  t0, encoded = time.perf_counter(), 0
-  views = _views(job, todo, local, device_rows)
-  try:
+
+  def encoded(views):
     for i, (v, meta) in zip(todo, views):
       codes = encode_views(params, v, job.cfg, mesh)
       meta = sharding.gather(
         jax.make_array_from_process_local_data(sharding.data_sharding(mesh), meta)
       )
-      codes, labels = merge_rows(meta[:, 0], codes, meta[:, 1], i * job.batch_size, count(i))
-      if is_main:
-        files.atomic_write(
-          _shard_path(job, i, num_shards),
-          lambda f: np.savez(f, codes=codes.astype(code_dtype), labels=labels),
-        )
-      encoded += count(i)
-      bar.update(count(i))
+      a, b = store.spans[i]
+      codes, labels = merge_rows(meta[:, 0], codes, meta[:, 1], a, b - a)
+      yield {"codes": codes.astype(code_dtype), "labels": labels}
+
+  t0 = time.perf_counter()
+  views = _views(job, todo, local, device_rows)
+  try:
+    store.write(todo, encoded(views), f"extract {job.split}")
   finally:
-    bar.close()
     views.close()
-  return encoded, time.perf_counter() - t0
+  return store.size(todo), time.perf_counter() - t0
 
 
-def _write_dataset(job: _Job, num_shards: int) -> None:
+def _write_dataset(job: _Job, store: shards.Shards) -> None:
   """The code data set from the shards in order; the shards are deleted unless extract.keep_shards."""
   with code_dataset.CodeDatasetWriter(
     str(job.output),
@@ -370,9 +342,9 @@ def _write_dataset(job: _Job, num_shards: int) -> None:
     split=job.split,
     overwrite=True,
   ) as writer:  # Replaces only an unfinished split.
-    for i in range(num_shards):
-      with _shard_path(job, i, num_shards).open("rb") as f, np.load(f) as z:
-        writer.add(z["codes"], z["labels"])
+    for i in range(len(store.spans)):
+      shard = store.read(i)
+      writer.add(shard["codes"], shard["labels"])
   if not job.config.extract.keep_shards:
     job.tmp_dir.rmtree()
     if not any(job.tmp_dir.parent.iterdir()):

@@ -1,7 +1,9 @@
 """The sampling job: python -m npp_jax.main --mode=sample --config=... --workdir=DIR
 
 Class-conditional samples (codes, and images with a VQ) of a checkpoint into WORKDIR/samples, one shard file
-per global batch so that a killed run resumes; the sampler itself is `npp_jax.sampling`.
+per global batch so that a killed run resumes; the sampler itself is `npp_jax.sampling`. A text
+model samples each caption (sample.prompts through sample.text_encoder, or sample.caption_features)
+sample.images_per_caption times, in caption order: the npz holds `codes` and `caption_index`.
 """
 
 import dataclasses
@@ -18,6 +20,7 @@ from npp_jax import checkpoints
 from npp_jax import files
 from npp_jax import sampling
 from npp_jax import sharding
+from npp_jax import shards
 from npp_jax import validate
 from npp_jax.models import gpt
 
@@ -29,6 +32,12 @@ def check_params(params, model_config, what: str) -> None:
   """One-line error when a parameter tree does not have the shapes of config.model (naming the release
   size it looks like, if any)."""
   got = checkpoints.param_shapes_of(gpt.unstack_layers(params))
+  condition = "text" if "cls_embedding/cap_proj/fc1/kernel" in got else "class"
+  if condition != model_config.condition:
+    raise ValueError(
+      f"{what} is a {condition}-conditional model but model.condition="
+      f"{model_config.condition!r}; expected a checkpoint of the configured condition"
+    )
   n_layer = sum(1 for k in got if k.startswith("layers_") and k.endswith("attention/wo/kernel"))
   dim = got.get("tok_embeddings/embedding", (0, 0))[-1]
   names = [name for name, (l, _, d) in gpt.MODEL_SIZES.items() if (l, d) == (n_layer, dim)]
@@ -50,10 +59,18 @@ def _absolute(path: str) -> str:
   return "" if not path else path if "://" in path else str(epath.Path(path).absolute())
 
 
-def _settings(config) -> dict:
+def _settings(config, captions=None) -> dict:
   """What fixes the content of sample i: a resumed run must agree on all of it."""
   s = config.sample
+  text = {}
+  if captions is not None:
+    text = {
+      "captions": captions.what,
+      "text_encoder": _absolute(s.text_encoder),
+      "images_per_caption": int(s.images_per_caption),
+    }
   return {
+    **text,
     "checkpoint": _absolute(s.checkpoint),
     "use_ema": bool(s.use_ema),
     "vq_checkpoint": _absolute(s.vq_checkpoint),
@@ -113,6 +130,136 @@ def _write_grid(
   files.atomic_write(str(path), lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
+# -------------------------------------------------------------------------------------------------
+# Captions of a text model's run.
+
+
+class _FeatureFolder:
+  """sample.caption_features: LlamaGen's T5 features 0.npy .. N-1.npy, each float (1, L, dim)."""
+
+  def __init__(self, path: str, cfg: gpt.GPTConfig):
+    self.folder = epath.Path(path)
+    field = f"sample.caption_features={path!r}"
+    if not self.folder.is_dir():
+      raise ValueError(f"{field} is not a directory; expected a folder of 0.npy .. N-1.npy")
+    names = {p.name for p in self.folder.glob("*.npy")}
+    n = len(names)
+    missing = [i for i in range(n) if f"{i}.npy" not in names]
+    if not n or missing:
+      first = f"{missing[0]}.npy is missing" if missing else "it holds no .npy file"
+      raise ValueError(f"{field}: {first}; expected caption features 0.npy .. N-1.npy")
+    self.paths = [self.folder / f"{i}.npy" for i in range(n)]
+    t, c = cfg.cls_token_num, cfg.caption_dim
+    for file in self.paths:  # Headers only: a wrong file fails here, before any compile.
+      with file.open("rb") as f:
+        try:
+          version = np.lib.format.read_magic(f)
+          read = {(1, 0): np.lib.format.read_array_header_1_0}
+          shape, _, dtype = read.get(version, np.lib.format.read_array_header_2_0)(f)
+        except ValueError:
+          shape, dtype = None, None
+      if (
+        shape is None
+        or len(shape) != 3
+        or shape[0] != 1
+        or not 1 <= shape[1] <= t
+        or shape[2] != c
+        or dtype.kind != "f"
+      ):
+        raise ValueError(
+          f"caption features {file} of shape {shape} ({dtype}); expected float (1, L, "
+          f"model.caption_dim={c}) with 1 <= L <= model.cls_token_num={t}"
+        )
+    self.what = {"caption_features": _absolute(path), "count": n}
+    self.names = [f"caption {i} ({i}.npy)" for i in range(n)]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def features(self, index: np.ndarray):
+    """Captions [index] -> (left-padded features, mask) as the sampler takes them."""
+    rows = []
+    for i in index:
+      with self.paths[int(i)].open("rb") as f:
+        rows.append(np.load(f)[0].astype(np.float32))
+    return rows
+
+
+class _Prompts:
+  """sample.prompts (one prompt a line), encoded on the mesh by the T5 folder
+  sample.text_encoder."""
+
+  def __init__(self, s, cfg: gpt.GPTConfig):
+    from npp_jax import text
+    from npp_jax import text_encoder
+
+    self.prompts = text.read_prompts(s.prompts)
+    folder = text_encoder.check_folder(s.text_encoder, "sample.text_encoder")
+    if folder.config.d_model != cfg.caption_dim:
+      raise ValueError(
+        f"sample.text_encoder {s.text_encoder} gives {folder.config.d_model} features per token "
+        f"but model.caption_dim={cfg.caption_dim}; expected the encoder the model was trained with"
+      )
+    self.folder, self.encoder = s.text_encoder, None
+    self.what = {"prompts": self.prompts}
+    self.names = self.prompts
+
+  def __len__(self) -> int:
+    return len(self.prompts)
+
+  def start(self, mesh, axis_rules, length: int) -> None:
+    """Loads the encoder's weights onto the mesh (after every check)."""
+    from npp_jax import text_encoder
+
+    self.encoder = text_encoder.TextEncoder(self.folder, mesh, axis_rules, max_length=length)
+
+  def features(self, index: np.ndarray):
+    # Every process encodes the same captions (the whole batch, one shape: one compile); the
+    # encoder returns every process's rows in process order, so the first len(index) are these.
+    out = self.encoder([self.prompts[int(i)] for i in index])
+    if out.truncated:
+      logging.info(
+        "%d prompts longer than %d tokens were cut.", out.truncated, out.features.shape[1]
+      )
+    return [f[:n] for f, n in zip(out.features[: len(index)], out.lengths[: len(index)])]
+
+
+def _check_captions(s, cfg: gpt.GPTConfig):
+  return _Prompts(s, cfg) if s.prompts else _FeatureFolder(s.caption_features, cfg)
+
+
+CAPTION_STRIP = 14  # Pixels of caption text under each row of the text grid.
+
+
+def _write_caption_grid(path: epath.Path, images_of, job, sample_config) -> None:
+  """PNG, one caption per row: the first grid_rows captions, each with up to grid_cols of its
+  images and its prompt (or feature file) written under them."""
+  from PIL import Image
+  from PIL import ImageDraw
+
+  rows = min(sample_config.grid_rows, len(job.captions))
+  cols = min(sample_config.grid_cols, job.images_per_caption)
+  picks = [
+    np.arange(r * job.images_per_caption, r * job.images_per_caption + cols) for r in range(rows)
+  ]
+  cells = images_of(np.concatenate(picks))
+  h, w = cells.shape[1:3]
+  step = h + CAPTION_STRIP
+  grid = Image.new("RGB", (cols * w, rows * step), "white")
+  draw = ImageDraw.Draw(grid)
+  for r in range(rows):
+    for c in range(cols):
+      grid.paste(Image.fromarray(cells[r * cols + c]), (c * w, r * step))
+    name = job.captions.names[r]
+    chars = max(4, cols * w // 6)  # The default bitmap font is ~6 px a character.
+    label = name if len(name) <= chars else name[: chars - 3] + "..."
+    draw.text((2, r * step + h + 1), label, fill="black")
+  files.atomic_write(str(path), lambda f: grid.save(f, format="PNG"))
+  # The whole captions, which a row's strip may cut: row r of the PNG is line r.
+  listing = "".join(f"{job.captions.names[r]}\n" for r in range(rows))
+  files.atomic_write(str(path.with_suffix(".txt")), lambda f: f.write(listing.encode("utf-8")))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
   """A sampling job checked against its config, before anything is loaded, compiled or written."""
@@ -125,16 +272,17 @@ class _Job:
   settings: dict
   num_images: int
   batch_size: int
+  captions: Any = None  # A text model's captions (_FeatureFolder or _Prompts); None: classes.
+  images_per_caption: int = 1
+
+  def caption_index(self, indices) -> np.ndarray:
+    """Caption of each global sample index (past the end: the last caption, padding)."""
+    return np.minimum(np.asarray(indices) // self.images_per_caption, len(self.captions) - 1)
 
   @property
-  def spans(self) -> list[tuple[int, int]]:
-    """[start, end) of the samples in each shard: one shard per global batch."""
-    n, bs = self.num_images, self.batch_size
-    return [(a, min(a + bs, n)) for a in range(0, n, bs)]
-
-  def shard_path(self, span) -> epath.Path:
-    width = len(str(self.num_images))
-    return self.out_dir / f"shard_{span[0]:0{width}d}-{span[1]:0{width}d}.npz"
+  def shards(self) -> shards.Shards:
+    """One shard per global batch, shard_<start>-<end>.npz, the settings in meta.json."""
+    return shards.Shards(self.out_dir, self.num_images, self.batch_size)
 
 
 def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> str:
@@ -145,12 +293,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *, params=N
   sample.checkpoint (tests, notebooks).
   """
   job = _check_job(config, workdir, params is not None)
-  files.check_same_settings(
-    str(job.out_dir / "meta.json"),
-    job.settings,
-    str(job.out_dir),
-    "samples",
-    "expected the same settings or another --workdir",
+  job.shards.check_settings(
+    job.settings, "samples", "expected the same settings or another --workdir"
   )
   s = config.sample
   if params is None:
@@ -173,6 +317,7 @@ def _check_job(config, workdir, have_params: bool) -> _Job:
     dtype=sampling.compute_dtype(s, config.model),
   )
   settings = sampling.SamplingSettings.from_config(config).check_vocab(cfg.vocab_size)
+  settings.check_model(cfg)
   n, bs = (
     validate.positive_int(s.num_images, "sample.num_images"),
     validate.positive_int(s.batch_size, "sample.batch_size"),
@@ -182,7 +327,7 @@ def _check_job(config, workdir, have_params: bool) -> _Job:
       f"sample.grid_rows={s.grid_rows}, sample.grid_cols={s.grid_cols}; expected >= 1"
     )
   bad = [c for c in s.classes if int(c) != c or not 0 <= c < cfg.num_classes]
-  if bad:
+  if bad and not settings.text:
     raise ValueError(
       f"sample.classes holds class id {bad[0]} out of range; expected ids in [0, {cfg.num_classes})"
     )
@@ -203,7 +348,22 @@ def _check_job(config, workdir, have_params: bool) -> _Job:
     )
   vq_cfg = _check_vq(config, cfg) if s.vq_checkpoint else None
   sampler = sampling.Sampler(cfg, settings, mesh, sharding.rules(config.mesh))
-  return _Job(cfg, vq_cfg, mesh, sampler, epath.Path(workdir) / "samples", _settings(config), n, bs)
+  captions = _check_captions(s, cfg) if settings.text else None
+  if captions is not None:
+    n = len(captions) * settings.images_per_caption  # Every caption, images_per_caption times.
+  out = epath.Path(workdir) / "samples"
+  return _Job(
+    cfg,
+    vq_cfg,
+    mesh,
+    sampler,
+    out,
+    _settings(config, captions),
+    n,
+    bs,
+    captions,
+    settings.images_per_caption,
+  )
 
 
 def _check_vq(config, cfg: gpt.GPTConfig):
@@ -236,12 +396,9 @@ def _check_vq(config, cfg: gpt.GPTConfig):
 
 
 def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
-  """Samples the shards not on disk yet, then the merged .npz and the PNG grid (process 0 writes)."""
-  is_main = jax.process_index() == 0
-  n, bs, cfg = job.num_images, job.batch_size, job.cfg
-  if is_main:
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(str(job.out_dir / "meta.json"), job.settings)
+  """Samples the shards not on disk yet, then the merged .npz and the PNG grid (process 0 writes
+  them)."""
+  store = job.shards
   # Placed once for the whole job, split as config.mesh splits training's weights: every batch
   # reuses the same device copies. On several processes each fills its own devices' shards; each
   # process samples its devices' share of every batch.
@@ -250,51 +407,42 @@ def _run_job(job: _Job, s, params, vq_params) -> epath.Path:
   if vq_params is not None:
     vq_params = sharding.put(vq_params, rep)
   rng = sharding.put(jax.random.key(int(s.seed)), rep)
-  spans = job.spans
-  todo = _shards_to_do(job)
-  done = n - sum(spans[i][1] - spans[i][0] for i in todo)
-  if done:
-    logging.info("Resuming: %d of %d samples already in %s.", done, n, job.out_dir)
-  from tqdm import tqdm
-
-  bar = tqdm(total=n, initial=done, unit="img", desc="sampling", disable=not is_main, smoothing=0.3)
-  for i in todo:
-    a, b = spans[i]
-    labels = sampling.sample_labels(
-      s, cfg.num_classes, np.arange(a, a + bs)
-    )  # Padded to bs past the end.
-    codes = job.sampler.sample(params, labels, rng, first_index=a)
-    out = {"codes": sharding.gather(codes)[: b - a], "labels": labels[: b - a]}
-    if vq_params is not None:
-      out["arr_0"] = sampling.decode_images(vq_params, out["codes"], job.vq_cfg, job.mesh)
-    if is_main:
-      files.atomic_write(str(job.shard_path(spans[i])), lambda f: np.savez(f, **out))
-    bar.update(b - a)
-  bar.close()
-  merged = job.out_dir / f"samples_{n}.npz"
-  if is_main and (todo or not merged.exists()):
+  todo = store.start(job.settings, "Resuming: %d of %d samples already in %s.")
+  store.write(todo, _sample_shards(job, s, params, vq_params, rng, todo), "sampling")
+  merged = job.out_dir / f"samples_{job.num_images}.npz"
+  if jax.process_index() == 0 and (todo or not merged.exists()):
     _write_outputs(job, s, merged, vq_params is not None)
-  if jax.process_count() > 1:  # Nobody returns a path before process 0 has written it.
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("npp_jax.jobs.sample.sample_and_save")
+  store.finish("npp_jax.jobs.sample.sample_and_save")  # Nobody returns a path before it is written.
   return merged
 
 
-def _shards_to_do(job: _Job) -> list[int]:
-  """Shards not on disk yet, as process 0 sees them: every process must run the same batches (each one
-  is a collective), even where a process sees another filesystem."""
-  missing = np.array([not job.shard_path(span).exists() for span in job.spans])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
-  return [int(i) for i in np.flatnonzero(missing)]
+def _sample_shards(job: _Job, s, params, vq_params, rng, todo: list[int]):
+  """The arrays of each shard in `todo`: codes and labels (text: caption_index), and images with a
+  VQ."""
+  cfg, bs, spans = job.cfg, job.batch_size, job.shards.spans
+  if isinstance(job.captions, _Prompts) and todo:
+    job.captions.start(job.mesh, job.sampler.rules, cfg.cls_token_num)
+  for i in todo:
+    a, b = spans[i]
+    indices = np.arange(a, a + bs)  # Padded to bs past the end.
+    if job.captions is None:
+      labels = sampling.sample_labels(s, cfg.num_classes, indices)
+      codes = job.sampler.sample(params, labels, rng, first_index=a)
+      out = {"codes": sharding.gather(codes)[: b - a], "labels": labels[: b - a]}
+    else:
+      index = job.caption_index(indices)
+      cond = sampling.left_pad(job.captions.features(index), cfg.cls_token_num)
+      codes = job.sampler.sample(params, cond, rng, first_index=a)
+      out = {"codes": sharding.gather(codes)[: b - a], "caption_index": index[: b - a]}
+    if vq_params is not None:
+      out["arr_0"] = sampling.decode_images(vq_params, out["codes"], job.vq_cfg, job.mesh)
+    yield out
 
 
 def _write_outputs(job: _Job, s, merged: epath.Path, images: bool) -> None:
   """The merged .npz of every shard and, with images, the PNG grid of the first samples per class."""
-  paths = [job.shard_path(span) for span in job.spans]
+  store = job.shards
+  paths = [store.path(i) for i in range(len(store.spans))]
   _merge(merged, paths, job.num_images)
   if images:
     bs = job.batch_size
@@ -306,8 +454,10 @@ def _write_outputs(job: _Job, s, merged: epath.Path, images: bool) -> None:
           shards[j] = z["arr_0"]
       return np.stack([shards[i // bs][i % bs] for i in indices])
 
-    all_labels = sampling.sample_labels(s, job.cfg.num_classes, np.arange(job.num_images))
-    _write_grid(
-      job.out_dir / f"samples_{job.num_images}.png", images_of, all_labels, s, job.cfg.num_classes
-    )
+    png = job.out_dir / f"samples_{job.num_images}.png"
+    if job.captions is not None:
+      _write_caption_grid(png, images_of, job, s)
+    else:
+      all_labels = sampling.sample_labels(s, job.cfg.num_classes, np.arange(job.num_images))
+      _write_grid(png, images_of, all_labels, s, job.cfg.num_classes)
   logging.info("Wrote %d %s to %s.", job.num_images, "images" if images else "code grids", merged)

@@ -27,6 +27,7 @@ from npp_jax import optim
 from npp_jax import sharding
 from npp_jax import summaries
 from npp_jax import validate
+from npp_jax.data import captions
 from npp_jax.data import code_dataset
 from npp_jax.evaluators import sample_metrics
 from npp_jax.models import gpt
@@ -86,22 +87,14 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
       "data.path is empty; expected the directory of a code data set "
       "(python -m npp_jax.npy_codes, or --mode=extract)"
     )
-  meta = code_dataset.load_metadata(config.data.path, split="train")
-  if tuple(meta.grid) != tuple(cfg.grid):
+  if cfg.condition == "text" and config.evaluate.every_steps:
+    # Sample metrics draw class-conditional samples; a text model needs sampling from captions.
     raise ValueError(
-      f"the data set {config.data.path} holds {meta.grid[0]}x{meta.grid[1]} code grids; "
-      f"expected model.grid={tuple(cfg.grid)}"
+      f"evaluate.every_steps={config.evaluate.every_steps} with model.condition='text'; expected "
+      "0 (sample metrics during training are for class models)"
     )
-  if meta.max_code >= cfg.vocab_size:
-    raise ValueError(
-      f"the data set {config.data.path} holds code {meta.max_code}; expected codes "
-      f"< model.vocab_size={cfg.vocab_size}"
-    )
-  if meta.max_label >= cfg.num_classes:
-    raise ValueError(
-      f"the data set {config.data.path} holds label {meta.max_label}; expected labels "
-      f"< model.num_classes={cfg.num_classes}"
-    )
+  meta = _dataset(cfg).load_metadata(config.data.path, split="train")
+  _check_dataset(meta, cfg, f"the data set {config.data.path}")
   steps_per_epoch = code_dataset.steps_per_epoch(meta.num_examples, b)
   if steps_per_epoch < 1:
     raise ValueError(
@@ -112,6 +105,39 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, process_count: int
   schedule.learning_rate(o.lr, o.end_lr, o.warmup_epochs, o.decay_ratio)  # Validates the LR knobs.
   total = schedule.total_steps if t.max_steps <= 0 else min(t.max_steps, schedule.total_steps)
   return Plan(cfg, schedule, meta, steps_per_epoch, total, _eval_split(config, cfg))
+
+
+def _dataset(cfg: gpt.GPTConfig):
+  """The module that reads the model's kind of code data set: class labels, or captions."""
+  return captions if cfg.condition == "text" else code_dataset
+
+
+def _check_dataset(meta, cfg: gpt.GPTConfig, what: str) -> None:
+  """One-line ValueErrors for a data set (split) that does not fit the model."""
+  if tuple(meta.grid) != tuple(cfg.grid):
+    raise ValueError(
+      f"{what} holds {meta.grid[0]}x{meta.grid[1]} code grids; expected model.grid={tuple(cfg.grid)}"
+    )
+  if meta.max_code >= cfg.vocab_size:
+    raise ValueError(
+      f"{what} holds code {meta.max_code}; expected codes < model.vocab_size={cfg.vocab_size}"
+    )
+  if cfg.condition != "text":
+    if meta.max_label >= cfg.num_classes:
+      raise ValueError(
+        f"{what} holds label {meta.max_label}; expected labels < model.num_classes="
+        f"{cfg.num_classes}"
+      )
+    return
+  # Batches carry the caption padded to the data set's max_length: the model's condition positions.
+  got = (meta.max_length, meta.caption_dim)
+  if got != (cfg.cls_token_num, cfg.caption_dim):
+    raise ValueError(
+      f"{what} holds captions of {got[0]} x {got[1]} features; expected model.cls_token_num="
+      f"{cfg.cls_token_num} x model.caption_dim={cfg.caption_dim}"
+    )
+  if meta.num_valid == 0:
+    raise ValueError(f"{what} holds no valid example (no image was readable); expected some")
 
 
 def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
@@ -130,12 +156,8 @@ def _eval_split(config, cfg: gpt.GPTConfig) -> str | None:
     split = found[0] if found else None
   if t.eval_batches == 0 or split is None:
     return None
-  meta = code_dataset.load_metadata(path, validate.split_name(split, "data.eval_split"))
-  if meta.max_code >= cfg.vocab_size or meta.max_label >= cfg.num_classes:
-    raise ValueError(
-      f"split {split!r} of {path} holds code {meta.max_code} and label {meta.max_label}; "
-      f"expected codes < {cfg.vocab_size} and labels < {cfg.num_classes}"
-    )
+  meta = _dataset(cfg).load_metadata(path, validate.split_name(split, "data.eval_split"))
+  _check_dataset(meta, cfg, f"split {split!r} of {path}")
   return split
 
 
@@ -156,8 +178,7 @@ def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
   """A fresh TrainState with boxed (logically partitioned) leaves, so eval_shape yields its layout."""
 
   def init(rng):
-    h, w = cfg.grid
-    params = model.init(rng, jnp.zeros((1, h, w), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+    params = model.init(rng, *gpt.example_inputs(cfg, zeros=True))["params"]
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -167,6 +188,20 @@ def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
     )
 
   return init, jax.random.key(seed)
+
+
+# The batch entries a train step reads, per model.condition (data/code_dataset.py, data/captions.py).
+BATCH_KEYS = {"class": ("codes", "labels"), "text": ("codes", "caption", "caption_len", "valid")}
+
+
+def model_inputs(batch: dict, cfg: gpt.GPTConfig) -> tuple[Any, dict]:
+  """(condition, keyword arguments) of GPT for a batch: a class batch's labels, or a caption batch's
+  right-aligned features [B, T, caption_dim] with the mask their lengths make."""
+  if cfg.condition != "text":
+    return batch["labels"], {}
+  t = batch["caption"].shape[1]
+  mask = jnp.arange(t)[None, :] >= t - batch["caption_len"][:, None]  # Left padding, LlamaGen's.
+  return batch["caption"], {"caption_mask": mask}
 
 
 def train_step(
@@ -180,27 +215,39 @@ def train_step(
   accum: int,
   ema_decay: float = 0.0,
 ):
-  """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state, metrics)."""
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state, metrics).
 
-  def loss_fn(params, codes, labels, rng):
+  A caption batch's invalid examples (unreadable images) are left out of the loss: it is the mean
+  over the valid examples of the whole global batch, whichever micro-batch holds them."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  inputs = {key: batch[key] for key in BATCH_KEYS[model.cfg.condition]}
+  num_valid = jnp.maximum(inputs["valid"].sum(), 1) if "valid" in inputs else None
+
+  def loss_fn(params, micro, rng):
+    codes = micro["codes"]
+    cond, kw = model_inputs(micro, model.cfg)
     logits = model.apply(
-      {"params": params}, codes, labels, patch_size=k, train=True, rngs={"dropout": rng}
+      {"params": params}, codes, cond, **kw, patch_size=k, train=True, rngs={"dropout": rng}
     )
-    return npp.patch_loss(logits, npp.group_targets(codes, k))
+    targets = npp.group_targets(codes, k)
+    if num_valid is None:
+      return npp.patch_loss(logits, targets)
+    valid = micro["valid"]
+    loss = npp.patch_loss(logits, targets, jnp.broadcast_to(valid[:, None], logits.shape[:2]))
+    # The micro-batch's share of the valid examples (times accum, which the mean below divides out).
+    return loss * (valid.sum() * accum / num_valid)
 
   grad_fn = jax.value_and_grad(loss_fn)
-  codes, labels = batch["codes"], batch["labels"]
   if accum == 1:
-    loss, grads = grad_fn(state.params, codes, labels, rng)
+    loss, grads = grad_fn(state.params, inputs, rng)
   else:
     # Micro-batch i takes rows i, i + accum, ...: every device keeps an equal share of each micro-batch.
     split = lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-    micro = (split(codes), split(labels), jnp.arange(accum))
+    micro = (jax.tree.map(split, inputs), jnp.arange(accum))
 
     def body(carry, xs):
-      c, l, i = xs
-      loss, grads = grad_fn(state.params, c, l, jax.random.fold_in(rng, i))
+      m, i = xs
+      loss, grads = grad_fn(state.params, m, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -212,6 +259,7 @@ def train_step(
   ema = state.ema
   if ema_decay > 0:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    ema = optim.keep_frozen(ema, params)  # A fixed tensor (the null caption) stays bit-exact.
   metrics = {
     "loss": loss,
     "grad_norm": optax.global_norm(grads),
@@ -233,19 +281,26 @@ class EvalMetrics(clu_metrics.Collection):
 
 
 def eval_step(params, batch: dict, *, model: gpt.GPT, num_classes: int) -> EvalMetrics:
-  """k = 1 NLL with the true class and with the null class, over the batch's real rows (mask)."""
+  """k = 1 NLL with the true condition and with the null one (the null class, or the null caption
+  under the caption's mask), over the batch's real rows (mask; of a caption batch, valid ones)."""
   codes = batch["codes"]
   targets = codes.reshape(codes.shape[0], -1)
+  cond, kw = model_inputs(batch, model.cfg)
+  mask = batch["mask"].astype(bool)
+  if model.cfg.condition == "text":
+    mask = mask & batch["valid"].astype(bool)
+    null_cond, null_kw = cond, {**kw, "null_caption": jnp.ones(codes.shape[:1], bool)}
+  else:
+    null_cond, null_kw = jnp.full_like(cond, num_classes), kw
 
-  def image_nll(labels):  # [B]: the sum over the image's tokens.
-    logits = model.apply({"params": params}, codes, labels, patch_size=1, train=False)
+  def image_nll(c, extra):  # [B]: the sum over the image's tokens.
+    logits = model.apply({"params": params}, codes, c, **extra, patch_size=1, train=False)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].sum(-1)
 
-  cond = image_nll(batch["labels"])
-  null = image_nll(jnp.full_like(batch["labels"], num_classes))
+  nll, null = image_nll(cond, kw), image_nll(null_cond, null_kw)
   return EvalMetrics.single_from_model_output(
-    nll=cond / targets.shape[1], class_info=null - cond, mask=batch["mask"].astype(bool)
+    nll=nll / targets.shape[1], class_info=null - nll, mask=mask
   )
 
 
@@ -266,6 +321,7 @@ class Evaluator:
   ):
     self.mesh, self.path, self.split = mesh, path, split
     self.batch_size, self.max_batches = batch_size, max_batches
+    self.cfg = model.cfg
     self.seconds = 0.0  # Time spent evaluating: the trainer leaves it out of its step time.
     self._batches = None
     self._fn = jax.jit(
@@ -276,7 +332,7 @@ class Evaluator:
   def __call__(self, params) -> dict[str, float]:
     t0 = time.perf_counter()
     if self._batches is None:
-      it = code_dataset.make_eval_iterator(
+      it = _dataset(self.cfg).make_eval_iterator(
         self.path,
         batch_size=self.batch_size,
         split=self.split,
@@ -333,7 +389,7 @@ def _train(config, workdir, preempt, on_log) -> dict:
   ckpt_dir = epath.Path(workdir) / "checkpoints"
   ckpt, init_params = _open_checkpoints(config, ckpt_dir)
   scorer = sample_metrics.prepare(config, workdir, p)  # FID etc. of samples; None when off.
-  it = code_dataset.make_train_iterator(
+  it = _dataset(p.cfg).make_train_iterator(
     config.data.path,
     global_batch_size=config.train.global_batch_size,
     seed=config.data.shuffle_seed,
@@ -570,7 +626,8 @@ def _loop(
     while step < p.total_steps:
       k = p.schedule.k_at(step)
       local = next(it)
-      batch = sharding.global_batch({"codes": local["codes"], "labels": local["labels"]}, run.mesh)
+      batch = {key: local[key] for key in BATCH_KEYS[p.cfg.condition]}
+      batch = sharding.global_batch(batch, run.mesh)
       run.state, metrics = steps(k, run.state, batch)(run.state, batch)
       step += 1
       save = lambda s: ckpt.save(s, run.state, code_dataset.iterator_state(it), force=True)

@@ -1,8 +1,12 @@
-"""LlamaGen's class-conditional GPT in Flax Linen, trainable on patch tokens (NPP) and on plain tokens.
+"""LlamaGen's GPT in Flax Linen, conditioned on a class or on caption features, trainable on patch
+tokens (NPP) and on plain tokens.
 
 Layout and conventions follow the PyTorch release so that its checkpoints convert one to one
-(NPP.md, "The Llama-style GPT"): RMSNorm pre-norm blocks, fused bias-free qkv, SwiGLU, 2D RoPE on
-interleaved pairs with the condition position zeroed, zero-initialised output layer.
+(NPP.md, "The Llama-style GPT" and "Text to image"): RMSNorm pre-norm blocks, fused bias-free qkv,
+SwiGLU, 2D RoPE on interleaved pairs with the condition positions zeroed, zero-initialised output
+layer. A class model has one condition position (the class embedding); a text model has
+`cls_token_num` (120) positions of projected caption features, a fixed null caption for guidance,
+and a padding mask.
 
 Parameters carry logical axis names ("vocab", "embed", "heads", "mlp", ...); `npp_jax.sharding` maps them
 to mesh axes with rules from the config, so this file never names a mesh axis.
@@ -25,6 +29,7 @@ REMAT_POLICIES = {
   "full": None,  # Save nothing: recompute the whole block in the backward pass.
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+CONDITIONS = ("class", "text")
 
 
 # LlamaGen's GPT sizes: name -> (n_layer, n_head, dim). NPP.md, "Reported results".
@@ -56,7 +61,11 @@ class GPTConfig:
   token_dropout: float = 0.1
   resid_dropout: float = 0.1
   ffn_dropout: float = 0.1
-  class_dropout: float = 0.1
+  class_dropout: float = 0.1  # Class label (or whole caption) replaced by the null one in training.
+  # "class": a label; "text": caption features [cls_token_num, caption_dim].
+  condition: str = "class"
+  caption_dim: int = 2048  # Width of the caption features (FLAN-T5-XL's); text models only.
+  cls_token_num: int = 1  # Condition positions before the image: 1 for a class, 120 for a caption.
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
   scan_layers: bool = False
@@ -112,6 +121,7 @@ class GPTConfig:
         f"model.vocab_size={m.vocab_size}, model.num_classes={m.num_classes}; expected "
         "positive integers"
       )
+    _check_condition(m)
     return cls(
       n_layer=n_layer,
       n_head=n_head,
@@ -128,10 +138,27 @@ class GPTConfig:
       resid_dropout=m.resid_dropout,
       ffn_dropout=m.ffn_dropout,
       class_dropout=m.class_dropout,
+      condition=m.condition,
+      caption_dim=m.caption_dim,
+      cls_token_num=m.cls_token_num,
       dtype=DTYPES[m.dtype],
       param_dtype=DTYPES[m.param_dtype],
       scan_layers=m.scan_layers,
       remat=m.remat,
+    )
+
+
+def _check_condition(m: ml_collections.ConfigDict) -> None:
+  """The condition fields of config.model: one-line ValueErrors."""
+  if m.condition not in CONDITIONS:
+    raise ValueError(f"model.condition={m.condition!r}; expected one of {CONDITIONS}")
+  for key in ("cls_token_num", "caption_dim"):
+    if isinstance(m[key], bool) or not isinstance(m[key], int) or m[key] < 1:
+      raise ValueError(f"model.{key}={m[key]!r}; expected a positive integer")
+  if m.condition == "class" and m.cls_token_num != 1:
+    raise ValueError(
+      f"model.cls_token_num={m.cls_token_num} with model.condition='class'; expected 1 (a class "
+      "takes one position; 120 is the caption length of model.condition='text')"
     )
 
 
@@ -234,10 +261,14 @@ class Attention(nn.Module):
     b, s = o.shape[:2]
     return self.resid_dropout(self.wo(o.reshape(b, s, -1)), deterministic=self.deterministic)
 
-  def __call__(self, x, rope):
+  def __call__(self, x, rope, mask=None):
+    """mask: None (causal) or bool [B, 1, S, S], True where a query may read a key (text models)."""
     q, k, v = self.qkv(x, rope)
     # Grouped KV heads: query head n reads KV head n // (H / Hkv), as the release's repeat_interleave.
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    if mask is None:
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    else:
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask)
     return self.out(o)
 
 
@@ -265,8 +296,8 @@ class Block(nn.Module):
     self.ffn_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
     self.feed_forward = FeedForward(cfg, self.deterministic)
 
-  def __call__(self, x, rope):
-    x = x + self.attention(self.attention_norm(x), rope)
+  def __call__(self, x, rope, mask=None):
+    x = x + self.attention(self.attention_norm(x), rope, mask)
     x = x + self.feed_forward(self.ffn_norm(x))
     x = nn.with_logical_constraint(x, ("batch", None, None))
     return x, None  # (carry, output) so the same block runs under nn.scan.
@@ -293,17 +324,96 @@ class LabelEmbedder(nn.Module):
     return jnp.take(table, labels, axis=0).astype(cfg.dtype)[:, None, :]  # [B, 1, D]
 
 
-class GPT(nn.Module):
-  """__call__(tokens [B, h, w], labels [B], patch_size=k) -> logits [B, (h/k)*(w/k), V] (fp32).
+class CaptionEmbedder(nn.Module):
+  """Caption features [B, T, caption_dim] -> [B, T, D] through LlamaGen's bias-free two-layer MLP
+  (tanh-approximated GELU), after replacing the captions of `null` rows (and, in training, of a
+  class_dropout fraction of rows) by the fixed null caption of guidance.
 
-  Output position i predicts patch i of the grid cut into k x k patches; at k = 1 it is the plain
-  next-token model, and sampling only ever uses k = 1.
+  The null caption `uncond_embedding` [T, caption_dim] is drawn once at init, N(0, 1) /
+  sqrt(caption_dim), and never trained: it is a parameter only so that checkpoints, sharding and
+  conversion carry it like any other weight; no gradient reaches it (stop_gradient) and optim.adamw
+  zeroes its update. Its rows are not zeroed at padded positions; the caption's padding mask is kept
+  for it.
+  """
+
+  cfg: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, caption, null=None):
+    """caption [B, T, C] (any float dtype); null: optional bool [B], rows given the null caption."""
+    cfg = self.cfg
+    b, t, c = caption.shape
+    if (t, c) != (cfg.cls_token_num, cfg.caption_dim):
+      raise ValueError(
+        f"caption features of shape {caption.shape}; expected [batch, model.cls_token_num="
+        f"{cfg.cls_token_num}, model.caption_dim={cfg.caption_dim}]"
+      )
+    uncond = self.param(
+      "uncond_embedding",
+      nn.with_logical_partitioning(
+        nn.initializers.normal(1.0 / np.sqrt(cfg.caption_dim)), ("caption_tokens", "caption")
+      ),
+      (cfg.cls_token_num, cfg.caption_dim),
+      cfg.param_dtype,
+    )
+    uncond = jax.lax.stop_gradient(uncond)
+    drop = jnp.zeros((b,), bool) if null is None else null
+    if not self.deterministic and cfg.class_dropout > 0:
+      drop = drop | jax.random.bernoulli(self.make_rng("dropout"), cfg.class_dropout, (b,))
+    caption = jnp.where(drop[:, None, None], uncond[None].astype(caption.dtype), caption)
+    return CaptionMLP(cfg, name="cap_proj")(caption)
+
+
+class CaptionMLP(nn.Module):
+  """`cap_proj` of the release's state dict: fc1 (caption_dim -> dim), tanh GELU, fc2; no biases."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    h = _dense(cfg.dim, ("caption", "mlp"), cfg, "fc1")(x)
+    return _dense(cfg.dim, ("mlp", "embed"), cfg, "fc2")(nn.gelu(h, approximate=True))
+
+
+def caption_attention_mask(caption_mask: jax.Array, seq_len: int) -> jax.Array:
+  """[B, T] (True: a caption token, False: padding) -> bool [B, 1, S, S] over T text + S - T image
+  positions: causal, padded text columns hidden from every query, the diagonal always visible (so a
+  padded text row, which sees nothing else, still has a key). NPP.md, "Text to image"."""
+  b, t = caption_mask.shape
+  pos = jnp.arange(seq_len)
+  causal = pos[:, None] >= pos[None, :]
+  keys = jnp.concatenate([caption_mask.astype(bool), jnp.ones((b, seq_len - t), bool)], axis=1)
+  mask = (causal[None] & keys[:, None, :]) | jnp.eye(seq_len, dtype=bool)[None]
+  return mask[:, None]
+
+
+class GPT(nn.Module):
+  """__call__(tokens [B, h, w], cond, patch_size=k) -> logits [B, (h/k)*(w/k), V] (fp32).
+
+  cond: labels [B] (model.condition "class"), or caption features [B, T, caption_dim] left-padded
+  with caption_mask [B, T] (True at the caption's tokens; None: no padding) for "text". Output
+  position i predicts patch i of the grid cut into k x k patches, read from the last condition
+  position on; at k = 1 it is the plain next-token model, and sampling only ever uses k = 1. The
+  condition (one class slot or T caption positions) is whole at every k: only the image part is
+  aggregated into patches.
   """
 
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, tokens, labels, *, patch_size: int = 1, train: bool = False):
+  def __call__(
+    self,
+    tokens,
+    cond,
+    *,
+    caption_mask=None,
+    null_caption=None,
+    patch_size: int = 1,
+    train: bool = False,
+  ):
+    """null_caption: optional bool [B] (text): rows given the null caption (guidance, NLL)."""
     cfg = self.cfg
     b, h, w = tokens.shape
     k = patch_size
@@ -319,12 +429,17 @@ class GPT(nn.Module):
     )
     emb = tok_embeddings(tokens.reshape(b, h * w))
     patches = npp.aggregate(emb, (h, w), k)  # [B, n, D]
-    cond = LabelEmbedder(cfg, deterministic, name="cls_embedding")(labels)
-    x = npp.shift_inputs(cond, patches)  # [B, 1 + n - 1, D]
+    if cfg.condition == "text":
+      prefix = CaptionEmbedder(cfg, deterministic, name="cls_embedding")(cond, null_caption)
+    else:
+      prefix = LabelEmbedder(cfg, deterministic, name="cls_embedding")(cond)
+    x = npp.shift_inputs(prefix, patches)  # [B, T + n - 1, D]
     x = nn.Dropout(cfg.token_dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", None, None))
-    # RoPE runs on the patch grid of this stage, not on the token grid.
-    rope = jnp.asarray(rope_2d(h // k, w // k, cfg.head_dim, cfg.rope_base))[: x.shape[1]]
+    t, s = cfg.cls_token_num, x.shape[1]
+    # RoPE runs on the patch grid of this stage, not on the token grid; the T condition rows are 0.
+    rope = jnp.asarray(rope_2d(h // k, w // k, cfg.head_dim, cfg.rope_base, n_cond=t))[:s]
+    mask = None if caption_mask is None else caption_attention_mask(caption_mask, s)
 
     block = Block
     if cfg.remat != "none":
@@ -338,11 +453,13 @@ class GPT(nn.Module):
         length=cfg.n_layer,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, _ = stack(cfg, deterministic, name="layers")(x, rope)
+      x, _ = stack(cfg, deterministic, name="layers")(x, rope, mask)
     else:
       for i in range(cfg.n_layer):
-        x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, rope)
+        x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, rope, mask)
 
+    if t > 1:
+      x = x[:, t - 1 :]  # Position T - 1 predicts patch 0; earlier outputs are never scored.
     x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
     # The release zero-initialises the output layer, so a fresh model predicts a uniform distribution.
     logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "output", zero=True)(x)
@@ -356,10 +473,22 @@ class GPT(nn.Module):
 def abstract_params(cfg: GPTConfig):
   """The params tree as ShapeDtypeStructs wrapped in logical-partitioning boxes (jax.eval_shape)."""
   model = GPT(cfg)
+  tokens, cond = example_inputs(cfg)
+  return jax.eval_shape(lambda t, c: model.init(jax.random.key(0), t, c), tokens, cond)["params"]
+
+
+def example_inputs(cfg: GPTConfig, batch: int = 1, zeros: bool = False):
+  """(tokens [B, h, w], condition) of the shapes the model takes: ShapeDtypeStructs, or zeros to
+  init with. The condition: labels [B] for a class model, caption features [B, T, caption_dim] for
+  a text model."""
   h, w = cfg.grid
-  tokens = jax.ShapeDtypeStruct((1, h, w), jnp.int32)
-  labels = jax.ShapeDtypeStruct((1,), jnp.int32)
-  return jax.eval_shape(lambda t, l: model.init(jax.random.key(0), t, l), tokens, labels)["params"]
+  shapes = [((batch, h, w), jnp.int32)]
+  if cfg.condition == "text":
+    shapes.append(((batch, cfg.cls_token_num, cfg.caption_dim), jnp.float32))
+  else:
+    shapes.append(((batch,), jnp.int32))
+  make = jnp.zeros if zeros else jax.ShapeDtypeStruct
+  return tuple(make(shape, dtype) for shape, dtype in shapes)
 
 
 def param_shapes(model_config: ml_collections.ConfigDict):
@@ -406,6 +535,11 @@ def unstack_layers(params: dict) -> dict:
 CACHE_AXES = ("batch", "heads", None, None)
 
 
+def cache_length(cfg: GPTConfig) -> int:
+  """Positions a sampling cache holds: the T condition positions, every grid token but the last."""
+  return cfg.cls_token_num + cfg.grid[0] * cfg.grid[1] - 1
+
+
 def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=None) -> tuple:
   """Per-layer (k, v) caches of zeros, each [batch, n_kv_head, length, head_dim]."""
   shape = (batch, cfg.n_kv_head, length, cfg.head_dim)
@@ -413,8 +547,13 @@ def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=None) -> tuple:
   return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer))
 
 
-def _attend(q, keys, values, pos, cfg: GPTConfig):
-  """q [B, S, H, hd] at positions pos.. over cache entries keys/values [B, Hkv, T, hd] -> [B, S, H, hd]."""
+def _attend(q, keys, values, pos, cfg: GPTConfig, text_mask=None):
+  """q [B, S, H, hd] at positions pos.. over cache entries keys/values [B, Hkv, T, hd] ->
+  [B, S, H, hd].
+
+  text_mask: None (class models: causal), or bool [B, T_text] of a text model's caption positions
+  (True: a caption token): padded caption keys are hidden from every query, but a query always
+  sees its own key, as `caption_attention_mask` does in the full forward pass."""
   b, s = q.shape[:2]
   t = keys.shape[2]
   group = cfg.n_head // cfg.n_kv_head
@@ -426,7 +565,14 @@ def _attend(q, keys, values, pos, cfg: GPTConfig):
   scores = jnp.einsum("bkqd,bktd->bkqt", qg, keys, preferred_element_type=jnp.float32)
   scores = scores * (1.0 / np.sqrt(cfg.head_dim))
   query_pos = pos + jnp.tile(jnp.arange(s), group)  # Row g*S + i of qg is position pos + i.
-  visible = jnp.arange(t)[None, :] <= query_pos[:, None]  # [G*S, T]
+  key_pos = jnp.arange(t)
+  visible = key_pos[None, :] <= query_pos[:, None]  # [G*S, T]
+  if text_mask is not None:
+    keys_ok = jnp.concatenate(
+      [text_mask.astype(bool), jnp.ones((b, t - text_mask.shape[1]), bool)], axis=1
+    )  # [B, T]
+    diagonal = key_pos[None, :] == query_pos[:, None]
+    visible = ((visible[None] & keys_ok[:, None, :]) | diagonal[None])[:, None]  # [B, 1, G*S, T]
   scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
   o = jnp.einsum("bkqt,bktd->bkqd", probs, values)  # [B, Hkv, G*S, hd]
@@ -434,7 +580,7 @@ def _attend(q, keys, values, pos, cfg: GPTConfig):
   return o.reshape(b, s, cfg.n_head, cfg.head_dim)
 
 
-def _cached_attention(attention: Attention, x, rope, cache, pos):
+def _cached_attention(attention: Attention, x, rope, cache, pos, text_mask=None):
   """x [B, S, D] at positions pos .. pos+S-1 -> (residual branch [B, S, D], updated (k, v) cache).
 
   Attention reads the whole cache and masks the entries past the current position. Reading only the
@@ -451,15 +597,18 @@ def _cached_attention(attention: Attention, x, rope, cache, pos):
   v_cache = jax.lax.dynamic_update_slice(
     v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, pos, 0)
   )
-  return attention.out(_attend(q, k_cache, v_cache, pos, cfg)), (k_cache, v_cache)
+  o = _attend(q, k_cache, v_cache, pos, cfg, text_mask)
+  return attention.out(o), (k_cache, v_cache)
 
 
 class Decoder(nn.Module):
   """GPT's parameters run incrementally against per-layer KV caches (sampling; always k = 1).
 
   Parameter names match GPT's unscanned layout, so `Decoder(cfg).apply({"params": unstack_layers(p)}, ...)`
-  takes a trained GPT's parameters. Position 0 is the class embedding, position t >= 1 holds token t - 1
-  of the raster-order grid, and the output at position t predicts token t.
+  takes a trained GPT's parameters. Positions 0 .. T-1 hold the condition (T = cls_token_num: the
+  class embedding, or the caption's T projected features), position T - 1 + t (t >= 1) holds token
+  t - 1 of the raster-order grid, and the output at position T - 1 + t predicts token t. A cache
+  holds T + n - 1 positions (`cache_length`).
   """
 
   cfg: GPTConfig
@@ -473,7 +622,10 @@ class Decoder(nn.Module):
       param_dtype=cfg.param_dtype,
       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
     )
-    self.cls_embedding = LabelEmbedder(cfg)
+    if cfg.condition == "text":
+      self.cls_embedding = CaptionEmbedder(cfg)
+    else:
+      self.cls_embedding = LabelEmbedder(cfg)
     self.layers = [Block(cfg) for _ in range(cfg.n_layer)]  # Named layers_0 .. layers_{n-1}.
     self.norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
     self.output = nn.Dense(
@@ -492,19 +644,26 @@ class Decoder(nn.Module):
     """labels [B] (num_classes = the null class) -> [B, 1, D]."""
     return self.cls_embedding(labels)
 
-  def __call__(self, x, cache, pos):
+  def embed_caption(self, caption, null=None):
+    """caption features [B, T, caption_dim] (left-padded), null: optional bool [B] (rows given the
+    null caption of guidance) -> [B, T, D]."""
+    return self.cls_embedding(caption, null)
+
+  def __call__(self, x, cache, pos, text_mask=None):
     """x [B, S, D] embeddings at positions pos .. pos+S-1 -> (logits [B, S, V] fp32, updated cache).
 
     S = 1 is one decode step; S > 1 fills several positions at once (a prefill). pos may be traced.
+    text_mask: a text model's caption mask bool [B, T] (True: a caption token; see `_attend`),
+    given at every call; None for class models (and for a caption without padding).
     """
     cfg = self.cfg
     s = x.shape[1]
-    table = jnp.asarray(rope_2d(*cfg.grid, cfg.head_dim, cfg.rope_base))
-    rope = jax.lax.dynamic_slice_in_dim(table, pos, s)
+    table = rope_2d(*cfg.grid, cfg.head_dim, cfg.rope_base, n_cond=cfg.cls_token_num)
+    rope = jax.lax.dynamic_slice_in_dim(jnp.asarray(table), pos, s)
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
       h, layer_cache = _cached_attention(
-        layer.attention, layer.attention_norm(x), rope, layer_cache, pos
+        layer.attention, layer.attention_norm(x), rope, layer_cache, pos, text_mask
       )
       x = x + h
       x = x + layer.feed_forward(layer.ffn_norm(x))
