@@ -293,6 +293,14 @@ def extract_config() -> ml_collections.ConfigDict:
   e.output = ""  # Code data set directory; "" is WORKDIR/codes.
   e.keep_shards = False  # Keep WORKDIR/extract_tmp/<split> after the data set is written.
   e.num_threads = 0  # Host threads decoding and cropping images; 0: min(16, CPU count).
+  # Text to image: a caption code data set (npp_jax.data.captions) from LlamaGen's image + caption
+  # index (a .jsonl file, or a folder of them: {"image_path": ..., "text": [...]} a line), captions
+  # encoded by the Hugging Face T5 folder text_encoder (LlamaGen: flan-t5-xl). "": class codes.
+  e.captions = ""
+  e.caption_key = "text"  # The field holding the caption (or a list of them) in each line.
+  e.caption_index = 0  # Which caption when the field holds a list (LAION-COCO's: 0 is BLIP's).
+  e.text_encoder = ""  # The T5 folder: config.json, spiece.model, safetensors or a .bin.
+  e.text_dtype = "bfloat16"  # T5's parameter and compute dtype (LlamaGen runs it in bf16).
   return e
 
 

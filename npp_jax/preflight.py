@@ -477,6 +477,10 @@ def _extract(config, work, num_devices, process_count, *, weights: bool = True) 
     if not path:
       raise ValueError(f"extract.vq_checkpoint is empty; expected {VQ_WANTED}")
     expect_weights("extract.vq_checkpoint", path, VQ_KINDS, VQ_WANTED)
+  if config.extract.get("captions"):  # Index and T5 folder (jobs/extract.py holds the checks).
+    from npp_jax.jobs import extract
+
+    extract.CaptionExtractSettings.from_config(config)
 
 
 def _train_vq(config, work, num_devices, process_count) -> None:
