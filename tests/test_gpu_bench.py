@@ -91,7 +91,7 @@ def test_train_lines(lines):
     assert line["flop_model"].startswith("costs.train_step_flops")
     assert line["remat"] in ("none", "dots", "full") and line["remat_skipped"] == []
     assert line["compile_s"] > 0 and line["program_gib"] > 0
-    # No CPU peak in costs.PEAK_FLOPS, no memory statistics on CPU: stated as null, not guessed.
+    # No CPU row in npp_jax/chips.py, no memory statistics on CPU: stated as null, not guessed.
     assert line["peak_tflops"] is None and line["mfu"] is None and line["process_peak_gib"] is None
     # A zero-initialised output layer predicts uniformly: the loss starts at log(vocab = 256).
     assert math.isfinite(line["loss"]) and abs(line["loss"] - math.log(256)) < 0.05
