@@ -89,7 +89,7 @@ def get_config(arg: str | None = None):
   if arg in ("smoke", "text_smoke"):  # Every stage in seconds, for the tests.
     c.model.n_layer, c.model.n_head, c.model.dim = 1, 1, 32
     c.vq_train.steps, c.vq_train.batch_size = 20, 32
-    c.train.epochs = 4
+    c.train.epochs = 2  # The fewest that keep both NPP stages: k = 2 for 1 epoch, then k = 1.
     c.train.global_batch_size = 256  # Divides over 1, 2, 4 or 8 devices (the tests use 8).
     c.train.log_every_steps = 1
     c.sample.num_images, c.sample.batch_size = 80, 80

@@ -33,7 +33,7 @@ from npp_jax.rules import optional
 DTYPE_NAMES = rules.DTYPE_NAMES
 _get, _expect, _is_int, _is_num = rules.get, rules.expect, rules.is_int, rules.is_num
 
-MODES = ("train", "sample", "extract", "train_vq", "demo", "evaluate")
+MODES = ("train", "sample", "extract", "train_vq", "demo", "evaluate", "compile")
 AUGS = ("tencrop", "flip", "none")
 
 
@@ -381,6 +381,7 @@ def check(
     "train_vq": _train_vq,
     "demo": _demo,
     "evaluate": _evaluate,
+    "compile": _compile,
   }[mode](config, work, num_devices, process_count)
 
 
@@ -477,6 +478,10 @@ def _extract(config, work, num_devices, process_count, *, weights: bool = True) 
     if not path:
       raise ValueError(f"extract.vq_checkpoint is empty; expected {VQ_WANTED}")
     expect_weights("extract.vq_checkpoint", path, VQ_KINDS, VQ_WANTED)
+  if config.extract.get("captions"):  # Index and T5 folder (jobs/extract.py holds the checks).
+    from npp_jax.jobs import extract
+
+    extract.CaptionExtractSettings.from_config(config)
 
 
 def _train_vq(config, work, num_devices, process_count) -> None:
@@ -489,6 +494,13 @@ def _train_vq(config, work, num_devices, process_count) -> None:
     raise ValueError(
       "vq_train.l1_weight and vq_train.l2_weight are both 0; expected a reconstruction loss"
     )
+
+
+def _compile(config, work, num_devices, process_count) -> None:
+  del work, num_devices, process_count  # The run's devices are the slice's, not this machine's.
+  from npp_jax.jobs import compile as compile_job
+
+  compile_job.check(config, None)
 
 
 def _demo(config, work, num_devices, process_count) -> None:

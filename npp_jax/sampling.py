@@ -1,8 +1,11 @@
-"""Class-conditional sampling, a library: the jitted KV-cache sampler and what surrounds it.
+"""Sampling, a library: the jitted KV-cache sampler and what surrounds it.
 
 The final NPP model is a plain next-token model (NPP.md 5), so sampling is LlamaGen's: condition on
 the class embedding, decode the grid in raster order, classifier-free guidance through a second
 batch half that holds the null class, then temperature, top-k and top-p as the release applies them.
+A text model (model.condition="text") prefills its T left-padded caption positions instead, with
+the caption's padding mask, and guides against the null caption under the same mask (NPP.md, "Text
+to image").
 
 Reproducibility: sample i of a run draws its randomness from fold_in(seed key, i) and step t from
 fold_in(that, t), so a sample depends on its global index only, never on the batch size, the batch
