@@ -52,7 +52,7 @@ def test_text_demo_smoke_end_to_end(tmp_path):
   for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
     assert f"=== {stage}" in stdout
   report = json.load(open(os.path.join(workdir, "report.json")))
-  assert report["train"]["stages"] == [[2, 2.0], [1, 2.0]]  # NPP: k = 2, then 1.
+  assert [k for k, _ in report["train"]["stages"]] == [2, 1]  # NPP: k = 2, then 1.
   assert 0.0 <= report["held_out_sample_accuracy"] <= 1.0 and report["num_samples"] == 80
   assert report["classifier_test_accuracy"] > 0.5
   # Trained on training phrasings only.
