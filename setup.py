@@ -58,6 +58,9 @@ setuptools.setup(
       # save_pretrained. Base transformers only (no TensorFlow or Flax extras); v5's T5Tokenizer.
       "transformers>=5.25.0",
       "safetensors>=0.8.0",
+      # --mode=compile compiles for TPU slices on any machine (jax.experimental.topologies); jax
+      # 0.10.2's own `tpu` extra pins 0.0.42.*. Wheels: Linux x86_64 only (elsewhere those tests skip).
+      'libtpu~=0.0.42.1; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
   },
 )

@@ -3,6 +3,8 @@
   python -m npp_jax.main --mode=demo --config=configs/demo.py --workdir=workdir/demo
   python -m npp_jax.main --mode=demo --config=configs/demo.py --config.demo.seeds=2 ...  # a spread
   python -m npp_jax.main --mode=demo --config=configs/demo.py:smoke ...   # seconds, for the tests
+  python -m npp_jax.main --mode=demo --config=configs/demo.py:text ...    # captions (demo/text.py)
+  python -m npp_jax.main --mode=demo --config=configs/demo.py:text_smoke ...
 
 32x32 digits through a VQ with two downsamplings -> an 8x8 code grid: every token costs a quarter of a
 16x16 grid's, which buys a GPT wide and deep enough to learn its class condition in minutes.
@@ -16,7 +18,7 @@ from npp_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.config_arg(arg, "smoke")
+  arg = config_lib.config_arg(arg, "smoke", "text", "text_smoke")
   c = config_lib.base_config()
   # Small channel counts: XLA's CPU convolutions cost about as much at any width below 32.
   c.vq.ch, c.vq.ch_mult, c.vq.num_res_blocks = 16, (1, 2, 2), 1  # Two downsamplings: 32 px -> 8x8.
@@ -79,13 +81,19 @@ def get_config(arg: str | None = None):
   c.demo.seeds = (
     1  # GPT seeds per row (the VQ and the scorer are shared); 2 or more give the table a spread.
   )
-  if arg == "smoke":  # Every stage in seconds, for the tests.
+  if arg.startswith("text"):
+    # npp_jax/demo/text.py: captions of up to 8 tokens (the longest phrasing has 4 words and EOS)
+    # from a random-weight T5 as wide as the model's condition.
+    c.model.condition, c.model.cls_token_num, c.model.caption_dim = "text", 8, 64
+    c.sample.images_per_caption = 13  # 40 held-out captions (2 phrasings x 2 words x 10 digits).
+  if arg in ("smoke", "text_smoke"):  # Every stage in seconds, for the tests.
     c.model.n_layer, c.model.n_head, c.model.dim = 1, 1, 32
     c.vq_train.steps, c.vq_train.batch_size = 20, 32
-    c.train.epochs = 4
+    c.train.epochs = 2  # The fewest that keep both NPP stages: k = 2 for 1 epoch, then k = 1.
     c.train.global_batch_size = 256  # Divides over 1, 2, 4 or 8 devices (the tests use 8).
     c.train.log_every_steps = 1
     c.sample.num_images, c.sample.batch_size = 80, 80
     c.demo.classifier_epochs = 1
     c.demo.grid_cols = 8
+    c.sample.images_per_caption = 2
   return c

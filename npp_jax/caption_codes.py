@@ -7,8 +7,8 @@ axes; the rows are gathered, put back in index order, and process 0 writes them
 size (LlamaGen's t2i data set refuses both), becomes an invalid example and is counted; its caption
 is kept.
 
-`encode_batch` is one batch (what a resumable job runs per shard); `extract_captions` runs them all
-into a writer, in one pass.
+`encode_batch` is one batch: `--mode=extract` with extract.captions (npp_jax.jobs.extract) runs it
+per shard, resumably; `extract_captions` runs them all into a writer, in one pass (notebooks, tests).
 """
 
 import dataclasses

@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.train.profile = False
   c.train.peak_flops_per_device = (
-    0.0  # For MFU where the device is not in costs.PEAK_FLOPS (0: look up).
+    0.0  # For MFU where the device is not in chips.CHIPS (0: look up).
   )
   # Held-out k = 1 NLL and class information (eval/ in TensorBoard) at the end of every stage and, when > 0,
   # every eval_every_steps steps; on the first eval_batches batches of data.eval_split (0 batches: no eval).
@@ -128,7 +128,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq_train = vq_train_config()
   c.extract = extract_config()
   c.evaluate = evaluate_config()
+  c.compile = compile_config()
   return c
+
+
+def compile_config() -> ml_collections.ConfigDict:
+  """`--mode=compile` (npp_jax.jobs.compile): every program of the run compiled for a TPU slice."""
+  p = ml_collections.ConfigDict()
+  # GENERATION:AxB (v5e, v6e) or GENERATION:AxBxC (v5p): "v5e:2x2", "v5p:4x4x4", "v6e:8x8".
+  p.topology = ""
+  p.headroom = 0.1  # Fraction of each chip's HBM kept free: a program fits in (1 - headroom) x HBM.
+  # () compiles every program of the run; or names: train_k4, train_k2, train_k1 (the schedule's k),
+  # eval, extract_encode.
+  p.programs = ()
+  p.num_examples = (
+    1_281_167  # Images per epoch for the schedule and the epoch estimate (ImageNet train).
+  )
+  return p
 
 
 def evaluate_config() -> ml_collections.ConfigDict:
@@ -293,6 +309,14 @@ def extract_config() -> ml_collections.ConfigDict:
   e.output = ""  # Code data set directory; "" is WORKDIR/codes.
   e.keep_shards = False  # Keep WORKDIR/extract_tmp/<split> after the data set is written.
   e.num_threads = 0  # Host threads decoding and cropping images; 0: min(16, CPU count).
+  # Text to image: a caption code data set (npp_jax.data.captions) from LlamaGen's image + caption
+  # index (a .jsonl file, or a folder of them: {"image_path": ..., "text": [...]} a line), captions
+  # encoded by the Hugging Face T5 folder text_encoder (LlamaGen: flan-t5-xl). "": class codes.
+  e.captions = ""
+  e.caption_key = "text"  # The field holding the caption (or a list of them) in each line.
+  e.caption_index = 0  # Which caption when the field holds a list (LAION-COCO's: 0 is BLIP's).
+  e.text_encoder = ""  # The T5 folder: config.json, spiece.model, safetensors or a .bin.
+  e.text_dtype = "bfloat16"  # T5's parameter and compute dtype (LlamaGen runs it in bf16).
   return e
 
 

@@ -8,23 +8,12 @@ import dataclasses
 
 import jax
 
+from npp_jax import chips
 from npp_jax import npp
 from npp_jax.models.gpt import GPTConfig
 
-# Dense bf16 peak per device, FLOP/s, by jax device_kind prefix. CPU has none: MFU is then not reported
-# unless train.peak_flops_per_device says otherwise.
-PEAK_FLOPS = {
-  "NVIDIA H200": 989e12,
-  "NVIDIA H100": 989e12,
-  "NVIDIA A100": 312e12,
-  "TPU v4": 275e12,
-  "TPU v5 lite": 197e12,
-  "TPU v5e": 197e12,
-  "TPU v5p": 459e12,
-  "TPU v5": 459e12,
-  "TPU v6 lite": 918e12,
-  "TPU v6e": 918e12,
-}
+# Dense bf16 peak per device: npp_jax/chips.py's table (one table for MFU and --mode=compile). CPU
+# has none: MFU is then not reported unless train.peak_flops_per_device says otherwise.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +62,8 @@ def cumulative_relative_cost(schedule: npp.Schedule, cfg: GPTConfig, step: int) 
 def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
   if override > 0:
     return override
-  kind = (device or jax.devices()[0]).device_kind
-  for prefix, peak in PEAK_FLOPS.items():
-    if kind.startswith(prefix):
-      return peak
-  return None
+  chip = chips.chip_of_kind((device or jax.devices()[0]).device_kind)
+  return chip.peak_flops if chip else None
 
 
 def mfu(

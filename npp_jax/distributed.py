@@ -5,8 +5,21 @@ without starting processes; `initialize` hands its result to `jax.distributed.in
 only JAX_COORDINATOR_ADDRESS from the environment, so JAX_NUM_PROCESSES and JAX_PROCESS_ID are read here.
 """
 
+import atexit
 import dataclasses
-from typing import Mapping
+import os
+import sys
+import threading
+import time
+from typing import Callable, Mapping
+
+# How long a process may go without a heartbeat before the others declare it lost and end
+# (--heartbeat_timeout_seconds; JAX's own default). Shorter finds a dead host sooner; a process
+# must still beat through its longest stall (the GIL held, swapping), or a slow one counts as lost.
+HEARTBEAT_TIMEOUT_SECONDS = 100
+# Exit status of a process whose run lost another process: the same command resumes it (as a
+# preemption's EXIT_PREEMPTED, a launcher may requeue on it).
+EXIT_PROCESS_LOST = 76
 
 _ENV = {
   "coordinator_address": "JAX_COORDINATOR_ADDRESS",
@@ -23,6 +36,7 @@ class Launch:
   num_processes: int | None
   process_id: int | None
   cluster: str | None  # The scheduler found in the environment ("slurm", "tpu", "mpi"), or None.
+  heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS
 
 
 def detect_cluster(env: Mapping[str, str]) -> tuple[str | None, bool]:
@@ -107,19 +121,31 @@ def resolve(
   return Launch(address, count, pid, cluster)
 
 
-def initialize(launch: Launch) -> None:
-  """jax.distributed.initialize for `launch`, before anything touches a JAX backend."""
+def initialize(launch: Launch, resume_hint: Callable[[], str] | None = None) -> None:
+  """jax.distributed.initialize for `launch`, before anything touches a JAX backend.
+
+  When a process goes silent (no heartbeat through the coordination service for
+  launch.heartbeat_timeout_seconds: a SIGKILL, a host that died), every other process ends at once
+  with one line on stderr, last: the lost process and how the run resumes (`resume_hint()`, e.g.
+  "from step 16"), exit status EXIT_PROCESS_LOST. Without this, JAX aborts the survivors after its
+  heartbeat timeout with the cause above a thread dump of hundreds of lines.
+  """
   import jax
 
   # Collectives between CPU processes (tests on loopback, CPU-only hosts) need an implementation; gloo is
   # this JAX's default, but "none" (set by a user or an older default) would make every psum a hang.
   if jax.config.jax_cpu_collectives_implementation in (None, "none"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if launch.heartbeat_timeout_seconds < 1:
+    raise ValueError(
+      f"--heartbeat_timeout_seconds={launch.heartbeat_timeout_seconds}; expected an integer >= 1"
+    )
   try:
     jax.distributed.initialize(
       coordinator_address=launch.coordinator_address,
       num_processes=launch.num_processes,
       process_id=launch.process_id,
+      heartbeat_timeout_seconds=2 * launch.heartbeat_timeout_seconds,  # The backstop (`_watch`).
     )
   except ValueError as e:
     if launch.cluster is None and launch.coordinator_address is None:
@@ -130,3 +156,108 @@ def initialize(launch: Launch) -> None:
         "--num_processes and --process_id"
       ) from None
     raise
+  _watch(launch, resume_hint)
+
+
+def _watch(launch: Launch, resume_hint: Callable[[], str] | None) -> None:
+  """A daemon thread: this process's heartbeat in the coordination service's key-value store, and
+  every other process's read back; one silent for launch.heartbeat_timeout_seconds (or the
+  coordination service gone with process 0) ends this process with `_lost`'s line.
+
+  Why not JAX's own heartbeat: its client ends a process through a missed-heartbeat callback that
+  aborts (the cause above a thread dump), and a Python callback cannot replace it in jaxlib 0.10.2
+  (the status argument has no Python type: std::bad_cast). JAX's heartbeat stays on as a backstop
+  at twice the timeout."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+
+  client = jax_distributed.global_state.client
+  me, n = jax_distributed.global_state.process_id, jax_distributed.global_state.num_processes
+  timeout = float(launch.heartbeat_timeout_seconds)
+  # A process that ends normally stops watching and says so first: atexit runs this before JAX's
+  # own shutdown (registered earlier, run later), after which the service may be gone, and while
+  # the others may still work for longer than the timeout.
+  done = threading.Event()
+
+  def stop() -> None:
+    done.set()
+    try:
+      client.key_value_set(f"{_ALIVE}{me}", _EXITED, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  # The service is gone: nobody is watching.
+      pass
+
+  atexit.register(stop)
+
+  def beat() -> None:
+    seen = {p: (None, time.monotonic()) for p in range(n)}
+    count = 0
+    while True:
+      count += 1
+      try:
+        client.key_value_set(f"{_ALIVE}{me}", str(count), allow_overwrite=True)
+        # Keys come back whole or relative to the directory, by jaxlib version: the last part is the id.
+        values = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(_ALIVE)}
+      except Exception as e:  # pylint: disable=broad-except  # The service went with process 0.
+        if done.is_set():
+          return
+        from absl import logging  # pylint: disable=import-outside-toplevel
+
+        logging.warning("The coordination service did not answer: %s", " ".join(str(e).split()))
+        _lost("process 0 (the coordinator)", resume_hint)
+      now = time.monotonic()
+      for p in range(n):
+        value = values.get(str(p))
+        if value != seen[p][0]:
+          seen[p] = (value, now)
+      silent = [
+        p
+        for p in range(n)
+        if p != me and now - seen[p][1] > timeout and values.get(str(p)) != _EXITED
+      ]
+      if silent and not done.is_set():
+        _lost(f"process {', '.join(map(str, silent))}", resume_hint)
+      if done.wait(min(1.0, timeout / 5)):
+        return
+
+  threading.Thread(target=beat, name="npp_jax_heartbeat", daemon=True).start()
+
+
+_ALIVE = "npp_jax/alive/"
+_EXITED = "exited"
+
+
+def _lost(who: str, resume_hint: Callable[[], str] | None) -> None:
+  """One line, last on stderr, then this process ends (other threads may be stuck in a
+  collective with the lost process: nothing else would end them)."""
+  try:
+    resume = resume_hint() if resume_hint else "from its last saved work"
+  except Exception:  # pylint: disable=broad-except  # The line must be printed whatever happens.
+    resume = "from its last saved work"
+  try:
+    from absl import logging  # pylint: disable=import-outside-toplevel
+
+    logging.flush()
+    sys.stdout.flush()
+  finally:
+    sys.stderr.write(
+      f"error: lost JAX {who} (its host died or it was killed: no heartbeat within "
+      f"--heartbeat_timeout_seconds); the same command resumes the run {resume}\n"
+    )
+    sys.stderr.flush()
+    os._exit(EXIT_PROCESS_LOST)  # pylint: disable=protected-access
+
+
+def resume_hint(mode: str, workdir: str) -> Callable[[], str]:
+  """Where the same command picks up, read when a process is lost: a training run's last finished
+  checkpoint in WORKDIR/checkpoints; other jobs keep the shards they finished."""
+
+  def hint() -> str:
+    if mode != "train":
+      return "from the work it has saved"
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    from npp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+
+    steps = checkpoints._finished_steps(epath.Path(workdir) / "checkpoints")  # pylint: disable=protected-access
+    return f"from step {steps[-1]}" if steps else "from step 0 (no checkpoint was saved yet)"
+
+  return hint

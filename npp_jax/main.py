@@ -4,6 +4,7 @@ Flags -> the job of --mode (npp_jax.jobs) -> its check, before anything compiles
 exit status 75 when a SIGTERM stopped the job after saving (the same command resumes).
 """
 
+import dataclasses
 import os
 import sys
 
@@ -32,6 +33,12 @@ flags.DEFINE_integer("num_processes", None, "Processes in this run (else JAX_NUM
 flags.DEFINE_integer(
   "process_id", None, "This process, 0 .. num_processes - 1 (else JAX_PROCESS_ID)."
 )
+flags.DEFINE_integer(
+  "heartbeat_timeout_seconds",
+  100,
+  "Several processes: seconds without a heartbeat before the coordination service declares a "
+  "process dead (a killed process, a host that died) and ends the others with one line.",
+)
 flags.DEFINE_bool("traceback", False, "Show the full traceback of a bad-input error, not one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -49,6 +56,11 @@ def _run():
     logging.set_verbosity(logging.WARNING)
   import jax  # After absl parsed the flags: JAX reads its own (e.g. --jax_platforms) at import.
 
+  if FLAGS.mode == "compile":
+    # Its TPU devices are libtpu's compile-only topology; the process itself runs on the CPU, so
+    # libtpu's TPU backend is not started (its start-up warnings would reach the console).
+    jax.config.update("jax_platforms", "cpu")
+
   from npp_jax import distributed
   from npp_jax import loop
 
@@ -56,7 +68,8 @@ def _run():
     FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, os.environ
   )
   if launch is not None:
-    distributed.initialize(launch)
+    launch = dataclasses.replace(launch, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+    distributed.initialize(launch, distributed.resume_hint(FLAGS.mode, FLAGS.workdir))
   logging.info(
     "JAX process %d/%d, %d local / %d global devices (%s).",
     jax.process_index(),

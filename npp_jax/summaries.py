@@ -28,10 +28,7 @@ class MetricWriter:
     if logdir is not None and "://" in os.fspath(logdir):
       self._events = _ObjectEventWriter(os.fspath(logdir))
     elif logdir is not None:
-      # Imported here: the `tensorboard` wheel is only needed by the process that writes event files.
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-      self._events = EventFileWriter(os.fspath(logdir))
+      self._events = _LocalEventWriter(os.fspath(logdir))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {tag: float(np.asarray(v)) for tag, v in scalars.items()}
@@ -101,6 +98,42 @@ class MetricWriter:
       self._events = None
 
 
+def _event_file_name() -> str:
+  import socket
+
+  return f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+
+
+class _LocalEventWriter:
+  """Event records appended to a local file. tensorboard's EventFileWriter does the same, but opens
+  the file through TF's gfile whenever TensorFlow is importable, and importing TensorFlow costs
+  about 4 CPU seconds in every process that writes events (the demo, every training run)."""
+
+  def __init__(self, logdir: str):
+    # Imported here: the `tensorboard` wheel is only needed by the process that writes event files.
+    from etils import epath
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    path = epath.Path(logdir) / _event_file_name()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    self._file = path.open("wb")
+    self._records = RecordWriter(self._file)
+    self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def add_event(self, event) -> None:
+    # Flushed at once: a record is written every few seconds at most, and TensorBoard sees it live.
+    self._records.write(event.SerializeToString())
+    self._file.flush()
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    if not self._file.closed:
+      self._file.close()
+
+
 class _ObjectEventWriter:
   """Event records for a gs:// (any epath scheme) logdir. tensorboard's EventFileWriter goes through TF's
   gfile when TensorFlow is importable, and TF's GCS client ignores STORAGE_EMULATOR_HOST and gcsfs's
@@ -109,15 +142,12 @@ class _ObjectEventWriter:
 
   def __init__(self, logdir: str, flush_secs: float = 120.0):
     import io
-    import socket
 
     from etils import epath
     from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    self._path = epath.Path(logdir) / (
-      f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-    )
+    self._path = epath.Path(logdir) / _event_file_name()
     self._path.parent.mkdir(parents=True, exist_ok=True)
     self._buf, self._flush_secs, self._last = io.BytesIO(), flush_secs, time.monotonic()
     self._records = RecordWriter(self._buf)

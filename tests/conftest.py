@@ -31,3 +31,41 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import sys  # noqa: E402
 
 sys.modules.setdefault("triton", None)
+
+
+# --dist loadfile hands whole files to the two workers, one at a time, from a work queue. xdist's
+# default queue puts the files with the most tests first, and so the slowest files last
+# (test_gcs.py: 5 tests, test_demo.py: 3, each minutes long): one worker ran them alone while
+# the other sat idle. Here the slowest files go first (longest job first), then the rest as xdist
+# orders them. From timings on 2 cores (Intel Xeon, 2026-12); a stale list costs balance only.
+_SLOWEST_FIRST = (
+  "test_gcs.py",
+  "test_demo.py",
+  "test_train.py",
+  "test_bad_inputs.py",
+  "test_evaluate.py",
+  "test_sample_metrics.py",
+  "test_sample.py",
+  "test_multiprocess.py",
+)
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below.
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  import collections
+
+  def path(item):
+    return item.nodeid.split("::")[0]
+
+  counts = collections.Counter(path(item) for item in items)
+
+  def rank(item):
+    name = os.path.basename(path(item))
+    first = _SLOWEST_FIRST.index(name) if name in _SLOWEST_FIRST else len(_SLOWEST_FIRST)
+    return first, -counts[path(item)], path(item)
+
+  items.sort(key=rank)  # Stable: the order within a file is kept.

@@ -506,6 +506,7 @@ FIELD_CASES = [
   ),
   ("demo", {"demo.classifier_epochs": 0}, "demo.classifier_epochs=0; expected a positive integer"),
   ("demo", {"train.log_every_steps": 0}, "train.log_every_steps=0; expected a positive integer"),
+  ("compile", {"compile.headroom": 1.5}, "compile.headroom=1.5; expected a number in [0, 1)"),
 ]
 _FIELD_CONFIGS = {
   "train": "configs/tiny.py",
@@ -514,6 +515,7 @@ _FIELD_CONFIGS = {
   "extract": "configs/demo.py:smoke",
   "train_vq": "configs/demo.py:smoke",
   "demo": "configs/demo.py:smoke",
+  "compile": "configs/tiny.py",
 }
 
 

@@ -3,7 +3,7 @@
 
 import json
 
-import jax
+import fixtures  # tests/ is on sys.path
 import ml_dtypes
 import numpy as np
 from PIL import Image
@@ -47,7 +47,7 @@ def test_extract_captions(tmp_path):
   config.mesh.shape = (8, 1, 1)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(config.mesh)
   cfg = vq.VQConfig.from_config(config.vq)
-  params = jax.jit(lambda key: vq.init_params(cfg, key))(jax.random.key(0))  # One compile.
+  params = fixtures.random_vq_params(cfg, 0)
   folder = t5_helpers.write_folder(
     tmp_path / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece()
   )

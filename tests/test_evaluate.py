@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import fixtures  # tests/ is on sys.path
 import jax
 import numpy as np
 import pytest
@@ -265,9 +266,7 @@ def test_sample_mode_scores_what_it_wrote(files, tmp_path):
     1,
     16,
   )
-  checkpoints.save_params(
-    tmp_path / "vq", vq.init_params(vq.VQConfig.from_config(v), jax.random.key(0))
-  )
+  checkpoints.save_params(tmp_path / "vq", fixtures.random_vq_params(vq.VQConfig.from_config(v), 0))
   overrides = {
     f"model.{k}": model[k]
     for k in ("n_layer", "n_head", "dim", "vocab_size", "num_classes", "multiple_of", "grid")

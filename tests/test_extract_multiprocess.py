@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-import jax
+import fixtures  # tests/ is on sys.path
 import numpy as np
 import pytest
 from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
@@ -34,7 +34,7 @@ def test_two_processes_extract_the_one_process_data_set(tmp_path):
   config = config_lib.load("configs/demo.py:smoke")
   cfg = vq.VQConfig.from_config(config.vq)
   vq_dir = str(tmp_path / "vq")
-  checkpoints.save_params(vq_dir, jax.device_get(vq.init_params(cfg, jax.random.key(3))))
+  checkpoints.save_params(vq_dir, fixtures.random_vq_params(cfg, 3))
   overrides = {**OVERRIDES, "extract.vq_checkpoint": vq_dir}
 
   two = str(tmp_path / "two")

@@ -1,13 +1,15 @@
-"""A gs:// workdir end to end, as a pod user runs it: the real CLI trains, resumes, samples and extracts with
-its workdir in a bucket served on loopback by a GCS emulator (gcp-storage-emulator, in memory). Both GCS
-clients the run uses are pointed at it: etils.epath's gcsfs (STORAGE_EMULATOR_HOST; EPATH_USE_TF=0, since
-TF's GCS client has no endpoint setting) and tensorstore, which writes orbax's arrays
-(TENSORSTORE_GCS_HTTP_URL; GOOGLE_AUTH_TOKEN_FOR_TESTING stops it looking for credentials). The bucket is
-checked through the emulator's own JSON API, not through the clients under test."""
+"""A gs:// workdir end to end, as a pod user runs it: the real CLI trains, resumes, samples and
+extracts with its workdir in a bucket served on loopback by a GCS emulator (gcp-storage-emulator, in
+memory, with the fixes of tests/gcs_emulator.py). Both GCS clients the run uses are pointed at it:
+etils.epath's gcsfs (STORAGE_EMULATOR_HOST; EPATH_USE_TF=0, since TF's GCS client has no endpoint
+setting) and tensorstore, which writes orbax's arrays (TENSORSTORE_GCS_HTTP_URL;
+GOOGLE_AUTH_TOKEN_FOR_TESTING stops it looking for credentials). The bucket is checked through the
+emulator's own JSON API, not through the clients under test."""
 
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,13 +17,13 @@ import time
 import urllib.parse
 import urllib.request
 
-import jax
 import numpy as np
 import pytest
 
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
+import fixtures  # noqa: E402  (tests/ is on sys.path)
 from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
 from test_multiprocess import _env  # noqa: E402
 from test_multiprocess import _free_port  # noqa: E402
@@ -29,9 +31,9 @@ from test_train import make_codes  # noqa: E402
 
 from npp_jax import checkpoints  # noqa: E402
 from npp_jax import config_lib  # noqa: E402
-from npp_jax.data import code_dataset  # noqa: E402
 from npp_jax import files  # noqa: E402
 from npp_jax import preflight  # noqa: E402
+from npp_jax.data import code_dataset  # noqa: E402
 from npp_jax.models import vq  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,11 +41,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  """(emulator URL, environment for CLI processes); the emulator runs as a subprocess for this module."""
+  """(emulator URL, environment for CLI processes, emulator log); the emulator runs as a subprocess
+  for this module."""
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   log = open(tmp_path_factory.mktemp("emulator") / "log.txt", "w")
-  # tests/gcs_emulator.py: the emulator plus the generation headers real GCS sends and tensorstore needs.
+  # tests/gcs_emulator.py: the emulator, answering as real GCS does where the clients need it.
   proc = subprocess.Popen(
     [
       sys.executable,
@@ -70,16 +73,13 @@ def gcs(tmp_path_factory):
   env = _env(1)
   for k in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
     env.pop(k, None)
-  # The emulator serves one request at a time with a listen backlog of 5: more concurrent tensorstore
-  # requests than that got refused connections under load and failed checkpoint writes (seen 3 times in 4).
   env.update(
     STORAGE_EMULATOR_HOST=url,
     TENSORSTORE_GCS_HTTP_URL=url,
     GOOGLE_AUTH_TOKEN_FOR_TESTING="test",
     EPATH_USE_TF="0",
-    TENSORSTORE_GCS_REQUEST_CONCURRENCY="2",
   )
-  yield url, env
+  yield url, env, log.name
   proc.terminate()
   proc.wait(timeout=30)
   log.close()
@@ -118,7 +118,7 @@ def ok(r):
 
 @pytest.mark.timeout(900)
 def test_train_resume_sample_extract_with_workdirs_in_a_bucket(tmp_path, gcs):
-  url, env = gcs
+  url, env, log = gcs
   ds = str(tmp_path / "codes")
   code_dataset.write_code_dataset(ds, *make_codes(64), vocab_size=256, num_classes=10)
   train = [
@@ -157,10 +157,11 @@ def test_train_resume_sample_extract_with_workdirs_in_a_bucket(tmp_path, gcs):
     k: v.shape for k, v in codes.items()
   }
 
-  # Extraction: the workdir (settings, shards) in the bucket, the code data set local (array_record).
+  # Extraction: the workdir (settings, shards) in the bucket, the code data set local
+  # (array_record).
   vq_dir = str(tmp_path / "vq")
   cfg = vq.VQConfig.from_config(config_lib.load("configs/demo.py:smoke").vq)
-  checkpoints.save_params(vq_dir, jax.device_get(vq.init_params(cfg, jax.random.key(3))))
+  checkpoints.save_params(vq_dir, fixtures.random_vq_params(cfg, 3))
   out = str(tmp_path / "extracted")
   ok(
     cli(
@@ -186,6 +187,10 @@ def test_train_resume_sample_extract_with_workdirs_in_a_bucket(tmp_path, gcs):
   ex_codes, labels = read_split(out, "test")
   assert len(ex_codes) == len(labels) == 500
   assert not os.path.exists(tmp_path / "gs:")  # Every gs:// path reached the file layer untouched.
+  # Every request answered: a 5xx (501 for an API the emulator lacks) costs a client's retries with
+  # backoff, about 33 s for each of gcsfs's, and hides what real GCS would have answered.
+  with open(log) as f:
+    assert not [line for line in f if re.search(r'HTTP/1\.1" 5\d\d ', line)]
 
 
 def test_a_gs_workdir_is_not_made_local(tmp_path, monkeypatch):
@@ -230,7 +235,7 @@ def test_a_gs_workdir_is_not_made_local(tmp_path, monkeypatch):
 )
 def test_a_code_data_set_in_a_bucket_is_refused_before_anything_starts(tmp_path, gcs, args, field):
   """array_record opens files natively: a gs:// data set would fail after the whole extraction."""
-  url, env = gcs
+  url, env, _ = gcs
   r = cli(env, tmp_path, *[a.format(tmp=tmp_path) for a in args], timeout=120)
   last = r.stderr.strip().splitlines()[-1]
   assert r.returncode != 0 and last.startswith(f"error: {field}") and "gcsfuse" in last, last

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import chex
+import fixtures  # tests/ is on sys.path
 import flax.linen as nn
 import helpers  # noqa: E402  (tests/ is on sys.path)
 from helpers import random_params  # noqa: E402
@@ -526,9 +527,7 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
   config.vq.codebook_size, config.vq.ch, config.vq.ch_mult = 64, 32, (1, 1)
   config.vq.z_channels, config.vq.num_res_blocks, config.vq.image_size = 32, 1, 8
   vq_dir = str(tmp_path / "vq")
-  checkpoints.save_params(
-    vq_dir, vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
-  )
+  checkpoints.save_params(vq_dir, fixtures.random_vq_params(vq.VQConfig.from_config(config.vq), 0))
   config.sample.vq_checkpoint = vq_dir
   # The GPT comes from disk here: a converted checkpoint, read by npp_jax.checkpoints.load_params.
   gpt_dir = str(tmp_path / "gpt")
@@ -631,7 +630,7 @@ def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
   config = config_lib.load(str(config_path))
   checkpoints.save_params(str(tmp_path / "gpt"), tiny_params)
   checkpoints.save_params(
-    str(tmp_path / "vq"), vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
+    str(tmp_path / "vq"), fixtures.random_vq_params(vq.VQConfig.from_config(config.vq), 0)
   )
   one = sample.run(config, str(tmp_path / "one")).outputs["samples"]  # This process: 8 devices.
 
@@ -975,7 +974,7 @@ def test_text_job_from_prompts_through_the_cli(tmp_path):
   t, c = 12, 32  # t5_helpers' encoder is 32 wide; 12 tokens cut the long prompt.
   path, params, config = write_text_job(tmp_path, t, c)
   checkpoints.save_params(
-    str(tmp_path / "vq"), vq.init_params(vq.VQConfig.from_config(config.vq), jax.random.key(0))
+    str(tmp_path / "vq"), fixtures.random_vq_params(vq.VQConfig.from_config(config.vq), 0)
   )
   prompts = [
     "A photo of a cat",

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-import jax
+import fixtures  # tests/ is on sys.path
 import numpy as np
 import pytest
 
@@ -48,7 +48,7 @@ def inputs(tmp_path_factory):
     1,
     16,
   )
-  checkpoints.save_params(d / "vq", vq.init_params(vq.VQConfig.from_config(v), jax.random.key(0)))
+  checkpoints.save_params(d / "vq", fixtures.random_vq_params(vq.VQConfig.from_config(v), 0))
   fields = {
     f"model.{k}": model[k]
     for k in ("n_layer", "n_head", "dim", "vocab_size", "num_classes", "multiple_of", "grid")

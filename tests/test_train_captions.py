@@ -88,8 +88,9 @@ def test_text_training_learns_switches_stages_and_evaluates(dataset, tmp_path):
   np.testing.assert_allclose(got, np.asarray(start), rtol=1e-6, atol=1e-7)
 
 
-def _run_main(workdir, dataset, wait=True):
-  cmd = [
+def _command(workdir, dataset):
+  """The CLI run every test here shares (16 steps through the three stages, no evaluation)."""
+  return [
     sys.executable,
     "-m",
     "npp_jax.main",
@@ -100,8 +101,16 @@ def _run_main(workdir, dataset, wait=True):
     "--config.train.epochs=4",
     "--config.train.eval_batches=0",
   ]
+
+
+def _run_main(workdir, dataset, wait=True):
   proc = subprocess.Popen(
-    cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    _command(workdir, dataset),
+    cwd=ROOT,
+    env=mp._env(1),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
   )
   if wait:
     out, _ = proc.communicate(timeout=300)
@@ -111,7 +120,8 @@ def _run_main(workdir, dataset, wait=True):
 
 @pytest.fixture(scope="module")
 def full_run(dataset, tmp_path_factory):
-  """An uninterrupted CLI run of the tiny text model (16 steps)."""
+  """One uninterrupted CLI run of the tiny text model (16 steps), shared: the reference of the
+  SIGTERM'd run and of the two-process run, and the workdir the export test converts."""
   workdir = str(tmp_path_factory.mktemp("full") / "run")
   _run_main(workdir, dataset)
   return workdir
@@ -206,39 +216,32 @@ def test_a_text_workdir_exports_to_the_release_t2i_layout(full_run, tmp_path):
   assert rel_err(logits, want) <= 1e-4
 
 
-def _launch(workdir, dataset, processes):
-  """`processes` CLI processes of the tiny text run on 8 CPU devices, as test_multiprocess runs."""
-  cmd = [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
-    "--config=configs/tiny.py:text",
-    f"--workdir={workdir}",
-    f"--config.data.path={dataset}",
-    "--config.train.epochs=16",
-    "--config.train.max_steps=8",
-    "--config.train.eval_batches=0",
+@pytest.mark.timeout(700)
+def test_two_processes_train_a_text_model_as_one_process_does(dataset, full_run, tmp_path):
+  """The shared run's command on two processes of 4 CPU devices each, as test_multiprocess runs."""
+  workdir = str(tmp_path / "two")
+  cmd = _command(workdir, dataset) + [
+    f"--coordinator_address=127.0.0.1:{mp._free_port()}",
+    "--num_processes=2",
   ]
-  if processes > 1:
-    cmd += [f"--coordinator_address=127.0.0.1:{mp._free_port()}", f"--num_processes={processes}"]
   procs = []
-  for i in range(processes):
+  for i in range(2):
     log = f"{workdir}.{i}.log"
     with open(log, "w") as f:
-      extra = [f"--process_id={i}"] if processes > 1 else []
-      env = mp._env(processes)
       procs.append(
-        (subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), log)
+        (
+          subprocess.Popen(
+            cmd + [f"--process_id={i}"],
+            cwd=ROOT,
+            env=mp._env(2),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+          ),
+          log,
+        )
       )
   statuses = mp._finish(procs, timeout=300)
-  assert statuses == [0] * processes, "\n".join(open(log).read()[-3000:] for _, log in procs)
-
-
-@pytest.mark.timeout(700)
-def test_two_processes_train_a_text_model_as_one_process_does(dataset, tmp_path):
-  two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  _launch(two, dataset, 2)
-  _launch(one, dataset, 1)
-  a, b = (jax.tree.map(np.asarray, checkpoints.load_params(w)) for w in (two, one))
+  assert statuses == [0, 0], "\n".join(open(log).read()[-3000:] for _, log in procs)
+  a, b = (jax.tree.map(np.asarray, checkpoints.load_params(w)) for w in (workdir, full_run))
   # As test_multiprocess: only the all-reduce differs (gloo vs. in-process), fp32 round-off.
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6), a, b)

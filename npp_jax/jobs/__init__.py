@@ -25,6 +25,7 @@ JOBS = {
   "train_vq": "npp_jax.jobs.train_vq",
   "demo": "npp_jax.jobs.demo",
   "evaluate": "npp_jax.jobs.evaluate",
+  "compile": "npp_jax.jobs.compile",
 }
 MODES = tuple(JOBS)
 

@@ -132,6 +132,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> jobs.Result:
 
 def _run(config, workdir: str) -> dict | None:
   logging.info("Demo on %d %s device(s).", jax.device_count(), jax.devices()[0].device_kind)
+  if config.model.condition == "text":
+    from npp_jax.demo import text  # It builds on this module's stages.
+
+    return text.run(config, workdir)
   prepared = prepare(config, workdir)
   if prepared is None:
     print("Stopped during VQ training (SIGTERM); run the same command again to resume.")

@@ -3,6 +3,9 @@
   python -m npp_jax.main --mode=extract --config=configs/b.py --workdir=W \
       --config.extract.vq_checkpoint=/ckpt/vq16 --config.extract.data_dir=/data/tfds   # -> W/codes
 
+With extract.captions (LlamaGen's image + caption index) and extract.text_encoder (a T5 folder), a
+caption code data set instead (npp_jax.data.captions; extract_captions below), on the same shards.
+
 Each global batch of extract.batch_size images becomes a shard WORKDIR/extract_tmp/<split>/shard_*.npz as
 soon as it is encoded; a re-run encodes only missing shards, then streams them into the data set. On several
 processes every process reads, crops and encodes its rows of each batch; the codes are gathered and process
@@ -19,6 +22,7 @@ from etils import epy
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 
 from npp_jax import checkpoints
@@ -183,6 +187,8 @@ def check(config, workdir, topology: jobs.Topology) -> Settings:
   preflight.expect_weights(
     "extract.vq_checkpoint", s.extract.vq_checkpoint, preflight.VQ_KINDS, preflight.VQ_WANTED
   )
+  if rules.get(config, "extract").get("captions"):  # The index read whole, the T5 folder's files.
+    CaptionExtractSettings.from_config(config)
   return s
 
 
@@ -268,6 +274,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, source=None) -> jobs
   and reused, images/s). `source` (an images.ImageSource) replaces opening extract.dataset
   (benchmarks, notebooks with images in memory).
   """
+  if rules.get(config, "extract").get("captions"):
+    return jobs.Result(outputs=extract_captions(config, workdir))
   return jobs.Result(outputs=_extract(config, workdir, source))
 
 
@@ -417,3 +425,187 @@ def _write_dataset(job: _Job, store: shards.Shards) -> None:
     job.source.num_examples,
     job.n_aug,
   )
+
+
+# ------------------------------------------------------------------------------------ caption codes
+
+TEXT_DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionExtractSettings:
+  """extract.captions / caption_key / caption_index / text_encoder / text_dtype, checked: the index
+  read whole (a bad line is found before any compile), the T5 folder's files and config."""
+
+  index: str
+  entries: tuple  # caption_index.Entry of every line, in order.
+  folder: Any  # text_encoder.T5Folder
+  text_dtype: str
+
+  @classmethod
+  def from_config(cls, config) -> Optional["CaptionExtractSettings"]:
+    """None without extract.captions (class extraction); one-line ValueErrors."""
+    from npp_jax import text_encoder
+    from npp_jax.data import caption_index
+
+    e = config.extract
+    if not e.get("captions"):
+      return None
+    if not isinstance(e.captions, str):
+      raise ValueError(f"extract.captions={e.captions!r}; expected the path of a .jsonl index")
+    if not isinstance(e.caption_key, str) or not e.caption_key:
+      raise ValueError(f"extract.caption_key={e.caption_key!r}; expected a field name")
+    if not isinstance(e.caption_index, int) or isinstance(e.caption_index, bool):
+      raise ValueError(f"extract.caption_index={e.caption_index!r}; expected an integer")
+    if e.text_dtype not in TEXT_DTYPES:
+      raise ValueError(f"extract.text_dtype={e.text_dtype!r}; expected one of {TEXT_DTYPES}")
+    if not e.text_encoder:
+      raise ValueError(
+        "extract.text_encoder is empty; expected a Hugging Face T5 folder (config.json, "
+        "spiece.model, weights) to encode the captions of extract.captions"
+      )
+    folder = text_encoder.check_folder(
+      e.text_encoder, "extract.text_encoder", dtype=e.text_dtype, param_dtype=e.text_dtype
+    )
+    dim = config.model.get("caption_dim")
+    if config.model.get("condition") == "text" and dim != folder.config.d_model:
+      raise ValueError(
+        f"extract.text_encoder {e.text_encoder} gives {folder.config.d_model}-wide features but "
+        f"model.caption_dim={dim}; expected the same width"
+      )
+    entries = caption_index.read_index(e.captions, e.caption_key, e.caption_index)
+    return cls(str(e.captions), tuple(entries), folder, e.text_dtype)
+
+  def record(self) -> dict:
+    """What makes the shards: a resumed run with other settings is refused."""
+    return {
+      "captions": str(files.absolute(self.index)),
+      "caption_lines": len(self.entries),
+      "text_encoder": str(files.absolute(self.folder.path)),
+      "text_dtype": self.text_dtype,
+    }
+
+
+def extract_captions(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Encode the images and captions of extract.captions into a caption code data set at
+  extract.output (default WORKDIR/codes), one shard per global batch in
+  WORKDIR/extract_tmp/<split>, resumable as the class extraction. Returns a summary (examples,
+  skipped images, truncated captions, shards encoded and reused)."""
+  from npp_jax import caption_codes
+  from npp_jax import text_encoder
+  from npp_jax.data import captions
+
+  s = check(config, workdir, jobs.Topology.current())
+  text = CaptionExtractSettings.from_config(config)
+  cfg, n_aug, batch_size, split = s.vq, s.extract.n_aug, s.extract.batch_size, s.extract.split
+  e = config.extract
+  output = epath.Path(e.output or epath.Path(workdir) / "codes")
+  summary = {"output": str(output), "split": split, "n_aug": n_aug}
+  existing = files.read_json(output / "code_dataset.json")
+  if existing is not None:
+    if existing.get("kind", "class") != captions.KIND:
+      raise ValueError(
+        f"extract.output {output} holds a {existing.get('kind', 'class')} code data set; "
+        "expected a caption one, or another extract.output"
+      )
+    done = existing.get("splits", {}).get(split)
+    if done:
+      print(f"extract: split '{split}' of {output} already exists; skipping", flush=True)
+      return {**summary, "num_examples": done["num_examples"], "skipped": True}
+  params = checkpoints.load_vq_params(e.vq_checkpoint, config.vq)
+  mesh = sharding.make_mesh(config.mesh)
+  encoder = text_encoder.TextEncoder(
+    text.folder.path,
+    mesh,
+    sharding.axis_rules(config.mesh),
+    dtype=text.text_dtype,
+    param_dtype=text.text_dtype,
+    field="extract.text_encoder",
+  )
+  tmp_dir = epath.Path(workdir) / "extract_tmp" / split
+  store = shards.Shards(tmp_dir, len(text.entries), batch_size, "settings.json", by_index=True)
+  record = {
+    **text.record(),
+    "split": split,
+    "aug": e.aug,
+    "crop_range": float(e.crop_range) if e.aug == "tencrop" else None,
+    "batch_size": batch_size,
+    "image_size": cfg.image_size,
+    "codebook_size": cfg.codebook_size,
+    "vq_checkpoint": str(files.absolute(e.vq_checkpoint)),
+  }
+  store.check_settings(record, "shards", f"expected the same settings, or delete {tmp_dir}")
+  todo = store.start(record, "Resuming caption extraction: %d of %d lines done in %s.")
+  summary.update(shards_encoded=len(todo), shards_reused=len(store.spans) - len(todo))
+  views = caption_codes.Views(
+    e.aug, cfg.image_size, e.crop_range, images_lib.num_threads(e.num_threads)
+  )
+  params = sharding.put(params, sharding.replicated(mesh))
+  store.write(
+    todo,
+    _caption_shards(text.entries, store, todo, config, params, cfg, encoder, views),
+    f"extract {split}",
+  )
+  counts = {"num_examples": len(text.entries), "skipped_images": 0, "truncated_captions": 0}
+  if jax.process_index() == 0:
+    with captions.CaptionDatasetWriter(
+      str(output),
+      cfg.grid,
+      n_aug,
+      cfg.codebook_size,
+      text.folder.config.d_model,
+      max_length=encoder.max_length,
+      split=split,
+      overwrite=True,
+    ) as writer:  # Replaces only an unfinished split.
+      for i, (a, b) in enumerate(store.spans):
+        shard = store.read(i)
+        texts = [entry.caption for entry in text.entries[a:b]]
+        feats = shard["caption"].view(ml_dtypes.bfloat16)
+        writer.add(shard["codes"], feats, shard["caption_len"], texts, shard["valid"])
+        counts["skipped_images"] += int((~shard["valid"]).sum())
+        counts["truncated_captions"] += int(shard["truncated"])
+    if not e.keep_shards:
+      tmp_dir.rmtree()
+      if not any(tmp_dir.parent.iterdir()):
+        tmp_dir.parent.rmdir()
+    print(
+      f"extract: {counts['num_examples']} lines of {text.index} -> split '{split}' of {output}; "
+      f"{counts['skipped_images']} images unreadable or smaller than {cfg.image_size} px (kept "
+      f"as invalid examples), {counts['truncated_captions']} captions cut to "
+      f"{encoder.max_length} tokens",
+      flush=True,
+    )
+  store.finish("npp_jax.jobs.extract.captions")
+  return {**summary, **counts, "skipped": False}
+
+
+def _caption_shards(entries, store, todo, config, params, cfg, encoder, views):
+  """Each shard of `todo` encoded (a collective: every process its share of the lines): its
+  codes, bf16 features (as uint16 bits: .npz has no bfloat16) cut to its longest caption, lengths,
+  valid flags and truncated count."""
+  from npp_jax import caption_codes
+
+  _, device_rows = rows(config, store.batch_size)
+  mesh = encoder.mesh
+  code_dtype = np.uint16 if cfg.codebook_size <= 2**16 else np.int32
+  for i in todo:
+    a, b = store.spans[i]
+    mine = caption_codes.process_share(a, b, jax.process_index(), jax.process_count())
+    batch = caption_codes.encode_batch(
+      [entries[j] for j in mine],
+      np.arange(mine.start, mine.stop),
+      device_rows,
+      encode_views=lambda v: encode_views(params, v, cfg, mesh),
+      encoder=encoder,
+      views=views,
+    )
+    got = caption_codes.in_order(batch, a, b - a)
+    longest = max(1, int(got["caption_len"].max()))
+    yield {
+      "codes": got["codes"].astype(code_dtype),
+      "caption": got["caption"][:, :longest].astype(ml_dtypes.bfloat16).view(np.uint16),
+      "caption_len": got["caption_len"].astype(np.int32),
+      "valid": got["valid"],
+      "truncated": np.int64(batch["truncated"]),
+    }
