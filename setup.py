@@ -9,11 +9,11 @@ setuptools.setup(
   packages=setuptools.find_packages(include=["npp_jax", "npp_jax.*"]),
   python_requires=">=3.11",  # As jax 0.10.
   # Lower bounds are the releases the whole suite passed with (CI installs exactly these through
-  # .ci/lower-bounds.txt). Older ones are not claimed: at jax 0.7.1 / grain 0.2.12 / orbax 0.11.17 the
-  # suite failed 14 tests (data order, extraction, the VQ trainer; docs/performance.md, "Dependencies").
-  # No TensorFlow: it has no macOS or Linux aarch64 wheels of the -cpu build and clashes with the
-  # `tensorflow` preinstalled on Colab and TPU VMs, so TensorBoard summaries are written by `tensorboard`
-  # alone (npp_jax/summaries.py) and TFDS runs TF-less.
+  # .ci/lower-bounds.txt). Older ones are not claimed: at jax 0.7.1 / grain 0.2.12 / orbax 0.11.17
+  # the suite failed 14 tests (data order, extraction, the VQ trainer; docs/performance.md,
+  # "Dependencies"). No TensorFlow: it has no macOS or Linux aarch64 wheels of the -cpu build and
+  # clashes with the `tensorflow` preinstalled on Colab and TPU VMs, so TensorBoard summaries are
+  # written by `tensorboard` alone (npp_jax/summaries.py) and TFDS runs TF-less.
   install_requires=[
     "jax>=0.10.2",  # jax.set_mesh needs >= 0.7.1; older releases than this one failed the suite.
     "flax>=0.12.8",
@@ -24,7 +24,8 @@ setuptools.setup(
     "tensorflow-datasets>=4.9.10",  # Older releases read FieldDescriptor.label, gone in protobuf 7.
     "array-record>=0.8.6",  # TFDS writes the code data set as array_record.
     "tensorboard>=2.21.0",
-    # epath.Path.absolute(); gcsfs for gs:// workdirs and TensorBoard files, which TF's gfile served before.
+    # epath.Path.absolute(); gcsfs for gs:// workdirs and TensorBoard files, which TF's gfile served
+    # before.
     "etils[epath,epath-gcs]>=1.15.0",
     "scipy>=1.17.1",  # Frechet distance (sqrtm).
     "absl-py>=2.5.1",
@@ -58,8 +59,10 @@ setuptools.setup(
       # save_pretrained. Base transformers only (no TensorFlow or Flax extras); v5's T5Tokenizer.
       "transformers>=5.25.0",
       "safetensors>=0.8.0",
+      "ruff>=0.17.6",  # tests/test_style.py: the format and lint check CI runs (ruff.toml).
       # --mode=compile compiles for TPU slices on any machine (jax.experimental.topologies); jax
-      # 0.10.2's own `tpu` extra pins 0.0.42.*. Wheels: Linux x86_64 only (elsewhere those tests skip).
+      # 0.10.2's own `tpu` extra pins 0.0.42.*. Wheels: Linux x86_64 only (elsewhere those tests
+      # skip).
       'libtpu~=0.0.42.1; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
   },

@@ -4,8 +4,9 @@
 
 Runs the job's own loop (npp_jax.features.compute_features: slices of an ADM npz read from disk, the
 resize to 299 px and the network jitted over all devices, one cached shard file per batch) on random
-uint8 images with random weights. A first call on one batch compiles; the timed call reuses the compiled
-function, so compile time is excluded. The machine may be shared: load_avg_1m says how busy it was.
+uint8 images with random weights. A first call on one batch compiles; the timed call reuses the
+compiled function, so compile time is excluded. The machine may be shared: load_avg_1m says how busy
+it was.
 """
 
 import datetime

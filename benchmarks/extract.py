@@ -2,15 +2,16 @@
 
     python benchmarks/extract.py [--aug=tencrop|flip|none] [--images=1024] [--batch_size=256]
 
-Runs the real job (npp_jax.jobs.extract.run: host crops on grain's threads overlapping the jitted encoder,
-shard files, the final code data set) on random 32x32 uint8 images held in memory, with the demo's VQ
-(configs/demo.py's vq) at random weights. A first run on one batch compiles the encoder; the
-timed run reuses it, so compile time is excluded. images_per_s counts source images (each encoded as
-n_aug views); views_per_s counts encoder inputs. The machine is shared: load_avg_1m says how busy it was.
+Runs the real job (npp_jax.jobs.extract.run: host crops on grain's threads overlapping the jitted
+encoder, shard files, the final code data set) on random 32x32 uint8 images held in memory, with the
+demo's VQ (configs/demo.py's vq) at random weights. A first run on one batch compiles the encoder;
+the timed run reuses it, so compile time is excluded. images_per_s counts source images (each
+encoded as n_aug views); views_per_s counts encoder inputs. The machine is shared: load_avg_1m says
+how busy it was.
 
-Measured (2-core AMD EPYC shared with other jobs, load ~3.6; 1 CPU device, fp32, demo VQ, 1024 images,
-batch 256): tencrop 67 images/s (669 views/s), none 607 images/s: the encoder, not the crops, sets the
-pace (a view costs the same with or without ten-crop).
+Measured (2-core AMD EPYC shared with other jobs, load ~3.6; 1 CPU device, fp32, demo VQ, 1024
+images, batch 256): tencrop 67 images/s (669 views/s), none 607 images/s: the encoder, not the
+crops, sets the pace (a view costs the same with or without ten-crop).
 """
 
 import datetime

@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on, for its JSON line (docs/performance.md names machine and date)."""
+"""The machine a benchmark ran on, for its JSON line (docs/performance.md names machine and
+date)."""
 
 import os
 import platform
@@ -7,7 +8,8 @@ import jax
 
 
 def describe() -> str:
-  """'NVIDIA H100 80GB HBM3 x8', or 'cpu (<model name>, 2 cores)' where the accelerator is the host."""
+  """'NVIDIA H100 80GB HBM3 x8', or 'cpu (<model name>, 2 cores)' where the accelerator is the
+  host."""
   d = jax.devices()[0]
   if d.platform != "cpu":
     return f"{d.device_kind} x{jax.device_count()}"

@@ -1,14 +1,17 @@
-"""NPP against next-token training on the demo's digits, at several budgets; one JSON line per point.
+"""NPP against next-token training on the demo's digits, at several budgets; one JSON line per
+point.
 
-    python benchmarks/npp_vs_ntp.py --workdir=/tmp/npp_vs_ntp [--multiples=1,2,4] [--patch_levels=2,3]
+    python benchmarks/npp_vs_ntp.py --workdir=/tmp/npp_vs_ntp [--multiples=1,2,4]
+    [--patch_levels=2,3]
         [--seeds=2] [--config=configs/demo.py] [--set=train.global_batch_size=64 ...]
 
-Every point is the demo's comparison (npp_jax.demo.compare): NPP for E epochs, next-token for E epochs and
-next-token for NPP's measured wall time, each trained, sampled and scored (held-out NLL, class information,
-sample accuracy, Frechet distance) for `--seeds` GPT seeds, with E = multiple x the config's train.epochs.
-One VQ, one code data set and one scorer serve every point (trained once in WORKDIR), so the points differ
-only in the GPT's budget and schedule. Points resume: a finished one is read back from its report.json.
-The whole grid at 1x, 2x, 4x and L = 2, 3 with 2 seeds is about 14x the demo's GPT time: hours on 2 cores.
+Every point is the demo's comparison (npp_jax.demo.compare): NPP for E epochs, next-token for E
+epochs and next-token for NPP's measured wall time, each trained, sampled and scored (held-out NLL,
+class information, sample accuracy, Frechet distance) for `--seeds` GPT seeds, with E = multiple x
+the config's train.epochs. One VQ, one code data set and one scorer serve every point (trained once
+in WORKDIR), so the points differ only in the GPT's budget and schedule. Points resume: a finished
+one is read back from its report.json. The whole grid at 1x, 2x, 4x and L = 2, 3 with 2 seeds is
+about 14x the demo's GPT time: hours on 2 cores.
 """
 
 import argparse
@@ -24,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 from npp_jax import config_lib  # noqa: E402
-from npp_jax.jobs import demo  # noqa: E402
 from npp_jax.demo import report as demo_report  # noqa: E402
+from npp_jax.jobs import demo  # noqa: E402
 
 
 def _ints(text: str, name: str) -> list[int]:

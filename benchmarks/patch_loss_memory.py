@@ -1,10 +1,12 @@
-"""Logits memory of the patch loss (forward + backward) at k = 1, 2, 4, from XLA's compiled memory_analysis.
+"""Logits memory of the patch loss (forward + backward) at k = 1, 2, 4, from XLA's compiled
+memory_analysis.
 
   python benchmarks/patch_loss_memory.py --batch=8 --grid=16 --vocab=16384
 
-Ours scores one [B, n/k^2, V] logits tensor against k^2 targets per position; the release's formulation
-repeats the logits k^2 times first. Prints one JSON line with the bytes XLA allocates for each (arguments +
-temporaries + outputs of the compiled value-and-grad), so the k^2 saving is read off the compiler.
+Ours scores one [B, n/k^2, V] logits tensor against k^2 targets per position; the release's
+formulation repeats the logits k^2 times first. Prints one JSON line with the bytes XLA allocates
+for each (arguments + temporaries + outputs of the compiled value-and-grad), so the k^2 saving is
+read off the compiler.
 """
 
 import argparse

@@ -2,13 +2,15 @@
 
     python benchmarks/sample.py [--dtype=float32|bfloat16] [--repeats=2]
 
-Weights are a random init with a random (non-zero) output layer, so the sampled tokens vary as they do
-with trained weights. Times are the fastest of --repeats warm runs; compile_s is the first call minus a
-warm one. The PyTorch release takes 28.6 s for 4 images at grid 16 with guidance on this kind of CPU
-(NPP.md). The machine is shared: load_avg_1m says how busy it was.
+Weights are a random init with a random (non-zero) output layer, so the sampled tokens vary as they
+do with trained weights. Times are the fastest of --repeats warm runs; compile_s is the first call
+minus a warm one. The PyTorch release takes 28.6 s for 4 images at grid 16 with guidance on this
+kind of CPU (NPP.md). The machine is shared: load_avg_1m says how busy it was.
 
-Measured (2-core AMD EPYC, idle): fp32 5.2 s for 4 images (5.5x the release), 1.05 images/s at grid 16 and
-0.40 at grid 24 (8 images); bf16 weights and compute 7.3 s for 4 images, so sampling runs in fp32 on CPU.
+Measured (2-core AMD EPYC, idle): fp32 5.2 s for 4 images (5.5x the release), 1.05 images/s at grid
+16 and
+0.40 at grid 24 (8 images); bf16 weights and compute 7.3 s for 4 images, so sampling runs in fp32 on
+CPU.
 """
 
 import dataclasses

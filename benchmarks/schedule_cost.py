@@ -1,10 +1,12 @@
-"""Wall-clock of a whole NPP schedule against next-token training for the same epochs, on this machine.
+"""Wall-clock of a whole NPP schedule against next-token training for the same epochs, on this
+machine.
 
   python benchmarks/schedule_cost.py [--epochs=8 --dim=128 --layers=4 --batch=32 --examples=512]
 
-Both runs go through the training job (jobs.train.run) on the same synthetic code data set (16x16 grid). Prints one
-JSON line: measured_ratio (NPP training seconds / next-token training seconds, compilation excluded;
-measured_ratio_with_compile includes it) next to token_ratio (0.578 for L=3, r=0.5) and flop_ratio.
+Both runs go through the training job (jobs.train.run) on the same synthetic code data set (16x16
+grid). Prints one JSON line: measured_ratio (NPP training seconds / next-token training seconds,
+compilation excluded; measured_ratio_with_compile includes it) next to token_ratio (0.578 for L=3,
+r=0.5) and flop_ratio.
 """
 
 import argparse
@@ -21,8 +23,8 @@ import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path
 
 from npp_jax import config_lib  # noqa: E402
 from npp_jax import costs  # noqa: E402
-from npp_jax.data import code_dataset  # noqa: E402
 from npp_jax import npp  # noqa: E402
+from npp_jax.data import code_dataset  # noqa: E402
 from npp_jax.jobs import train  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
 

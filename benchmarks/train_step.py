@@ -1,9 +1,11 @@
-"""Seconds per train step at k = 1, 2, 4 for a named config, and what that makes of a whole schedule.
+"""Seconds per train step at k = 1, 2, 4 for a named config, and what that makes of a whole
+schedule.
 
   python benchmarks/train_step.py --config=configs/b.py --batch=8 --dtype=float32
 
-Prints one JSON line: step_s_k{1,2,4} (median seconds), tokens_per_s_k*, compile_s_k*, and the schedule's
-predicted relative cost (token_ratio, flop_ratio) next to the one these step times give (measured_ratio).
+Prints one JSON line: step_s_k{1,2,4} (median seconds), tokens_per_s_k*, compile_s_k*, and the
+schedule's predicted relative cost (token_ratio, flop_ratio) next to the one these step times give
+(measured_ratio).
 """
 
 import argparse

@@ -4,7 +4,8 @@ python -m npp_jax.main --config=configs/b.py --workdir=DIR --config.data.path=CO
 python -m npp_jax.main --config=configs/b.py:runlocal ...   # shrunk model and batch, for a laptop
 # FID / IS of 5,000 samples every 10k steps in TensorBoard (README, "TensorBoard"): add
 #   --config.evaluate.every_steps=10000 --config.evaluate.num_samples=5000
-#   --config.sample.vq_checkpoint=VQ --config.evaluate.reference=REF.npz --config.evaluate.inception=WEIGHTS
+#   --config.sample.vq_checkpoint=VQ --config.evaluate.reference=REF.npz
+--config.evaluate.inception=WEIGHTS
 """
 
 import pathlib

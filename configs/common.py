@@ -1,8 +1,10 @@
-"""What the release configs (b.py ... xxxl.py) share beyond the schema's defaults; not a config file itself.
+"""What the release configs (b.py ... xxxl.py) share beyond the schema's defaults; not a config file
+itself.
 
-The schema's defaults (npp_jax/config_lib.py) are the paper's recipe, so a size's config sets only its model
-name and guidance scale. Its `runlocal` variant is the same for every size: the code paths of the full
-recipe (the coarse-to-fine stages, warmup, logging) on a model and batch a laptop CPU runs in minutes.
+The schema's defaults (npp_jax/config_lib.py) are the paper's recipe, so a size's config sets only
+its model name and guidance scale. Its `runlocal` variant is the same for every size: the code paths
+of the full recipe (the coarse-to-fine stages, warmup, logging) on a model and batch a laptop CPU
+runs in minutes.
 """
 
 

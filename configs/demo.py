@@ -1,4 +1,5 @@
-"""The embedded demo: VQ + NPP GPT + next-token baselines on 5000 MNIST digits, about 12 minutes on 2 cores.
+"""The embedded demo: VQ + NPP GPT + next-token baselines on 5000 MNIST digits, about 12 minutes on
+2 cores.
 
   python -m npp_jax.main --mode=demo --config=configs/demo.py --workdir=workdir/demo
   python -m npp_jax.main --mode=demo --config=configs/demo.py --config.demo.seeds=2 ...  # a spread
@@ -6,10 +7,10 @@
   python -m npp_jax.main --mode=demo --config=configs/demo.py:text ...    # captions (demo/text.py)
   python -m npp_jax.main --mode=demo --config=configs/demo.py:text_smoke ...
 
-32x32 digits through a VQ with two downsamplings -> an 8x8 code grid: every token costs a quarter of a
-16x16 grid's, which buys a GPT wide and deep enough to learn its class condition in minutes.
-k = 2, 1 (patch_level 2, the release README's setting) leaves 4x4 then 8x8 patch grids. The sizes below
-come from timings on 2 CPU cores (docs/performance.md, "The demo").
+32x32 digits through a VQ with two downsamplings -> an 8x8 code grid: every token costs a quarter of
+a 16x16 grid's, which buys a GPT wide and deep enough to learn its class condition in minutes.
+k = 2, 1 (patch_level 2, the release README's setting) leaves 4x4 then 8x8 patch grids. The sizes
+below come from timings on 2 CPU cores (docs/performance.md, "The demo").
 """
 
 import ml_collections
@@ -32,15 +33,17 @@ def get_config(arg: str | None = None):
   c.model.vocab_size, c.model.num_classes = c.vq.codebook_size, 10
   c.model.grid = (8, 8)
   c.model.dtype = "float32"  # CPU: bf16 matmuls are slower than fp32 there.
-  # No dropout: at 6 epochs nothing overfits (next-token's held-out NLL 1.13 against a final training loss
-  # of 1.05 to 1.15), and the masks cost CPU time. class_dropout stays: it trains the null class CFG needs.
+  # No dropout: at 6 epochs nothing overfits (next-token's held-out NLL 1.13 against a final
+  # training loss of 1.05 to 1.15), and the masks cost CPU time. class_dropout stays: it trains the
+  # null class CFG needs.
   c.model.token_dropout = c.model.resid_dropout = c.model.ffn_dropout = 0.0
 
   c.train.epochs = 6
   c.npp.patch_level = 2  # k = 2 then 1; an 8x8 grid leaves only 2x2 patches at k = 4 (L = 3).
-  # Batch 16: about the same CPU time per image as 32 at k = 1 (the trainer's step_s: 0.11 to 0.13 s against
-  # 0.23 to 0.31 s) and twice the updates. Sample accuracy rose with every halving: batch 64 -> 32 -> 16
-  # took NPP from 0.38 to 0.74 to 0.82 (docs/performance.md, "The demo").
+  # Batch 16: about the same CPU time per image as 32 at k = 1 (the trainer's step_s: 0.11 to 0.13 s
+  # against
+  # 0.23 to 0.31 s) and twice the updates. Sample accuracy rose with every halving: batch 64 -> 32
+  # -> 16 took NPP from 0.38 to 0.74 to 0.82 (docs/performance.md, "The demo").
   c.train.global_batch_size = 16
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 500
@@ -51,9 +54,10 @@ def get_config(arg: str | None = None):
   c.vq_train.dataset = "digits"
   c.vq_train.random_flip = False  # A mirrored digit is another glyph.
   c.vq_train.steps = 200
-  # Batch 32: 0.38 to 0.41 s per step against 0.86 to 1.05 s at 64 on 2 cores (the trainer's step_s: XLA's
-  # CPU convolutions slow down more than linearly with the batch): the VQ takes 2 minutes instead of 4, and
-  # its reconstructions score 0.96 against 0.94.
+  # Batch 32: 0.38 to 0.41 s per step against 0.86 to 1.05 s at 64 on 2 cores (the trainer's step_s:
+  # XLA's
+  # CPU convolutions slow down more than linearly with the batch): the VQ takes 2 minutes instead of
+  # 4, and its reconstructions score 0.96 against 0.94.
   c.vq_train.batch_size = 32
   c.vq_train.lr = 3e-3
   c.vq_train.log_every_steps = 50
@@ -70,8 +74,8 @@ def get_config(arg: str | None = None):
   )
   c.sample.grid_cols = 10
 
-  # The demo job's own knobs (npp_jax.demo): they mean something only with this digits recipe, so they
-  # live here rather than in every config's schema.
+  # The demo job's own knobs (npp_jax.demo): they mean something only with this digits recipe, so
+  # they live here rather than in every config's schema.
   c.demo = ml_collections.ConfigDict()
   c.demo.classifier_epochs = 6
   c.demo.grid_cols = 10  # Samples per class row in the PNG grids.

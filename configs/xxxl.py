@@ -1,7 +1,8 @@
 """GPT-XXXL class-conditional on ImageNet 256 (16x16 VQ-16 codes): the paper's recipe (NPP.md).
 
 python -m npp_jax.main --config=configs/xxxl.py --workdir=DIR --config.data.path=CODES
-python -m npp_jax.main --config=configs/xxxl.py:runlocal ...   # shrunk model and batch, for a laptop
+python -m npp_jax.main --config=configs/xxxl.py:runlocal ...   # shrunk model and batch, for a
+laptop
 """
 
 import pathlib

@@ -8,7 +8,8 @@ size (LlamaGen's t2i data set refuses both), becomes an invalid example and is c
 is kept.
 
 `encode_batch` is one batch: `--mode=extract` with extract.captions (npp_jax.jobs.extract) runs it
-per shard, resumably; `extract_captions` runs them all into a writer, in one pass (notebooks, tests).
+per shard, resumably; `extract_captions` runs them all into a writer, in one pass (notebooks,
+tests).
 """
 
 import dataclasses

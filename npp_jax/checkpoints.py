@@ -1,17 +1,17 @@
-"""Checkpoints: one Checkpointer for every trainer (GPT and VQ), params directories, preemption, shape checks,
-and what a weights path holds (`weights_kind`, from its small files only).
+"""Checkpoints: one Checkpointer for every trainer (GPT and VQ), params directories, preemption,
+shape checks, and what a weights path holds (`weights_kind`, from its small files only).
 
-A trainer's checkpoint folder (WORKDIR/checkpoints, WORKDIR/vq_checkpoints) holds one orbax step directory
-per kept step with three items: `state` (the train state), `data` (the input's position, so a resumed run
-sees the batches it would have seen) and `meta` (the architecture and step, to refuse resuming a workdir
-of another model).
+A trainer's checkpoint folder (WORKDIR/checkpoints, WORKDIR/vq_checkpoints) holds one orbax step
+directory per kept step with three items: `state` (the train state), `data` (the input's position,
+so a resumed run sees the batches it would have seen) and `meta` (the architecture and step, to
+refuse resuming a workdir of another model).
 
-A params directory holds `{"params": params}` written by orbax's StandardCheckpointer: what npp_jax.convert
-makes of a PyTorch release, what train_vq leaves at its end, and what sampling, extraction and init_from
-read. Every weight load of the project goes through this module.
+A params directory holds `{"params": params}` written by orbax's StandardCheckpointer: what
+npp_jax.convert makes of a PyTorch release, what train_vq leaves at its end, and what sampling,
+extraction and init_from read. Every weight load of the project goes through this module.
 
-Paths go through etils.epath, so `gs://...` (and any scheme epath knows) works wherever a local path does.
-orbax loads at its first use: a job's check reads a path's kind here without it.
+Paths go through etils.epath, so `gs://...` (and any scheme epath knows) works wherever a local path
+does. orbax loads at its first use: a job's check reads a path's kind here without it.
 """
 
 import json
@@ -62,7 +62,8 @@ _ITEMS = ("state", "data", "meta")
 
 
 def architecture(section, fields: Sequence[str] = ARCH_FIELDS) -> dict:
-  """The fields of a config section (config.model, or config.vq with VQ_ARCH_FIELDS) as JSON values."""
+  """The fields of a config section (config.model, or config.vq with VQ_ARCH_FIELDS) as JSON
+  values."""
   if fields is ARCH_FIELDS and section.get("condition", "class") != "class":
     fields = [f for f in fields if f != "num_classes"] + list(TEXT_ARCH_FIELDS)
   elif fields is ARCH_FIELDS:
@@ -77,7 +78,8 @@ class CheckpointError(ValueError):
 
 
 class CheckpointSaveError(OSError):
-  """A checkpoint that could not be written (a full disk, permissions); the finished ones are left intact."""
+  """A checkpoint that could not be written (a full disk, permissions); the finished ones are left
+  intact."""
 
 
 class Preemption:
@@ -105,7 +107,7 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-# ---------------------------------------------------------------------------------------------- shapes
+# ------------------------------------------------------------------------------------------- shapes
 
 
 def param_shapes_of(params) -> dict[str, tuple[int, ...]]:
@@ -115,8 +117,9 @@ def param_shapes_of(params) -> dict[str, tuple[int, ...]]:
 
 
 def check_param_shapes(params, expected: dict[str, tuple[int, ...]], what: str) -> None:
-  """One-line ValueError `{what}: {path} is {shape} there, {shape} in the config` at the first path (in
-  sorted order) that is missing, unexpected or of another shape; nothing when `params` fits `expected`."""
+  """One-line ValueError `{what}: {path} is {shape} there, {shape} in the config` at the first path
+  (in sorted order) that is missing, unexpected or of another shape; nothing when `params` fits
+  `expected`."""
   got = param_shapes_of(params)
   want = {k: tuple(v) for k, v in expected.items()}
   if got == want:
@@ -129,8 +132,8 @@ def check_param_shapes(params, expected: dict[str, tuple[int, ...]], what: str) 
 
 
 def check_gpt_params(params, model_config, what: str) -> None:
-  """One-line error when a parameter tree does not have the shapes of config.model (naming the release
-  size it looks like, if any)."""
+  """One-line error when a parameter tree does not have the shapes of config.model (naming the
+  release size it looks like, if any)."""
   got = param_shapes_of(gpt.unstack_layers(params))
   condition = "text" if "cls_embedding/cap_proj/fc1/kernel" in got else "class"
   if condition != model_config.condition:
@@ -154,14 +157,14 @@ def check_gpt_params(params, model_config, what: str) -> None:
     ) from None
 
 
-# ------------------------------------------------------------------------------------------ Checkpointer
+# ------------------------------------------------------------------------------------- Checkpointer
 
 
 class Checkpointer:
   """Keeps the last N checkpoints of one run; every public method is safe on a fresh directory.
 
-  `architecture` (see `architecture()`) is written with every step and checked by `check_architecture`;
-  it may be left out only to read (latest_step, restore).
+  `architecture` (see `architecture()`) is written with every step and checked by
+  `check_architecture`; it may be left out only to read (latest_step, restore).
   """
 
   def __init__(
@@ -182,7 +185,8 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def check_architecture(self) -> None:
-    """Refuse a workdir whose latest checkpoint was written for another model (before any compile)."""
+    """Refuse a workdir whose latest checkpoint was written for another model (before any
+    compile)."""
     step = self.latest_step()
     if step is None:
       return
@@ -213,7 +217,8 @@ class Checkpointer:
       raise self._corrupt(step, e) from None
 
   def restore(self, abstract_state: Any) -> tuple[Any, dict, int]:
-    """(state placed as abstract_state's shardings, data iterator state, step) of the latest step."""
+    """(state placed as abstract_state's shardings, data iterator state, step) of the latest
+    step."""
     step = self.latest_step()
     args = ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
@@ -252,9 +257,10 @@ class Checkpointer:
     return saved
 
   def check_saves(self, step: int | None = None) -> None:
-    """CheckpointSaveError once the pending asynchronous save has ended without its step folder. Cheap:
-    the trainers call it after every step (a loop hook), so a full disk stops the run right after the
-    save that failed, not one checkpoint interval later when orbax would first report it."""
+    """CheckpointSaveError once the pending asynchronous save has ended without its step folder.
+    Cheap: the trainers call it after every step (a loop hook), so a full disk stops the run right
+    after the save that failed, not one checkpoint interval later when orbax would first report
+    it."""
     del step  # The loop hook's argument.
     if self._pending is None or self._manager.is_saving_in_progress():
       return
@@ -302,7 +308,8 @@ class Checkpointer:
 
 
 def _finished(step_dir: epath.Path) -> bool:
-  # A local save renames its temporary folder at the end; on a bucket the marker file says it finished.
+  # A local save renames its temporary folder at the end; on a bucket the marker file says it
+  # finished.
   return step_dir.exists() and (
     "://" not in str(step_dir) or (step_dir / "commit_success.txt").exists()
   )
@@ -333,10 +340,11 @@ def _cause(e: Exception | None) -> str:
 
 
 def _host_replicas(state):
-  """On one process, every multi-device leaf as one host copy. Orbax's replica-parallel save slices each
-  replicated shard with small jitted ops: hundreds of compiles on a CPU mesh (the VQ's whole state), and
-  under jax.set_mesh (the GPT trainer) jax 0.7, our lower bound, refuses them (single-device arguments in
-  a mesh context). The bytes written and restored are the same; restore places them by the target."""
+  """On one process, every multi-device leaf as one host copy. Orbax's replica-parallel save slices
+  each replicated shard with small jitted ops: hundreds of compiles on a CPU mesh (the VQ's whole
+  state), and under jax.set_mesh (the GPT trainer) jax 0.7, our lower bound, refuses them
+  (single-device arguments in a mesh context). The bytes written and restored are the same; restore
+  places them by the target."""
   if jax.process_count() > 1:
     return state
 
@@ -348,7 +356,7 @@ def _host_replicas(state):
   return jax.tree.map(one, state)
 
 
-# ------------------------------------------------------------------------------------- params directories
+# ------------------------------------------------------------------------------- params directories
 
 
 def save_params(path, params) -> None:
@@ -392,7 +400,8 @@ def read_params(path, target=None):
 
 
 def load_vq_params(path, vq_config) -> dict:
-  """VQ params from a params directory, checked against config.vq's architecture (one-line error)."""
+  """VQ params from a params directory, checked against config.vq's architecture (one-line
+  error)."""
   params = read_params(path)
   check_param_shapes(
     params, vq.param_shapes(vq_config), f"VQ parameters in {path} do not fit config.vq"
@@ -400,7 +409,7 @@ def load_vq_params(path, vq_config) -> dict:
   return params
 
 
-# ------------------------------------------------------------------------------------------ weights kinds
+# ------------------------------------------------------------------------------------ weights kinds
 
 # What weights_kind says of a path, as the words of an error message ("PATH is a code data set").
 KIND_WORDS = {
@@ -510,7 +519,8 @@ def _is_manager_dir(path: epath.Path) -> bool:
 
 
 def load_params(path, *, ema: bool = False) -> dict:
-  """Unscanned GPT parameters from a training workdir, its checkpoints/ folder, or a params directory.
+  """Unscanned GPT parameters from a training workdir, its checkpoints/ folder, or a params
+  directory.
 
   With ema=True the EMA weights are returned when the run kept them (an error otherwise).
   """

@@ -1,11 +1,14 @@
-"""Command-line conventions shared by `npp_jax.main`, `npp_jax.convert` and `npp_jax.npy_codes` (absl flags).
+"""Command-line conventions shared by `npp_jax.main`, `npp_jax.convert` and `npp_jax.npy_codes`
+(absl flags).
 
-A bad command line or config ends in one line on stderr, `error: ...`, naming the file, flag or key and what
-was expected, and exit status 2; `--traceback` (where defined) shows the full traceback instead.
+A bad command line or config ends in one line on stderr, `error: ...`, naming the file, flag or key
+and what was expected, and exit status 2; `--traceback` (where defined) shows the full traceback
+instead.
 
-absl and ml_collections report config problems as tracebacks (a missing file only at the config's first use,
-an unknown key as a KeyError inside flag parsing). So when parsing fails, or yields no config, the config file
-is loaded once more here, step by step, to say which step failed: the happy path runs absl's code unchanged.
+absl and ml_collections report config problems as tracebacks (a missing file only at the config's
+first use, an unknown key as a KeyError inside flag parsing). So when parsing fails, or yields no
+config, the config file is loaded once more here, step by step, to say which step failed: the happy
+path runs absl's code unchanged.
 """
 
 import difflib
@@ -24,9 +27,9 @@ from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
 EXIT_BAD_INPUT = 2
-# Errors that bad input or the environment (a path, a full disk, a permission) cause, and a run that diverged
-# (the loop's one-line FloatingPointError names the last good checkpoint); anything else is a bug and keeps
-# its traceback.
+# Errors that bad input or the environment (a path, a full disk, a permission) cause, and a run that
+# diverged (the loop's one-line FloatingPointError names the last good checkpoint); anything else is
+# a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 _EXAMPLE = "configs/b.py"
 
@@ -90,16 +93,16 @@ def report(error: BaseException | str) -> int:
 
 def fail(error: BaseException | str) -> NoReturn:
   code = report(error)
-  # The process only shuts down from here: what libraries log while it does (asyncio's "Task exception was
-  # never retrieved" for orbax's abandoned writes) must not follow the error line.
+  # The process only shuts down from here: what libraries log while it does (asyncio's "Task
+  # exception was never retrieved" for orbax's abandoned writes) must not follow the error line.
   pylogging.disable(pylogging.CRITICAL)
   sys.exit(code)
 
 
 def run(fn: Callable[[], Any], show_traceback: bool = False) -> Any:
-  """Calls fn(); USER_ERRORS end in `fail`. Without show_traceback, the tracebacks that libraries log from
-  their background threads (orbax's async saves) shrink to their one-line message: the error that stops
-  the run says the cause once, last."""
+  """Calls fn(); USER_ERRORS end in `fail`. Without show_traceback, the tracebacks that libraries
+  log from their background threads (orbax's async saves) shrink to their one-line message: the
+  error that stops the run says the cause once, last."""
   if not show_traceback:
     for name in ("absl", "asyncio"):
       pylogging.getLogger(name).addFilter(_drop_library_tracebacks)
@@ -114,10 +117,10 @@ def run(fn: Callable[[], Any], show_traceback: bool = False) -> Any:
 
 
 def _quiet_closed_loop(hook):
-  """tensorstore reports each write still in flight when orbax's save fails as "RuntimeError: Event loop
-  is closed" (orbax closed the save's event loop at the first error), through sys.excepthook or
-  sys.unraisablehook: a traceback per write, none of them the cause. Every other exception reaches the
-  previous hook."""
+  """tensorstore reports each write still in flight when orbax's save fails as "RuntimeError: Event
+  loop is closed" (orbax closed the save's event loop at the first error), through sys.excepthook or
+  sys.unraisablehook: a traceback per write, none of them the cause. Every other exception reaches
+  the previous hook."""
 
   def quiet(kind, value, tb):
     if not _closed_loop(value):
@@ -139,7 +142,8 @@ def _closed_loop(value) -> bool:
 
 
 def _drop_library_tracebacks(record: pylogging.LogRecord) -> bool:
-  # Library code only (site-packages, or asyncio reporting a library's task); the message line stays.
+  # Library code only (site-packages, or asyncio reporting a library's task); the message line
+  # stays.
   if record.exc_info and (
     record.name == "asyncio" or f"{os.sep}site-packages{os.sep}" in record.pathname
   ):
@@ -154,11 +158,12 @@ def _os_error(e: OSError) -> str:
   return str(e) or type(e).__name__
 
 
-# ------------------------------------------------------------------------------------------ diagnosis
+# ---------------------------------------------------------------------------------------- diagnosis
 
 
 def explain(error: Exception, argv: Sequence[str]) -> str:
-  """One line for a failed parse: the config file's problem, an unknown or mistyped key, or absl's own."""
+  """One line for a failed parse: the config file's problem, an unknown or mistyped key, or absl's
+  own."""
   spec = _config_spec(argv)
   config = None
   if spec is not None:
@@ -197,7 +202,8 @@ def _overrides(argv: Sequence[str]) -> list[tuple[str, str | None]]:
 
 
 def load_config_file(spec: str) -> tuple[str | None, Any]:
-  """(problem, config): loads FILE[:ARG] as config_flags does, saying in one line which step failed."""
+  """(problem, config): loads FILE[:ARG] as config_flags does, saying in one line which step
+  failed."""
   path, _, arg = spec.partition(":")
   call = f"get_config({arg!r})" if arg else "get_config()"
   if not path:

@@ -1,9 +1,10 @@
-"""The one config schema every config file starts from: every knob a field, its default the paper's recipe.
+"""The one config schema every config file starts from: every knob a field, its default the paper's
+recipe.
 
 No recipes live here: config files under `configs/` (one per model size, `tiny.py`, `demo.py`) call
-`base_config()` and change what differs. Fields that may be unset are `placeholder`s so that a locked config
-still accepts them from the command line. `load` reads a config file as `--config=` does, for code that is
-not the command line (tests, benchmarks, notebooks).
+`base_config()` and change what differs. Fields that may be unset are `placeholder`s so that a
+locked config still accepts them from the command line. `load` reads a config file as `--config=`
+does, for code that is not the command line (tests, benchmarks, notebooks).
 """
 
 import importlib.util
@@ -13,14 +14,16 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-# The checkout this package runs from: relative config paths fall back to it (an editable install, the
-# tests, a notebook started elsewhere). A wheel install has no configs/ here; pass absolute paths then.
+# The checkout this package runs from: relative config paths fall back to it (an editable install,
+# the tests, a notebook started elsewhere). A wheel install has no configs/ here; pass absolute
+# paths then.
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def model_config(name: str = "GPT-B") -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
-  # A name from models/gpt.py MODEL_SIZES, or "custom" with n_layer / n_head / dim set (tiny models).
+  # A name from models/gpt.py MODEL_SIZES, or "custom" with n_layer / n_head / dim set (tiny
+  # models).
   m.name = name
   m.n_layer = config_dict.placeholder(int)
   m.n_head = config_dict.placeholder(int)
@@ -55,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config()
 
-  # Coarse-to-fine schedule (NPP.md 5). Either the release's (patch_level, epoch_rate) over train.epochs,
-  # or explicit stages ((k, epochs), ...) that then define the run's length.
+  # Coarse-to-fine schedule (NPP.md 5). Either the release's (patch_level, epoch_rate) over
+  # train.epochs, or explicit stages ((k, epochs), ...) that then define the run's length.
   c.npp = ml_collections.ConfigDict()
   c.npp.patch_level = 3
   c.npp.epoch_rate = 0.5
@@ -91,8 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.peak_flops_per_device = (
     0.0  # For MFU where the device is not in chips.CHIPS (0: look up).
   )
-  # Held-out k = 1 NLL and class information (eval/ in TensorBoard) at the end of every stage and, when > 0,
-  # every eval_every_steps steps; on the first eval_batches batches of data.eval_split (0 batches: no eval).
+  # Held-out k = 1 NLL and class information (eval/ in TensorBoard) at the end of every stage and,
+  # when > 0, every eval_every_steps steps; on the first eval_batches batches of data.eval_split (0
+  # batches: no eval).
   c.train.eval_every_steps = 0
   c.train.eval_batches = 16
   # Several processes agree every N steps on stopping for a SIGTERM (one host round trip each time).
@@ -148,14 +152,15 @@ def compile_config() -> ml_collections.ConfigDict:
 
 
 def evaluate_config() -> ml_collections.ConfigDict:
-  """`--mode=evaluate` (npp_jax.jobs.evaluate): FID, sFID, IS, precision and recall as the ADM evaluator."""
+  """`--mode=evaluate` (npp_jax.jobs.evaluate): FID, sFID, IS, precision and recall as the ADM
+  evaluator."""
   e = ml_collections.ConfigDict()
   e.samples = (
     ""  # ADM npz, arr_0 uint8 [N, H, W, 3]: what --mode=sample writes (samples/samples_N.npz).
   )
-  # An ADM reference npz (images and/or mu, sigma, mu_s, sigma_s), a statistics npz this mode wrote, or a
-  # data set ("digits", a TFDS name or directory, an image folder) whose statistics are then cached.
-  # Set in --mode=sample, it scores the images just sampled.
+  # An ADM reference npz (images and/or mu, sigma, mu_s, sigma_s), a statistics npz this mode wrote,
+  # or a data set ("digits", a TFDS name or directory, an image folder) whose statistics are then
+  # cached. Set in --mode=sample, it scores the images just sampled.
   e.reference = ""
   e.reference_split = "train"  # Data set references only, as reference_num_images and data_dir.
   e.reference_num_images = 50000  # The split's first images.
@@ -163,8 +168,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
   e.image_size = (
     256  # Data set references are centre-cropped to this (ADM's crop), as the samples are.
   )
-  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (converted once into WORKDIR/inception), or that
-  # params directory. Nothing is downloaded.
+  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (converted once into WORKDIR/inception), or
+  # that params directory. Nothing is downloaded.
   e.inception = ""
   e.preprocess = "adm"  # "adm": the TF graph's resize and scaling; "pytorch_fid": pytorch-fid's.
   e.resize_to = (
@@ -176,9 +181,10 @@ def evaluate_config() -> ml_collections.ConfigDict:
   e.num_samples = (
     0  # 0: every image of evaluate.samples; n: the first n (and the samples per every_steps).
   )
-  # > 0: training samples num_samples images (config.sample's settings, sample.seed every time) every this
-  # many steps and at its end, and logs eval/fid, sfid, inception_score, precision, recall (in memory;
-  # needs sample.vq_checkpoint, evaluate.reference and evaluate.inception). 0: off.
+  # > 0: training samples num_samples images (config.sample's settings, sample.seed every time)
+  # every this many steps and at its end, and logs eval/fid, sfid, inception_score, precision,
+  # recall (in memory; needs sample.vq_checkpoint, evaluate.reference and evaluate.inception). 0:
+  # off.
   e.every_steps = 0
   e.fid_method = (
     "sqrtm"  # "sqrtm": the evaluator's scipy.linalg.sqrtm; "eigh": same value, faster on CPU.
@@ -190,7 +196,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
 
 
 def vq_config() -> ml_collections.ConfigDict:
-  """LlamaGen's VQ-16 tokenizer (NPP.md, "The VQ-16 tokenizer"): the released checkpoint's architecture."""
+  """LlamaGen's VQ-16 tokenizer (NPP.md, "The VQ-16 tokenizer"): the released checkpoint's
+  architecture."""
   v = ml_collections.ConfigDict()
   v.codebook_size = 16384
   v.codebook_embed_dim = 8
@@ -222,7 +229,8 @@ def sample_config() -> ml_collections.ConfigDict:
   s.use_ema = False  # Take the run's EMA weights (an error if the run kept none).
   s.vq_checkpoint = ""  # A converted VQ checkpoint (config.vq); "" writes codes only, no images.
   s.num_images = 50000  # Any count: the last batch is padded to batch_size and trimmed.
-  s.classes = ()  # Class ids, cycled over the samples; () cycles all classes (50 each for 50k of 1000).
+  # Class ids, cycled over the samples; () cycles all classes (50 each for 50k of 1000).
+  s.classes = ()
   s.cfg_scale = (
     2.0  # GPT-B's best (NPP.md); configs/<size>.py set each size's. 1 turns guidance off.
   )
@@ -262,8 +270,9 @@ def vq_train_config() -> ml_collections.ConfigDict:
   perceptual and adversarial losses are not part of this trainer. Defaults are LlamaGen's VQ recipe.
   """
   t = ml_collections.ConfigDict()
-  # "digits" (npp_jax.data.digits, the demo), a TFDS name prepared under data_dir (e.g. "imagenet2012"), a
-  # prepared TFDS directory, or an image folder root/<split>/<class>/*.{png,jpg} (TFDS ImageFolder).
+  # "digits" (npp_jax.data.digits, the demo), a TFDS name prepared under data_dir (e.g.
+  # "imagenet2012"), a prepared TFDS directory, or an image folder root/<split>/<class>/*.{png,jpg}
+  # (TFDS ImageFolder).
   t.dataset = "imagenet2012"
   t.data_dir = ""  # TFDS data_dir for a TFDS name; "" is TFDS's default (~/tensorflow_datasets).
   t.split = "train"
@@ -288,7 +297,8 @@ def vq_train_config() -> ml_collections.ConfigDict:
 
 
 def extract_config() -> ml_collections.ConfigDict:
-  """`--mode=extract` (npp_jax.jobs.extract): a data set's images -> a code data set (npp_jax.data.code_dataset)."""
+  """`--mode=extract` (npp_jax.jobs.extract): a data set's images -> a code data set
+  (npp_jax.data.code_dataset)."""
   e = ml_collections.ConfigDict()
   e.dataset = (
     "imagenet2012"  # As vq_train.dataset: "digits", a TFDS name or directory, an image folder.
@@ -296,8 +306,10 @@ def extract_config() -> ml_collections.ConfigDict:
   e.data_dir = ""
   e.split = "train"  # One split per run (digits: train / test / all).
   # The release's augmentations (LlamaGen extract_codes_c2i): "tencrop" resizes the short side to
-  # int(crop_range * image_size), centre-crops that square and takes its 4 corner and centre crops and
-  # those of its mirror image (n_aug 10); "flip": the centre crop and its mirror (2); "none": the crop (1).
+  # int(crop_range * image_size), centre-crops that square and takes its 4 corner and centre crops
+  # and those of its mirror image (n_aug 10); "flip": the centre crop and its mirror (2); "none":
+  # the
+  # crop (1).
   e.aug = "tencrop"
   e.crop_range = 1.1  # Ten-crop only; the release uses 1.1 (1.05 is its other setting).
   e.batch_size = (
@@ -321,7 +333,8 @@ def extract_config() -> ml_collections.ConfigDict:
 
 
 def config_arg(arg: str | None, *accepted: str) -> str:
-  """A config file's argument (`--config=FILE:ARG`), "" for none; a word it does not know is an error."""
+  """A config file's argument (`--config=FILE:ARG`), "" for none; a word it does not know is an
+  error."""
   arg = arg or ""
   if arg and arg not in accepted:
     raise ValueError(
@@ -347,6 +360,7 @@ def load_module(path: str | os.PathLike):
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
-  """The config `--config=SPEC` gives the command line, unlocked: "configs/b.py" or "configs/b.py:runlocal"."""
+  """The config `--config=SPEC` gives the command line, unlocked: "configs/b.py" or
+  "configs/b.py:runlocal"."""
   path, *arg = spec.split(":", 1)
   return load_module(path).get_config(*arg)

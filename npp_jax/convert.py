@@ -2,7 +2,8 @@
 
   python -m npp_jax.convert --kind=gpt --src=c2i_B_256.pt --config=configs/b.py --dst=/ckpt/gpt_b
   python -m npp_jax.convert --kind=vq --src=vq_ds16_c2i.pt --config=configs/b.py --dst=/ckpt/vq16
-  python -m npp_jax.convert --kind=gpt --src=/ckpt/gpt_b --config=configs/b.py --dst=out.pt --to=torch
+  python -m npp_jax.convert --kind=gpt --src=/ckpt/gpt_b --config=configs/b.py --dst=out.pt
+  --to=torch
   python -m npp_jax.convert --kind=gpt --src=work/b --config=configs/b.py --dst=b.pt --to=torch
   python -m npp_jax.convert --kind=gpt --src=work/b --config=configs/b.py --dst=/ckpt/b --to=params
   python -m npp_jax.convert --kind=gpt --src=t2i_XL_stage1_256.pt --config=configs/t2i.py:XL --dst=D
@@ -18,16 +19,16 @@ The GPT architecture comes from `config.model`, the tokenizer's from `config.vq`
 caption buffer `cls_embedding.uncond_embedding` where a class model has its class table; the t2i
 VQ is a VQ-16 like the class one.
 
-Layout of a converted checkpoint: a directory written by orbax's StandardCheckpointer holding the pytree
-`{"params": params}`, where `params` is the Linen "params" collection of `npp_jax.models.gpt.GPT` (always
-the unscanned layout: `layers_0 .. layers_{n-1}`; `gpt.stack_layers` gives the scanned one) or of
-`npp_jax.models.vq.VQModel`, in the config's param_dtype: a params directory of npp_jax.checkpoints
-(`checkpoints.read_params(dir)` reads it back). This module knows PyTorch; the project's own format is
-npp_jax.checkpoints'.
+Layout of a converted checkpoint: a directory written by orbax's StandardCheckpointer holding the
+pytree `{"params": params}`, where `params` is the Linen "params" collection of
+`npp_jax.models.gpt.GPT` (always the unscanned layout: `layers_0 .. layers_{n-1}`;
+`gpt.stack_layers` gives the scanned one) or of `npp_jax.models.vq.VQModel`, in the config's
+param_dtype: a params directory of npp_jax.checkpoints (`checkpoints.read_params(dir)` reads it
+back). This module knows PyTorch; the project's own format is npp_jax.checkpoints'.
 
-Reading accepts every form the releases use: a dict whose "model", "module" or "state_dict" entry is the
-state dict, a bare state dict (FSDP exports), and with --ema the "ema" entry. `--to=torch` writes
-`{"model": state_dict}`, which the PyTorch release loads with strict key matching.
+Reading accepts every form the releases use: a dict whose "model", "module" or "state_dict" entry is
+the state dict, a bare state dict (FSDP exports), and with --ema the "ema" entry. `--to=torch`
+writes `{"model": state_dict}`, which the PyTorch release loads with strict key matching.
 
 torch is imported only inside the functions that need it (`pip install .[torch]`).
 """
@@ -67,7 +68,7 @@ CODEBOOK_USED_SIZE = 65536
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Names and layouts.
 
 
@@ -105,7 +106,8 @@ def _torch_shape(path: str, shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def expected_shapes(kind: str, config) -> dict[str, tuple[int, ...]]:
-  """{flax path: shape} of the unscanned params of `kind` for a full config (config.model / config.vq)."""
+  """{flax path: shape} of the unscanned params of `kind` for a full config (config.model /
+  config.vq)."""
   if kind == "gpt":
     return gpt.param_shapes(config.model)
   if kind == "vq":
@@ -141,7 +143,7 @@ def _flatten(tree) -> dict[str, Any]:
   return {"/".join(str(getattr(p, "key", p)) for p in path): x for path, x in flat}
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Torch state dicts <-> params.
 
 
@@ -156,7 +158,8 @@ def load_torch_state(src: str, ema: bool = False) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise ValueError(f"--src={src!r} is not a file; expected a PyTorch checkpoint (.pt)")
   try:
-    # Training scripts store their argparse.Namespace next to the weights; it holds only plain values.
+    # Training scripts store their argparse.Namespace next to the weights; it holds only plain
+    # values.
     with torch.serialization.safe_globals([argparse.Namespace]), path.open("rb") as f:
       obj = torch.load(f, map_location="cpu", weights_only=True)
   except (
@@ -213,11 +216,15 @@ def _unloadable(src: str, e: Exception, unpickling_error: type) -> str:
     )
   if head.startswith(b"PK") or isinstance(e, EOFError) or "truncated" in text:
     return (
-      f"--src={src!r} is a truncated or corrupt PyTorch file ({epath.Path(src).stat().length} bytes; "
+      f"--src={src!r} is a truncated or corrupt PyTorch file ({epath.Path(src).stat().length} "
+      "bytes; "
       f"{type(e).__name__}); expected a complete checkpoint: copy it again"
     )
   if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
-    return f"--src={src!r} is a text file, not a PyTorch checkpoint; expected a file written by torch.save"
+    return (
+      f"--src={src!r} is a text file, not a PyTorch checkpoint; expected a file written by "
+      "torch.save"
+    )
   return (
     f"--src={src!r} is not a PyTorch checkpoint ({type(e).__name__}); expected a file written by "
     "torch.save"
@@ -245,7 +252,8 @@ def _check_condition(kind: str, keys, config, what: str) -> None:
 
 
 def state_to_params(kind: str, state: dict[str, np.ndarray], config, what: str = "the checkpoint"):
-  """Torch state dict (numpy) -> nested Flax params; every key and shape checked against the config."""
+  """Torch state dict (numpy) -> nested Flax params; every key and shape checked against the
+  config."""
   _check_condition(kind, state, config, what)
   shapes = expected_shapes(kind, config)
   dtype = _param_dtype(kind, config)
@@ -264,7 +272,8 @@ def state_to_params(kind: str, state: dict[str, np.ndarray], config, what: str =
 
 
 def params_to_state(kind: str, params, config, what: str = "the params") -> dict[str, np.ndarray]:
-  """Flax params (either GPT layout) -> torch state dict (fp32 numpy), checked against the config."""
+  """Flax params (either GPT layout) -> torch state dict (fp32 numpy), checked against the
+  config."""
   if kind == "gpt":
     params = gpt.unstack_layers(dict(params))
   flat = _flatten(params)
@@ -288,7 +297,7 @@ def params_to_state(kind: str, params, config, what: str = "the params") -> dict
   return state
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Entry points.
 
 

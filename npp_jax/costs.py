@@ -1,7 +1,9 @@
-"""What a train step costs: FLOPs per patch size, MFU, and a whole schedule against next-token training.
+"""What a train step costs: FLOPs per patch size, MFU, and a whole schedule against next-token
+training.
 
-FLOPs follow the usual accounting (PaLM appendix B): 2 per multiply-add, a train step is 3x the forward
-pass, attention scores and mixing counted in full (4 * S^2 * D per layer, causal mask not discounted).
+FLOPs follow the usual accounting (PaLM appendix B): 2 per multiply-add, a train step is 3x the
+forward pass, attention scores and mixing counted in full (4 * S^2 * D per layer, causal mask not
+discounted).
 """
 
 import dataclasses

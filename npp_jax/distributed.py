@@ -1,8 +1,11 @@
-"""Which processes make up this run: flags, JAX_* variables and cluster detection -> jax.distributed.
+"""Which processes make up this run: flags, JAX_* variables and cluster detection ->
+jax.distributed.
 
-`resolve` is pure (flags and an environment in, a `Launch` or None out) so that every combination is tested
-without starting processes; `initialize` hands its result to `jax.distributed.initialize`. JAX 0.10.2 reads
-only JAX_COORDINATOR_ADDRESS from the environment, so JAX_NUM_PROCESSES and JAX_PROCESS_ID are read here.
+`resolve` is pure (flags and an environment in, a `Launch` or None out) so that every combination is
+tested without starting processes; `initialize` hands its result to `jax.distributed.initialize`.
+JAX
+0.10.2 reads only JAX_COORDINATOR_ADDRESS from the environment, so JAX_NUM_PROCESSES and
+JAX_PROCESS_ID are read here.
 """
 
 import atexit
@@ -30,7 +33,8 @@ _ENV = {
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-  """Arguments for jax.distributed.initialize; None means "let JAX's cluster detection fill it in"."""
+  """Arguments for jax.distributed.initialize; None means "let JAX's cluster detection fill it
+  in"."""
 
   coordinator_address: str | None
   num_processes: int | None
@@ -69,9 +73,9 @@ def resolve(
 ) -> Launch | None:
   """The processes of this run from --distributed=auto|true|false, the three flags and `env`.
 
-  Flags win over JAX_* variables. On a scheduler (SLURM, Open MPI, a TPU pod) what is not given is left to
-  JAX's detection; elsewhere a run of several processes needs all three. None: run as one process.
-  Raises ValueError (one line, naming what to set) for a combination that cannot start.
+  Flags win over JAX_* variables. On a scheduler (SLURM, Open MPI, a TPU pod) what is not given is
+  left to JAX's detection; elsewhere a run of several processes needs all three. None: run as one
+  process. Raises ValueError (one line, naming what to set) for a combination that cannot start.
   """
   given = {
     "coordinator_address": coordinator_address or None,
@@ -132,8 +136,9 @@ def initialize(launch: Launch, resume_hint: Callable[[], str] | None = None) -> 
   """
   import jax
 
-  # Collectives between CPU processes (tests on loopback, CPU-only hosts) need an implementation; gloo is
-  # this JAX's default, but "none" (set by a user or an older default) would make every psum a hang.
+  # Collectives between CPU processes (tests on loopback, CPU-only hosts) need an implementation;
+  # gloo is this JAX's default, but "none" (set by a user or an older default) would make every psum
+  # a hang.
   if jax.config.jax_cpu_collectives_implementation in (None, "none"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if launch.heartbeat_timeout_seconds < 1:
@@ -149,8 +154,8 @@ def initialize(launch: Launch, resume_hint: Callable[[], str] | None = None) -> 
     )
   except ValueError as e:
     if launch.cluster is None and launch.coordinator_address is None:
-      # --distributed=true with nothing given and no scheduler that JAX recognised (its message names
-      # only the first missing value).
+      # --distributed=true with nothing given and no scheduler that JAX recognised (its message
+      # names only the first missing value).
       raise ValueError(
         f"--distributed=true found no cluster to join ({e}): set --coordinator_address, "
         "--num_processes and --process_id"
@@ -194,7 +199,8 @@ def _watch(launch: Launch, resume_hint: Callable[[], str] | None) -> None:
       count += 1
       try:
         client.key_value_set(f"{_ALIVE}{me}", str(count), allow_overwrite=True)
-        # Keys come back whole or relative to the directory, by jaxlib version: the last part is the id.
+        # Keys come back whole or relative to the directory, by jaxlib version: the last part is the
+        # id.
         values = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(_ALIVE)}
       except Exception as e:  # pylint: disable=broad-except  # The service went with process 0.
         if done.is_set():

@@ -1,6 +1,7 @@
-"""The file layer of every user path (workdir, data sets, checkpoints, samples, shards, reports): etils.epath,
-so `gs://...` (and any scheme epath knows) works wherever a local path does. Plus the resumable jobs' files
-(sampling, extraction, demo): atomic writes and the settings a folder was made with.
+"""The file layer of every user path (workdir, data sets, checkpoints, samples, shards, reports):
+etils.epath,
+so `gs://...` (and any scheme epath knows) works wherever a local path does. Plus the resumable
+jobs' files (sampling, extraction, demo): atomic writes and the settings a folder was made with.
 
 Never `os.path` / `open()` on a user path: `os.path.abspath("gs://b/run")` is `<cwd>/gs:/b/run`.
 """
@@ -11,14 +12,15 @@ from etils import epath
 
 
 def absolute(path) -> epath.Path:
-  """The path as an absolute epath.Path; a path with a scheme (gs://) is absolute already and reaches epath
-  untouched (orbax wants absolute paths)."""
+  """The path as an absolute epath.Path; a path with a scheme (gs://) is absolute already and
+  reaches epath untouched (orbax wants absolute paths)."""
   p = epath.Path(path)
   return p if "://" in str(path) else p.absolute()
 
 
 def atomic_write(path, write) -> None:
-  """write(file) into path.tmp, then rename: a killed run never leaves a partial file under `path`."""
+  """write(file) into path.tmp, then rename: a killed run never leaves a partial file under
+  `path`."""
   path = epath.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   with tmp.open("wb") as f:
@@ -27,10 +29,11 @@ def atomic_write(path, write) -> None:
 
 
 def check_same_settings(path, settings: dict, folder, holds: str, expected: str) -> None:
-  """Refuse to resume into a folder whose JSON record at `path` has other settings (no file: a fresh one).
+  """Refuse to resume into a folder whose JSON record at `path` has other settings (no file: a fresh
+  one).
 
-  The error names the first differing key: '{folder} holds {holds} of other settings (key: old there,
-  new now); {expected}'.
+  The error names the first differing key: '{folder} holds {holds} of other settings (key: old
+  there, new now); {expected}'.
   """
   path = epath.Path(path)
   if not path.exists():

@@ -1,10 +1,13 @@
-"""The part of a training loop that is not the step: progress hooks, logging, the finiteness check, periodic
-saves and stopping on preemption. The GPT trainer (train.py) and the VQ trainer (train_vq.py) share it.
+"""The part of a training loop that is not the step: progress hooks, logging, the finiteness check,
+periodic saves and stopping on preemption. The GPT trainer (train.py) and the VQ trainer
+(train_vq.py) share it.
 
 A trainer runs its own steps and calls `Loop.end_of_step` after each one:
 
-  lp = loop.Loop(total_steps=..., log_every=..., checkpoint_every=..., writer=writer, preemption=preempt,
-                 reached_preemption=ckpt.reached_preemption, last_saved=ckpt.latest_step, wait=ckpt.wait)
+  lp = loop.Loop(total_steps=..., log_every=..., checkpoint_every=..., writer=writer,
+  preemption=preempt,
+                 reached_preemption=ckpt.reached_preemption, last_saved=ckpt.latest_step,
+                 wait=ckpt.wait)
   while step < total:
     state, metrics = step_fn(state, batch)
     step += 1
@@ -19,13 +22,14 @@ from absl import logging
 import jax
 import numpy as np
 
-# The exit status of a run that saved and stopped early on SIGTERM (os.EX_TEMPFAIL: "try again"): a launcher
-# tells it from 0 ("finished") and requeues or re-runs the same command, which resumes.
+# The exit status of a run that saved and stopped early on SIGTERM (os.EX_TEMPFAIL: "try again"): a
+# launcher tells it from 0 ("finished") and requeues or re-runs the same command, which resumes.
 EXIT_PREEMPTED = 75
 
 
 def any_process(flag: bool) -> bool:
-  """True on every process when `flag` is True on any: a collective, so all processes call it together."""
+  """True on every process when `flag` is True on any: a collective, so all processes call it
+  together."""
   if jax.process_count() == 1:
     return bool(flag)
   from jax.experimental import multihost_utils
@@ -36,18 +40,19 @@ def any_process(flag: bool) -> bool:
 class Loop:
   """Decides, after every step, whether to log, save and stop; writes the logged scalars.
 
-  Preemption is agreed: a SIGTERM reaches the processes of a pod at different moments (or only one of
-  them), and a process that stops alone leaves the others blocked in the next collective. So every
-  `sync_every` steps the processes all-reduce their stop flags, and all of them save the same step and
-  stop there. One process needs no agreement and checks every step.
+  Preemption is agreed: a SIGTERM reaches the processes of a pod at different moments (or only one
+  of them), and a process that stops alone leaves the others blocked in the next collective. So
+  every `sync_every` steps the processes all-reduce their stop flags, and all of them save the same
+  step and stop there. One process needs no agreement and checks every step.
 
   preemption: an object whose `.requested` turns True on SIGTERM (checkpoints.Preemption).
   reached_preemption(step): the checkpoint manager's own preemption signal (orbax), or None.
-  last_saved() / wait(): the latest finished checkpoint step and a wait for pending async saves, used
+  last_saved() / wait(): the latest finished checkpoint step and a wait for pending async saves,
+  used
     only to say in an error which checkpoint is the last good one.
   excluded_s(): seconds to leave out of the measured step time (e.g. compilation done in between).
-  sync_every: steps between agreements when there are several processes (each costs a host round trip).
-  agree: the all-reduce of the flags (any_process; tests pass a stand-in).
+  sync_every: steps between agreements when there are several processes (each costs a host round
+  trip). agree: the all-reduce of the flags (any_process; tests pass a stand-in).
   on_log(step, scalars): called after each logged line (a console progress bar, e.g. the demo's).
   """
 
@@ -89,7 +94,8 @@ class Loop:
 
   def should_stop(self, step: int) -> bool:
     """True when this step is the one to save and stop at, the same step on every process."""
-    # Read the flag once: a SIGTERM landing mid-save stops the loop at a later step, after its own save.
+    # Read the flag once: a SIGTERM landing mid-save stops the loop at a later step, after its own
+    # save.
     local = bool(self.preemption.requested)
     if self.reached_preemption is not None:
       local = bool(self.reached_preemption(step)) or local
@@ -110,7 +116,8 @@ class Loop:
     """Hooks, then log / check / save as the intervals and preemption say; True means stop now.
 
     metrics: the step's (device) scalars; read back only on log and save steps. extra(step, step_s):
-    scalars added to a log line (throughput, cost, ...). note: said after the step in an error, e.g. " (k=2)".
+    scalars added to a log line (throughput, cost, ...). note: said after the step in an error, e.g.
+    " (k=2)".
     """
     for hook in self.hooks:
       hook(step)
@@ -118,8 +125,8 @@ class Loop:
     log_now = step % self.log_every == 0 or step == self.total_steps
     save_now = stop or step % self.checkpoint_every == 0 or step == self.total_steps
     if log_now or save_now:
-      # Checked before every save too, so no checkpoint ever holds non-finite weights whatever the log and
-      # checkpoint intervals (the metrics include a norm of the updated parameters).
+      # Checked before every save too, so no checkpoint ever holds non-finite weights whatever the
+      # log and checkpoint intervals (the metrics include a norm of the updated parameters).
       metrics = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
       if not all(np.isfinite(v) for v in metrics.values()):
         self.wait()

@@ -1,7 +1,7 @@
 """python -m npp_jax.main --config=configs/b.py --workdir=DIR [--mode=MODE]
 
-Flags -> the job of --mode (npp_jax.jobs) -> its check, before anything compiles or is written -> its run;
-exit status 75 when a SIGTERM stopped the job after saving (the same command resumes).
+Flags -> the job of --mode (npp_jax.jobs) -> its check, before anything compiles or is written ->
+its run; exit status 75 when a SIGTERM stopped the job after saving (the same command resumes).
 """
 
 import dataclasses
@@ -79,7 +79,8 @@ def _run():
     jax.devices()[0].device_kind,
   )
   job = jobs.get(FLAGS.mode)
-  # Every field the job reads, the workdir, the weights and data it names: before any compile or write.
+  # Every field the job reads, the workdir, the weights and data it names: before any compile or
+  # write.
   job.check(FLAGS.config, FLAGS.workdir, jobs.Topology.current())
   if job.run(FLAGS.config, FLAGS.workdir).stopped_early:
     sys.exit(loop.EXIT_PREEMPTED)  # Saved on SIGTERM; a launcher runs the same command to resume.

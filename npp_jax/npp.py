@@ -1,13 +1,16 @@
 """Next Patch Prediction: the whole idea of the paper in one module.
 
-1. `aggregate`: token embeddings of a code grid averaged over k x k blocks -> a k^2 shorter sequence.
+1. `aggregate`: token embeddings of a code grid averaged over k x k blocks -> a k^2 shorter
+sequence.
 2. `group_targets`: the k^2 ground-truth tokens of every patch, in the same raster order.
-3. `patch_loss`: one output distribution per position scored against all k^2 tokens of the next patch.
+3. `patch_loss`: one output distribution per position scored against all k^2 tokens of the next
+patch.
 4. `Schedule`: coarse-to-fine stages of decreasing k ending at k = 1, and the learning rate of each
    stage (`NPPSettings` is the config's `npp` section that chooses them).
 
-Nothing here knows about the transformer: the model calls `aggregate` on its embeddings, the trainer calls
-`group_targets` and `patch_loss` on its logits and `Schedule` for k and the learning rate at a step.
+Nothing here knows about the transformer: the model calls `aggregate` on its embeddings, the trainer
+calls `group_targets` and `patch_loss` on its logits and `Schedule` for k and the learning rate at a
+step.
 """
 
 import dataclasses
@@ -35,7 +38,8 @@ def check_patch_size(k: int, grid: Sequence[int]) -> None:
 
 
 def _blocks(x: jax.Array, grid: Sequence[int], k: int) -> jax.Array:
-  """[B, h*w, ...] -> [B, h/k, w/k, k, k, ...]: blocks in raster order, tokens raster order inside."""
+  """[B, h*w, ...] -> [B, h/k, w/k, k, k, ...]: blocks in raster order, tokens raster order
+  inside."""
   h, w = grid
   b, rest = x.shape[0], x.shape[2:]
   x = x.reshape(b, h // k, k, w // k, k, *rest)
@@ -44,7 +48,8 @@ def _blocks(x: jax.Array, grid: Sequence[int], k: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("grid", "k"))
 def aggregate(emb: jax.Array, grid: tuple[int, int], k: int) -> jax.Array:
-  """Mean of token embeddings over k x k blocks: [B, h*w, D] -> [B, (h/k)*(w/k), D]. No parameters."""
+  """Mean of token embeddings over k x k blocks: [B, h*w, D] -> [B, (h/k)*(w/k), D]. No
+  parameters."""
   check_patch_size(k, grid)
   if k == 1:
     return emb
@@ -57,7 +62,8 @@ def aggregate(emb: jax.Array, grid: tuple[int, int], k: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def group_targets(tokens: jax.Array, k: int) -> jax.Array:
-  """Tokens [B, h, w] -> targets [B, (h/k)*(w/k), k*k]: the k^2 tokens of each patch, raster order."""
+  """Tokens [B, h, w] -> targets [B, (h/k)*(w/k), k*k]: the k^2 tokens of each patch, raster
+  order."""
   b, h, w = tokens.shape
   check_patch_size(k, (h, w))
   blocks = _blocks(tokens.reshape(b, h * w), (h, w), k)  # [B, h/k, w/k, k, k]
@@ -85,13 +91,13 @@ def patch_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = N
 def shift_inputs(cond: jax.Array, patches: jax.Array) -> jax.Array:
   """Model input: [condition embedding(s)] + patch embeddings without the last patch.
 
-  The sequence is cond_len + n - 1 long; its last n outputs predict patches 0..n-1, each output seeing
-  only the condition and the patches before the one it predicts.
+  The sequence is cond_len + n - 1 long; its last n outputs predict patches 0..n-1, each output
+  seeing only the condition and the patches before the one it predicts.
   """
   return jnp.concatenate([cond.astype(patches.dtype), patches[:, :-1]], axis=1)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The coarse-to-fine schedule.
 
 
@@ -169,8 +175,9 @@ def release_stages(patch_level: int, epoch_rate: float, epochs: int) -> list[tup
 class Schedule:
   """Which k applies at a step, and the per-stage learning rate, for one run.
 
-  Stage boundaries are half-open step ranges [start, end): the step at a boundary already belongs to the
-  next stage, both for k and for the learning rate, so a stage never borrows a step of its neighbour.
+  Stage boundaries are half-open step ranges [start, end): the step at a boundary already belongs to
+  the next stage, both for k and for the learning rate, so a stage never borrows a step of its
+  neighbour.
   """
 
   def __init__(
@@ -233,8 +240,8 @@ class Schedule:
     """Per stage: linear warmup 0 -> lr, constant, linear decay to end_lr over the last decay_ratio.
 
     Warmup restarts in every stage (optimizer state carries over). The first step of a stage gets
-    lr / warmup rather than 0, and the last step of a stage reaches end_lr exactly: no step is spent at
-    lr = 0, and each stage's decay ends inside that stage rather than spilling into the next one.
+    lr / warmup rather than 0, and the last step of a stage reaches end_lr exactly: no step is spent
+    at lr = 0, and each stage's decay ends inside that stage rather than spilling into the next one.
     """
     optim.check_learning_rate(lr, end_lr, warmup_epochs, decay_ratio)
     pieces, boundaries = [], []
@@ -250,7 +257,8 @@ class Schedule:
       parts.append(optax.constant_schedule(lr))
       if decay > 0:
         cuts.append(n - decay)
-        # Step t of the decay gets lr + (end_lr - lr) * (t + 1) / decay: the stage's last step is end_lr.
+        # Step t of the decay gets lr + (end_lr - lr) * (t + 1) / decay: the stage's last step is
+        # end_lr.
         parts.append(optax.linear_schedule(lr + (end_lr - lr) / decay, end_lr, max(decay - 1, 1)))
       pieces.append(optax.join_schedules(parts, cuts) if cuts else parts[0])
       boundaries.append(stage.end_step)

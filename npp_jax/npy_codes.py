@@ -1,7 +1,8 @@
 """LlamaGen's code extraction output -> a code data set (npp_jax.data.code_dataset).
 
-The PyTorch release writes one file per image: <src>/<name>_codes/{i}.npy and <src>/<name>_labels/{i}.npy.
-`from_npy_folder` streams such a folder into a split of a code data set; the command line does the same:
+The PyTorch release writes one file per image: <src>/<name>_codes/{i}.npy and
+<src>/<name>_labels/{i}.npy. `from_npy_folder` streams such a folder into a split of a code data
+set; the command line does the same:
 
   python -m npp_jax.npy_codes --from_npy=DIR --out=DIR --vocab_size=16384 --num_classes=1000
 """
@@ -77,10 +78,11 @@ def from_npy_folder(
   overwrite: bool = False,
   batch: int = 1024,
 ) -> code_dataset.CodeDatasetMetadata:
-  """Converts a LlamaGen code folder (`*_codes/{i}.npy`, `*_labels/{i}.npy`) into split `split` of out_dir.
+  """Converts a LlamaGen code folder (`*_codes/{i}.npy`, `*_labels/{i}.npy`) into split `split` of
+  out_dir.
 
-  Images are taken in the order of i. The files are streamed (ImageNet does not fit in memory), so a bad
-  file part-way stops the job and removes what was written of the split.
+  Images are taken in the order of i. The files are streamed (ImageNet does not fit in memory), so a
+  bad file part-way stops the job and removes what was written of the split.
   """
   if not epath.Path(src).is_dir():
     raise ValueError(f"{src} is not a directory")
@@ -121,7 +123,8 @@ def from_npy_folder(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """The command line (argv without the program name); bad input ends in one `error:` line, status 2."""
+  """The command line (argv without the program name); bad input ends in one `error:` line, status
+  2."""
   from npp_jax import cli  # The shared absl conventions of the three entry points.
 
   fv = flags.FlagValues()

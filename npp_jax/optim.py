@@ -1,9 +1,10 @@
 """The optimizer of both trainers (GPT and VQ): AdamW as the release configures it, and the GPT
 trainer's `optim` section (`OptimSettings`).
 
-Weight decay goes by parameter NAME, not by rank: the release decays the >= 2-D weights of its (unscanned)
-models, i.e. kernels and embeddings, never norm scales or biases. A rank test breaks under
-`model.scan_layers`, where the RMSNorm scales are stacked to [n_layer, D]; the name does not change.
+Weight decay goes by parameter NAME, not by rank: the release decays the >= 2-D weights of its
+(unscanned) models, i.e. kernels and embeddings, never norm scales or biases. A rank test breaks
+under `model.scan_layers`, where the RMSNorm scales are stacked to [n_layer, D]; the name does not
+change.
 
 Frozen leaves (the null caption of a text model, a fixed tensor the release keeps as a buffer) get
 an update of exactly zero, whatever the optimizer's state says; the wrapper adds no state, so the
@@ -17,7 +18,8 @@ import optax
 
 from npp_jax import rules
 
-# Leaf names that take weight decay: Dense/Conv kernels and embedding tables (token, class, codebook).
+# Leaf names that take weight decay: Dense/Conv kernels and embedding tables (token, class,
+# codebook).
 DECAYED = ("kernel", "embedding")
 # Leaf names that are never trained: the text model's null caption (models/gpt.py CaptionEmbedder).
 FROZEN = ("uncond_embedding",)

@@ -1,10 +1,11 @@
-"""What a job's check needs beyond the rules of its config sections: the workdir, the kind of each weights
-path, a keep count against the checkpoints it would delete, and the rules that join two sections.
+"""What a job's check needs beyond the rules of its config sections: the workdir, the kind of each
+weights path, a keep count against the checkpoints it would delete, and the rules that join two
+sections.
 
-Every job's `check` (npp_jax.jobs) calls these after building its sections' settings, before anything is
-loaded, compiled, written or deleted; the one-line ValueErrors leave every file as it was. Nothing here
-reads more than a path's small files (`checkpoints.weights_kind`), and orbax, TFDS and torch stay
-unloaded, so a bad command line fails in about a second.
+Every job's `check` (npp_jax.jobs) calls these after building its sections' settings, before
+anything is loaded, compiled, written or deleted; the one-line ValueErrors leave every file as it
+was. Nothing here reads more than a path's small files (`checkpoints.weights_kind`), and orbax, TFDS
+and torch stay unloaded, so a bad command line fails in about a second.
 """
 
 import os
@@ -25,7 +26,8 @@ VQ_WANTED = "a VQ params directory (npp_jax.convert --kind=vq, or WORKDIR/vq of 
 
 
 def check_workdir(workdir) -> epath.Path:
-  """A directory this process can write, or a path where one can be made; nothing is created here."""
+  """A directory this process can write, or a path where one can be made; nothing is created
+  here."""
   if workdir is None or not str(workdir).strip():
     raise ValueError("--workdir is empty; expected a directory for this run's files")
   path = epath.Path(workdir)
@@ -51,7 +53,8 @@ def check_workdir(workdir) -> epath.Path:
 
 
 def _writable(path: epath.Path, what: str) -> None:
-  # access() asks the kernel, which refuses a read-only mount even to root (chmod bits do not stop root).
+  # access() asks the kernel, which refuses a read-only mount even to root (chmod bits do not stop
+  # root).
   if not os.access(path, os.W_OK | os.X_OK):
     try:
       read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -65,7 +68,8 @@ def _writable(path: epath.Path, what: str) -> None:
 
 def check_keep(config, field: str, checkpoint_dir: epath.Path) -> None:
   """A keep count that would delete every checkpoint of the run (orbax's max_to_keep), refused with
-  the checkpoints it would delete; run before the section's own rule (rules.KEEP), which says less."""
+  the checkpoints it would delete; run before the section's own rule (rules.KEEP), which says
+  less."""
   keep = rules.get(config, field)
   if rules.KEEP[1](keep):
     return
@@ -79,7 +83,8 @@ def check_keep(config, field: str, checkpoint_dir: epath.Path) -> None:
 
 
 def expect_weights(field: str, path, accepted: Sequence[str], wanted: str) -> str:
-  """One-line ValueError naming what `path` is and what `field` wanted, unless its kind is accepted."""
+  """One-line ValueError naming what `path` is and what `field` wanted, unless its kind is
+  accepted."""
   if not path:
     raise ValueError(f"{field} is empty; expected {wanted}")
   kind = checkpoints.weights_kind(path)
@@ -89,7 +94,8 @@ def expect_weights(field: str, path, accepted: Sequence[str], wanted: str) -> st
 
 
 def check_vq_fits(vq_cfg, model_cfg) -> None:
-  """The tokenizer (config.vq) must be the one the GPT's codes come from: its codebook and its grid."""
+  """The tokenizer (config.vq) must be the one the GPT's codes come from: its codebook and its
+  grid."""
   if vq_cfg.codebook_size != model_cfg.vocab_size:
     raise ValueError(
       f"vq.codebook_size={vq_cfg.codebook_size} but model.vocab_size={model_cfg.vocab_size}; "

@@ -1,10 +1,10 @@
 """Which samples a config draws: `config.sample` beyond the per-token SamplingSettings of
-npp_jax.sampling. Sample i has class `classes[i % len(classes)]` and the randomness fold_in(seed, i);
-samples are drawn `batch_size` at a time from the run's weights (the EMA with use_ema) in a compute
-dtype, and decoded into images by the VQ at `vq_checkpoint` ("" leaves codes only).
+npp_jax.sampling. Sample i has class `classes[i % len(classes)]` and the randomness fold_in(seed,
+i); samples are drawn `batch_size` at a time from the run's weights (the EMA with use_ema) in a
+compute dtype, and decoded into images by the VQ at `vq_checkpoint` ("" leaves codes only).
 
-The sampling job and the FID evaluator during training both draw through `draw`, so sample i is the same
-image in both: a checkpoint scored during training scores the same with --mode=sample.
+The sampling job and the FID evaluator during training both draw through `draw`, so sample i is the
+same image in both: a checkpoint scored during training scores the same with --mode=sample.
 """
 
 import dataclasses
@@ -60,8 +60,8 @@ class SampleSetSettings:
       )
 
   def labels(self, indices, num_classes: int) -> np.ndarray:
-    """Class of each global sample index: every prefix of the run, and every batch, as balanced as it
-    can be."""
+    """Class of each global sample index: every prefix of the run, and every batch, as balanced as
+    it can be."""
     classes = np.asarray(self.classes or range(num_classes), np.int32)
     return classes[np.asarray(indices) % len(classes)]
 

@@ -1,7 +1,8 @@
 """Meshes, logical-axis rules and placing arrays: the only module that names mesh axes.
 
-The mesh has three axes from the config: data (pure data parallel), fsdp (data parallel whose parameters and
-optimizer state are also split), tensor (model parallel inside a layer). A laptop CPU is a 1x1x1 mesh.
+The mesh has three axes from the config: data (pure data parallel), fsdp (data parallel whose
+parameters and optimizer state are also split), tensor (model parallel inside a layer). A laptop CPU
+is a 1x1x1 mesh.
 """
 
 import dataclasses
@@ -84,7 +85,8 @@ def _targets_known(target) -> bool:
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Resolve a -1 entry to the devices left; one-line error when the shape cannot cover the devices."""
+  """Resolve a -1 entry to the devices left; one-line error when the shape cannot cover the
+  devices."""
   shape = [int(s) for s in shape]
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     raise ValueError(f"mesh.shape={tuple(shape)}; expected positive sizes and at most one -1")
@@ -141,8 +143,8 @@ def check_batch(
   process_count: int | None = None,
   micro_batches: int = 1,
 ) -> int:
-  """One-line ValueError unless `batch_size` (cut into `micro_batches` equal parts) splits evenly over
-  the data-parallel devices and over the processes; returns the data-parallel size."""
+  """One-line ValueError unless `batch_size` (cut into `micro_batches` equal parts) splits evenly
+  over the data-parallel devices and over the processes; returns the data-parallel size."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   shape = mesh_shape(mesh_config.shape, num_devices)
@@ -175,7 +177,8 @@ def logical_shardings(boxed_tree, mesh: Mesh, axis_rules) -> Any:
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
-  """Per-process batch (leading axis = this process's share) -> global arrays split over the batch axes."""
+  """Per-process batch (leading axis = this process's share) -> global arrays split over the batch
+  axes."""
   sharding = data_sharding(mesh)
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local

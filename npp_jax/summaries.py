@@ -1,12 +1,14 @@
 """TensorBoard summaries, progress reports and a profile window, without TensorFlow.
 
-clu's metric writers and periodic actions import TensorFlow, whose CPU build has no macOS or Linux aarch64
-wheels and clashes with the `tensorflow` that Colab and TPU VM images preinstall. The `tensorboard` package
-writes the same event files on its own: scalars as TF2's `tf.summary.scalar` writes them (a float tensor
-with the `scalars` plugin's metadata), so TensorBoard and tests/helpers.read_scalars read them as before.
+clu's metric writers and periodic actions import TensorFlow, whose CPU build has no macOS or Linux
+aarch64 wheels and clashes with the `tensorflow` that Colab and TPU VM images preinstall. The
+`tensorboard` package writes the same event files on its own: scalars as TF2's `tf.summary.scalar`
+writes them (a float tensor with the `scalars` plugin's metadata), so TensorBoard and
+tests/helpers.read_scalars read them as before.
 
   writer = summaries.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  hooks = [summaries.ReportProgress(num_train_steps=n, writer=writer)]   # hook(step) after every step
+  hooks = [summaries.ReportProgress(num_train_steps=n, writer=writer)]   # hook(step) after every
+  step
 """
 
 import os
@@ -21,7 +23,8 @@ from npp_jax import files
 
 
 class MetricWriter:
-  """clu's MetricWriter interface: every write is logged; with a logdir, also written as TensorBoard events."""
+  """clu's MetricWriter interface: every write is logged; with a logdir, also written as TensorBoard
+  events."""
 
   def __init__(self, logdir: str | os.PathLike | None = None):
     self._events = None
@@ -51,8 +54,8 @@ class MetricWriter:
       self._add(0, summary_v2.hparams_pb(values))
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-    """{tag: uint8 [N, H, W, C] (C = 1, 3 or 4)}: each image PNG-encoded (PIL), shown by TensorBoard's
-    image dashboard (tags "tag/0", "tag/1", ... when N > 1, as clu names them)."""
+    """{tag: uint8 [N, H, W, C] (C = 1, 3 or 4)}: each image PNG-encoded (PIL), shown by
+    TensorBoard's image dashboard (tags "tag/0", "tag/1", ... when N > 1, as clu names them)."""
     logging.info(
       "[%d] images: %s", step, ", ".join(f"{t} {np.shape(v)}" for t, v in images.items())
     )
@@ -135,10 +138,11 @@ class _LocalEventWriter:
 
 
 class _ObjectEventWriter:
-  """Event records for a gs:// (any epath scheme) logdir. tensorboard's EventFileWriter goes through TF's
-  gfile when TensorFlow is importable, and TF's GCS client ignores STORAGE_EMULATOR_HOST and gcsfs's
-  credentials; objects cannot be appended to, so, as TF's GCS file does on flush, the whole event file is
-  uploaded again (epath, atomically per object) every `flush_secs` and on flush()/close()."""
+  """Event records for a gs:// (any epath scheme) logdir. tensorboard's EventFileWriter goes through
+  TF's gfile when TensorFlow is importable, and TF's GCS client ignores STORAGE_EMULATOR_HOST and
+  gcsfs's credentials; objects cannot be appended to, so, as TF's GCS file does on flush, the whole
+  event file is uploaded again (epath, atomically per object) every `flush_secs` and on
+  flush()/close()."""
 
   def __init__(self, logdir: str, flush_secs: float = 120.0):
     import io
@@ -184,13 +188,14 @@ def write_parameter_overview(params, workdir, *, is_main: bool = True) -> int:
 def create_default_writer(
   logdir: str | os.PathLike | None, *, just_logging: bool = False
 ) -> MetricWriter:
-  """As clu's: TensorBoard events in logdir (process 0), log lines only where just_logging (the others)."""
+  """As clu's: TensorBoard events in logdir (process 0), log lines only where just_logging (the
+  others)."""
   return MetricWriter(None if just_logging else logdir)
 
 
 class ReportProgress:
-  """hook(step) after every step: at most every `every_secs`, logs steps/s, progress and ETA, and writes
-  steps_per_sec (clu's ReportProgress, without its work-unit notes)."""
+  """hook(step) after every step: at most every `every_secs`, logs steps/s, progress and ETA, and
+  writes steps_per_sec (clu's ReportProgress, without its work-unit notes)."""
 
   def __init__(
     self, *, num_train_steps: int, writer: MetricWriter | None = None, every_secs: float = 60.0
@@ -224,8 +229,8 @@ class ReportProgress:
 
 
 class Profile:
-  """hook(step): a jax.profiler trace of `num_profile_steps` steps from `first_profile` on, into logdir
-  (TensorBoard's profile plugin reads it)."""
+  """hook(step): a jax.profiler trace of `num_profile_steps` steps from `first_profile` on, into
+  logdir (TensorBoard's profile plugin reads it)."""
 
   def __init__(
     self, *, logdir: str | os.PathLike, num_profile_steps: int = 5, first_profile: int = 10

@@ -10,10 +10,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # One persistent XLA compilation cache for the whole run: dozens of CLI subprocesses (and both xdist
-# workers) compile the same tiny models, the same Inception and the same samplers; from the second time on
-# they load the executable instead (the same executable, so bit-exact tests are unaffected). The pytest
-# process that starts first creates it and the workers and CLI subprocesses inherit the variable; it is
-# removed when that process exits. Set JAX_COMPILATION_CACHE_DIR yourself to keep one between runs.
+# workers) compile the same tiny models, the same Inception and the same samplers; from the second
+# time on they load the executable instead (the same executable, so bit-exact tests are unaffected).
+# The pytest process that starts first creates it and the workers and CLI subprocesses inherit the
+# variable; it is removed when that process exits. Set JAX_COMPILATION_CACHE_DIR yourself to keep
+# one between runs.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit
   import shutil
@@ -25,9 +26,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # PyTorch's CUDA wheels bring Triton, which torch imports lazily (torch._dynamo, reached from e.g.
-# nn.init under a device context in the parity tests). Loading Triton's native library into a process that
-# already holds jaxlib and TensorFlow segfaulted the test worker (seen with torch 2.14.1), and the CPU tests
-# never need it: a None entry makes `import triton` raise ImportError, which torch treats as "no Triton".
+# nn.init under a device context in the parity tests). Loading Triton's native library into a
+# process that already holds jaxlib and TensorFlow segfaulted the test worker (seen with torch
+# 2.14.1), and the CPU tests never need it: a None entry makes `import triton` raise ImportError,
+# which torch treats as "no Triton".
 import sys  # noqa: E402
 
 sys.modules.setdefault("triton", None)

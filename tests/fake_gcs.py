@@ -1,10 +1,11 @@
 """`gs://` paths served from a local folder, for tests of the file layer (tests/ is on sys.path).
 
-Inside `fake_gcs(root)`, every etils.epath operation on `gs://bucket/a/b` happens on `root/bucket/a/b`
-(etils.epath.testing.mock_epath, with TensorFlow's gfile backend bypassed). Code that keeps a user path on
-epath works unchanged; code that hands `gs://...` to `open()` / `os.*` instead writes under `<cwd>/gs:/...`
-or fails, which the tests check. orbax's arrays go through tensorstore's own GCS driver, not epath, so
-orbax cannot be served this way (it would contact the real GCS).
+Inside `fake_gcs(root)`, every etils.epath operation on `gs://bucket/a/b` happens on
+`root/bucket/a/b` (etils.epath.testing.mock_epath, with TensorFlow's gfile backend bypassed). Code
+that keeps a user path on epath works unchanged; code that hands `gs://...` to `open()` / `os.*`
+instead writes under `<cwd>/gs:/...` or fails, which the tests check. orbax's arrays go through
+tensorstore's own GCS driver, not epath, so orbax cannot be served this way (it would contact the
+real GCS).
 """
 
 import contextlib

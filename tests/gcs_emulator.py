@@ -52,7 +52,8 @@ def download(request, response, storage, *args, **kwargs):
 
 
 def move(request, response, storage, *args, **kwargs):
-  """objects.move within one bucket: https://cloud.google.com/storage/docs/json_api/v1/objects/move"""
+  """objects.move within one bucket:
+  https://cloud.google.com/storage/docs/json_api/v1/objects/move"""
   p = request.params
   try:
     obj = objects._copy(

@@ -1,4 +1,5 @@
-"""The fixed inputs behind tests/data/golden.npz (see make_golden.py); shared with tests/test_golden.py."""
+"""The fixed inputs behind tests/data/golden.npz (see make_golden.py); shared with
+tests/test_golden.py."""
 
 import helpers
 import jax
@@ -12,7 +13,8 @@ from npp_jax import sampling as sample_lib
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
-# Sampler settings that cover every branch of the decoder: plain, guided with an interval, top-k, top-p.
+# Sampler settings that cover every branch of the decoder: plain, guided with an interval, top-k,
+# top-p.
 SAMPLER_CASES = {
   "plain": dict(cfg_scale=1.0),
   "cfg": dict(cfg_scale=2.0, cfg_interval=3, temperature=0.9),
@@ -48,7 +50,8 @@ def loss_batch(cfg):
 
 
 def losses(cfg, model, params):
-  """The NPP patch loss at k = 1, 2, 4 on a fixed batch (a 4x4 grid), from the model's patch logits."""
+  """The NPP patch loss at k = 1, 2, 4 on a fixed batch (a 4x4 grid), from the model's patch
+  logits."""
   codes, labels = loss_batch(cfg)
   out = {}
   for k in (1, 2, 4):

@@ -23,7 +23,8 @@ def tiny_model_config(**kw):
 
 
 def random_params(cfg, seed=0):
-  """Init, then make every weight random: the output layer starts at zero and would hide everything."""
+  """Init, then make every weight random: the output layer starts at zero and would hide
+  everything."""
   model = gpt.GPT(cfg)
   params = nn.unbox(
     model.init(jax.random.key(seed), *gpt.example_inputs(cfg, zeros=True))["params"]

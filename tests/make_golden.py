@@ -1,6 +1,7 @@
-"""Writes tests/data/golden.npz: outputs of the sampler, the converter, the VQ and the NPP loss, saved
-from the code as it stood at commit 255f37a (before the "One house" refactor). tests/test_golden.py checks
-that today's code reproduces them exactly (codes, converted weights) or within fp32 round-off (losses).
+"""Writes tests/data/golden.npz: outputs of the sampler, the converter, the VQ and the NPP loss,
+saved from the code as it stood at commit 255f37a (before the "One house" refactor).
+tests/test_golden.py checks that today's code reproduces them exactly (codes, converted weights) or
+within fp32 round-off (losses).
 
   python tests/make_golden.py     # only to re-create the file on purpose; the test never writes it
 """

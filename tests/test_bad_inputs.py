@@ -1,15 +1,18 @@
-"""Bad input through the real command lines: one `error:` line, a non-zero exit, nothing existing changed.
+"""Bad input through the real command lines: one `error:` line, a non-zero exit, nothing existing
+changed.
 
-Every case of CASES runs `python -m <module> <argv>` in a child process, as a user meets it, and checks that
-it exits with status 2, that the last line on stderr is `error: ...` holding the case's fragment, that no
-traceback was printed, and that every shared file (a trained workdir, a code data set, weights, configs) and
-the case's own workdir are byte-identical afterwards (a workdir that did not exist must still not exist).
+Every case of CASES runs `python -m <module> <argv>` in a child process, as a user meets it, and
+checks that it exits with status 2, that the last line on stderr is `error: ...` holding the case's
+fragment, that no traceback was printed, and that every shared file (a trained workdir, a code data
+set, weights, configs) and the case's own workdir are byte-identical afterwards (a workdir that did
+not exist must still not exist).
 
-docs/bad_inputs.md is generated from CASES (`python tests/test_bad_inputs.py > docs/bad_inputs.md`); a test
-checks that it is current, so the table and the tests cannot drift.
+docs/bad_inputs.md is generated from CASES (`python tests/test_bad_inputs.py > docs/bad_inputs.md`);
+a test checks that it is current, so the table and the tests cannot drift.
 
-The shared workdir is trained on 8 devices (tests/conftest.py) with its parameters split over them (FSDP);
-the two tests at the end load it on 2 devices for sampling and init_from: crossing topologies must work.
+The shared workdir is trained on 8 devices (tests/conftest.py) with its parameters split over them
+(FSDP); the two tests at the end load it on 2 devices for sampling and init_from: crossing
+topologies must work.
 """
 
 import dataclasses
@@ -191,7 +194,8 @@ CASES = [
       "--config.mesh.shape=(1,8,1)",
       "--config.train.keep_checkpoints=0",
     ),
-    "train.keep_checkpoints=0; expected a positive integer (checkpoints to keep): it would delete the 1 "
+    "train.keep_checkpoints=0; expected a positive integer (checkpoints to keep): it would delete "
+    "the 1 "
     "checkpoints (steps [2])",
   ),
   Case(
@@ -416,8 +420,9 @@ CASES = [
   ),
 ]
 
-# Every other field of every mode, in process (milliseconds each): the job's check (npp_jax.jobs) is what
-# main runs first, and the CLI cases above show that its ValueError reaches the user as the `error:` line.
+# Every other field of every mode, in process (milliseconds each): the job's check (npp_jax.jobs) is
+# what main runs first, and the CLI cases above show that its ValueError reaches the user as the
+# `error:` line.
 FIELD_CASES = [
   ("train", {"model.n_layer": 0}, "model.n_layer=0; expected a positive integer"),
   ("train", {"model.n_kv_head": 3}, "model.n_kv_head=3 does not divide n_head=2"),
@@ -519,7 +524,7 @@ _FIELD_CONFIGS = {
 }
 
 
-# ------------------------------------------------------------------------------------------------ fixture
+# ------------------------------------------------------------------------------------------ fixture
 
 
 def _run(module, argv, env=None, timeout=300):
@@ -574,7 +579,8 @@ def _write_torch_files(folder, marker):
 
 
 def _write_vq_params(path):
-  """A VQ params directory of the demo's architecture (random weights: only its kind matters here)."""
+  """A VQ params directory of the demo's architecture (random weights: only its kind matters
+  here)."""
   from npp_jax import checkpoints
   from npp_jax import config_lib
   from npp_jax.models import vq
@@ -734,7 +740,7 @@ def test_preflight_refuses_each_field(shared, tmp_path, mode, overrides, fragmen
   assert not workdir.exists()
 
 
-# ----------------------------------------------------------------------------------- loads that must work
+# ----------------------------------------------------------------------------- loads that must work
 
 TWO_DEVICES = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
@@ -763,9 +769,9 @@ def test_init_from_reads_a_checkpoint_of_another_topology(shared, tmp_path):
 
 
 def test_a_full_disk_stops_the_run_at_that_save(shared, tmp_path):
-  """ENOSPC for real: WORKDIR/checkpoints is a tmpfs with room for one checkpoint and a half, so the second
-  save fails in orbax's background thread; the run must stop with one line naming the cause and the last
-  good step, and that checkpoint must still load."""
+  """ENOSPC for real: WORKDIR/checkpoints is a tmpfs with room for one checkpoint and a half, so the
+  second save fails in orbax's background thread; the run must stop with one line naming the cause
+  and the last good step, and that checkpoint must still load."""
   work, size = (
     tmp_path / "full",
     sum(
@@ -808,7 +814,7 @@ def test_a_full_disk_stops_the_run_at_that_save(shared, tmp_path):
     subprocess.run(["umount", folder], check=False)
 
 
-# --------------------------------------------------------------------------------------------- the doc
+# ------------------------------------------------------------------------------------------ the doc
 
 
 def doc() -> str:
@@ -816,12 +822,18 @@ def doc() -> str:
   lines = [
     "# Bad inputs and their messages",
     "",
-    "Every row is a case of `tests/test_bad_inputs.py`, run through the real command line: the command exits",
-    f"with status {EXIT_BAD_INPUT}, its last stderr line is `error: ...` containing the fragment shown, no",
-    "traceback is printed, and no existing file changes (trained checkpoints, data sets, weights, the",
-    "workdir). Generated by `python tests/test_bad_inputs.py > docs/bad_inputs.md`; a test keeps it current.",
-    "Placeholders: `{work}` a fresh workdir, `{trained}` a workdir trained on 8 devices, `{data}` a code data",
-    "set, `{vq_params}` a VQ params directory, `{file}` a plain file, `{ro}` a read-only mount, `{cfg}` a",
+    "Every row is a case of `tests/test_bad_inputs.py`, run through the real command line: the "
+    "command exits",
+    f"with status {EXIT_BAD_INPUT}, its last stderr line is `error: ...` containing the fragment "
+    "shown, no",
+    "traceback is printed, and no existing file changes (trained checkpoints, data sets, weights, "
+    "the",
+    "workdir). Generated by `python tests/test_bad_inputs.py > docs/bad_inputs.md`; a test keeps "
+    "it current.",
+    "Placeholders: `{work}` a fresh workdir, `{trained}` a workdir trained on 8 devices, `{data}` "
+    "a code data",
+    "set, `{vq_params}` a VQ params directory, `{file}` a plain file, `{ro}` a read-only mount, "
+    "`{cfg}` a",
     "folder of broken config files, `{pt_*}` bad PyTorch files, `{npy}` a LlamaGen .npy folder.",
     "",
     "| case | bad input | command | message contains |",
@@ -834,10 +846,14 @@ def doc() -> str:
     "",
     "## Every other field",
     "",
-    "Each job (`npp_jax/jobs/`) checks every config field it reads before anything starts, through the",
-    "settings class of each config section; these rows run `jobs.get(mode).check(config, workdir, topology)`",
-    "on the mode's config (`configs/tiny.py`, or `configs/demo.py:smoke` for extract, train_vq and demo) with",
-    "the one change shown, through the same `error:` line on the command line (e.g. `--config.optim.lr=-1.0`).",
+    "Each job (`npp_jax/jobs/`) checks every config field it reads before anything starts, through "
+    "the",
+    "settings class of each config section; these rows run `jobs.get(mode).check(config, workdir, "
+    "topology)`",
+    "on the mode's config (`configs/tiny.py`, or `configs/demo.py:smoke` for extract, train_vq and "
+    "demo) with",
+    "the one change shown, through the same `error:` line on the command line (e.g. "
+    "`--config.optim.lr=-1.0`).",
     "",
     "| mode | change | message contains |",
     "|---|---|---|",

@@ -1,4 +1,5 @@
-"""The config files under configs/: each loads with the arguments it accepts, as `--config=` loads it."""
+"""The config files under configs/: each loads with the arguments it accepts, as `--config=` loads
+it."""
 
 from absl import flags
 from ml_collections import config_flags

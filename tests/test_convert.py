@@ -1,9 +1,9 @@
 """The checkpoint converter, end to end through its command line, against the PyTorch reference.
 
 The reference (tests/torch_reference.py) is saved in every form the releases use, converted with
-`convert.run`, loaded with `checkpoints.read_params`, and run in Flax. Tolerances (fp32, CPU): GPT logits
-and patch losses within 1e-4 relative; VQ codes identical and images within 1e-4 relative; round trips
-JAX -> torch -> JAX bit-exact.
+`convert.run`, loaded with `checkpoints.read_params`, and run in Flax. Tolerances (fp32, CPU): GPT
+logits and patch losses within 1e-4 relative; VQ codes identical and images within 1e-4 relative;
+round trips JAX -> torch -> JAX bit-exact.
 """
 
 import argparse
@@ -144,7 +144,7 @@ def vq_setup(config_path, tmp_path_factory):
   return config, model, checkpoints.read_params(str(tmp / "jax")), tmp
 
 
-# ------------------------------------------------------------------------------------------------ GPT
+# ---------------------------------------------------------------------------------------------- GPT
 
 
 def test_gpt_logits_and_patch_losses_match_reference(gpt_setup):
@@ -228,7 +228,7 @@ def test_gpt_scanned_params_export_like_unscanned(gpt_setup, config_path):
   chex.assert_trees_all_equal(got, want)
 
 
-# ------------------------------------------------------------------------------------------------- VQ
+# ----------------------------------------------------------------------------------------------- VQ
 
 
 def test_vq_codes_and_images_match_reference(vq_setup):
@@ -271,7 +271,7 @@ def test_vq_round_trip_through_torch(vq_setup, config_path, tmp_path):
   )
 
 
-# --------------------------------------------------------------------------------------------- Errors
+# ------------------------------------------------------------------------------------------- Errors
 
 
 def test_key_and_shape_mismatches_give_one_error(gpt_setup, config_path, tmp_path):

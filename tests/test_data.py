@@ -1,4 +1,5 @@
-"""The code data set: write/read round trips, epoch order, augmentation draw, sharding, state, bad input."""
+"""The code data set: write/read round trips, epoch order, augmentation draw, sharding, state, bad
+input."""
 
 import json
 import os
@@ -21,7 +22,8 @@ def _random_codes(rng, shape, vocab=VOCAB):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-  """Labels 1..N in a shuffled order identify the examples; every augmentation's codes are distinct."""
+  """Labels 1..N in a shuffled order identify the examples; every augmentation's codes are
+  distinct."""
   rng = np.random.default_rng(0)
   codes = _random_codes(rng, (N, N_AUG, *GRID))
   labels = rng.permutation(N) + 1
@@ -221,8 +223,9 @@ def test_state_restores_exactly(dataset):
     code_dataset.restore_iterator(it, {"bogus": 1})
 
 
-# Run in a child interpreter: grain's worker processes leave a thread pool (shared-memory cleanup) in the
-# process that started them for good, which must not share a pytest worker with the rest of the suite.
+# Run in a child interpreter: grain's worker processes leave a thread pool (shared-memory cleanup)
+# in the process that started them for good, which must not share a pytest worker with the rest of
+# the suite.
 _WORKER_SCRIPT = """
 import json, sys
 import numpy as np
@@ -240,7 +243,8 @@ try:
   rest = [next(it) for _ in range(3)]
 finally:
   it.close()
-np.savez(out, state=json.dumps(state), **{f"{k}_{i}": b[k] for i, b in enumerate(first + rest) for k in b})
+arrays = {f"{k}_{i}": b[k] for i, b in enumerate(first + rest) for k in b}
+np.savez(out, state=json.dumps(state), **arrays)
 """
 
 

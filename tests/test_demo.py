@@ -1,4 +1,5 @@
-"""The first-run experience: the demo end to end (shrunk) and its resume (the notebook: test_notebook.py)."""
+"""The first-run experience: the demo end to end (shrunk) and its resume (the notebook:
+test_notebook.py)."""
 
 import json
 import os
@@ -23,8 +24,9 @@ def run_demo(workdir, *overrides):
     f"--workdir={workdir}",
     *overrides,
   ]
-  # One CPU device, as on the laptop the demo is for (sharding has its own tests): on the 8 fake devices of
-  # the test processes every one of the demo's many small programs compiles and runs partitioned.
+  # One CPU device, as on the laptop the demo is for (sharding has its own tests): on the 8 fake
+  # devices of the test processes every one of the demo's many small programs compiles and runs
+  # partitioned.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
   assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -87,7 +89,8 @@ def test_demo_console_is_readable_and_outputs_exist(demo_run):
   for name in ROWS:
     png = Image.open(os.path.join(workdir, f"samples_{name}.png"))
     assert png.size[1] > 11 * 32 * scale and png.size[0] > 8 * 32 * scale
-  # The same grids in TensorBoard, beside each GPT run's scalars; VQ reconstructions under the VQ run.
+  # The same grids in TensorBoard, beside each GPT run's scalars; VQ reconstructions under the VQ
+  # run.
   from tensorboard.backend.event_processing import event_accumulator
 
   for run, tag in (("npp", "samples"), ("ntp_equal_compute", "samples"), ("vq", "reconstructions")):
@@ -99,8 +102,9 @@ def test_demo_console_is_readable_and_outputs_exist(demo_run):
 
 
 def test_demo_rerun_resumes_and_seeds_flag_adds_a_spread(demo_run):
-  """Run again with --config.demo.seeds=2: seed 0's runs are reused as they are (nothing retrained or
-  resampled) and a second seed's are added; each row reports means and half-ranges over the two."""
+  """Run again with --config.demo.seeds=2: seed 0's runs are reused as they are (nothing retrained
+  or resampled) and a second seed's are added; each row reports means and half-ranges over the
+  two."""
   workdir, _, _ = demo_run
   before = json.load(open(os.path.join(workdir, "report.json")))
   stdout, _ = run_demo(workdir, "--config.demo.seeds=2")

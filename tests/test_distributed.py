@@ -1,5 +1,6 @@
-"""Which processes make up a run: the flag/env resolution as a pure function, its one-line errors through the
-real CLI, and two real processes on loopback that join from the CLI's flags (one from JAX_* variables)."""
+"""Which processes make up a run: the flag/env resolution as a pure function, its one-line errors
+through the real CLI, and two real processes on loopback that join from the CLI's flags (one from
+JAX_* variables)."""
 
 import os
 import re
@@ -66,7 +67,8 @@ def test_resolve(mode, flags, env, expected):
       "auto",
       ("10.0.0.1:1234", None, None),
       {},
-      "--coordinator_address=10.0.0.1:1234 also needs --num_processes (or JAX_NUM_PROCESSES) and --process_id",
+      "--coordinator_address=10.0.0.1:1234 also needs --num_processes (or JAX_NUM_PROCESSES) and "
+      "--process_id",
     ),
     (
       "auto",
@@ -154,7 +156,8 @@ def free_port():
 
 @pytest.mark.timeout(120)
 def test_two_processes_join_from_the_cli(tmp_path):
-  """Process 0 from flags, process 1 from JAX_* variables: both see 2 processes and 8 devices, 4 their own.
+  """Process 0 from flags, process 1 from JAX_* variables: both see 2 processes and 8 devices, 4
+  their own.
 
   The missing data set then stops both with the trainer's one-line error, after the join."""
   address = f"127.0.0.1:{free_port()}"

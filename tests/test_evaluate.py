@@ -1,7 +1,8 @@
-"""--mode=evaluate through the real command line: metrics, statistics files, resume, references, bad inputs.
+"""--mode=evaluate through the real command line: metrics, statistics files, resume, references, bad
+inputs.
 
-Inception runs at its smallest input (evaluate.resize_to=75) on random weights: the architecture and the
-formulas are what is tested here (parity at 299 px: test_inception.py).
+Inception runs at its smallest input (evaluate.resize_to=75) on random weights: the architecture and
+the formulas are what is tested here (parity at 299 px: test_inception.py).
 """
 
 import json
@@ -53,8 +54,8 @@ def files(tmp_path_factory):
   from npp_jax.data import digits
   from npp_jax.data import images
 
-  # Real digits against real digits (the test split is the reference): neighbours exist both ways; the
-  # last five are noise, which precision must count as off the reference's manifold.
+  # Real digits against real digits (the test split is the reference): neighbours exist both ways;
+  # the last five are noise, which precision must count as off the reference's manifold.
   samples = images.float_to_uint8(digits.load_digits("train")[0][:20])
   samples[15:] = np.random.default_rng(0).integers(
     0, 256, samples[15:].shape
@@ -85,8 +86,9 @@ def features_here(params, images):
 
 
 def low_rank_frechet(x, y):
-  """FID from the features themselves, by another route than the job's: with A, B the centred features,
-  tr sqrt(S1 S2) is the nuclear norm of B A^T / sqrt((n - 1)(m - 1)), an SVD of an [m, n] matrix."""
+  """FID from the features themselves, by another route than the job's: with A, B the centred
+  features, tr sqrt(S1 S2) is the nuclear norm of B A^T / sqrt((n - 1)(m - 1)), an SVD of an [m, n]
+  matrix."""
   x, y = x.astype(np.float64), y.astype(np.float64)
   a, b = x - x.mean(0), y - y.mean(0)
   (n, m) = len(x), len(y)
@@ -157,7 +159,8 @@ def test_evaluate_end_to_end_then_resume_with_an_adm_reference(files, tmp_path):
 
 
 def test_a_statistics_file_is_a_reference(files, tmp_path):
-  """sample_stats.npz of a run scores its own samples: FID 0, and its pool3 gives precision / recall."""
+  """sample_stats.npz of a run scores its own samples: FID 0, and its pool3 gives precision /
+  recall."""
   pool3, spatial = features_here(files["params"], files["images"])
   stats = files["dir"] / "own_stats.npz"
   mu, sigma = metrics.statistics(pool3)
@@ -177,7 +180,8 @@ def test_a_statistics_file_is_a_reference(files, tmp_path):
   ref = fid_scores.open_reference(e)
   assert ref.images is None and ref.pool3.shape == (20, 2048)
   np.testing.assert_array_equal(ref.stats["sigma_s"], sigma_s)
-  # (FID of a set with itself: test_metrics.py, on smaller features; a 2048-d one costs ~20 s of CPU.)
+  # (FID of a set with itself: test_metrics.py, on smaller features; a 2048-d one costs ~20 s of
+  # CPU.)
   scores = fid_scores.score_stats(
     e,
     files["params"],
@@ -245,8 +249,8 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(files, tmp_path, case,
 
 
 def test_sample_mode_scores_what_it_wrote(files, tmp_path):
-  """--mode=sample with evaluate.reference set: samples, then scores them; bad scoring inputs stop it
-  before the first sample."""
+  """--mode=sample with evaluate.reference set: samples, then scores them; bad scoring inputs stop
+  it before the first sample."""
   from helpers import random_params
   from helpers import tiny_model_config
 

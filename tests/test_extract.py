@@ -44,7 +44,7 @@ def vq_params(tmp_path_factory):
   return cfg, params, path
 
 
-# ---------------------------------------------------------------------------------------------- extract
+# ------------------------------------------------------------------------------------------ extract
 
 
 def expected_digit_codes(params, cfg):
@@ -128,8 +128,8 @@ def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params
 
 
 def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
-  """The shards and their settings go through the file layer: a gs:// workdir works as a local one (served
-  from a folder, tests/fake_gcs.py) and nothing lands under a mangled <cwd>/gs:/ path."""
+  """The shards and their settings go through the file layer: a gs:// workdir works as a local one
+  (served from a folder, tests/fake_gcs.py) and nothing lands under a mangled <cwd>/gs:/ path."""
   cfg, params, path = vq_params
   monkeypatch.chdir(tmp_path)
   out_dir = str(tmp_path / "codes")
@@ -158,9 +158,9 @@ def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
 def test_processes_share_each_shard_and_the_gather_comes_back_in_order(
   num_examples, batch_size, processes, per_process_devices
 ):
-  """Several processes without starting them: every example of a shard is read by exactly one process,
-  and rows gathered from the devices in any device order (padding rows among them) come back in example
-  order, as one process writes them."""
+  """Several processes without starting them: every example of a shard is read by exactly one
+  process, and rows gathered from the devices in any device order (padding rows among them) come
+  back in example order, as one process writes them."""
   local = batch_size // processes
   device_rows = -(-local // per_process_devices) * per_process_devices
   rng = np.random.default_rng(num_examples)
@@ -174,7 +174,8 @@ def test_processes_share_each_shard_and_the_gather_comes_back_in_order(
     assert sorted(ids[ids >= 0].tolist()) == list(
       range(shard * batch_size, shard * batch_size + count)
     )
-    # The mesh may order the devices (and so the processes' blocks) any way: shuffle the device rows.
+    # The mesh may order the devices (and so the processes' blocks) any way: shuffle the device
+    # rows.
     per_device = ids.reshape(processes * per_process_devices, -1)
     gathered = per_device[rng.permutation(len(per_device))].reshape(-1)
     codes = np.stack(

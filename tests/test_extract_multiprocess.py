@@ -1,6 +1,6 @@
-"""Real processes: extraction with 2 processes x 4 fake CPU devices on loopback (gloo collectives), started
-from the CLI's flags, writes the same code data set as one process with 8 devices: each process reads and
-encodes its share of every shard, process 0 alone writes."""
+"""Real processes: extraction with 2 processes x 4 fake CPU devices on loopback (gloo collectives),
+started from the CLI's flags, writes the same code data set as one process with 8 devices: each
+process reads and encodes its share of every shard, process 0 alone writes."""
 
 import os
 import subprocess
@@ -19,8 +19,8 @@ from npp_jax.jobs import extract
 from npp_jax.models import vq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The demo's VQ (32 px -> 8x8 codes of 256) on the 500 test digits: 2 shards of 250, i.e. 125 rows per
-# process padded to 128 (4 devices each), and a last shard that is not full.
+# The demo's VQ (32 px -> 8x8 codes of 256) on the 500 test digits: 2 shards of 250, i.e. 125 rows
+# per process padded to 128 (4 devices each), and a last shard that is not full.
 OVERRIDES = {
   "extract.split": "test",
   "extract.batch_size": 250,

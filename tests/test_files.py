@@ -1,5 +1,6 @@
-"""The file layer: npp_jax.files on `gs://` paths (served from a local folder, tests/fake_gcs.py), and a guard
-that fails when a module of the VQ jobs hands a user path to `open()` / `os.*` / `shutil` again."""
+"""The file layer: npp_jax.files on `gs://` paths (served from a local folder, tests/fake_gcs.py),
+and a guard that fails when a module of the VQ jobs hands a user path to `open()` / `os.*` /
+`shutil` again."""
 
 import ast
 import inspect
@@ -76,7 +77,8 @@ def test_atomic_write_settings_and_json_on_gs(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "gs:")
 
 
-# Calls that take a path and bypass the file layer. os.fspath, os.environ, os.cpu_count... take none.
+# Calls that take a path and bypass the file layer. os.fspath, os.environ, os.cpu_count... take
+# none.
 _FORBIDDEN_OS = {
   "path",
   "makedirs",

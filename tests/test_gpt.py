@@ -1,4 +1,5 @@
-"""The Linen GPT against a NumPy forward pass written here, RoPE against NumPy, sizes, gradients, layouts."""
+"""The Linen GPT against a NumPy forward pass written here, RoPE against NumPy, sizes, gradients,
+layouts."""
 
 import dataclasses
 
@@ -18,11 +19,12 @@ from npp_jax import npp
 from npp_jax import optim
 from npp_jax.models import gpt
 
-# ------------------------------------------------------------------------------------------ NumPy reference
+# ---------------------------------------------------------------------------------- NumPy reference
 
 
 def np_rope_table(rows, cols, hd, base=10000.0):
-  """Written from NPP.md: pairs j < hd/4 use the row index, the rest the column index; condition zero."""
+  """Written from NPP.md: pairs j < hd/4 use the row index, the rest the column index; condition
+  zero."""
   table = np.zeros((1 + rows * cols, hd // 2, 2))
   for pos in range(rows * cols):
     r, c = divmod(pos, cols)
@@ -98,7 +100,7 @@ def np_forward(p, cfg, tokens, label, k):
   return np_transformer(p, cfg, x, table, np.tril(np.ones((s, s), bool)))
 
 
-# ------------------------------------------------------------------------------------------------- tests
+# -------------------------------------------------------------------------------------------- tests
 
 
 @pytest.mark.parametrize("rows, cols, hd", [(16, 16, 64), (4, 8, 16)])
@@ -202,7 +204,8 @@ def test_gradients_finite_and_nonzero_at_every_k(k):
   np.testing.assert_allclose(float(loss), np.log(cfg.vocab_size), rtol=1e-3)
   chex.assert_tree_all_finite(grads)
   assert float(optax.global_norm(grads)) > 0
-  # With a zero output layer only it gets gradient at first; one SGD step must reach every parameter.
+  # With a zero output layer only it gets gradient at first; one SGD step must reach every
+  # parameter.
   params2 = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
   grads2 = jax.grad(loss_fn)(params2)
   for path, g in jax.tree_util.tree_flatten_with_path(grads2)[0]:

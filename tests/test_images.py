@@ -1,5 +1,5 @@
-"""The release's preprocessing against a NumPy reference, and image sources (prepared TFDS directories read in
-order and streamed into train_vq's batches)."""
+"""The release's preprocessing against a NumPy reference, and image sources (prepared TFDS
+directories read in order and streamed into train_vq's batches)."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ from npp_jax.data import images as images_lib
 from npp_jax.jobs import train_vq
 from npp_jax.models import vq
 
-# --------------------------------------------------------------------------------------- preprocessing
+# ------------------------------------------------------------------------------------ preprocessing
 
 
 def reference_views(square, size, aug):
@@ -220,8 +220,8 @@ def test_image_folder_order_and_labels_are_tfds_image_folders(tmp_path):
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
 def test_prepared_tfds_directories_read_in_order_and_stream(tmp_path, file_format):
-  """A prepared TFDS data set: random access (array_record) or slices (TFRecord), JPEG/PNG bytes decoded
-  by PIL; train_vq's batches from it."""
+  """A prepared TFDS data set: random access (array_record) or slices (TFRecord), JPEG/PNG bytes
+  decoded by PIL; train_vq's batches from it."""
   pytest.importorskip("tensorflow")  # TFDS's writer encodes the images with it.
   import tensorflow_datasets as tfds
 

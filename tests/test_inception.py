@@ -1,4 +1,5 @@
-"""The FID Inception against pytorch-fid's own modules on random weights, and the two resize recipes."""
+"""The FID Inception against pytorch-fid's own modules on random weights, and the two resize
+recipes."""
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ pfi = pytest.importorskip("pytorch_fid.inception")
 
 
 def random_state(seed=0) -> dict:
-  """A pytorch-fid state dict of random weights, scaled so activations stay O(1) through 47 layers."""
+  """A pytorch-fid state dict of random weights, scaled so activations stay O(1) through 47
+  layers."""
   rng = np.random.default_rng(seed)
   state = {}
   for path, shape in inception.param_shapes().items():
@@ -42,7 +44,8 @@ def weights_file(tmp_path_factory):
 
 
 def torch_outputs(weights_file, images: np.ndarray) -> dict:
-  """pool3, spatial (ADM's order) and logits from pytorch-fid's InceptionV3 with our weights file."""
+  """pool3, spatial (ADM's order) and logits from pytorch-fid's InceptionV3 with our weights
+  file."""
   state = torch.load(weights_file, weights_only=True)
   old = pfi.load_state_dict_from_url
   pfi.load_state_dict_from_url = lambda *a, **k: (
@@ -64,7 +67,8 @@ def torch_outputs(weights_file, images: np.ndarray) -> dict:
 
 
 def test_matches_pytorch_fid_with_resize(weights_file):
-  """256 px uint8 images through pytorch-fid's resize (bilinear, align_corners=False) and network."""
+  """256 px uint8 images through pytorch-fid's resize (bilinear, align_corners=False) and
+  network."""
   images = np.random.default_rng(1).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
   want = torch_outputs(weights_file, images)
   params = convert.inception_state_to_params(convert.load_torch_state(weights_file))
@@ -81,8 +85,8 @@ def test_matches_pytorch_fid_with_resize(weights_file):
 
 
 def tf1_resize_bilinear(x: np.ndarray, out: int) -> np.ndarray:
-  """TF1's ResizeBilinear (align_corners=False, half_pixel_centers=False) in plain NumPy, pixel by pixel:
-  source = dest * in / out in float32, interpolate the two rows, then the two columns."""
+  """TF1's ResizeBilinear (align_corners=False, half_pixel_centers=False) in plain NumPy, pixel by
+  pixel: source = dest * in / out in float32, interpolate the two rows, then the two columns."""
   n, h, w, c = x.shape
   y = np.zeros((n, out, out, c), np.float32)
   for i in range(out):

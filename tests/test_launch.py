@@ -1,6 +1,7 @@
-"""The launchers run for real against stub gcloud / sbatch / srun / scontrol / python executables that record
-their argv: the exact commands, README's own examples verbatim, quoting, what is copied, the worker venv
-built once, stale runs stopped, and SLURM's requeue after a preempted (and only a preempted) job step."""
+"""The launchers run for real against stub gcloud / sbatch / srun / scontrol / python executables
+that record their argv: the exact commands, README's own examples verbatim, quoting, what is copied,
+the worker venv built once, stale runs stopped, and SLURM's requeue after a preempted (and only a
+preempted) job step."""
 
 import json
 import os
@@ -16,9 +17,11 @@ import pytest
 from npp_jax.loop import EXIT_PREEMPTED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREEMPTED = EXIT_PREEMPTED  # The trainer's status after a SIGTERM-triggered save: gpu_slurm.sh requeues on it.
+# The trainer's status after a SIGTERM-triggered save: gpu_slurm.sh requeues on it.
+PREEMPTED = EXIT_PREEMPTED
 
-# One stub for every program; it acts on its own name. Each call appends {"prog", "argv", "event"} to $CALLS.
+# One stub for every program; it acts on its own name. Each call appends {"prog", "argv", "event"}
+# to $CALLS.
 STUB = r"""#!{python}
 import json, os, shutil, signal, subprocess, sys, time
 prog, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
@@ -31,28 +34,35 @@ if prog == "gcloud" and "scp" in argv:  # scp SRC TPU:DEST -> $HOME/DEST (the on
   shutil.copy(src, os.path.join(os.environ["HOME"], dest.split(":", 1)[1]))
 elif prog == "gcloud" and "--command" in argv:  # What the worker's login shell would do.
   sys.exit(subprocess.call(["bash", "-c", argv[argv.index("--command") + 1]]))
-elif prog == "sbatch":  # Runs the batch script (its first argument that is not an option) as SLURM would.
+elif prog == "sbatch":
+  # Runs the batch script (its first argument that is not an option) as SLURM would.
   i = next(i for i, a in enumerate(argv) if not a.startswith("-"))
   sys.exit(subprocess.call(["bash", *argv[i:]], env={{**os.environ, "SLURM_JOB_ID": "4242"}}))
 elif prog == "srun" and os.environ.get("STUB_SRUN_RUNS"):
-  # Runs the step as STUB_SRUN_RUNS local tasks with SLURM's task variables, forwards SIGTERM (to the tasks in
-  # STUB_SRUN_TERM_TASKS only, if set: SIGTERM reaching one host first) and exits with the highest status.
-  n, cmd = int(os.environ["STUB_SRUN_RUNS"]), [a for a in argv if not a.startswith("--kill-on-bad-exit")]
+  # Runs the step as STUB_SRUN_RUNS local tasks with SLURM's task variables, forwards SIGTERM
+  # (to the tasks in STUB_SRUN_TERM_TASKS only, if set: SIGTERM reaching one host first) and
+  # exits with the highest status.
+  n = int(os.environ["STUB_SRUN_RUNS"])
+  cmd = [a for a in argv if not a.startswith("--kill-on-bad-exit")]
   tasks = []
   for i in range(n):
     env = {{**os.environ, "SLURM_NTASKS": str(n), "SLURM_PROCID": str(i), "SLURM_LOCALID": "0",
            "SLURM_STEP_NUM_NODES": str(n), "SLURM_STEP_NODELIST": "127.0.0.1"}}
     log = os.environ.get("STUB_SRUN_LOG")
     out = open(log.format(i), "a") if log else None
-    tasks.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
-  term = [int(t) for t in os.environ.get("STUB_SRUN_TERM_TASKS", ",".join(map(str, range(n)))).split(",")]
+    err = subprocess.STDOUT if out else None
+    tasks.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err))
+  every = ",".join(map(str, range(n)))
+  term = [int(t) for t in os.environ.get("STUB_SRUN_TERM_TASKS", every).split(",")]
   signal.signal(signal.SIGTERM, lambda *_: [tasks[t].send_signal(signal.SIGTERM) for t in term])
   sys.exit(max(t.wait() for t in tasks))
-elif prog == "python3" and argv[:2] == ["-m", "venv"]:  # The worker's system Python builds the venv.
+elif prog == "python3" and argv[:2] == ["-m", "venv"]:
+  # The worker's system Python builds the venv.
   os.makedirs(os.path.join(argv[2], "bin"))
   for name in ("python", "pip"):
     shutil.copy(__file__, os.path.join(argv[2], "bin", name))
-elif prog == "python":  # The training step: runs STUB_SECONDS, or until SIGTERM (then "saves" and exits).
+elif prog == "python":
+  # The training step: runs STUB_SECONDS, or until SIGTERM (then "saves" and exits).
   def preempted(*_):
     record("sigterm")
     time.sleep(0.3)
@@ -68,7 +78,8 @@ elif prog == "python":  # The training step: runs STUB_SECONDS, or until SIGTERM
 
 
 def install_stubs(tmp_path, progs=("gcloud", "sbatch", "srun", "scontrol", "python3", "python")):
-  """(env, calls(prog=None)): the stubs for `progs` first on PATH, a fresh HOME (the simulated TPU worker's)."""
+  """(env, calls(prog=None)): the stubs for `progs` first on PATH, a fresh HOME (the simulated TPU
+  worker's)."""
   bin_dir, home = tmp_path / "bin", tmp_path / "home"
   bin_dir.mkdir()
   home.mkdir()
@@ -119,7 +130,8 @@ def test_launch_scripts_parse_and_need_their_arguments(script):
 
 
 def _worker_runs(calls, wait_for=0):
-  """The training steps the stubs started; waits up to 30 s for `wait_for` of them (they start detached)."""
+  """The training steps the stubs started; waits up to 30 s for `wait_for` of them (they start
+  detached)."""
   deadline = time.time() + 30
   while True:
     runs = [c for c in calls("python") if c["event"] == "started"]
@@ -155,7 +167,8 @@ def test_tpu_pod_readme_example_reaches_the_worker_verbatim(stubs):
     names = tar.getnames()
   assert {n.split("/")[0] for n in names} == {"npp_jax", "configs", "setup.py"}
   assert "npp_jax/main.py" in names and not any("__pycache__" in n for n in names)
-  # The worker built its venv once, installed into it (not the system Python), and ran the exact argv.
+  # The worker built its venv once, installed into it (not the system Python), and ran the exact
+  # argv.
   assert [c["argv"][:2] for c in calls("python3")] == [["-m", "venv"]]
   assert [c["argv"][:3] for c in calls("pip")] == [
     ["install", "-q", "jax[tpu]"],

@@ -1,5 +1,5 @@
-"""The trainers' shared loop plumbing: when it logs, checks, saves and stops, and that processes agree on the
-step at which a preemption stops them (two processes stood in for by two threads)."""
+"""The trainers' shared loop plumbing: when it logs, checks, saves and stops, and that processes
+agree on the step at which a preemption stops them (two processes stood in for by two threads)."""
 
 import threading
 
@@ -75,7 +75,8 @@ def test_non_finite_metrics_stop_before_the_save():
 
 @pytest.mark.parametrize("term_at", [(6, None), (None, 3), (8, 9)])
 def test_processes_agree_on_the_stop_step(term_at):
-  """SIGTERM reaches one process (or both, at different steps): both save the same step and stop there."""
+  """SIGTERM reaches one process (or both, at different steps): both save the same step and stop
+  there."""
   n, sync_every = 2, 4
   barrier, flags, results = threading.Barrier(n, timeout=30), [False] * n, {}
 

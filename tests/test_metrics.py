@@ -14,7 +14,8 @@ def gaussian_features(seed, n, d, shift=0.0):
 
 
 def reference_frechet(mu1, s1, mu2, s2):
-  """tr sqrt(S1 S2) through the symmetric form sqrt(S1) S2 sqrt(S1): no general matrix square root."""
+  """tr sqrt(S1 S2) through the symmetric form sqrt(S1) S2 sqrt(S1): no general matrix square
+  root."""
   w, v = np.linalg.eigh(s1)
   root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
   eig = np.linalg.eigvalsh(root1 @ s2 @ root1)

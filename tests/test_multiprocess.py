@@ -1,7 +1,8 @@
-"""Real processes: 2 processes x 4 fake CPU devices on loopback (gloo collectives), started from the CLI's
-flags, train as one process with 8 devices does; under launch/gpu_slurm.sh (stub srun, real tasks found
-through SLURM's variables) a SIGTERM to one of them stops both at one agreed step with one checkpoint, the
-job requeues, and the resumed run ends bit for bit where the uninterrupted one did."""
+"""Real processes: 2 processes x 4 fake CPU devices on loopback (gloo collectives), started from the
+CLI's flags, train as one process with 8 devices does; under launch/gpu_slurm.sh (stub srun, real
+tasks found through SLURM's variables) a SIGTERM to one of them stops both at one agreed step with
+one checkpoint, the job requeues, and the resumed run ends bit for bit where the uninterrupted one
+did."""
 
 import itertools
 import os
@@ -24,9 +25,10 @@ from npp_jax.data import code_dataset
 from npp_jax.loop import EXIT_PREEMPTED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 16  # Four checkpoints (every 4 steps), all in the first stage (k = 4): one compiled step per process.
-# 16 epochs put steps 0-16 in stage k = 4; the processes agree on stopping every 2 steps (a SIGTERM between
-# agreements waits for the next one).
+# Four checkpoints (every 4 steps), all in the first stage (k = 4): one compiled step per process.
+STEPS = 16
+# 16 epochs put steps 0-16 in stage k = 4; the processes agree on stopping every 2 steps (a SIGTERM
+# between agreements waits for the next one).
 RUN = [
   "--config.train.epochs=16",
   f"--config.train.max_steps={STEPS}",
@@ -67,7 +69,8 @@ def _env(processes):
 
 
 def _start(workdir, dataset, processes):
-  """`processes` CLI processes sharing 8 CPU devices; returns [(Popen, log path)]; logs go to files."""
+  """`processes` CLI processes sharing 8 CPU devices; returns [(Popen, log path)]; logs go to
+  files."""
   env = _env(processes)
   cmd = [
     sys.executable,
@@ -131,9 +134,9 @@ def test_two_processes_train_as_one_process_does(dataset, two_processes, tmp_pat
   one = str(tmp_path / "one")
   _train(one, dataset, 1)
   a, b = _params(two_processes), _params(one)
-  # Same data, same global batch, same mesh (8, 1, 1); only the all-reduce differs (gloo across processes
-  # vs. in-process), so sums may round differently: float32 round-off through the Adam steps (measured
-  # 2026-11-25 over 16 steps: at most 9.6e-7 apart).
+  # Same data, same global batch, same mesh (8, 1, 1); only the all-reduce differs (gloo across
+  # processes vs. in-process), so sums may round differently: float32 round-off through the Adam
+  # steps (measured 2026-11-25 over 16 steps: at most 9.6e-7 apart).
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6), a, b)
   assert (
     max(float(np.max(np.abs(x))) for x in jax.tree.leaves(a)) > 0.01
@@ -153,10 +156,13 @@ def _slurm_port():
 
 
 def _sbatch(stub_env, workdir, dataset, term_after_checkpoint=None):
-  """launch/gpu_slurm.sh as the batch job, its srun a stub that runs 2 real tasks with SLURM's variables.
+  """launch/gpu_slurm.sh as the batch job, its srun a stub that runs 2 real tasks with SLURM's
+  variables.
 
-  With term_after_checkpoint, SIGTERM goes to the batch script once that checkpoint exists, as SLURM's
-  --signal=B:TERM does; the stub srun forwards it to task 1 only. Returns (status, the script's output, [task logs])."""
+  With term_after_checkpoint, SIGTERM goes to the batch script once that checkpoint exists, as
+  SLURM's
+  --signal=B:TERM does; the stub srun forwards it to task 1 only. Returns (status, the script's
+  output, [task logs])."""
   logs = f"{workdir}.{next(_launches)}.{{}}.log"
   env = {
     **_env(2),
@@ -209,9 +215,9 @@ def _sbatch(stub_env, workdir, dataset, term_after_checkpoint=None):
 def test_sigterm_to_one_process_stops_both_at_one_step_requeue_resumes_bit_exact(
   dataset, two_processes, tmp_path
 ):
-  """Through launch/gpu_slurm.sh: the time limit's SIGTERM reaches one of the two tasks; both save one agreed
-  step and exit "preempted", the script requeues; the requeued job resumes and ends where an uninterrupted
-  run ends, bit for bit."""
+  """Through launch/gpu_slurm.sh: the time limit's SIGTERM reaches one of the two tasks; both save
+  one agreed step and exit "preempted", the script requeues; the requeued job resumes and ends where
+  an uninterrupted run ends, bit for bit."""
   stub_env, calls = install_stubs(tmp_path, ("srun", "scontrol"))
   python = tmp_path / "bin" / "python"  # The real interpreter, whatever PATH holds.
   python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')

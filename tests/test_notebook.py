@@ -1,11 +1,11 @@
 """notebooks/sample.ipynb run as a Colab user runs it, minus the network.
 
 A fresh kernel whose working directory is a folder outside the repository (Colab's /content, under
-tmp_path) runs every cell in order. The notebook's documented environment variables replace what needs the
-network: NPP_SKIP_INSTALL (the package is installed in this venv), NPP_REPO_DIR (the clone), NPP_WEIGHTS_DIR
-(checkpoints written here in the release's PyTorch formats instead of the Hub's) and NPP_CONFIG_OVERRIDES (a
-tiny model in place of GPT-B, so that it runs in seconds). Form fields are edited the way Colab's forms
-edit them: the value on the `#@param` line.
+tmp_path) runs every cell in order. The notebook's documented environment variables replace what
+needs the network: NPP_SKIP_INSTALL (the package is installed in this venv), NPP_REPO_DIR (the
+clone), NPP_WEIGHTS_DIR (checkpoints written here in the release's PyTorch formats instead of the
+Hub's) and NPP_CONFIG_OVERRIDES (a tiny model in place of GPT-B, so that it runs in seconds). Form
+fields are edited the way Colab's forms edit them: the value on the `#@param` line.
 """
 
 import argparse
@@ -26,8 +26,8 @@ import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "sample.ipynb")
-# GPT-B's config file with these overrides: a 2-layer GPT on an 8x8 grid of 64 codes, and a VQ with one
-# downsampling from 16 px, both in fp32.
+# GPT-B's config file with these overrides: a 2-layer GPT on an 8x8 grid of 64 codes, and a VQ with
+# one downsampling from 16 px, both in fp32.
 OVERRIDES = {
   "model.name": "custom",
   "model.n_layer": 2,
@@ -49,7 +49,8 @@ OVERRIDES = {
 
 
 def release_checkpoints(folder):
-  """c2i_B_256.pt and vq_ds16_c2i.pt of the overridden sizes, random weights, saved as the releases save."""
+  """c2i_B_256.pt and vq_ds16_c2i.pt of the overridden sizes, random weights, saved as the releases
+  save."""
   m, v = (
     {k[6:]: x for k, x in OVERRIDES.items() if k.startswith("model.")},
     {k[3:]: x for k, x in OVERRIDES.items() if k.startswith("vq.")},
@@ -152,7 +153,8 @@ def test_notebook_runs_top_to_bottom_outside_the_repository(tmp_path, monkeypatc
   assert codes.shape == (4, 8, 8) and 0 <= codes.min() and codes.max() < 64
   grid = np.asarray(Image.open(os.path.join(run, "samples", "samples_4.png")))
   assert grid.shape == (2 * 16, 2 * 16, 3)
-  # Row r of the grid holds the first images of the r-th class: samples 0, 2 (tench) and 1, 3 (goldfish).
+  # Row r of the grid holds the first images of the r-th class: samples 0, 2 (tench) and 1, 3
+  # (goldfish).
   np.testing.assert_array_equal(grid[:16, 16:], images[2])
   np.testing.assert_array_equal(grid[16:, :16], images[1])
   labeled = Image.open(os.path.join(run, "samples", "samples_4_labeled.png"))
@@ -163,7 +165,8 @@ def test_notebook_runs_top_to_bottom_outside_the_repository(tmp_path, monkeypatc
 
 
 def test_notebook_class_names_are_imagenets():
-  """The notebook's table of class names against torchvision's ImageNet categories (shipped offline)."""
+  """The notebook's table of class names against torchvision's ImageNet categories (shipped
+  offline)."""
   meta = pytest.importorskip("torchvision.models._meta")
   nb = nbformat.read(NOTEBOOK, as_version=4)
   [cell] = [c for c in code_cells(nb) if "IMAGENET_NAMES = {" in c.source]

@@ -1,4 +1,5 @@
-"""The NPP op against plain NumPy: aggregation, target grouping, patch loss, stages and learning rates."""
+"""The NPP op against plain NumPy: aggregation, target grouping, patch loss, stages and learning
+rates."""
 
 import chex
 import jax.numpy as jnp
@@ -154,7 +155,8 @@ def test_explicit_stages_and_k_at_boundaries():
 
 
 def np_stage_lr(t, n, lr, end_lr, warm, decay):
-  """Reference written from the rule: warmup 0 -> lr (first step lr/warm), constant, decay to end_lr."""
+  """Reference written from the rule: warmup 0 -> lr (first step lr/warm), constant, decay to
+  end_lr."""
   if t < warm:
     return lr * (t + 1) / warm
   if t >= n - decay:

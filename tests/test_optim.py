@@ -1,5 +1,5 @@
-"""The shared AdamW's weight-decay mask: by name, the same with and without scanned layers, and what the
-release decays (its rule: >= 2-D weights of the unscanned model)."""
+"""The shared AdamW's weight-decay mask: by name, the same with and without scanned layers, and what
+the release decays (its rule: >= 2-D weights of the unscanned model)."""
 
 import dataclasses
 
@@ -27,8 +27,8 @@ def test_gpt_mask_is_the_release_rule_and_survives_scan_layers():
   flat = nn.unbox(unscanned)
   release = jax.tree.map(lambda p: p.ndim >= 2, flat)
   assert optim.decay_mask(flat) == release
-  # Stacked [n_layer, ...] scales pass a rank test; the name-based mask keeps them out, so the scanned
-  # model's mask equals the unscanned one's, layer for layer.
+  # Stacked [n_layer, ...] scales pass a rank test; the name-based mask keeps them out, so the
+  # scanned model's mask equals the unscanned one's, layer for layer.
   scanned_mask = optim.decay_mask(nn.unbox(scanned))
   assert scanned_mask["layers"]["attention_norm"]["scale"] is False
   stacked_release = gpt.stack_layers(jax.tree.map(np.asarray, release), cfg.n_layer)

@@ -615,9 +615,9 @@ def get_config(arg=None):
 
 
 def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
-  """2 processes x 4 CPU devices (loopback, the CLI's flags) sample what 1 process x 8 devices samples:
-  each process decodes its devices' share, process 0 writes the npz and the PNG once; a resumed run
-  samples only the missing shard."""
+  """2 processes x 4 CPU devices (loopback, the CLI's flags) sample what 1 process x 8 devices
+  samples: each process decodes its devices' share, process 0 writes the npz and the PNG once; a
+  resumed run samples only the missing shard."""
   from test_multiprocess import ROOT  # noqa: E402
   from test_multiprocess import _env  # noqa: E402
   from test_multiprocess import _free_port  # noqa: E402

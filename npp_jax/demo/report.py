@@ -1,4 +1,5 @@
-"""What the demo shows a person: labelled PNG grids of digits, the console's progress bars and its table.
+"""What the demo shows a person: labelled PNG grids of digits, the console's progress bars and its
+table.
 
 Kept apart from npp_jax/jobs/demo.py (the pipeline) so that the pipeline reads as its five stages.
 """
@@ -33,8 +34,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def labelled_grid(
   rows: Sequence[tuple[str, np.ndarray]], scale: int, title: str = ""
 ) -> np.ndarray:
-  """One uint8 RGB image [H, W, 3]: each (label, images [n, h, w, 3]) a row, upscaled `scale` x (nearest,
-  so the pixels a model drew stay visible), its label on the left and an optional title on top."""
+  """One uint8 RGB image [H, W, 3]: each (label, images [n, h, w, 3]) a row, upscaled `scale` x
+  (nearest, so the pixels a model drew stay visible), its label on the left and an optional title on
+  top."""
   if scale < 1 or not rows:
     raise ValueError(
       f"labelled_grid: scale={scale}, {len(rows)} rows; expected scale >= 1 and some rows"
@@ -83,8 +85,8 @@ def save_png(path: str, image: np.ndarray) -> None:
 class Progress:
   """One console bar per training stage: steps done / total, the latest loss, steps/s and the ETA.
 
-  Fed by the trainers' on_log(step, scalars) at every log step; the library's own log lines go to the
-  log file, so this is all a person sees while a stage trains.
+  Fed by the trainers' on_log(step, scalars) at every log step; the library's own log lines go to
+  the log file, so this is all a person sees while a stage trains.
   """
 
   def __init__(self, title: str, total: int, stream=None, min_interval: float = 1.0):
@@ -131,7 +133,8 @@ METRICS = ("wall_s", "eval_nll", "class_info", "accuracy", "frechet", "epochs")
 
 
 def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict:
-  """Per-seed results of one row -> their means (the row's values) and half-ranges under `spread`."""
+  """Per-seed results of one row -> their means (the row's values) and half-ranges under
+  `spread`."""
   out = dict(per_seed[0])
   spread = {}
   for m in METRICS:
@@ -180,14 +183,17 @@ def table(report: Mapping[str, Any], write: Callable[[str], None] = print) -> No
     )
   cal = report["calibration"]
   write(
-    "  held-out NLL: nats per token at k = 1 on the test digits; class info: NLL with the null class minus "
+    "  held-out NLL: nats per token at k = 1 on the test digits; class info: NLL with the null "
+    "class minus "
     "NLL with the true one, nats per image"
   )
   write(
-    f"  accuracy: chance {cal['chance_accuracy']:.2f} | real test digits {cal['real_test_accuracy']:.3f} | "
+    f"  accuracy: chance {cal['chance_accuracy']:.2f} | real test digits "
+    f"{cal['real_test_accuracy']:.3f} | "
     f"VQ reconstructions of them (ceiling) {cal['vq_reconstruction_accuracy']:.3f}"
   )
   write(
-    f"  Frechet (lower is better): real train vs real test digits (floor) {cal['real_frechet']:.1f} | "
+    "  Frechet (lower is better): real train vs real test digits (floor) "
+    f"{cal['real_frechet']:.1f} | "
     f"VQ reconstructions vs real test {cal['vq_reconstruction_frechet']:.1f}"
   )

@@ -51,7 +51,8 @@ class HeldOutNLL:
   nats per image) on the first `max_batches` batches of a split, read once and kept on the host:
   every evaluation of a run sees the same images, so its curve compares like with like.
 
-  due(step): a step of `at` (the stage ends and the last step) or a multiple of every_steps (0: none).
+  due(step): a step of `at` (the stage ends and the last step) or a multiple of every_steps (0:
+  none).
   """
 
   def __init__(self, model: gpt.GPT, mesh, params_sharding, data, *, at, every_steps: int):

@@ -1,12 +1,12 @@
 """FID, sFID, IS, precision and recall of fresh samples during training (evaluate.every_steps > 0).
 
-As big_vision's evaluators: every evaluate.every_steps steps (and at the last step) the trainer samples
-evaluate.num_samples images from the parameters it holds (the EMA with sample.use_ema), with
+As big_vision's evaluators: every evaluate.every_steps steps (and at the last step) the trainer
+samples evaluate.num_samples images from the parameters it holds (the EMA with sample.use_ema), with
 config.sample's settings on the run's mesh, and logs eval/fid, eval/sfid, eval/inception_score,
 eval/precision, eval/recall beside eval/relative_cost (quality against training cost). The seed is
-sample.seed at every evaluation, so successive numbers differ by the model only, and sample i is the one
-`--mode=sample` draws (npp_jax.sample_set): the same settings and checkpoint give the same images and the
-same FID.
+sample.seed at every evaluation, so successive numbers differ by the model only, and sample i is the
+one `--mode=sample` draws (npp_jax.sample_set): the same settings and checkpoint give the same
+images and the same FID.
 
 Images and features stay in memory: nothing per evaluation is written but the scalars. `check` reads
 every field and names every file before the trainer compiles anything; `create` loads the Inception
@@ -163,8 +163,8 @@ class SampleMetrics:
 
 
 def _images(m: SampleMetrics, params):
-  """Yields the uint8 images of samples 0 .. num_samples - 1 a sampling batch at a time (every process
-  gets all of them), drawn as --mode=sample draws them."""
+  """Yields the uint8 images of samples 0 .. num_samples - 1 a sampling batch at a time (every
+  process gets all of them), drawn as --mode=sample draws them."""
   s, n = m.settings.samples, m.settings.num_samples
   for a in range(0, n, s.batch_size):
     out = sample_set.draw(m.sampler, params, m.vq_params, a, min(n, a + s.batch_size), s, m.vq_cfg)
@@ -172,7 +172,8 @@ def _images(m: SampleMetrics, params):
 
 
 def _features(m: SampleMetrics, image_batches) -> tuple[np.ndarray, np.ndarray]:
-  """(pool3, spatial) of every image, in global batches of evaluate.batch_size as --mode=evaluate."""
+  """(pool3, spatial) of every image, in global batches of evaluate.batch_size as
+  --mode=evaluate."""
   score = m.settings.score
   ebs = score.batch_size
   fn = features.feature_fn(m.mesh, score.preprocess, score.resize_to)

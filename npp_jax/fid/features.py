@@ -1,5 +1,6 @@
-"""Inception features of an image set: the FID Inception's weights, and pool3 / spatial features computed
-over all devices in global batches, one cached shard file per batch so that a killed run resumes."""
+"""Inception features of an image set: the FID Inception's weights, and pool3 / spatial features
+computed over all devices in global batches, one cached shard file per batch so that a killed run
+resumes."""
 
 import functools
 import hashlib
@@ -43,7 +44,8 @@ def load_inception(value: str) -> tuple[dict, bool]:
 
 
 def fingerprint(params) -> str:
-  """Identifies the weights cached features were computed with (a changed file gives new features)."""
+  """Identifies the weights cached features were computed with (a changed file gives new
+  features)."""
   return f"{float(np.abs(np.asarray(params['fc']['kernel'], np.float64)).sum()):.12g}"
 
 
@@ -80,7 +82,8 @@ def compute_features(
 ) -> tuple[np.ndarray, np.ndarray]:
   """(pool3 [N, 2048], spatial [N, S]) of every image, on every process, one cached shard file per
   global batch."""
-  # One folder per set of inputs and settings: a workdir scores other samples or references side by side.
+  # One folder per set of inputs and settings: a workdir scores other samples or references side by
+  # side.
   cache_dir = cache_dir.parent / f"{cache_dir.name}-{_digest(settings)}"
   bs = int(e.batch_size)
   store = shards.Shards(cache_dir, images.num, bs)

@@ -1,4 +1,5 @@
-"""Image sets to score: an ADM npz read a slice at a time, or a data set's first images centre-cropped."""
+"""Image sets to score: an ADM npz read a slice at a time, or a data set's first images
+centre-cropped."""
 
 import dataclasses
 import zipfile
@@ -71,7 +72,8 @@ def open_npz_images(path: epath.Path, field: str) -> NpzImages:
 
 
 class DatasetImages:
-  """The first `num` images of a data set split, centre-cropped (ADM's centre_crop_arr) to `size`."""
+  """The first `num` images of a data set split, centre-cropped (ADM's centre_crop_arr) to
+  `size`."""
 
   def __init__(self, source, num: int, size: int):
     self.source, self.num, self.size = source, num, size

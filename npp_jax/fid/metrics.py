@@ -1,18 +1,22 @@
-"""FID, sFID, Inception Score, precision and recall, computed as OpenAI's ADM evaluator computes them.
+"""FID, sFID, Inception Score, precision and recall, computed as OpenAI's ADM evaluator computes
+them.
 
-The evaluator (guided-diffusion's evaluations/evaluator.py) is what the NPP paper and LlamaGen report with:
+The evaluator (guided-diffusion's evaluations/evaluator.py) is what the NPP paper and LlamaGen
+report with:
 * FID / sFID: Frechet distance between Gaussians fitted to pool3 / spatial features: mean and np.cov
-  (N - 1 normalisation), then scipy.linalg.sqrtm of sigma1 @ sigma2; a non-finite root is retried with 1e-6
-  added to both diagonals; a complex root is accepted (its real part taken) only when the imaginary part
-  of its diagonal is within 1e-3 of 0, else it is an error.
-* IS: softmax(pool3 @ W) with the graph's fc weights W and no bias, then exp(mean KL(p(y|x) || p(y)))
+  (N - 1 normalisation), then scipy.linalg.sqrtm of sigma1 @ sigma2; a non-finite root is retried
+  with 1e-6 added to both diagonals; a complex root is accepted (its real part taken) only when the
+  imaginary part of its diagonal is within 1e-3 of 0, else it is an error.
+* IS: softmax(pool3 @ W) with the graph's fc weights W and no bias, then exp(mean KL(p(y|x) ||
+p(y)))
   over consecutive splits of 5000 samples (10 splits for 50,000), averaged.
-* Precision / recall (Kynkaanniemi et al. 2019): each set's k = 3 nearest-neighbour radius (the 4th smallest
-  squared distance to its own set, which includes the point itself); precision is the fraction of samples
-  inside some reference ball, recall the fraction of references inside some sample ball. Squared
-  distances |u|^2 - 2 u.v + |v|^2 clipped at 0, in blocks, so 50,000 x 50,000 distances never sit in
-  memory. One difference: the evaluator takes the distances in float16 (float32 when that overflows);
-  these are float32 throughout.
+* Precision / recall (Kynkaanniemi et al. 2019): each set's k = 3 nearest-neighbour radius (the 4th
+smallest
+  squared distance to its own set, which includes the point itself); precision is the fraction of
+  samples inside some reference ball, recall the fraction of references inside some sample ball.
+  Squared distances |u|^2 - 2 u.v + |v|^2 clipped at 0, in blocks, so 50,000 x 50,000 distances
+  never sit in memory. One difference: the evaluator takes the distances in float16 (float32 when
+  that overflows); these are float32 throughout.
 """
 
 import functools
@@ -31,15 +35,15 @@ BLOCK = (
 )
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Frechet distances.
 
 
 def statistics(chunks: Iterable[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) in float64 of features [N, D], given whole or as a re-iterable of chunks [n_i, D].
 
-  sigma is np.cov(x, rowvar=False), accumulated per chunk after centring (two passes), so 50,000 x 2048
-  features never need a float64 copy.
+  sigma is np.cov(x, rowvar=False), accumulated per chunk after centring (two passes), so 50,000 x
+  2048 features never need a float64 copy.
   """
   if isinstance(chunks, np.ndarray):
     chunks = [chunks]
@@ -62,8 +66,8 @@ FID_METHODS = ("sqrtm", "eigh")
 
 
 def _trace_sqrt_eigh(sigma1, sigma2) -> float:
-  """tr sqrt(sigma1 sigma2) = sum of sqrt(eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1)), a symmetric PSD
-  matrix: two symmetric eigendecompositions instead of a general Schur form."""
+  """tr sqrt(sigma1 sigma2) = sum of sqrt(eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1)), a
+  symmetric PSD matrix: two symmetric eigendecompositions instead of a general Schur form."""
   w, v = np.linalg.eigh(sigma1)
   root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
   eig = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
@@ -73,9 +77,10 @@ def _trace_sqrt_eigh(sigma1, sigma2) -> float:
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
   """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)).
 
-  method "sqrtm" is the evaluator's, with its safeguards; "eigh" computes the same trace from symmetric
-  eigendecompositions: equal for positive semi-definite statistics, several times faster at 2048
-  dimensions on a CPU and never complex (it clips the round-off negatives that make sqrtm complex).
+  method "sqrtm" is the evaluator's, with its safeguards; "eigh" computes the same trace from
+  symmetric eigendecompositions: equal for positive semi-definite statistics, several times faster
+  at 2048 dimensions on a CPU and never complex (it clips the round-off negatives that make sqrtm
+  complex).
   """
   if method not in FID_METHODS:
     raise ValueError(f"FID method {method!r}; expected one of {FID_METHODS}")
@@ -110,12 +115,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Inception Score.
 
 
 def inception_probs(pool3: np.ndarray, fc_kernel: np.ndarray, chunk: int = 512) -> np.ndarray:
-  """softmax(pool3 @ W) in float32, W [2048, 1008] the fc kernel, no bias: the evaluator's softmax graph."""
+  """softmax(pool3 @ W) in float32, W [2048, 1008] the fc kernel, no bias: the evaluator's softmax
+  graph."""
   out = []
   w = np.asarray(fc_kernel, np.float32)
   for start in range(0, len(pool3), chunk):
@@ -136,7 +142,7 @@ def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float
   return float(np.mean(scores))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Precision and recall.
 
 
@@ -148,7 +154,8 @@ def _sq_distances(u, v):
 
 @functools.partial(jax.jit, static_argnames="k")
 def _merge_smallest(best, u, v, v_valid, *, k: int):
-  """The k smallest distances of each row of u to the valid rows of v, merged with `best` [rows, k]."""
+  """The k smallest distances of each row of u to the valid rows of v, merged with `best` [rows,
+  k]."""
   d = jnp.where(v_valid[None, :], _sq_distances(u, v), jnp.inf)
   both = jnp.concatenate([best, d], axis=1)
   return -jax.lax.top_k(-both, k)[0]
@@ -156,7 +163,8 @@ def _merge_smallest(best, u, v, v_valid, *, k: int):
 
 @jax.jit
 def _inside(u, radii_u, u_valid, v, radii_v, v_valid):
-  """(u_in [rows]: u inside some ball of a valid v; v_in [cols]: v inside some ball of a valid u)."""
+  """(u_in [rows]: u inside some ball of a valid v; v_in [cols]: v inside some ball of a valid
+  u)."""
   d = _sq_distances(u, v)
   u_in = jnp.any((d <= radii_v[None, :]) & v_valid[None, :], axis=1)
   v_in = jnp.any((d <= radii_u[:, None]) & u_valid[:, None], axis=0)

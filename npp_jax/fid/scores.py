@@ -1,7 +1,7 @@
-"""Scoring an image set as the ADM evaluator does: its settings (the `evaluate` section's feature and
-metric knobs), the reference (an ADM batch, a statistics file, or a data set), and FID, sFID,
-Inception Score, precision and recall of the set's features against it. `evaluate` is the whole of it,
-used by --mode=evaluate and by --mode=sample with evaluate.reference set."""
+"""Scoring an image set as the ADM evaluator does: its settings (the `evaluate` section's feature
+and metric knobs), the reference (an ADM batch, a statistics file, or a data set), and FID, sFID,
+Inception Score, precision and recall of the set's features against it. `evaluate` is the whole of
+it, used by --mode=evaluate and by --mode=sample with evaluate.reference set."""
 
 import dataclasses
 import json
@@ -85,7 +85,8 @@ _RULES = {
 
 @dataclasses.dataclass
 class Reference:
-  """What the reference gives: images to compute features from, and/or statistics read from a file."""
+  """What the reference gives: images to compute features from, and/or statistics read from a
+  file."""
 
   name: str
   images: Any = None  # NpzImages or DatasetImages.
@@ -95,7 +96,8 @@ class Reference:
 
 
 def _check_recipe(z, members, path, e) -> None:
-  """Statistics files of ours record how they were made; refuse one made with other preprocessing."""
+  """Statistics files of ours record how they were made; refuse one made with other
+  preprocessing."""
   for key, want in (("preprocess", str(e.preprocess)), ("resize_to", int(e.resize_to))):
     if key in members:
       got = type(want)(z[key])
@@ -160,9 +162,9 @@ def write_stats(path: epath.Path, pool3, spatial, e) -> dict:
 
 
 def reference_statistics(ref: Reference, params, mesh, e, work: epath.Path) -> tuple[dict, Any]:
-  """(mu, sigma, mu_s, sigma_s of the reference, its pool3 features or None): the file's statistics, else
-  those of its images' features (cached under WORKDIR/evaluate/reference-*; a data set's also written to
-  WORKDIR/reference_stats.npz, a reference for later runs)."""
+  """(mu, sigma, mu_s, sigma_s of the reference, its pool3 features or None): the file's statistics,
+  else those of its images' features (cached under WORKDIR/evaluate/reference-*; a data set's also
+  written to WORKDIR/reference_stats.npz, a reference for later runs)."""
   ref_stats, ref_pool3 = ref.stats or {}, ref.pool3
   if ref.images is not None:
     ref_pool3, ref_spatial = features.compute_features(
@@ -243,7 +245,7 @@ def score_stats(e, params, pool3, sample_stats, ref_stats, ref_pool3) -> dict:
   return out
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A whole scoring run.
 
 
@@ -268,7 +270,8 @@ def load_inputs(settings: ScoreSettings) -> Inputs:
 def evaluate(images, inputs: Inputs, settings: ScoreSettings, mesh, workdir, step: int = 0) -> dict:
   """Scores an image set (fid.images) against the reference: features over all devices (cached per
   batch under WORKDIR/evaluate/, so a killed run resumes), WORKDIR/sample_stats.npz, the reference's
-  statistics, then WORKDIR/metrics.json and eval/ scalars at `step`; returns the metrics.json dict."""
+  statistics, then WORKDIR/metrics.json and eval/ scalars at `step`; returns the metrics.json
+  dict."""
   work = epath.Path(workdir)
   if jax.process_index() == 0:
     work.mkdir(parents=True, exist_ok=True)
@@ -302,7 +305,8 @@ def evaluate(images, inputs: Inputs, settings: ScoreSettings, mesh, workdir, ste
 
 
 def _keep_converted(inputs: Inputs, settings: ScoreSettings, work: epath.Path) -> None:
-  # One process only: orbax's save is collective across processes, and the conversion is a convenience.
+  # One process only: orbax's save is collective across processes, and the conversion is a
+  # convenience.
   if inputs.converted and jax.process_count() == 1 and not (work / "inception").exists():
     from npp_jax import checkpoints
 

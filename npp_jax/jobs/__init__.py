@@ -2,11 +2,13 @@
 
 A job module has
   SECTIONS                            the config sections it reads;
-  check_settings(config, topology)    every rule of those sections (the settings classes that live next
+  check_settings(config, topology)    every rule of those sections (the settings classes that live
+  next
                                       to the code using each section), files untouched;
-  check(config, workdir, topology)    check_settings, then the workdir, the weights and data the config
-                                      names (small files only): one-line ValueErrors before anything is
-                                      loaded, compiled or written; returns the job's plan;
+  check(config, workdir, topology)    check_settings, then the workdir, the weights and data the
+  config
+                                      names (small files only): one-line ValueErrors before anything
+                                      is loaded, compiled or written; returns the job's plan;
   run(config, workdir, ...)           check, then the work; returns a Result.
 The command line and a library caller go through the same check. No job imports another: the demo
 composes jobs through this registry.

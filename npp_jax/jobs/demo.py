@@ -1,15 +1,18 @@
-"""The embedded demo: the whole pipeline on 5000 real MNIST digits, and the paper's claim checked in minutes.
+"""The embedded demo: the whole pipeline on 5000 real MNIST digits, and the paper's claim checked in
+minutes.
 
 Each stage is a real use of the project's own jobs, and each one resumes when run again:
   1. train_vq   a small VQ on 32x32 digits (configs/demo.py sets the code grid)
   2. extract    codes for the train and test splits
   3. train      three GPTs per seed: NPP (coarse to fine) for E epochs, next-token for E epochs, and
                 next-token for the wall time NPP took (equal compute: what a fixed budget buys)
-  4. sample     class-conditional samples from each (one PNG row per digit, a row of real digits on top)
+  4. sample     class-conditional samples from each (one PNG row per digit, a row of real digits on
+  top)
   5. score      class accuracy and a Frechet distance to held-out digits, in the features of a small
-                classifier trained on the digits, beside calibration lines (chance, real digits, the VQ)
-The console shows stage headers, a progress bar per training stage and the table; the libraries' INFO
-lines go to WORKDIR/log.txt. It writes WORKDIR/report.json and WORKDIR/samples_<row>.png.
+                classifier trained on the digits, beside calibration lines (chance, real digits, the
+                VQ)
+The console shows stage headers, a progress bar per training stage and the table; the libraries'
+INFO lines go to WORKDIR/log.txt. It writes WORKDIR/report.json and WORKDIR/samples_<row>.png.
 """
 
 import contextlib
@@ -46,8 +49,8 @@ def _stage(n: int, title: str) -> None:
 
 @contextlib.contextmanager
 def library_log(path: str):
-  """Sends absl / Python logging (orbax, tfds, jax, our own INFO lines) and warnings to `path` for the
-  duration, so the console keeps to what the demo prints; put back afterwards."""
+  """Sends absl / Python logging (orbax, tfds, jax, our own INFO lines) and warnings to `path` for
+  the duration, so the console keeps to what the demo prints; put back afterwards."""
   handler = logging.get_absl_handler().python_handler
   old_stream, old_verbosity = handler.stream, logging.get_verbosity()
   with open(path, "a") as f:
@@ -63,7 +66,8 @@ def library_log(path: str):
 
 
 class _Timings:
-  """Results of finished stages, kept on disk so that a resumed demo reports the first run's times."""
+  """Results of finished stages, kept on disk so that a resumed demo reports the first run's
+  times."""
 
   def __init__(self, path: str):
     self.path = path
@@ -99,7 +103,8 @@ class DemoSettings:
     return cls(**rules.section(config, "demo", cls))
 
 
-# The demo's stages, in order: it makes its own data set and weights, so each is checked without them.
+# The demo's stages, in order: it makes its own data set and weights, so each is checked without
+# them.
 STAGES = ("train_vq", "extract", "train", "sample")
 
 
@@ -151,8 +156,8 @@ def _run(config, workdir: str) -> dict | None:
 
 
 def prepare(config, workdir: str):
-  """Stages 1-2: the VQ and the code data set; (config reading those codes, VQ params directory), or None
-  when a SIGTERM stopped the VQ training."""
+  """Stages 1-2: the VQ and the code data set; (config reading those codes, VQ params directory), or
+  None when a SIGTERM stopped the VQ training."""
   _stage(1, "train the VQ tokenizer on the digits")
   vq_dir = _train_vq(config, workdir)
   if vq_dir is None:
@@ -216,7 +221,8 @@ def _train_rows(config, workdir: str, seed_index: int, timings: _Timings) -> dic
   release = npp.release_stages(config.npp.patch_level, config.npp.epoch_rate, e)
   rows = {"npp": _train_gpt(config, workdir, "npp", seed_index, tuple(release), timings)}
   rows["ntp"] = _train_gpt(config, workdir, "ntp", seed_index, ((1, float(e)),), timings)
-  # Equal compute: the next-token epochs that NPP's measured wall time buys at the next-token run's speed.
+  # Equal compute: the next-token epochs that NPP's measured wall time buys at the next-token run's
+  # speed.
   equal = e * rows["npp"]["wall_s"] / rows["ntp"]["wall_s"]
   rows["ntp_equal_compute"] = _train_gpt(
     config, workdir, "ntp_equal_compute", seed_index, ((1, round(equal, 2)),), timings
@@ -284,7 +290,8 @@ def _load_samples(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _reconstruct(config, vq_dir: str, images: np.ndarray, chunk: int = 100) -> np.ndarray:
-  """VQ round trip of real digits (through uint8, as extract sees them): what the GPT can draw at best."""
+  """VQ round trip of real digits (through uint8, as extract sees them): what the GPT can draw at
+  best."""
   from npp_jax import checkpoints
 
   cfg = vq.VQConfig.from_config(config.vq)
@@ -300,8 +307,8 @@ def _reconstruct(config, vq_dir: str, images: np.ndarray, chunk: int = 100) -> n
 def _calibration(config, clf, clf_acc, vq_recon, test_x, test_y) -> dict:
   """The numbers that say what the table's scores mean: chance, real digits and the VQ's ceiling."""
   train_x, train_y = digits.load_digits("train")
-  # As many real training digits (the same count per class) as the test split, so the Frechet floor is
-  # measured at the same sample size as the models' samples.
+  # As many real training digits (the same count per class) as the test split, so the Frechet floor
+  # is measured at the same sample size as the models' samples.
   per_class = len(test_y) // digits.NUM_CLASSES
   idx = np.concatenate(
     [np.flatnonzero(train_y == c)[:per_class] for c in range(digits.NUM_CLASSES)]
@@ -361,7 +368,8 @@ def _score(config, workdir: str, runs: list[dict], vq_dir: str, shared: str) -> 
 def _write_grid(
   config, workdir: str, row: str, label: str, result: dict, first: dict, test_x, test_y
 ) -> None:
-  """samples_<row>.png (the first seed's samples, a row of real digits on top) and the same in TensorBoard."""
+  """samples_<row>.png (the first seed's samples, a row of real digits on top) and the same in
+  TensorBoard."""
   images, labels = _load_samples(first["samples"])
   rows = demo_report.class_rows(
     images, labels, test_x, test_y, config.model.num_classes, config.demo.grid_cols

@@ -1,21 +1,25 @@
-"""`python -m npp_jax.main --mode=evaluate`: FID, sFID, IS, precision and recall of a batch of samples.
+"""`python -m npp_jax.main --mode=evaluate`: FID, sFID, IS, precision and recall of a batch of
+samples.
 
   python -m npp_jax.main --mode=evaluate --config=configs/b.py --workdir=DIR \
       --config.evaluate.samples=DIR/samples/samples_50000.npz \
       --config.evaluate.reference=VIRTUAL_imagenet256_labeled.npz \
       --config.evaluate.inception=pt_inception-2015-12-05-6726825d.pth
 
-Samples are an ADM-format npz (`arr_0`: uint8 [N, H, W, 3], what --mode=sample writes). The reference is
+Samples are an ADM-format npz (`arr_0`: uint8 [N, H, W, 3], what --mode=sample writes). The
+reference is
   * an ADM reference batch (`arr_0` images, and usually `mu`, `sigma`, `mu_s`, `sigma_s`: as the ADM
-    evaluator does, the file's statistics are used for FID / sFID and its images' features for precision
-    and recall),
+    evaluator does, the file's statistics are used for FID / sFID and its images' features for
+    precision and recall),
   * a statistics file this mode wrote (`sample_stats.npz`, `reference_stats.npz`), or
-  * a data set (`open_images`: "digits", a TFDS name or directory, an image folder), centre-cropped to
+  * a data set (`open_images`: "digits", a TFDS name or directory, an image folder), centre-cropped
+  to
     evaluate.image_size as ADM made its reference batches; its statistics are cached in
     WORKDIR/reference_stats.npz and serve as a reference later.
-Features are computed over all devices in global batches of evaluate.batch_size, one shard file per batch
-under WORKDIR/evaluate/, so a killed run resumes. Outputs: WORKDIR/metrics.json, WORKDIR/sample_stats.npz
-(mu, sigma, mu_s, sigma_s, and the pool3 features for precision and recall) and TensorBoard scalars.
+Features are computed over all devices in global batches of evaluate.batch_size, one shard file per
+batch under WORKDIR/evaluate/, so a killed run resumes. Outputs: WORKDIR/metrics.json,
+WORKDIR/sample_stats.npz (mu, sigma, mu_s, sigma_s, and the pool3 features for precision and recall)
+and TensorBoard scalars.
 """
 
 import dataclasses
@@ -76,8 +80,8 @@ def check_settings(config, topology: jobs.Topology) -> EvaluateSettings:
 
 
 def check(config, workdir, topology: jobs.Topology) -> Plan:
-  """Every field, the workdir and the samples' npz header; the reference and the weights are opened by
-  run, still before it writes anything (their checks read arrays and weights)."""
+  """Every field, the workdir and the samples' npz header; the reference and the weights are opened
+  by run, still before it writes anything (their checks read arrays and weights)."""
   preflight.check_workdir(workdir)
   s = check_settings(config, topology)
   samples = open_samples(s)

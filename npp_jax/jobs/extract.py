@@ -1,4 +1,5 @@
-"""Extraction: one split of a data set's images -> a code data set (npp_jax.data.code_dataset), with the release's views.
+"""Extraction: one split of a data set's images -> a code data set (npp_jax.data.code_dataset), with
+the release's views.
 
   python -m npp_jax.main --mode=extract --config=configs/b.py --workdir=W \
       --config.extract.vq_checkpoint=/ckpt/vq16 --config.extract.data_dir=/data/tfds   # -> W/codes
@@ -6,10 +7,11 @@
 With extract.captions (LlamaGen's image + caption index) and extract.text_encoder (a T5 folder), a
 caption code data set instead (npp_jax.data.captions; extract_captions below), on the same shards.
 
-Each global batch of extract.batch_size images becomes a shard WORKDIR/extract_tmp/<split>/shard_*.npz as
-soon as it is encoded; a re-run encodes only missing shards, then streams them into the data set. On several
-processes every process reads, crops and encodes its rows of each batch; the codes are gathered and process
-0 alone writes (the shards, then the data set), so the result is the one-process result.
+Each global batch of extract.batch_size images becomes a shard
+WORKDIR/extract_tmp/<split>/shard_*.npz as soon as it is encoded; a re-run encodes only missing
+shards, then streams them into the data set. On several processes every process reads, crops and
+encodes its rows of each batch; the codes are gathered and process 0 alone writes (the shards, then
+the data set), so the result is the one-process result.
 """
 
 import dataclasses
@@ -43,7 +45,8 @@ with epy.lazy_imports():
 
 
 def encode_views(params, views: np.ndarray, cfg: vq.VQConfig, mesh) -> np.ndarray:
-  """This process's uint8 views [L, n_aug, S, S, 3] -> codes [P * L, n_aug, h, w] of all processes' rows.
+  """This process's uint8 views [L, n_aug, S, S, 3] -> codes [P * L, n_aug, h, w] of all processes'
+  rows.
 
   One view index at a time, so memory follows the batch size, not batch size x n_aug.
   """
@@ -80,8 +83,8 @@ def rows(
 def process_share(
   shard: int, batch_size: int, num_examples: int, process_index: int, local: int
 ) -> tuple[int, int]:
-  """[start, stop) of the examples one process reads and encodes of a shard: the shard's rows cut into
-  equal consecutive parts, one per process (empty past the end of the data set)."""
+  """[start, stop) of the examples one process reads and encodes of a shard: the shard's rows cut
+  into equal consecutive parts, one per process (empty past the end of the data set)."""
   start = min(shard * batch_size + process_index * local, num_examples)
   return start, min(start + local, num_examples)
 
@@ -89,7 +92,8 @@ def process_share(
 def merge_rows(
   ids: np.ndarray, codes: np.ndarray, labels: np.ndarray, start: int, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Rows gathered from every process's devices (in the mesh's device order, padding rows with id -1)
+  """Rows gathered from every process's devices (in the mesh's device order, padding rows with id
+  -1)
   -> the codes and labels of examples start .. start + count - 1, in order."""
   keep = ids >= 0
   order = np.argsort(ids[keep], kind="stable")
@@ -102,7 +106,7 @@ def merge_rows(
   return codes[keep][order], labels[keep][order]
 
 
-# ------------------------------------------------------------------------------------ settings and check
+# ------------------------------------------------------------------------------- settings and check
 
 SECTIONS = ("extract", "vq", "model", "mesh")
 
@@ -225,7 +229,8 @@ def _settings(e: ExtractSettings, cfg: vq.VQConfig, source) -> dict:
 
 
 def _plan(config, workdir, source) -> _Job:
-  """check, then the output's settings, the source and the VQ parameters, before any compile or write."""
+  """check, then the output's settings, the source and the VQ parameters, before any compile or
+  write."""
   s = check(config, workdir, jobs.Topology.current())
   e, cfg = s.extract, s.vq
   output = _output(e, workdir)[1]
@@ -264,7 +269,7 @@ def _plan(config, workdir, source) -> _Job:
   return job
 
 
-# ------------------------------------------------------------------------------------------------- run
+# ---------------------------------------------------------------------------------------------- run
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, source=None) -> jobs.Result:
@@ -340,8 +345,8 @@ def _views(
   job: _Job, todo: list[int], local: int, device_rows: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(uint8 views [device_rows, n_aug, S, S, 3], (example id, label) int32 [device_rows, 2]) of this
-  process's rows of each shard in `todo`, prepared one shard ahead on grain's threads (host work overlaps
-  the device's)."""
+  process's rows of each shard in `todo`, prepared one shard ahead on grain's threads (host work
+  overlaps the device's)."""
   e, n, size = job.config.extract, job.source.num_examples, job.cfg.image_size
   threads = images_lib.num_threads(e.num_threads)
 
@@ -375,7 +380,8 @@ def _views(
 
 
 def _encode(job: _Job, store: shards.Shards, todo: list[int]) -> tuple[int, float]:
-  """Encode the shards in `todo`, process 0 writing each as it is done; (images encoded, seconds)."""
+  """Encode the shards in `todo`, process 0 writing each as it is done; (images encoded,
+  seconds)."""
   local, device_rows = rows(job.config, job.batch_size)
   mesh = sharding.make_mesh(job.config.mesh)
   params = sharding.put(job.params, sharding.replicated(mesh))  # Works on several processes too.
@@ -401,7 +407,8 @@ def _encode(job: _Job, store: shards.Shards, todo: list[int]) -> tuple[int, floa
 
 
 def _write_dataset(job: _Job, store: shards.Shards) -> None:
-  """The code data set from the shards in order; the shards are deleted unless extract.keep_shards."""
+  """The code data set from the shards in order; the shards are deleted unless
+  extract.keep_shards."""
   with code_dataset.CodeDatasetWriter(
     str(job.output),
     job.cfg.grid,

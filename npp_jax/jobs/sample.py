@@ -1,10 +1,10 @@
 """The sampling job: python -m npp_jax.main --mode=sample --config=... --workdir=DIR
 
-Class-conditional samples (codes, and images with a VQ) of a checkpoint into WORKDIR/samples, one shard file
-per global batch so that a killed run resumes; the sampler itself is `npp_jax.sampling`. A text
-model samples each caption (sample.prompts through sample.text_encoder, or sample.caption_features)
-sample.images_per_caption times, in caption order: the npz holds `codes` and `caption_index`.
-With evaluate.reference set the samples are scored through the fid library.
+Class-conditional samples (codes, and images with a VQ) of a checkpoint into WORKDIR/samples, one
+shard file per global batch so that a killed run resumes; the sampler itself is `npp_jax.sampling`.
+A text model samples each caption (sample.prompts through sample.text_encoder, or
+sample.caption_features) sample.images_per_caption times, in caption order: the npz holds `codes`
+and `caption_index`. With evaluate.reference set the samples are scored through the fid library.
 """
 
 import dataclasses
@@ -89,7 +89,8 @@ class Plan:
 
 
 def check_settings(config, topology: jobs.Topology):
-  """(job settings, sampler's model, VQ config or None, score settings or None), every rule checked."""
+  """(job settings, sampler's model, VQ config or None, score settings or None), every rule
+  checked."""
   model = gpt.GPTConfig.from_config(rules.get(config, "model"))
   s = SampleJobSettings.from_config(config)
   sharding.MeshSettings.from_config(config).resolve(topology.num_devices)
@@ -111,8 +112,9 @@ def check_settings(config, topology: jobs.Topology):
 
 
 def check(config, workdir, topology: jobs.Topology, *, params_given: bool = False) -> Plan:
-  """Every field, the workdir, the weights' kinds and the samples already in WORKDIR/samples; one-line
-  ValueErrors, nothing loaded or written. params_given: run() was handed the GPT's parameters."""
+  """Every field, the workdir, the weights' kinds and the samples already in WORKDIR/samples;
+  one-line ValueErrors, nothing loaded or written. params_given: run() was handed the GPT's
+  parameters."""
   work = preflight.check_workdir(workdir)
   s, model, vq_cfg, score = check_settings(config, topology)
   if not params_given:
@@ -297,8 +299,8 @@ def _write_caption_grid(path: epath.Path, images_of, job: Plan) -> None:
 
 
 def _write_grid(path: epath.Path, images_of, labels: np.ndarray, plan: Plan) -> None:
-  """PNG, one class per row: row r shows the first images of the r-th class sampled (sample.classes, or
-  all classes in order), at most grid_rows rows of grid_cols images."""
+  """PNG, one class per row: row r shows the first images of the r-th class sampled (sample.classes,
+  or all classes in order), at most grid_rows rows of grid_cols images."""
   from PIL import Image
 
   rows, cols = plan.settings.grid_rows, plan.settings.grid_cols
@@ -342,9 +344,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, params=None) -> jobs
   """Samples config.sample.num_images images (or codes) into WORKDIR/samples, and scores them when
   evaluate.reference is set; outputs: "samples" (the merged .npz) and, scored, "metrics".
 
-  One shard file per global batch, written atomically, so a killed run resumes where it stopped. Every
-  setting is checked, and the scoring inputs loaded, before anything compiles or is written. `params`
-  (GPT parameters) replaces loading sample.checkpoint (tests, notebooks).
+  One shard file per global batch, written atomically, so a killed run resumes where it stopped.
+  Every setting is checked, and the scoring inputs loaded, before anything compiles or is written.
+  `params` (GPT parameters) replaces loading sample.checkpoint (tests, notebooks).
   """
   plan = check(config, workdir, jobs.Topology.current(), params_given=params is not None)
   s = plan.settings
@@ -415,7 +417,8 @@ def _sample_shards(job: Plan, sampler: sampling.Sampler, params, vq_params, rng,
 
 
 def _write_outputs(job: Plan, merged: epath.Path, images: bool) -> None:
-  """The merged .npz of every shard and, with images, the PNG grid of the first samples per class."""
+  """The merged .npz of every shard and, with images, the PNG grid of the first samples per
+  class."""
   store = job.shards
   paths = [store.path(i) for i in range(len(store.spans))]
   _merge(merged, paths, job.num_images)

@@ -46,7 +46,7 @@ class TrainState:
   rng: jax.Array  # Raw uint32 key data: checkpointable as a plain array.
 
 
-# ------------------------------------------------------------------------------------ settings and check
+# ------------------------------------------------------------------------------- settings and check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,8 @@ class Plan:
 
 
 def check_settings(config, topology: jobs.Topology) -> Settings:
-  """Every rule of every section the trainer reads (the sample metrics' with evaluate.every_steps)."""
+  """Every rule of every section the trainer reads (the sample metrics' with
+  evaluate.every_steps)."""
   s = Settings(
     gpt.GPTConfig.from_config(rules.get(config, "model")),
     npp.NPPSettings.from_config(config),
@@ -216,7 +217,8 @@ def _check_data(s: Settings, split: str, path: str):
 
 
 def _eval_split(s: Settings) -> str | None:
-  """The split to evaluate (data.eval_split, else "test" or "validation" if the data set has one)."""
+  """The split to evaluate (data.eval_split, else "test" or "validation" if the data set has
+  one)."""
   split = s.data.eval_split
   if not split:
     found = [n for n in ("test", "validation") if n in code_dataset.finished_splits(s.data.path)]
@@ -227,7 +229,7 @@ def _eval_split(s: Settings) -> str | None:
   return split
 
 
-# ---------------------------------------------------------------------------------------- model and step
+# ----------------------------------------------------------------------------------- model and step
 
 
 def make_optimizer(config, schedule: npp.Schedule) -> tuple[optax.GradientTransformation, Any]:
@@ -241,7 +243,8 @@ def make_optimizer(config, schedule: npp.Schedule) -> tuple[optax.GradientTransf
 
 
 def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
-  """A fresh TrainState with boxed (logically partitioned) leaves, so eval_shape yields its layout."""
+  """A fresh TrainState with boxed (logically partitioned) leaves, so eval_shape yields its
+  layout."""
 
   def init(rng):
     params = model.init(rng, *gpt.example_inputs(cfg, zeros=True))["params"]
@@ -256,7 +259,8 @@ def init_state(model: gpt.GPT, tx, cfg: gpt.GPTConfig, seed: int, ema: bool):
   return init, jax.random.key(seed)
 
 
-# The batch entries a train step reads, per model.condition (data/code_dataset.py, data/captions.py).
+# The batch entries a train step reads, per model.condition (data/code_dataset.py,
+# data/captions.py).
 BATCH_KEYS = {"class": ("codes", "labels"), "text": ("codes", "caption", "caption_len", "valid")}
 
 
@@ -271,7 +275,8 @@ def train_step(
   accum: int,
   ema_decay: float = 0.0,
 ):
-  """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state, metrics).
+  """One optimizer step on a global batch, accumulating `accum` micro-batches; returns (state,
+  metrics).
 
   A caption batch's invalid examples (unreadable images) are left out of the loss: it is the mean
   over the valid examples of the whole global batch, whichever micro-batch holds them."""
@@ -297,7 +302,8 @@ def train_step(
   if accum == 1:
     loss, grads = grad_fn(state.params, inputs, rng)
   else:
-    # Micro-batch i takes rows i, i + accum, ...: every device keeps an equal share of each micro-batch.
+    # Micro-batch i takes rows i, i + accum, ...: every device keeps an equal share of each
+    # micro-batch.
     split = lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
     micro = (jax.tree.map(split, inputs), jnp.arange(accum))
 
@@ -325,7 +331,7 @@ def train_step(
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
-# ------------------------------------------------------------------------------------------------- run
+# ---------------------------------------------------------------------------------------------- run
 
 
 @dataclasses.dataclass
@@ -350,12 +356,14 @@ def run(
 ) -> jobs.Result:
   """Train until the schedule (or train.max_steps) ends; re-running the same command resumes.
 
-  Outputs: the last logged scalars and the last evaluations ("eval/nll", "eval/class_info", the sample
-  metrics), with "step", "loop_s", "compile_s" and "train_s"; stopped_early when a SIGTERM stopped it
-  after saving. on_log(step, scalars) is called after every log line (a console progress bar).
+  Outputs: the last logged scalars and the last evaluations ("eval/nll", "eval/class_info", the
+  sample metrics), with "step", "loop_s", "compile_s" and "train_s"; stopped_early when a SIGTERM
+  stopped it after saving. on_log(step, scalars) is called after every log line (a console progress
+  bar).
   """
-  # From here on a SIGTERM asks for a save and a stop at the loop's next agreed step, however early it
-  # comes (restoring, compiling): a process that died alone would leave the others in a collective.
+  # From here on a SIGTERM asks for a save and a stop at the loop's next agreed step, however early
+  # it comes (restoring, compiling): a process that died alone would leave the others in a
+  # collective.
   with checkpoints.Preemption() as preempt:
     out = _train(config, workdir, preempt, on_log)
   return jobs.Result(stopped_early=out["step"] < out["total_steps"], outputs=out)
@@ -436,7 +444,8 @@ def _heldout(config, p: Plan, run) -> heldout_nll.HeldOutNLL | None:
 
 
 def _open_checkpoints(config, ckpt_dir: epath.Path):
-  """(Checkpointer of an existing run or None, init_from parameters or None), checked before any compile."""
+  """(Checkpointer of an existing run or None, init_from parameters or None), checked before any
+  compile."""
   ckpt = None
   if ckpt_dir.is_dir():
     ckpt = checkpoints.Checkpointer(
@@ -494,8 +503,8 @@ def _resume(config, run: _Run, ckpt, init_params, it) -> int:
 
 
 class _CompiledSteps:
-  """One step per k, compiled ahead of time on first use and kept for the whole stage, so its cost and
-  memory are logged apart from the steps."""
+  """One step per k, compiled ahead of time on first use and kept for the whole stage, so its cost
+  and memory are logged apart from the steps."""
 
   def __init__(self, config, run: _Run):
     self.config, self.run = config, run
@@ -543,7 +552,8 @@ class _CompiledSteps:
 
 
 def _writer(config, workdir, total_steps: int, start: int):
-  """Metric writer (TensorBoard on process 0, logging elsewhere) and the progress / profile hooks."""
+  """Metric writer (TensorBoard on process 0, logging elsewhere) and the progress / profile
+  hooks."""
   is_main = jax.process_index() == 0
   writer = summaries.create_default_writer(str(workdir), just_logging=not is_main)
   if start == 0 and is_main:
@@ -572,7 +582,8 @@ def _throughput(config, p: Plan, peak, k: int, step: int, step_s: float) -> dict
 def _loop(
   config, p: Plan, run: _Run, it, ckpt, steps, evaluators, writer, hooks, start, preempt, on_log
 ):
-  """Steps until the end of the schedule or a preemption; returns (last step, last logged scalars)."""
+  """Steps until the end of the schedule or a preemption; returns (last step, last logged
+  scalars)."""
   peak = costs.peak_flops_per_device(override=config.train.peak_flops_per_device)
   t, step, last_eval = config.train, start, {}
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
@@ -614,8 +625,8 @@ def _loop(
 
 
 def _evaluate(evaluator, state, p: Plan, step: int, writer) -> dict:
-  """One evaluation (npp_jax.evaluators), written under eval/ beside the cost so far (quality against
-  cost); returns its own scalars."""
+  """One evaluation (npp_jax.evaluators), written under eval/ beside the cost so far (quality
+  against cost); returns its own scalars."""
   out = evaluator(state, step)
   writer.write_scalars(
     step,

@@ -1,14 +1,15 @@
-"""VQ training: a tokenizer of config.vq's architecture learnt on images, on the GPT trainer's plumbing
-(checkpoints.Checkpointer, checkpoints.Preemption, loop.Loop, optim.adamw, sharding).
+"""VQ training: a tokenizer of config.vq's architecture learnt on images, on the GPT trainer's
+plumbing (checkpoints.Checkpointer, checkpoints.Preemption, loop.Loop, optim.adamw, sharding).
 
   python -m npp_jax.main --mode=train_vq --config=configs/demo.py --workdir=W   # -> W/vq
 
-Losses: l2_weight * MSE + l1_weight * MAE of the reconstruction, plus the quantizer's codebook and commitment
-terms (and its entropy term when vq.entropy_loss_ratio > 0). LlamaGen's perceptual (LPIPS) and adversarial
-(PatchGAN) losses are NOT included: reconstructions are blurrier than the release's VQ-16, which is fine for
-small data (the demo's digits) and as a starting point elsewhere.
+Losses: l2_weight * MSE + l1_weight * MAE of the reconstruction, plus the quantizer's codebook and
+commitment terms (and its entropy term when vq.entropy_loss_ratio > 0). LlamaGen's perceptual
+(LPIPS) and adversarial (PatchGAN) losses are NOT included: reconstructions are blurrier than the
+release's VQ-16, which is fine for small data (the demo's digits) and as a starting point elsewhere.
 
-A re-run resumes from WORKDIR/vq_checkpoints; a finished run (WORKDIR/vq exists) is not trained again.
+A re-run resumes from WORKDIR/vq_checkpoints; a finished run (WORKDIR/vq exists) is not trained
+again.
 """
 
 import dataclasses
@@ -205,7 +206,7 @@ def _vq_functions(cfg: vq.VQConfig, hp: VQHparams, mesh):
   return init, step
 
 
-# ---------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------- data
 
 
 def _vq_batches(
@@ -217,7 +218,8 @@ def _vq_batches(
   random_flip: bool,
   threads: int,
 ) -> Iterator[np.ndarray]:
-  """uint8 [local, S, S, 3] per step: this process's rows of the global batch, two steps ahead (grain).
+  """uint8 [local, S, S, 3] per step: this process's rows of the global batch, two steps ahead
+  (grain).
 
   Random-access sources draw batch s from a generator seeded by (seed, s), so a resumed run sees the
   batches it would have seen; streamed sources reshuffle with a seed that includes the resume step.
@@ -370,12 +372,12 @@ def run(
   """Train a VQ tokenizer of config.vq's architecture on images; outputs: "vq", WORKDIR/vq (its
   final params); stopped_early when a SIGTERM stopped it (after saving a checkpoint to resume from).
 
-  Data parallel over the mesh's batch axes (parameters replicated). Logs losses, codebook usage in the
-  batch and a running perplexity (npp_jax.summaries); orbax checkpoints under WORKDIR/vq_checkpoints
-  (keep vq_train.keep_checkpoints; a re-run resumes from the latest; SIGTERM saves and stops). At the
-  end the parameters go to WORKDIR/vq, a params directory (what extract and the sampler read); when
-  that exists already, nothing is trained again. on_log(step, scalars) is called after each logged
-  line (the demo's progress bar).
+  Data parallel over the mesh's batch axes (parameters replicated). Logs losses, codebook usage in
+  the batch and a running perplexity (npp_jax.summaries); orbax checkpoints under
+  WORKDIR/vq_checkpoints (keep vq_train.keep_checkpoints; a re-run resumes from the latest; SIGTERM
+  saves and stops). At the end the parameters go to WORKDIR/vq, a params directory (what extract and
+  the sampler read); when that exists already, nothing is trained again. on_log(step, scalars) is
+  called after each logged line (the demo's progress bar).
   """
   final = _train(config, workdir, on_log)
   return jobs.Result(stopped_early=final is None, outputs={} if final is None else {"vq": final})

@@ -8,8 +8,8 @@ layer. A class model has one condition position (the class embedding); a text mo
 `cls_token_num` (120) positions of projected caption features, a fixed null caption for guidance,
 and a padding mask.
 
-Parameters carry logical axis names ("vocab", "embed", "heads", "mlp", ...); `npp_jax.sharding` maps them
-to mesh axes with rules from the config, so this file never names a mesh axis.
+Parameters carry logical axis names ("vocab", "embed", "heads", "mlp", ...); `npp_jax.sharding` maps
+them to mesh axes with rules from the config, so this file never names a mesh axis.
 """
 
 import dataclasses
@@ -173,7 +173,7 @@ def model_inputs(batch: dict, cfg: GPTConfig) -> tuple[Any, dict]:
   return batch["caption"], {"caption_mask": mask}
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2D RoPE.
 
 
@@ -207,7 +207,7 @@ def apply_rope(x: jax.Array, table: jax.Array) -> jax.Array:
   return out.reshape(x.shape).astype(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layers.
 
 
@@ -243,7 +243,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Causal self-attention. `qkv` and `attend` are separate so a cached decode path can reuse both."""
+  """Causal self-attention. `qkv` and `attend` are separate so a cached decode path can reuse
+  both."""
 
   cfg: GPTConfig
   deterministic: bool = True
@@ -275,7 +276,8 @@ class Attention(nn.Module):
   def __call__(self, x, rope, mask=None):
     """mask: None (causal) or bool [B, 1, S, S], True where a query may read a key (text models)."""
     q, k, v = self.qkv(x, rope)
-    # Grouped KV heads: query head n reads KV head n // (H / Hkv), as the release's repeat_interleave.
+    # Grouped KV heads: query head n reads KV head n // (H / Hkv), as the release's
+    # repeat_interleave.
     if mask is None:
       o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     else:
@@ -472,12 +474,13 @@ class GPT(nn.Module):
     if t > 1:
       x = x[:, t - 1 :]  # Position T - 1 predicts patch 0; earlier outputs are never scored.
     x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
-    # The release zero-initialises the output layer, so a fresh model predicts a uniform distribution.
+    # The release zero-initialises the output layer, so a fresh model predicts a uniform
+    # distribution.
     logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "output", zero=True)(x)
     return logits.astype(jnp.float32)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shapes and layouts without allocating.
 
 
@@ -533,12 +536,13 @@ def unstack_layers(params: dict) -> dict:
   return params
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # KV-cache decoding: the same parameters (unscanned layout), one chunk of positions at a time.
 #
-# Calibration on CPU (NPP.md): caches stacked over layers made XLA copy the whole cache every token, so each
-# layer owns its cache, updated in place with dynamic_update_slice. Caches are laid out [B, Hkv, T, hd] so
-# that both attention matmuls have their batch dimensions leading and read the cache without a transpose.
+# Calibration on CPU (NPP.md): caches stacked over layers made XLA copy the whole cache every token,
+# so each layer owns its cache, updated in place with dynamic_update_slice. Caches are laid out [B,
+# Hkv, T, hd] so that both attention matmuls have their batch dimensions leading and read the cache
+# without a transpose.
 
 
 # Logical axes of each cache, named as parameters name theirs: the sampler splits caches by the same
@@ -596,7 +600,8 @@ def _cached_attention(attention: Attention, x, rope, cache, pos, text_mask=None)
 
   Attention reads the whole cache and masks the entries past the current position. Reading only the
   filled prefix (a lax.switch over static prefix lengths, or a loop over cache chunks with an online
-  softmax) measured slower on CPU: the prefix slices are copies, and the loop adds more than it saves.
+  softmax) measured slower on CPU: the prefix slices are copies, and the loop adds more than it
+  saves.
   """
   cfg = attention.cfg
   q, k, v = attention.qkv(x, rope)
@@ -615,7 +620,8 @@ def _cached_attention(attention: Attention, x, rope, cache, pos, text_mask=None)
 class Decoder(nn.Module):
   """GPT's parameters run incrementally against per-layer KV caches (sampling; always k = 1).
 
-  Parameter names match GPT's unscanned layout, so `Decoder(cfg).apply({"params": unstack_layers(p)}, ...)`
+  Parameter names match GPT's unscanned layout, so `Decoder(cfg).apply({"params":
+  unstack_layers(p)}, ...)`
   takes a trained GPT's parameters. Positions 0 .. T-1 hold the condition (T = cls_token_num: the
   class embedding, or the caption's T projected features), position T - 1 + t (t >= 1) holds token
   t - 1 of the raster-order grid, and the output at position T - 1 + t predicts token t. A cache

@@ -1,22 +1,28 @@
 """The FID Inception-v3: the network behind FID, sFID, IS, precision and recall (Flax Linen, NHWC).
 
-This is the 2015-12-05 TensorFlow Inception graph that the ADM evaluator (and TTUR's FID before it) runs,
-in the form pytorch-fid ported it: torchvision's Inception-v3 layout with 1008 classes and the graph's
-quirks kept, i.e. average pools that ignore padding (count_include_pad=False) in the A, C and first E
-blocks, a max pool in the last E block, and batch norms with eps 1e-3. Weights come from pytorch-fid's
-release file `pt_inception-2015-12-05-6726825d.pth` (`convert.inception_state_to_params`).
+This is the 2015-12-05 TensorFlow Inception graph that the ADM evaluator (and TTUR's FID before it)
+runs, in the form pytorch-fid ported it: torchvision's Inception-v3 layout with 1008 classes and the
+graph's quirks kept, i.e. average pools that ignore padding (count_include_pad=False) in the A, C
+and first E blocks, a max pool in the last E block, and batch norms with eps 1e-3. Weights come from
+pytorch-fid's release file `pt_inception-2015-12-05-6726825d.pth`
+(`convert.inception_state_to_params`).
 
 Outputs per image:
   pool3   [2048]      the global average pool: FID, precision and recall.
-  spatial [17*17*7]   the first 7 channels of Mixed_6d's 1x1 branch (the TF graph's `mixed_6/conv`), in
-                      the TF graph's H, W, C order, flattened: sFID, as the ADM evaluator takes them.
-  logits  [1008]      fc(pool3) with its bias (pytorch-fid's fc). IS uses pool3 @ W without the bias, as
+  spatial [17*17*7]   the first 7 channels of Mixed_6d's 1x1 branch (the TF graph's `mixed_6/conv`),
+  in
+                      the TF graph's H, W, C order, flattened: sFID, as the ADM evaluator takes
+                      them.
+  logits  [1008]      fc(pool3) with its bias (pytorch-fid's fc). IS uses pool3 @ W without the
+  bias, as
                       the ADM evaluator does (npp_jax.fid.metrics.inception_probs).
 
 Preprocessing (`preprocess`): uint8 [N, H, W, 3] -> float [N, 299, 299, 3]; two recipes:
-  "adm":         what the TF graph does to the ADM evaluator's input: TF1's ResizeBilinear (align_corners
+  "adm":         what the TF graph does to the ADM evaluator's input: TF1's ResizeBilinear
+  (align_corners
                  False, no half-pixel centres: source = dest * in / out) and (x - 128) / 128.
-  "pytorch_fid": pytorch-fid's: F.interpolate(bilinear, align_corners=False), i.e. half-pixel centres,
+  "pytorch_fid": pytorch-fid's: F.interpolate(bilinear, align_corners=False), i.e. half-pixel
+  centres,
                  and 2 * x / 255 - 1.
 """
 
@@ -211,14 +217,16 @@ class FIDInception(nn.Module):
     }
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Preprocessing.
 
 
 def _tf1_resize_axis(x, axis: int, out: int):
-  """TF1 ResizeBilinear along one axis: source = dest * in / out, the next pixel clamped at the edge."""
+  """TF1 ResizeBilinear along one axis: source = dest * in / out, the next pixel clamped at the
+  edge."""
   n = x.shape[axis]
-  # In float32, as TF computes the scale and the source positions: float64 here moves pixels by ~1e-3.
+  # In float32, as TF computes the scale and the source positions: float64 here moves pixels by
+  # ~1e-3.
   src = np.arange(out, dtype=np.float32) * (np.float32(n) / np.float32(out))
   lo = np.floor(src).astype(np.int32)
   hi = np.minimum(lo + 1, n - 1)
@@ -228,7 +236,8 @@ def _tf1_resize_axis(x, axis: int, out: int):
 
 
 def preprocess(images, recipe: str = "adm", size: int = IMAGE_SIZE):
-  """uint8 (or float in [0, 255]) images [N, H, W, 3] -> the network's float32 input [N, size, size, 3]."""
+  """uint8 (or float in [0, 255]) images [N, H, W, 3] -> the network's float32 input [N, size, size,
+  3]."""
   if recipe not in PREPROCESS:
     raise ValueError(f"preprocess recipe {recipe!r}; expected one of {PREPROCESS}")
   x = jnp.asarray(images).astype(jnp.float32)
@@ -245,11 +254,12 @@ def preprocess(images, recipe: str = "adm", size: int = IMAGE_SIZE):
 
 
 def features(params, images, *, recipe: str = "adm", size: int = IMAGE_SIZE, dtype=jnp.float32):
-  """uint8 images [N, H, W, 3] -> {"pool3", "spatial", "logits"} (float32); jit it (or use `feature_fn`)."""
+  """uint8 images [N, H, W, 3] -> {"pool3", "spatial", "logits"} (float32); jit it (or use
+  `feature_fn`)."""
   return FIDInception(dtype=dtype).apply({"params": params}, preprocess(images, recipe, size))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Weights: pytorch-fid's state dict <-> params.
 
 

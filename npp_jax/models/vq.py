@@ -1,12 +1,13 @@
-"""LlamaGen's VQ tokenizer (VQ-16 by default) in Flax Linen: encoder, L2-normalised codebook, decoder.
+"""LlamaGen's VQ tokenizer (VQ-16 by default) in Flax Linen: encoder, L2-normalised codebook,
+decoder.
 
 Module names follow the PyTorch release one to one ("conv_blocks_3/res_1/norm1" is
 `conv_blocks.3.res.1.norm1`), so `npp_jax.convert` maps checkpoints by renaming alone (NPP.md,
 "The VQ-16 tokenizer"). Images are NHWC in [-1, 1]; codes are int32 [B, h, w].
 
   model = VQModel(VQConfig.from_config(config.vq))
-  codes = encode_fn(params, images, cfg)          # jitted, pure: callers shard the batch; uint8 or [-1, 1]
-  images = decode_fn(params, codes, cfg)
+  codes = encode_fn(params, images, cfg)          # jitted, pure: callers shard the batch; uint8 or
+  [-1, 1] images = decode_fn(params, codes, cfg)
 """
 
 import dataclasses
@@ -21,8 +22,9 @@ import numpy as np
 
 from npp_jax import rules
 
-# uint8 -> [-1, 1] as the release's ToTensor + Normalize(0.5, 0.5): (p / 255 - 0.5) / 0.5 in fp32. A table
-# gathered on device: XLA turns the division into a multiplication that differs in the last bit.
+# uint8 -> [-1, 1] as the release's ToTensor + Normalize(0.5, 0.5): (p / 255 - 0.5) / 0.5 in fp32. A
+# table gathered on device: XLA turns the division into a multiplication that differs in the last
+# bit.
 PIXEL_VALUES = (
   (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
 ).astype(np.float32)
@@ -116,7 +118,7 @@ _RULES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building blocks.
 
 
@@ -163,7 +165,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over all h*w positions, 1x1 convolutions for q, k, v and the output."""
+  """Single-head self-attention over all h*w positions, 1x1 convolutions for q, k, v and the
+  output."""
 
   cfg: VQConfig
 
@@ -199,7 +202,8 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-  """One resolution: res blocks, each followed by attention when `attention`, then an optional resampler."""
+  """One resolution: res blocks, each followed by attention when `attention`, then an optional
+  resampler."""
 
   cfg: VQConfig
   features: int
@@ -229,7 +233,8 @@ def _mid(cfg: VQConfig, x, train: bool):
 
 
 class Encoder(nn.Module):
-  """[B, H, W, 3] -> [B, H/f, W/f, z_channels]; attention only at the last (lowest) level and in mid."""
+  """[B, H, W, 3] -> [B, H/f, W/f, z_channels]; attention only at the last (lowest) level and in
+  mid."""
 
   cfg: VQConfig
 
@@ -253,7 +258,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """[B, h, w, z_channels] -> [B, h*f, w*f, 3]; conv_blocks_0 is the lowest resolution and alone attends."""
+  """[B, h, w, z_channels] -> [B, h*f, w*f, 3]; conv_blocks_0 is the lowest resolution and alone
+  attends."""
 
   cfg: VQConfig
 
@@ -277,7 +283,7 @@ class Decoder(nn.Module):
     return _conv(cfg, 3, 3, "conv_out")(x)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Quantizer.
 
 
@@ -316,7 +322,8 @@ def entropy_loss(affinity: jax.Array, temperature: float) -> jax.Array:
 
 
 class VectorQuantizer(nn.Module):
-  """Nearest L2-normalised codebook row of each L2-normalised vector, in fp32 whatever the compute dtype."""
+  """Nearest L2-normalised codebook row of each L2-normalised vector, in fp32 whatever the compute
+  dtype."""
 
   cfg: VQConfig
 
@@ -334,7 +341,8 @@ class VectorQuantizer(nn.Module):
     return take_rows(self.codebook(), codes)
 
   def __call__(self, z: jax.Array):
-    """z [B, h, w, e] -> (codes [B, h, w] int32, straight-through vectors [B, h, w, e] fp32, losses)."""
+    """z [B, h, w, e] -> (codes [B, h, w] int32, straight-through vectors [B, h, w, e] fp32,
+    losses)."""
     cfg = self.cfg
     z = l2_normalize(z.astype(jnp.float32))
     emb = self.codebook()
@@ -356,12 +364,13 @@ class VectorQuantizer(nn.Module):
     else:
       losses["entropy"] = jnp.zeros((), jnp.float32)
     losses["quantizer"] = losses["codebook"] + losses["commitment"] + losses["entropy"]
-    # Straight-through estimator: forward uses the code vector, backward treats quantization as identity.
+    # Straight-through estimator: forward uses the code vector, backward treats quantization as
+    # identity.
     quantized = z + sg(z_q - z)
     return codes.reshape(z.shape[:-1]), quantized, losses
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model.
 
 
@@ -387,7 +396,8 @@ class VQModel(nn.Module):
       )
 
   def encode(self, images, train: bool = False):
-    """images [B, H, W, 3] in [-1, 1] -> (codes [B, H/f, W/f] int32, quantized [.., e] fp32, losses).
+    """images [B, H, W, 3] in [-1, 1] -> (codes [B, H/f, W/f] int32, quantized [.., e] fp32,
+    losses).
 
     `quantized` carries the straight-through gradient to the encoder; `losses` holds "codebook",
     "commitment", "entropy" (already weighted by the config) and their sum "quantizer".
@@ -407,12 +417,13 @@ class VQModel(nn.Module):
     return self.decode(self.quantize.lookup(codes), train)
 
   def __call__(self, images, train: bool = False):
-    """Training forward: (reconstruction [B, H, W, 3] fp32, codes [B, h, w], losses); rng "dropout"."""
+    """Training forward: (reconstruction [B, H, W, 3] fp32, codes [B, h, w], losses); rng
+    "dropout"."""
     codes, quantized, losses = self.encode(images, train)
     return self.decode(quantized, train), codes, losses
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pure jitted entry points and shapes.
 
 
@@ -420,7 +431,8 @@ class VQModel(nn.Module):
 def encode_fn(params, images: jax.Array, cfg: VQConfig) -> jax.Array:
   """params (the "params" collection), images [B, H, W, 3] -> codes [B, h, w] int32.
 
-  uint8 images are mapped to [-1, 1] as the release does (`to_float`); float images are taken as they are.
+  uint8 images are mapped to [-1, 1] as the release does (`to_float`); float images are taken as
+  they are.
   """
   if images.dtype == jnp.uint8:
     images = to_float(images)
@@ -443,7 +455,8 @@ def init_params(cfg: VQConfig, rng: jax.Array):
 
 
 def abstract_params(cfg: VQConfig):
-  """The params tree as ShapeDtypeStructs, without allocating (a small image suffices for the shapes)."""
+  """The params tree as ShapeDtypeStructs, without allocating (a small image suffices for the
+  shapes)."""
   f = cfg.downsample
   images = jax.ShapeDtypeStruct((1, f, f, 3), jnp.float32)
   return jax.eval_shape(lambda x: VQModel(cfg).init(jax.random.key(0), x), images)["params"]
