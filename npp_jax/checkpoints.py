@@ -280,7 +280,7 @@ class Checkpointer:
         self._manager.close()
       except Exception:  # noqa: BLE001  The error that matters is the one being raised.
         pass
-    good = [s for s in _finished_steps(self.directory) if s != step]
+    good = [s for s in finished_steps(self.directory) if s != step]
     last = f"step {good[-1]} (left intact)" if good else "none (no step of this run finished)"
     return CheckpointSaveError(
       f"saving checkpoint step {step} in {self.directory} failed: {_cause(e)}; the "
@@ -315,7 +315,7 @@ def _finished(step_dir: epath.Path) -> bool:
   )
 
 
-def _finished_steps(directory: epath.Path) -> list[int]:
+def finished_steps(directory: epath.Path) -> list[int]:
   try:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _finished(p))
   except OSError:
@@ -547,7 +547,7 @@ def checkpoint_params(directory, *, step: int | None = None, ema: bool = False) 
   checkpoints folder (WORKDIR/checkpoints, WORKDIR/vq_checkpoints), in the layout they were saved
   in, on one local device."""
   p = files.absolute(directory)
-  steps = _finished_steps(p)
+  steps = finished_steps(p)
   if not steps:
     raise CheckpointError(f"{p} holds no finished checkpoint")
   if step is None:

@@ -263,7 +263,7 @@ def resume_hint(mode: str, workdir: str) -> Callable[[], str]:
 
     from npp_jax import checkpoints  # pylint: disable=import-outside-toplevel
 
-    steps = checkpoints._finished_steps(epath.Path(workdir) / "checkpoints")  # pylint: disable=protected-access
+    steps = checkpoints.finished_steps(epath.Path(workdir) / "checkpoints")
     return f"from step {steps[-1]}" if steps else "from step 0 (no checkpoint was saved yet)"
 
   return hint
