@@ -6,7 +6,7 @@
 The run's mesh (config.mesh, -1 taking the devices left) is laid over the slice's devices
 (libtpu's compile-only topology: no TPU needed), and each program is lowered from shapes alone
 (jax.eval_shape: no array is allocated) with the real dtypes and shardings, then compiled by XLA
-for that TPU: train_k{k} for every k of the schedule (jobs/train.py's train_step on its sharded
+for that TPU: train_k{k} for every k of the schedule (train_step.py's train_step on its sharded
 state), eval (the held-out step), sample_prefill and sample_decode (sampling.Sampler's programs at
 sample.batch_size, weights sharded; left out, with a note, for a config without sampling) and
 extract_encode (the VQ encoder at extract.batch_size).
@@ -40,9 +40,9 @@ from npp_jax import preflight
 from npp_jax import rules
 from npp_jax import sampling
 from npp_jax import sharding
+from npp_jax import train_step as step_lib
 from npp_jax.data import code_dataset
 from npp_jax.evaluators import heldout_nll
-from npp_jax.jobs import train
 from npp_jax.models import gpt
 from npp_jax.models import vq
 
@@ -190,10 +190,10 @@ def programs(config, plan: Plan, mesh) -> list[Program]:
 
 
 def _gpt_programs(config, plan: Plan, mesh, want: set[str]) -> list[Program]:
-  """train_k{k} (train.train_step, state donated, as the trainer compiles it) and eval."""
+  """train_k{k} (train_step.train_step, state donated, as the trainer compiles it) and eval."""
   model = gpt.GPT(plan.cfg)
-  tx, lr_fn = train.make_optimizer(config, plan.schedule)
-  init_fn, rng = train.init_state(model, tx, plan.cfg, config.seed, config.optim.ema_decay > 0)
+  tx, lr_fn = step_lib.make_optimizer(config, plan.schedule)
+  init_fn, rng = step_lib.init_state(model, tx, plan.cfg, config.seed, config.optim.ema_decay > 0)
   axis_rules = sharding.axis_rules(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     boxed = jax.eval_shape(init_fn, rng)
@@ -212,7 +212,7 @@ def _gpt_programs(config, plan: Plan, mesh, want: set[str]) -> list[Program]:
     if f"train_k{k}" not in want:
       continue
     step = functools.partial(
-      train.train_step,
+      step_lib.train_step,
       model=model,
       tx=tx,
       lr_fn=lr_fn,
