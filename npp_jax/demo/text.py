@@ -27,12 +27,12 @@ import numpy as np
 
 from npp_jax import checkpoints
 from npp_jax import files
+from npp_jax import jobs
 from npp_jax.data import captions as caption_data
 from npp_jax.data import digits
 from npp_jax.demo import classifier
 from npp_jax.demo import report as demo_report
 from npp_jax.jobs import demo as class_demo
-from npp_jax.jobs import sample
 from npp_jax.models import t5
 from npp_jax.models import vq
 
@@ -153,17 +153,17 @@ def write_held_out(config, out: str) -> np.ndarray:
   return labels
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   print(NOTICE, flush=True)
   os.makedirs(workdir, exist_ok=True)
-  timings = class_demo._Timings(os.path.join(workdir, "timings.json"))
-  class_demo._stage(1, "train the VQ tokenizer on the digits")
-  vq_dir = class_demo._train_vq(config, workdir)
+  timings = class_demo.Timings(os.path.join(workdir, "timings.json"))
+  class_demo.stage(1, "train the VQ tokenizer on the digits")
+  vq_dir = class_demo.vq_stage(config, workdir)
   if vq_dir is None:
     print("Stopped during VQ training (SIGTERM); run the same command again to resume.")
-    return {}
+    return None  # Stopped early: the demo job exits 75.
 
-  class_demo._stage(2, "caption the digits and encode the captions (random-weight T5)")
+  class_demo.stage(2, "caption the digits and encode the captions (random-weight T5)")
   c = ml_collections.ConfigDict(config.to_dict())
   c.data.path = os.path.join(workdir, "captions")
   if "captions" not in timings.values:
@@ -172,23 +172,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   held_dir = os.path.join(workdir, "held_out_captions")
   labels = write_held_out(config, held_dir)
 
-  class_demo._stage(3, "train the text-conditioned GPT with NPP")
+  class_demo.stage(3, "train the text-conditioned GPT with NPP")
   e = config.train.epochs
   from npp_jax import npp
 
   stages = tuple(npp.release_stages(config.npp.patch_level, config.npp.epoch_rate, e))
-  r = class_demo._train_gpt(c, workdir, "npp_text", 0, stages, timings)
+  r = class_demo.gpt_stage(c, workdir, "npp_text", 0, stages, timings)
 
-  class_demo._stage(4, "sample from the held-out phrasings")
+  class_demo.stage(4, "sample from the held-out phrasings")
   s = ml_collections.ConfigDict(c.to_dict())
   s.sample.checkpoint = os.path.join(workdir, r["run"])
   s.sample.vq_checkpoint = vq_dir
   s.sample.caption_features = held_dir
   s.sample.grid_rows = len(labels)
   s.sample.grid_cols = min(config.demo.grid_cols, config.sample.images_per_caption)
-  path = sample.sample_and_save(s, os.path.join(workdir, "samples_text"))
+  path = jobs.get("sample").run(s, os.path.join(workdir, "samples_text")).outputs["samples"]
 
-  class_demo._stage(5, "score the samples with the digit classifier")
+  class_demo.stage(5, "score the samples with the digit classifier")
   clf, clf_acc = classifier.load_or_train_classifier(
     os.path.join(workdir, "classifier.msgpack"),
     seed=config.seed,

@@ -42,7 +42,7 @@ from npp_jax.models import gpt
 from npp_jax.models import vq
 
 
-def _stage(n: int, title: str) -> None:
+def stage(n: int, title: str) -> None:
   print(f"\n=== {n}/5 {title} ===", flush=True)
   logging.info("Demo stage %d/5: %s", n, title)
 
@@ -65,7 +65,7 @@ def library_log(path: str):
       logging.set_verbosity(old_verbosity)
 
 
-class _Timings:
+class Timings:
   """Results of finished stages, kept on disk so that a resumed demo reports the first run's
   times."""
 
@@ -111,8 +111,13 @@ STAGES = ("train_vq", "extract", "train", "sample")
 def check_settings(config, topology: jobs.Topology) -> DemoSettings:
   """config.demo, then every setting of each stage's job."""
   s = DemoSettings.from_config(config)
+  staged = config
+  if rules.get(config, "model.condition") == "text":
+    # The text demo samples from the held-out captions it writes itself (demo/text.py, stage 4).
+    staged = ml_collections.ConfigDict(config.to_dict())
+    staged.sample.caption_features = "WORKDIR/held_out_captions"
   for mode in STAGES:
-    jobs.get(mode).check_settings(config, topology)
+    jobs.get(mode).check_settings(staged, topology)
   return s
 
 
@@ -158,11 +163,11 @@ def _run(config, workdir: str) -> dict | None:
 def prepare(config, workdir: str):
   """Stages 1-2: the VQ and the code data set; (config reading those codes, VQ params directory), or
   None when a SIGTERM stopped the VQ training."""
-  _stage(1, "train the VQ tokenizer on the digits")
-  vq_dir = _train_vq(config, workdir)
+  stage(1, "train the VQ tokenizer on the digits")
+  vq_dir = vq_stage(config, workdir)
   if vq_dir is None:
     return None
-  _stage(2, "extract codes (train and test splits)")
+  stage(2, "extract codes (train and test splits)")
   codes_dir = os.path.join(workdir, "codes")
   for split in ("train", "test"):
     c = ml_collections.ConfigDict(config.to_dict())
@@ -178,27 +183,27 @@ def compare(config, vq_dir: str, workdir: str, shared: str | None = None) -> dic
   written to workdir/report.json). `shared` (default: workdir) holds the scorer, reused across calls
   (benchmarks/npp_vs_ntp.py runs many comparisons on one VQ)."""
   os.makedirs(workdir, exist_ok=True)
-  timings = _Timings(os.path.join(workdir, "timings.json"))
+  timings = Timings(os.path.join(workdir, "timings.json"))
   seeds = config.demo.seeds
-  _stage(
+  stage(
     3,
     f"train the GPTs: NPP, next-token for the same epochs, next-token for NPP's wall time"
     f"{f' ({seeds} seeds)' if seeds > 1 else ''}",
   )
   runs = [_train_rows(config, workdir, s, timings) for s in range(seeds)]
 
-  _stage(4, "sample a class-conditional set from each GPT")
+  stage(4, "sample a class-conditional set from each GPT")
   for s, rows in enumerate(runs):
     for r in rows.values():
       r["samples"] = _sample(config, workdir, r, vq_dir, seed=config.sample.seed + s)
 
-  _stage(5, "score the samples with a digit classifier")
+  stage(5, "score the samples with a digit classifier")
   report = _score(config, workdir, runs, vq_dir, shared or workdir)
   files.write_json(os.path.join(workdir, "report.json"), report)
   return report
 
 
-def _train_vq(config, workdir: str):
+def vq_stage(config, workdir: str):
   vq_workdir = os.path.join(workdir, "vq")
   train_vq = jobs.get("train_vq")
   if os.path.isdir(os.path.join(vq_workdir, "vq")):
@@ -215,22 +220,22 @@ def _run_name(row: str, seed_index: int) -> str:
   return row if seed_index == 0 else f"{row}_seed{seed_index}"
 
 
-def _train_rows(config, workdir: str, seed_index: int, timings: _Timings) -> dict:
+def _train_rows(config, workdir: str, seed_index: int, timings: Timings) -> dict:
   """NPP, then next-token for as many epochs, then next-token for NPP's measured wall time."""
   e = config.train.epochs
   release = npp.release_stages(config.npp.patch_level, config.npp.epoch_rate, e)
-  rows = {"npp": _train_gpt(config, workdir, "npp", seed_index, tuple(release), timings)}
-  rows["ntp"] = _train_gpt(config, workdir, "ntp", seed_index, ((1, float(e)),), timings)
+  rows = {"npp": gpt_stage(config, workdir, "npp", seed_index, tuple(release), timings)}
+  rows["ntp"] = gpt_stage(config, workdir, "ntp", seed_index, ((1, float(e)),), timings)
   # Equal compute: the next-token epochs that NPP's measured wall time buys at the next-token run's
   # speed.
   equal = e * rows["npp"]["wall_s"] / rows["ntp"]["wall_s"]
-  rows["ntp_equal_compute"] = _train_gpt(
+  rows["ntp_equal_compute"] = gpt_stage(
     config, workdir, "ntp_equal_compute", seed_index, ((1, round(equal, 2)),), timings
   )
   return rows
 
 
-def _train_gpt(config, workdir: str, row: str, seed_index: int, stages, timings: _Timings) -> dict:
+def gpt_stage(config, workdir: str, row: str, seed_index: int, stages, timings: Timings) -> dict:
   name = _run_name(row, seed_index)
   c = ml_collections.ConfigDict(config.to_dict())
   c.npp.stages = stages
