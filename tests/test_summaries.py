@@ -1,8 +1,8 @@
 """npp_jax.summaries: TensorBoard event files written without TensorFlow, read back by
 tensorboard's reader; clu's parameter table and metrics, which need no TensorFlow either."""
 
-from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 import numpy as np
+from support.scalars import read_scalars
 from tensorboard.backend.event_processing import event_accumulator
 
 from npp_jax import summaries
@@ -42,7 +42,7 @@ def test_parameter_table_and_eval_averages_without_tensorflow(tmp_path):
   import subprocess
   import sys
 
-  from test_images import NO_TENSORFLOW  # noqa: E402  (tests/ is on sys.path)
+  from support.images import NO_TENSORFLOW
 
   rng = np.random.default_rng(0)
   batches = [
