@@ -11,6 +11,7 @@ import pytest
 from support.images import NO_TENSORFLOW
 from support.images import make_split_folder
 from support.images import write_image
+from support.paths import ROOT
 
 from npp_jax.data import digits
 from npp_jax.data import images as images_lib
@@ -96,9 +97,8 @@ def test_an_image_folder_reads_without_tensorflow(tmp_path):
     "  skipped=sorted(str(p) for p in s.skipped), pixels=np.array(pixels, dtype=object))\n"
     "print('tensorflow' in sys.modules)\n"
   )
-  root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   run = subprocess.run(
-    [sys.executable, "-c", code], cwd=root_dir, capture_output=True, text=True, timeout=300
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
   )
   assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr[-3000:]
   with np.load(out, allow_pickle=True) as z:

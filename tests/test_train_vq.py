@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from support.configs import tiny_vq_config
+from support.paths import TESTS
 from support.scalars import read_scalars
 
 from npp_jax import checkpoints
@@ -119,7 +120,7 @@ def test_a_vq_workdir_exports_to_torch_and_params(tmp_path, uninterrupted_run):
   workdir, uninterrupted = uninterrupted_run
   config_file = tmp_path / "tiny_vq.py"
   config_file.write_text(
-    f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+    f"import sys\nsys.path.insert(0, {TESTS!r})\n"
     "from support.configs import tiny_vq_config\n\n\ndef get_config():\n  return tiny_vq_config()\n"
   )
   base = ["convert", "--kind=vq", f"--config={config_file}"]
