@@ -25,8 +25,9 @@ import sys
 
 import numpy as np
 import pytest
+from support.cli import run_main
+from support.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_BAD_INPUT = 2
 
 
@@ -528,14 +529,7 @@ _FIELD_CONFIGS = {
 
 
 def _run(module, argv, env=None, timeout=300):
-  return subprocess.run(
-    [sys.executable, "-m", module, *argv],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    env=env,
-  )
+  return run_main(*argv, module=module, env=env, timeout=timeout)
 
 
 def _make_codes(n=64, vocab=256, classes=10):

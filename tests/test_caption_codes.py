@@ -3,11 +3,12 @@
 
 import json
 
-import fixtures  # tests/ is on sys.path
 import ml_dtypes
 import numpy as np
 from PIL import Image
-import vq_helpers
+from support import t5_files
+from support.configs import tiny_vq_config
+from support.weights import random_vq_params
 
 from npp_jax import caption_codes
 from npp_jax import sharding
@@ -17,7 +18,6 @@ from npp_jax.data import captions
 from npp_jax.data import images as images_lib
 from npp_jax.jobs import extract
 from npp_jax.models import vq
-from tests import t5_helpers
 
 
 def _index(tmp_path, rng):
@@ -43,13 +43,13 @@ def _index(tmp_path, rng):
 def test_extract_captions(tmp_path):
   rng = np.random.default_rng(0)
   entries, good = _index(tmp_path, rng)
-  config = vq_helpers.tiny_config()
+  config = tiny_vq_config()
   config.mesh.shape = (8, 1, 1)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(config.mesh)
   cfg = vq.VQConfig.from_config(config.vq)
-  params = fixtures.random_vq_params(cfg, 0)
-  folder = t5_helpers.write_folder(
-    tmp_path / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece()
+  params = random_vq_params(cfg, 0)
+  folder = t5_files.write_folder(
+    tmp_path / "t5", t5_files.random_encoder(), t5_files.train_spiece()
   )
   encoder = text_encoder.TextEncoder(folder, mesh, rules, dtype="float32", param_dtype="float32")
   views = caption_codes.Views(aug="none", image_size=cfg.image_size, threads=2)

@@ -12,14 +12,14 @@ of its 6 CPU seconds here (tracing and lowering), so the tests do not rely on it
 
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
 import pytest
+from support.cli import run_main
+from support.paths import ROOT
 
 from npp_jax import chips
 from npp_jax import config_lib
@@ -27,7 +27,6 @@ from npp_jax.jobs import compile as compile_job
 from npp_jax.jobs import train
 from npp_jax.models import gpt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(
   not chips.libtpu_available(),
   reason="libtpu is not installed (wheels for Linux x86_64 only): no TPU topology to compile for",
@@ -93,22 +92,14 @@ def check_row(step, k):
 def test_cli_reports_and_refuses_in_one_line(tmp_path):
   """A headroom that leaves less HBM than the program needs makes it a refusal: the table, one
   error line naming the program and what would fit it, exit 2, compile.json and nothing else."""
-  run = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "npp_jax.main",
-      "--mode=compile",
-      "--config=configs/tiny.py",
-      f"--workdir={tmp_path}",
-      "--config.compile.topology=v5e:2x2",
-      "--config.mesh.shape=(4,1,1)",
-      "--config.compile.programs=('eval',)",
-      "--config.compile.headroom=0.99999",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
+  run = run_main(
+    "--mode=compile",
+    "--config=configs/tiny.py",
+    f"--workdir={tmp_path}",
+    "--config.compile.topology=v5e:2x2",
+    "--config.mesh.shape=(4,1,1)",
+    "--config.compile.programs=('eval',)",
+    "--config.compile.headroom=0.99999",
     timeout=600,
   )
   assert run.returncode == 2, run.stderr[-3000:]

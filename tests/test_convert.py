@@ -1,12 +1,11 @@
 """The checkpoint converter, end to end through its command line, against the PyTorch reference.
 
-The reference (tests/torch_reference.py) is saved in every form the releases use, converted with
+The reference (support/torch_reference.py) is saved in every form the releases use, converted with
 `convert.run`, loaded with `checkpoints.read_params`, and run in Flax. Tolerances (fp32, CPU): GPT
 logits and patch losses within 1e-4 relative; VQ codes identical and images within 1e-4 relative;
 round trips JAX -> torch -> JAX bit-exact.
 """
 
-import argparse
 import os
 
 import chex
@@ -20,7 +19,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+from support import torch_reference as ref  # noqa: E402
+from support.cli import run_main  # noqa: E402
+from support.conversion import flat_np  # noqa: E402
+from support.conversion import load_config  # noqa: E402
+from support.conversion import rel_err  # noqa: E402
+from support.conversion import run_convert  # noqa: E402
+from support.conversion import save_form  # noqa: E402
+from support.paths import ROOT  # noqa: E402
 
 from npp_jax import checkpoints  # noqa: E402
 from npp_jax import convert  # noqa: E402
@@ -48,17 +54,6 @@ def get_config():
   v.codebook_size, v.codebook_embed_dim, v.image_size = 64, 8, 16
   return c
 """
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-def load_config(path):
-  namespace = {}
-  exec(compile(open(path).read(), path, "exec"), namespace)  # The same file the CLI reads.
-  return namespace["get_config"]()
 
 
 @pytest.fixture(scope="module")
@@ -99,29 +94,6 @@ def make_vq(config, seed):
   return ref.randomize_(model, seed).eval()
 
 
-def save_form(path, state, form, other=None):
-  """A state dict saved the way one of the releases saves it."""
-  if form == "bare":
-    obj = state
-  elif form == "ddp":  # Keys still carrying the DDP wrapper's prefix.
-    obj = {"model": {f"module.{k}": v for k, v in state.items()}}
-  elif form == "ema":
-    obj = {"model": other, "ema": state, "steps": 10}
-  else:
-    # Training scripts store their argparse arguments too; weights_only loading must accept them.
-    obj = {form: state, "steps": 10, "args": argparse.Namespace(lr=1e-4, gpt_model="GPT-B")}
-  torch.save(obj, path)
-  return str(path)
-
-
-def run_cli(*args):
-  convert.run(["convert", *args])
-
-
-def flat_np(tree):
-  return {k: np.asarray(v) for k, v in convert._flatten(tree).items()}
-
-
 @pytest.fixture(scope="module")
 def gpt_setup(config_path, tmp_path_factory):
   config = load_config(config_path)
@@ -130,7 +102,7 @@ def gpt_setup(config_path, tmp_path_factory):
   assert float(model.output.weight.detach().abs().sum()) > 0
   tmp = tmp_path_factory.mktemp("gpt")
   src = save_form(tmp / "ckpt.pt", model.state_dict(), "model")
-  run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
+  run_convert("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
   return config, model, checkpoints.read_params(str(tmp / "jax")), tmp
 
 
@@ -140,7 +112,7 @@ def vq_setup(config_path, tmp_path_factory):
   model = make_vq(config, seed=1)
   tmp = tmp_path_factory.mktemp("vq")
   src = save_form(tmp / "vq.pt", model.state_dict(), "model")
-  run_cli("--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
+  run_convert("--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
   return config, model, checkpoints.read_params(str(tmp / "jax")), tmp
 
 
@@ -175,14 +147,14 @@ def test_gpt_every_checkpoint_form(gpt_setup, config_path, tmp_path, form):
   }  # Distinct "model" weights next to "ema".
   src = save_form(tmp_path / "ckpt.pt", model.state_dict(), form, other)
   ema = ["--ema"] if form == "ema" else []
-  run_cli(
+  run_convert(
     "--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema
   )
   chex.assert_trees_all_equal(
     flat_np(checkpoints.read_params(str(tmp_path / "jax"))), flat_np(params)
   )
   if form == "ema":  # Without --ema the same file gives the "model" weights.
-    run_cli(
+    run_convert(
       "--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax_model'}"
     )
     got = checkpoints.read_params(str(tmp_path / "jax_model"))
@@ -192,7 +164,7 @@ def test_gpt_every_checkpoint_form(gpt_setup, config_path, tmp_path, form):
 def test_gpt_round_trip_through_torch(gpt_setup, config_path, tmp_path):
   config, model, params, tmp = gpt_setup
   pt = tmp_path / "back.pt"
-  run_cli(
+  run_convert(
     "--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch"
   )
   # The PyTorch side loads it with strict key matching, as the release does.
@@ -200,7 +172,7 @@ def test_gpt_round_trip_through_torch(gpt_setup, config_path, tmp_path):
   fresh.load_state_dict(torch.load(pt, weights_only=True)["model"], strict=True)
   for key, value in model.state_dict().items():
     assert torch.equal(fresh.state_dict()[key], value), key
-  run_cli("--kind=gpt", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
+  run_convert("--kind=gpt", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
   chex.assert_trees_all_equal(
     flat_np(checkpoints.read_params(str(tmp_path / "again"))), flat_np(params)
   )
@@ -249,7 +221,9 @@ def test_vq_checkpoint_forms(vq_setup, config_path, tmp_path, form):
   other = {k: v + 1.0 for k, v in model.state_dict().items()}
   src = save_form(tmp_path / "vq.pt", model.state_dict(), form, other)
   ema = ["--ema"] if form == "ema" else []
-  run_cli("--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema)
+  run_convert(
+    "--kind=vq", f"--src={src}", f"--config={config_path}", f"--dst={tmp_path / 'jax'}", *ema
+  )
   chex.assert_trees_all_equal(
     flat_np(checkpoints.read_params(str(tmp_path / "jax"))), flat_np(params)
   )
@@ -258,14 +232,14 @@ def test_vq_checkpoint_forms(vq_setup, config_path, tmp_path, form):
 def test_vq_round_trip_through_torch(vq_setup, config_path, tmp_path):
   config, model, params, tmp = vq_setup
   pt = tmp_path / "back.pt"
-  run_cli(
+  run_convert(
     "--kind=vq", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch"
   )
   fresh = make_vq(config, seed=6)
   fresh.load_state_dict(torch.load(pt, weights_only=True)["model"], strict=True)
   for key, value in model.state_dict().items():
     assert torch.equal(fresh.state_dict()[key], value), key
-  run_cli("--kind=vq", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
+  run_convert("--kind=vq", f"--src={pt}", f"--config={config_path}", f"--dst={tmp_path / 'again'}")
   chex.assert_trees_all_equal(
     flat_np(checkpoints.read_params(str(tmp_path / "again"))), flat_np(params)
   )
@@ -284,7 +258,7 @@ def test_key_and_shape_mismatches_give_one_error(gpt_setup, config_path, tmp_pat
   src = save_form(tmp_path / "bad.pt", state, "model")
   dst = tmp_path / "jax"
   with pytest.raises(ValueError) as info:
-    run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={dst}")
+    run_convert("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={dst}")
   msg = str(info.value)
   assert "\n" not in msg
   assert "missing 1 keys: layers.1.feed_forward.w3.weight" in msg
@@ -298,7 +272,7 @@ def test_wrong_model_size_is_reported(vq_setup, config_path, tmp_path):
   """A VQ checkpoint read as a GPT: everything missing and unexpected, in one truncated line."""
   _, _, _, tmp = vq_setup
   with pytest.raises(ValueError, match=r"missing \d+ keys: .*\(\+\d+ more\); unexpected \d+ keys"):
-    run_cli(
+    run_convert(
       "--kind=gpt", f"--src={tmp / 'vq.pt'}", f"--config={config_path}", f"--dst={tmp_path / 'x'}"
     )
 
@@ -309,11 +283,11 @@ def test_existing_dst_is_refused(gpt_setup, config_path, tmp_path):
   dst.mkdir()
   (dst / "keep").write_text("untouched")
   with pytest.raises(ValueError, match="already exists"):
-    run_cli("--kind=gpt", f"--src={tmp / 'ckpt.pt'}", f"--config={config_path}", f"--dst={dst}")
+    run_convert("--kind=gpt", f"--src={tmp / 'ckpt.pt'}", f"--config={config_path}", f"--dst={dst}")
   pt = tmp_path / "exists.pt"
   pt.write_text("untouched")
   with pytest.raises(ValueError, match="already exists"):
-    run_cli(
+    run_convert(
       "--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch"
     )
   assert (dst / "keep").read_text() == "untouched" and pt.read_text() == "untouched"
@@ -323,15 +297,15 @@ def test_bad_arguments(gpt_setup, config_path, tmp_path, capsys):
   _, _, _, tmp = gpt_setup
   src = f"--src={tmp / 'ckpt.pt'}"
   with pytest.raises(ValueError, match="no 'ema' state dict"):
-    run_cli("--kind=gpt", src, f"--config={config_path}", f"--dst={tmp_path / 'a'}", "--ema")
+    run_convert("--kind=gpt", src, f"--config={config_path}", f"--dst={tmp_path / 'a'}", "--ema")
   with pytest.raises(ValueError, match="kind"):
-    run_cli("--kind=vit", src, f"--config={config_path}", f"--dst={tmp_path / 'a'}")
+    run_convert("--kind=vit", src, f"--config={config_path}", f"--dst={tmp_path / 'a'}")
   with pytest.raises(ValueError, match="--config is required"):
-    run_cli("--kind=gpt", src, f"--dst={tmp_path / 'a'}")
+    run_convert("--kind=gpt", src, f"--dst={tmp_path / 'a'}")
   with pytest.raises(ValueError, match="no such file"):
-    run_cli("--kind=gpt", src, f"--config={tmp_path / 'none.py'}", f"--dst={tmp_path / 'a'}")
+    run_convert("--kind=gpt", src, f"--config={tmp_path / 'none.py'}", f"--dst={tmp_path / 'a'}")
   with pytest.raises(ValueError, match="is not a file"):
-    run_cli(
+    run_convert(
       "--kind=gpt",
       f"--src={tmp_path / 'none.pt'}",
       f"--config={config_path}",
@@ -349,9 +323,6 @@ def test_bad_arguments(gpt_setup, config_path, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
   """A real run of configs/tiny.py on 8 devices, EMA on: checkpoints at steps 2 and 4."""
-  import subprocess
-  import sys
-
   from npp_jax.data import code_dataset
 
   tmp = tmp_path_factory.mktemp("trained")
@@ -360,7 +331,6 @@ def trained_workdir(tmp_path_factory):
   labels = rng.integers(0, 10, 32).astype(np.int32)
   code_dataset.write_code_dataset(str(tmp / "codes"), codes, labels, vocab_size=256, num_classes=10)
   workdir = str(tmp / "work")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   argv = [
     "--config=configs/tiny.py",
     f"--workdir={workdir}",
@@ -369,16 +339,10 @@ def trained_workdir(tmp_path_factory):
     "--config.train.checkpoint_every_steps=2",
     "--config.optim.ema_decay=0.5",
   ]
-  run = subprocess.run(
-    [sys.executable, "-m", "npp_jax.main", *argv],
-    cwd=root,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  run = run_main(*argv)
   assert run.returncode == 0, run.stderr[-3000:]
-  config = load_config(os.path.join(root, "configs", "tiny.py"))
-  return config, os.path.join(root, "configs", "tiny.py"), workdir
+  config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  return config, os.path.join(ROOT, "configs", "tiny.py"), workdir
 
 
 def _logits_match(config, params, pt):
@@ -413,14 +377,14 @@ def test_a_training_workdir_exports_to_torch_and_params(trained_workdir, tmp_pat
     "ema": (("--ema",), checkpoints.checkpoint_params(ckpts, ema=True)),
   }
   for name, (extra, params) in picks.items():
-    run_cli(*args, f"--dst={tmp_path / name}.pt", "--to=torch", *extra)
+    run_convert(*args, f"--dst={tmp_path / name}.pt", "--to=torch", *extra)
     _logits_match(config, gpt.unstack_layers(dict(params)), str(tmp_path / f"{name}.pt"))
   # The three are different weights (4 steps of training; the EMA lags): each flag picks its own.
   states = {n: torch.load(tmp_path / f"{n}.pt", weights_only=True)["model"] for n in picks}
   for a, b in (("latest", "step2"), ("latest", "ema"), ("step2", "ema")):
     assert not torch.equal(states[a]["norm.weight"], states[b]["norm.weight"]), (a, b)
   # The same step reached through WORKDIR/checkpoints.
-  run_cli(
+  run_convert(
     "--kind=gpt",
     f"--src={ckpts}",
     f"--config={config_path}",
@@ -431,12 +395,12 @@ def test_a_training_workdir_exports_to_torch_and_params(trained_workdir, tmp_pat
   again = torch.load(tmp_path / "via_ckpts.pt", weights_only=True)["model"]
   assert all(torch.equal(again[k], v) for k, v in states["step2"].items())
 
-  run_cli(*args, "--ema", "--to=params", f"--dst={tmp_path / 'params'}")
+  run_convert(*args, "--ema", "--to=params", f"--dst={tmp_path / 'params'}")
   chex.assert_trees_all_equal(
     flat_np(checkpoints.read_params(str(tmp_path / "params"))),
     flat_np(checkpoints.load_params(workdir, ema=True)),  # What sampling reads from the workdir.
   )
-  run_cli(
+  run_convert(
     "--kind=gpt",
     f"--src={tmp_path / 'params'}",
     f"--config={config_path}",
@@ -485,8 +449,8 @@ def test_workdir_export_refuses_what_does_not_fit(
   ]
   for argv, match in cases:
     with pytest.raises(ValueError, match=match):
-      run_cli(*argv, f"--config={tiny_path}", dst)
+      run_convert(*argv, f"--config={tiny_path}", dst)
   # Another architecture than the run's (test_convert's config): named, nothing written.
   with pytest.raises(ValueError, match="do not fit the config"):
-    run_cli("--kind=gpt", f"--src={workdir}", "--to=params", f"--config={config_path}", dst)
+    run_convert("--kind=gpt", f"--src={workdir}", "--to=params", f"--config={config_path}", dst)
   assert not os.path.exists(tmp_path / "out")

@@ -1,5 +1,5 @@
 """LlamaGen's text-to-image checkpoints through `npp_jax.convert`, against the PyTorch reference's
-t2i model (tests/torch_reference.py, written from NPP.md): a tiny text model's logits and patch
+t2i model (support/torch_reference.py, written from NPP.md): a tiny text model's logits and patch
 losses with padded captions and null rows, the round trip, a GPT-B t2i state dict with
 configs/t2i.py:B, the t2i VQ-16 with configs/t2i.py:XL, and a class checkpoint for a text config
 (and the reverse) in one line.
@@ -15,12 +15,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_convert import flat_np  # noqa: E402  (tests/ is on sys.path under pytest)
-from test_convert import load_config  # noqa: E402
-from test_convert import rel_err  # noqa: E402
-from test_convert import run_cli  # noqa: E402
-from test_convert import save_form  # noqa: E402
-import torch_reference as ref  # noqa: E402
+from support import torch_reference as ref  # noqa: E402
+from support.conversion import flat_np  # noqa: E402
+from support.conversion import load_config  # noqa: E402
+from support.conversion import rel_err  # noqa: E402
+from support.conversion import run_convert  # noqa: E402
+from support.conversion import save_form  # noqa: E402
 
 from npp_jax import checkpoints  # noqa: E402
 from npp_jax import config_lib  # noqa: E402
@@ -73,7 +73,7 @@ def t2i_setup(tmp_path_factory):
   config = load_config(str(config_path))
   model = make_text_gpt(config.model, seed=0)
   src = save_form(tmp / "t2i.pt", model.state_dict(), "model")
-  run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
+  run_convert("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={tmp / 'jax'}")
   return config, str(config_path), model, checkpoints.read_params(str(tmp / "jax")), tmp
 
 
@@ -109,7 +109,7 @@ def test_t2i_logits_and_patch_losses_match_reference(t2i_setup):
 def test_t2i_round_trip_through_torch(t2i_setup, tmp_path):
   config, config_path, model, params, tmp = t2i_setup
   pt = tmp_path / "back.pt"
-  run_cli(
+  run_convert(
     "--kind=gpt", f"--src={tmp / 'jax'}", f"--config={config_path}", f"--dst={pt}", "--to=torch"
   )
   state = torch.load(pt, weights_only=True)["model"]
@@ -133,13 +133,15 @@ def test_gpt_b_t2i_state_dict_converts_both_ways_with_the_t2i_config(tmp_path):
   assert tuple(state["cls_embedding.cap_proj.fc1.weight"].shape) == (768, 2048)
   assert tuple(state["cls_embedding.uncond_embedding"].shape) == (120, 2048)
   src = save_form(tmp_path / "t2i_B_256.pt", state, "model")
-  run_cli("--kind=gpt", f"--src={src}", "--config=configs/t2i.py:B", f"--dst={tmp_path / 'jax'}")
+  run_convert(
+    "--kind=gpt", f"--src={src}", "--config=configs/t2i.py:B", f"--dst={tmp_path / 'jax'}"
+  )
   params = checkpoints.read_params(str(tmp_path / "jax"))
   assert checkpoints.param_shapes_of(params) == gpt.param_shapes(m)
   fc1 = state["cls_embedding.cap_proj.fc1.weight"].numpy()
   np.testing.assert_array_equal(params["cls_embedding"]["cap_proj"]["fc1"]["kernel"], fc1.T)
   pt = tmp_path / "back.pt"
-  run_cli(
+  run_convert(
     "--kind=gpt",
     f"--src={tmp_path / 'jax'}",
     "--config=configs/t2i.py:B",
@@ -160,7 +162,9 @@ def test_t2i_vq_is_a_vq16(tmp_path):
   model = ref.VQModel()  # LlamaGen's VQ-16 sizes.
   state = model.state_dict()
   src = save_form(tmp_path / "vq_ds16_t2i.pt", state, "model")
-  run_cli("--kind=vq", f"--src={src}", "--config=configs/t2i.py:XL", f"--dst={tmp_path / 'jax'}")
+  run_convert(
+    "--kind=vq", f"--src={src}", "--config=configs/t2i.py:XL", f"--dst={tmp_path / 'jax'}"
+  )
   params = checkpoints.read_params(str(tmp_path / "jax"))
   want = convert.state_to_params(
     "vq", {k: v.numpy() for k, v in state.items()}, config, what="the t2i VQ"
@@ -178,16 +182,16 @@ def test_class_checkpoint_for_a_text_config_and_the_reverse(t2i_setup, tmp_path)
   src = save_form(tmp_path / "c2i.pt", class_model.state_dict(), "model")
   dst = tmp_path / "jax"
   with pytest.raises(ValueError) as info:
-    run_cli("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={dst}")
+    run_convert("--kind=gpt", f"--src={src}", f"--config={config_path}", f"--dst={dst}")
   msg = str(info.value)
   assert "holds a class-conditioned GPT (cls_embedding.embedding_table.weight)" in msg, msg
   assert "model.condition='text'" in msg and "\n" not in msg
   class_config = tmp_path / "class.py"
   class_config.write_text(TEXT_CONFIG.replace('"text", 6, 12', '"class", 1, 12'))
   with pytest.raises(ValueError, match=r"holds a text-conditioned GPT \(cls_embedding.cap_proj"):
-    run_cli("--kind=gpt", f"--src={tmp / 't2i.pt'}", f"--config={class_config}", f"--dst={dst}")
+    run_convert("--kind=gpt", f"--src={tmp / 't2i.pt'}", f"--config={class_config}", f"--dst={dst}")
   with pytest.raises(ValueError, match="holds a text-conditioned GPT"):  # --to=torch too.
-    run_cli(
+    run_convert(
       "--kind=gpt",
       f"--src={tmp / 'jax'}",
       f"--config={class_config}",
@@ -200,5 +204,5 @@ def test_class_checkpoint_for_a_text_config_and_the_reverse(t2i_setup, tmp_path)
   with pytest.raises(
     ValueError, match=r"cls_embedding.cap_proj.fc1.weight \[32, 12\] \(expected \[32, 16\]\)"
   ):
-    run_cli("--kind=gpt", f"--src={tmp / 't2i.pt'}", f"--config={wide}", f"--dst={dst}")
+    run_convert("--kind=gpt", f"--src={tmp / 't2i.pt'}", f"--config={wide}", f"--dst={dst}")
   assert not dst.exists() and not (tmp_path / "jax.pt").exists()

@@ -3,32 +3,22 @@ test_notebook.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 import pytest
+from support.cli import run_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("npp", "ntp", "ntp_equal_compute")
 
 
 def run_demo(workdir, *overrides):
-  cmd = [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
-    "--mode=demo",
-    "--config=configs/demo.py:smoke",
-    f"--workdir={workdir}",
-    *overrides,
-  ]
+  cmd = ["--mode=demo", "--config=configs/demo.py:smoke", f"--workdir={workdir}", *overrides]
   # One CPU device, as on the laptop the demo is for (sharding has its own tests): on the 8 fake
   # devices of the test processes every one of the demo's many small programs compiles and runs
   # partitioned.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+  out = run_main(*cmd, env=env, timeout=1800)
   assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
   return out.stdout, out.stderr
 

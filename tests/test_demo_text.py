@@ -4,16 +4,14 @@ samples from held-out phrasings scored against the class each names; and its cap
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+from support.cli import run_main
+from support.paths import ROOT
 
 from npp_jax import config_lib
 from npp_jax.data import captions
 from npp_jax.demo import text
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_held_out_phrasings_share_only_the_class_word_with_training():
@@ -40,12 +38,10 @@ def test_encoded_captions_are_zero_past_their_length_and_differ_by_phrasing():
 
 def test_text_demo_smoke_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
-  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=demo", "--config=configs/demo.py:text_smoke"]
+  cmd = ["--mode=demo", "--config=configs/demo.py:text_smoke"]
   # One CPU device, as test_demo runs the class demo (a laptop's; sharding has its own tests).
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run(
-    cmd + [f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env
-  )
+  out = run_main(*cmd, f"--workdir={workdir}", env=env, timeout=1200)
   assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
   stdout = out.stdout
   assert "No pretrained text encoder can be downloaded here" in stdout

@@ -2,18 +2,17 @@
 through the real CLI, and two real processes on loopback that join from the CLI's flags (one from
 JAX_* variables)."""
 
-import os
 import re
-import socket
 import subprocess
-import sys
 
 import pytest
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import start_main
 
 from npp_jax import distributed
 from npp_jax.distributed import Launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = {
   "SLURM_JOB_ID": "7",
   "SLURM_STEP_NODELIST": "node[1-2]",
@@ -107,17 +106,19 @@ def test_resolve_refuses(mode, flags, env, message):
 
 
 def _env(**extra):
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "OMPI_"))
-  }
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", **extra)
-  return env
+  """A process of two: 4 CPU devices, no launcher's variables, `extra` on top."""
+  return {**multiprocess_env(2), **extra}
 
 
 def _main(*args, env, **kw):
-  cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/tiny.py", *args]
-  return subprocess.Popen(
-    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+  return start_main(
+    "--config=configs/tiny.py",
+    *args,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **kw,
   )
 
 
@@ -146,12 +147,6 @@ def test_bad_combination_is_one_line_before_anything_starts(tmp_path, args, env,
   last = out.strip().splitlines()[-1]
   assert last.startswith(message), out[-2000:]
   assert "Traceback" not in out and not workdir.exists()
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.timeout(120)

@@ -6,14 +6,12 @@ the formulas are what is tested here (parity at 299 px: test_inception.py).
 """
 
 import json
-import os
-import subprocess
-import sys
 
-import fixtures  # tests/ is on sys.path
 import jax
 import numpy as np
 import pytest
+from support import cli
+from support.weights import random_vq_params
 
 from npp_jax import convert
 from npp_jax import sharding
@@ -23,17 +21,13 @@ from npp_jax.fid import scores as fid_scores
 from npp_jax.models import inception
 
 torch = pytest.importorskip("torch")
-from test_inception import random_state  # noqa: E402  (tests/ is on sys.path)
+from support.weights import random_inception_state  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 75
 
 
 def run_main(workdir, **fields):
   args = [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
     "--mode=evaluate",
     "--config=configs/tiny.py",
     f"--workdir={workdir}",
@@ -42,13 +36,13 @@ def run_main(workdir, **fields):
     "--config.evaluate.fid_method=eigh",
   ]
   args += [f"--config.evaluate.{k}={v}" for k, v in fields.items()]
-  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  return cli.run_main(*args, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   d = tmp_path_factory.mktemp("evaluate")
-  state = random_state(seed=3)
+  state = random_inception_state(seed=3)
   weights = d / inception.WEIGHTS_FILE
   torch.save(state, str(weights))
   from npp_jax.data import digits
@@ -140,7 +134,7 @@ def test_evaluate_end_to_end_then_resume_with_an_adm_reference(files, tmp_path):
   assert result["recall"] == pytest.approx(want_pr[1], abs=0.042)
   assert 0 < result["precision"] < 1 and result["recall"] > 0, result  # Neither trivially 0 nor 1.
   assert (work / "reference_stats.npz").exists() and (work / "inception").is_dir()
-  from helpers import read_scalars
+  from support.scalars import read_scalars
 
   assert read_scalars(str(work))["eval/fid"][0][1] == pytest.approx(result["fid"], rel=1e-5)
 
@@ -251,8 +245,8 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(files, tmp_path, case,
 def test_sample_mode_scores_what_it_wrote(files, tmp_path):
   """--mode=sample with evaluate.reference set: samples, then scores them; bad scoring inputs stop
   it before the first sample."""
-  from helpers import random_params
-  from helpers import tiny_model_config
+  from support.configs import tiny_model_config
+  from support.weights import random_params
 
   from npp_jax import checkpoints
   from npp_jax import config_lib
@@ -270,7 +264,7 @@ def test_sample_mode_scores_what_it_wrote(files, tmp_path):
     1,
     16,
   )
-  checkpoints.save_params(tmp_path / "vq", fixtures.random_vq_params(vq.VQConfig.from_config(v), 0))
+  checkpoints.save_params(tmp_path / "vq", random_vq_params(vq.VQConfig.from_config(v), 0))
   overrides = {
     f"model.{k}": model[k]
     for k in ("n_layer", "n_head", "dim", "vocab_size", "num_classes", "multiple_of", "grid")
@@ -297,20 +291,8 @@ def test_sample_mode_scores_what_it_wrote(files, tmp_path):
   def run(workdir, **more):
     fields = dict(overrides, **more)
     args = [f"--config.{k}={str(x).replace(' ', '')}" for k, x in fields.items()]
-    return subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "npp_jax.main",
-        "--mode=sample",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        *args,
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=600,
+    return cli.run_main(
+      "--mode=sample", "--config=configs/tiny.py", f"--workdir={workdir}", *args, timeout=600
     )
 
   out = run(tmp_path / "bad", **{"evaluate.inception": tmp_path / inception.WEIGHTS_FILE})

@@ -8,13 +8,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from test_multiprocess import ROOT  # noqa: E402  (tests/ is on sys.path)
-from test_multiprocess import _env  # noqa: E402
-from test_multiprocess import _free_port  # noqa: E402
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import run_main
+from support.cli import start_main
 
 from npp_jax import checkpoints
 from npp_jax.models import inception
@@ -44,9 +44,6 @@ def random_inception(seed: int) -> dict:
 
 def _cmd(inputs: dict, workdir) -> list[str]:
   return [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
     "--mode=evaluate",
     "--config=configs/tiny.py",
     f"--workdir={workdir}",
@@ -83,9 +80,7 @@ def test_two_processes_resume_from_disks_that_disagree_and_score_as_one(tmp_path
     "inception": tmp_path / "inception",
   }
   w0, w1 = tmp_path / "host0", tmp_path / "host1"
-  one = subprocess.run(
-    _cmd(inputs, w0), cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300
-  )
+  one = run_main(*_cmd(inputs, w0), env=multiprocess_env(1), timeout=300)
   assert one.returncode == 0, one.stderr[-3000:]
   want = json.loads((w0 / "metrics.json").read_text())
   with np.load(w0 / "sample_stats.npz") as z:
@@ -105,14 +100,14 @@ def test_two_processes_resume_from_disks_that_disagree_and_score_as_one(tmp_path
       (workdir / name).unlink()
   host1 = sorted(p.name for p in (w1 / "evaluate").rglob("*"))
 
-  port = _free_port()
+  port = free_port()
   procs = []
   for i, workdir in enumerate((w0, w1)):
     cmd = _cmd(inputs, workdir)
     cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
     procs.append(
-      subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      start_main(
+        *cmd, env=multiprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
       )
     )
   try:

@@ -8,12 +8,18 @@ import shutil
 import subprocess
 import sys
 
-from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
 import jax
 import numpy as np
 from PIL import Image
 import pytest
-from vq_helpers import tiny_config  # noqa: E402
+from support.codes import read_split
+from support.configs import tiny_vq_config
+from support.fake_gcs import fake_gcs
+from support.images import NO_TENSORFLOW
+from support.images import make_split_folder
+from support.images import write_image
+from support.paths import ROOT
+from support.paths import TESTS
 
 from npp_jax import checkpoints
 from npp_jax import sharding
@@ -25,14 +31,12 @@ from npp_jax.jobs import train_vq
 from npp_jax.models import vq
 
 N_TEST = 500  # Digits in the "test" split: the extraction tests encode all of them.
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
 
 
 @pytest.fixture(scope="module")
 def vq_params(tmp_path_factory):
   """Random VQ parameters saved as a converted checkpoint: codes of random weights vary a lot."""
-  c = tiny_config()
+  c = tiny_vq_config()
   cfg = vq.VQConfig.from_config(c.vq)
   # train_vq's compiled init (cached per process), so the module compiles the VQ init once.
   init, _ = train_vq._vq_functions(
@@ -54,18 +58,10 @@ def expected_digit_codes(params, cfg):
   return np.stack([plain, mirror], axis=1), labels
 
 
-def read_split(path, split):
-  source = __import__("tensorflow_datasets").builder_from_directory(path).as_data_source(split)
-  records = [source[i] for i in range(len(source))]
-  return np.stack([r["codes"] for r in records]).astype(np.int32), np.array(
-    [r["label"] for r in records]
-  )
-
-
 def test_extract_digits_flip_gives_the_encoders_codes(tmp_path, vq_params):
   cfg, params, path = vq_params
   workdir = str(tmp_path / "w")
-  c = tiny_config(**{"extract.vq_checkpoint": path})
+  c = tiny_vq_config(**{"extract.vq_checkpoint": path})
   out = extract.run(c, workdir).outputs
   assert out["num_examples"] == N_TEST and out["shards_encoded"] == 4 and out["images_per_s"] > 0
   meta = code_dataset.load_metadata(os.path.join(workdir, "codes"), "test")
@@ -89,7 +85,7 @@ def test_extract_digits_flip_gives_the_encoders_codes(tmp_path, vq_params):
 def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params, monkeypatch):
   cfg, params, path = vq_params
   workdir = str(tmp_path / "w")
-  c = tiny_config(
+  c = tiny_vq_config(
     **{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.batch_size": 64}
   )
   real = extract.encode_views
@@ -124,16 +120,18 @@ def test_extract_resumes_after_a_crash_and_after_lost_shards(tmp_path, vq_params
   # Shards of other settings are refused instead of mixed in.
   shutil.rmtree(os.path.join(workdir, "codes"))
   with pytest.raises(ValueError, match="other settings"):
-    extract.run(tiny_config(**{"extract.vq_checkpoint": path, "extract.batch_size": 128}), workdir)
+    extract.run(
+      tiny_vq_config(**{"extract.vq_checkpoint": path, "extract.batch_size": 128}), workdir
+    )
 
 
 def test_extract_with_its_workdir_on_gs(tmp_path, vq_params, monkeypatch):
   """The shards and their settings go through the file layer: a gs:// workdir works as a local one
-  (served from a folder, tests/fake_gcs.py) and nothing lands under a mangled <cwd>/gs:/ path."""
+  (served from a folder, support/fake_gcs.py) and nothing lands under a mangled <cwd>/gs:/ path."""
   cfg, params, path = vq_params
   monkeypatch.chdir(tmp_path)
   out_dir = str(tmp_path / "codes")
-  c = tiny_config(
+  c = tiny_vq_config(
     **{"extract.vq_checkpoint": path, "extract.keep_shards": True, "extract.output": out_dir}
   )
   with fake_gcs(tmp_path / "gcs"):
@@ -209,13 +207,13 @@ def test_extract_refuses_bad_input_before_writing(tmp_path, vq_params):
     ({"model.num_classes": 5}, "at most model.num_classes"),
   )
   for overrides, match in cases:
-    c = tiny_config(**{"extract.vq_checkpoint": path, **overrides})
+    c = tiny_vq_config(**{"extract.vq_checkpoint": path, **overrides})
     with pytest.raises(ValueError, match=match) as e:
       extract.run(c, workdir)
     assert "\n" not in str(e.value)
     assert not os.path.exists(workdir), overrides
   # A checkpoint of another architecture.
-  c = tiny_config(**{"extract.vq_checkpoint": path, "vq.codebook_embed_dim": 4})
+  c = tiny_vq_config(**{"extract.vq_checkpoint": path, "vq.codebook_embed_dim": 4})
   with pytest.raises(ValueError, match="do not fit config.vq"):
     extract.run(c, workdir)
   assert not os.path.exists(workdir)
@@ -227,7 +225,6 @@ def test_extract_of_an_image_folder_equals_the_tfds_path(tmp_path, vq_params):
   of the release's ten crops of each file decoded by PIL."""
   pytest.importorskip("tensorflow")  # TFDS reads image folders through it.
   import tensorflow_datasets as tfds
-  from test_images import write_image  # noqa: E402  (tests/ is on sys.path)
 
   cfg, params, path = vq_params
   root = tmp_path / "images"
@@ -236,7 +233,7 @@ def test_extract_of_an_image_folder_equals_the_tfds_path(tmp_path, vq_params):
   for k in range(11):
     mode, ext = modes[k % len(modes)]
     write_image(str(root / "train" / f"c{k % 3}" / f"{k}.{ext}"), mode, sizes[k % 4], seed=k)
-  c = tiny_config(
+  c = tiny_vq_config(
     **{
       "extract.vq_checkpoint": path,
       "extract.dataset": str(root),
@@ -286,16 +283,13 @@ def test_extract_of_an_image_folder_equals_the_tfds_path(tmp_path, vq_params):
 def test_extract_an_image_folder_from_the_cli_without_tensorflow(tmp_path, vq_params):
   """`--mode=extract` on one split's class folders (JPEG, PNG, WebP, CMYK, junk) in a process where
   TensorFlow cannot be imported: the encoder's codes of every readable file, the junk counted."""
-  from test_images import NO_TENSORFLOW  # noqa: E402
-  from test_images import make_split_folder  # noqa: E402
-
   cfg, params, path = vq_params
   folder = str(tmp_path / "imagenet" / "train")
   good, bad = make_split_folder(folder)
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
-    f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom vq_helpers import tiny_config\n\n\n"
-    "def get_config():\n  return tiny_config()\n"
+    f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom support.configs import tiny_vq_config\n\n\n"
+    "def get_config():\n  return tiny_vq_config()\n"
   )
   workdir = str(tmp_path / "w")
   argv = [

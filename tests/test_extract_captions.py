@@ -4,17 +4,20 @@ the caption_codes library's; a run that lost a shard and its data set resumes to
 set; bad inputs end in one `error:` line with nothing written."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import ml_dtypes
 import numpy as np
 from PIL import Image
 import pytest
-import vq_helpers
+from support import t5_files
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import run_main
+from support.cli import start_main
+from support.configs import tiny_vq_config
+from support.paths import TESTS
 
 from npp_jax import caption_codes
 from npp_jax import checkpoints
@@ -25,10 +28,7 @@ from npp_jax.data import captions
 from npp_jax.data import code_dataset
 from npp_jax.jobs import extract
 from npp_jax.models import vq
-from tests import t5_helpers
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
 LINES = 6  # Three shards of 2; line 3's image is not an image.
 
 
@@ -49,13 +49,13 @@ def inputs(tmp_path_factory):
   """(tmp, VQ checkpoint, T5 folder, index, config file) shared by the tests."""
   tmp = tmp_path_factory.mktemp("captions")
   rng = np.random.default_rng(0)
-  c = vq_helpers.tiny_config()
+  c = tiny_vq_config()
   cfg = vq.VQConfig.from_config(c.vq)
   # Random weights of the real architecture, drawn in NumPy from the shapes: no init to compile.
   shapes = jax.eval_shape(lambda k: vq.init_params(cfg, k), jax.random.key(1))
   params = jax.tree_util.tree_map_with_path(lambda p, s: _random(p, s, rng), shapes)
   checkpoints.save_params(str(tmp / "vq"), params)
-  t5 = t5_helpers.write_folder(tmp / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece())
+  t5 = t5_files.write_folder(tmp / "t5", t5_files.random_encoder(), t5_files.train_spiece())
   lines = []
   for i in range(LINES):
     path = tmp / "img" / f"{i}.png"
@@ -69,24 +69,20 @@ def inputs(tmp_path_factory):
   (tmp / "index.jsonl").write_text("\n".join(lines) + "\n")
   config_file = tmp / "tiny.py"
   config_file.write_text(
-    f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom vq_helpers import tiny_config\n\n\n"
-    "def get_config():\n  c = tiny_config()\n"
+    f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom support.configs import tiny_vq_config\n\n\n"
+    "def get_config():\n  c = tiny_vq_config()\n"
     "  c.model.condition, c.model.caption_dim = 'text', 32\n  return c\n"
   )
   return tmp, tmp / "vq", t5, tmp / "index.jsonl", config_file
 
 
 def cli(workdir, inputs, *flags):
-  argv = cli_argv(workdir, inputs, *flags)
-  return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  return run_main(*cli_argv(workdir, inputs, *flags))
 
 
 def cli_argv(workdir, inputs, *flags) -> list[str]:
   tmp, vq_dir, t5, index, config_file = inputs
   return [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
     "--mode=extract",
     f"--config={config_file}",
     f"--workdir={workdir}",
@@ -131,7 +127,7 @@ def test_extract_captions_from_the_cli_equals_the_library(inputs, first_run):
   meta = captions.load_metadata(str(workdir / "codes"))
   assert (meta.num_examples, meta.num_valid, meta.caption_dim, meta.n_aug) == (LINES, 5, 32, 1)
   # The library on this process's 8 devices, all lines in one batch.
-  c = vq_helpers.tiny_config()
+  c = tiny_vq_config()
   cfg = vq.VQConfig.from_config(c.vq)
   mesh = sharding.make_mesh(c.mesh)
   params = checkpoints.load_vq_params(str(vq_dir), c.vq)
@@ -217,17 +213,14 @@ def test_extract_captions_bad_input_is_one_line_and_writes_nothing(inputs, case)
 @pytest.mark.timeout(400)
 def test_two_processes_extract_the_one_process_caption_data_set(inputs, first_run):
   """2 real processes x 4 CPU devices (gloo on loopback), one line of each shard per process."""
-  from test_multiprocess import _env  # noqa: E402  (tests/ is on sys.path)
-  from test_multiprocess import _free_port  # noqa: E402
-
   workdir = inputs[0] / "two"
-  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  address = f"--coordinator_address=127.0.0.1:{free_port()}"
   procs, logs = [], []
   for i in range(2):
     logs.append(inputs[0] / f"process_{i}.log")
     with open(logs[-1], "w") as f:
       argv = cli_argv(workdir, inputs, address, "--num_processes=2", f"--process_id={i}")
-      procs.append(subprocess.Popen(argv, cwd=ROOT, env=_env(2), stdout=f, stderr=f))
+      procs.append(start_main(*argv, env=multiprocess_env(2), stdout=f, stderr=f))
   try:
     statuses = [p.wait(timeout=300) for p in procs]
   finally:

@@ -4,21 +4,20 @@ process reads and encodes its share of every shard, process 0 alone writes."""
 
 import os
 import subprocess
-import sys
 
-import fixtures  # tests/ is on sys.path
 import numpy as np
 import pytest
-from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
-from test_multiprocess import _env  # noqa: E402
-from test_multiprocess import _free_port  # noqa: E402
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import start_main
+from support.codes import read_split
+from support.weights import random_vq_params
 
 from npp_jax import checkpoints
 from npp_jax import config_lib
 from npp_jax.jobs import extract
 from npp_jax.models import vq
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's VQ (32 px -> 8x8 codes of 256) on the 500 test digits: 2 shards of 250, i.e. 125 rows
 # per process padded to 128 (4 devices each), and a last shard that is not full.
 OVERRIDES = {
@@ -34,19 +33,16 @@ def test_two_processes_extract_the_one_process_data_set(tmp_path):
   config = config_lib.load("configs/demo.py:smoke")
   cfg = vq.VQConfig.from_config(config.vq)
   vq_dir = str(tmp_path / "vq")
-  checkpoints.save_params(vq_dir, fixtures.random_vq_params(cfg, 3))
+  checkpoints.save_params(vq_dir, random_vq_params(cfg, 3))
   overrides = {**OVERRIDES, "extract.vq_checkpoint": vq_dir}
 
   two = str(tmp_path / "two")
   cmd = [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
     "--mode=extract",
     "--config=configs/demo.py:smoke",
     f"--workdir={two}",
     *[f"--config.{k}={v}" for k, v in overrides.items()],
-    f"--coordinator_address=127.0.0.1:{_free_port()}",
+    f"--coordinator_address=127.0.0.1:{free_port()}",
     "--num_processes=2",
   ]
   procs, logs = [], []
@@ -54,8 +50,12 @@ def test_two_processes_extract_the_one_process_data_set(tmp_path):
     logs.append(str(tmp_path / f"process_{i}.log"))
     with open(logs[-1], "w") as f:
       procs.append(
-        subprocess.Popen(
-          cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=f, stderr=subprocess.STDOUT
+        start_main(
+          *cmd,
+          f"--process_id={i}",
+          env=multiprocess_env(2),
+          stdout=f,
+          stderr=subprocess.STDOUT,
         )
       )
   try:

@@ -1,4 +1,4 @@
-"""The file layer: npp_jax.files on `gs://` paths (served from a local folder, tests/fake_gcs.py),
+"""The file layer: npp_jax.files on `gs://` paths (served from a local folder, support/fake_gcs.py),
 and a guard that fails when a module of the VQ jobs hands a user path to `open()` / `os.*` /
 `shutil` again."""
 
@@ -7,9 +7,9 @@ import inspect
 import json
 import os
 
-from fake_gcs import fake_gcs  # noqa: E402  (tests/ is on sys.path)
 import numpy as np
 import pytest
+from support.fake_gcs import fake_gcs
 
 from npp_jax import caption_codes
 from npp_jax import checkpoints

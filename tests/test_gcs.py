@@ -1,6 +1,6 @@
 """A gs:// workdir end to end, as a pod user runs it: the real CLI trains, resumes, samples and
 extracts with its workdir in a bucket served on loopback by a GCS emulator (gcp-storage-emulator, in
-memory, with the fixes of tests/gcs_emulator.py). Both GCS clients the run uses are pointed at it:
+memory, with the fixes of support/gcs_emulator.py). Both GCS clients the run uses are pointed at it:
 etils.epath's gcsfs (STORAGE_EMULATOR_HOST; EPATH_USE_TF=0, since TF's GCS client has no endpoint
 setting) and tensorstore, which writes orbax's arrays (TENSORSTORE_GCS_HTTP_URL;
 GOOGLE_AUTH_TOKEN_FOR_TESTING stops it looking for credentials). The bucket is checked through the
@@ -23,34 +23,34 @@ import pytest
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
-import fixtures  # noqa: E402  (tests/ is on sys.path)
-from test_extract import read_split  # noqa: E402  (tests/ is on sys.path)
-from test_multiprocess import _env  # noqa: E402
-from test_multiprocess import _free_port  # noqa: E402
-from test_train import make_codes  # noqa: E402
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import run_main
+from support.codes import read_split
+from support.codes import write_codes
+from support.paths import ROOT
+from support.paths import TESTS
+from support.weights import random_vq_params
 
 from npp_jax import checkpoints  # noqa: E402
 from npp_jax import config_lib  # noqa: E402
 from npp_jax import files  # noqa: E402
 from npp_jax import preflight  # noqa: E402
-from npp_jax.data import code_dataset  # noqa: E402
 from npp_jax.models import vq  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   """(emulator URL, environment for CLI processes, emulator log); the emulator runs as a subprocess
   for this module."""
-  port = _free_port()
+  port = free_port()
   url = f"http://127.0.0.1:{port}"
   log = open(tmp_path_factory.mktemp("emulator") / "log.txt", "w")
-  # tests/gcs_emulator.py: the emulator, answering as real GCS does where the clients need it.
+  # support/gcs_emulator.py: the emulator, answering as real GCS does where the clients need it.
   proc = subprocess.Popen(
     [
       sys.executable,
-      os.path.join(ROOT, "tests", "gcs_emulator.py"),
+      os.path.join(TESTS, "support", "gcs_emulator.py"),
       "start",
       "--host=127.0.0.1",
       f"--port={port}",
@@ -70,7 +70,7 @@ def gcs(tmp_path_factory):
         proc.kill()
         pytest.fail(f"the GCS emulator did not start (see {log.name})")
       time.sleep(0.2)
-  env = _env(1)
+  env = multiprocess_env(1)
   for k in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
     env.pop(k, None)
   env.update(
@@ -101,14 +101,7 @@ def fetch(url, name):
 
 def cli(env, cwd, *args, timeout=300):
   """The CLI run from `cwd` (not the checkout: a mangled relative gs:/ folder would land there)."""
-  return subprocess.run(
-    [sys.executable, "-m", "npp_jax.main", *args],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+  return run_main(*args, env=env, cwd=cwd, timeout=timeout)
 
 
 def ok(r):
@@ -120,7 +113,7 @@ def ok(r):
 def test_train_resume_sample_extract_with_workdirs_in_a_bucket(tmp_path, gcs):
   url, env, log = gcs
   ds = str(tmp_path / "codes")
-  code_dataset.write_code_dataset(ds, *make_codes(64), vocab_size=256, num_classes=10)
+  write_codes(ds)
   train = [
     f"--config={ROOT}/configs/tiny.py",
     "--workdir=gs://bucket/run",
@@ -161,7 +154,7 @@ def test_train_resume_sample_extract_with_workdirs_in_a_bucket(tmp_path, gcs):
   # (array_record).
   vq_dir = str(tmp_path / "vq")
   cfg = vq.VQConfig.from_config(config_lib.load("configs/demo.py:smoke").vq)
-  checkpoints.save_params(vq_dir, fixtures.random_vq_params(cfg, 3))
+  checkpoints.save_params(vq_dir, random_vq_params(cfg, 3))
   out = str(tmp_path / "extracted")
   ok(
     cli(

@@ -1,5 +1,5 @@
 """Behaviour kept across refactors: today's sampler, converter, VQ and NPP loss against outputs
-saved from the code at commit 255f37a (tests/make_golden.py wrote tests/data/golden.npz; this test
+saved from the code at commit 255f37a (support/make_golden.py wrote tests/data/golden.npz; this test
 never writes it).
 
 What is discrete is compared exactly: sampled codes, VQ codes, random and converted weights. Floats
@@ -22,11 +22,11 @@ systematic (another order on every run), not random.
 import os
 
 from flax import traverse_util
-import golden_setup  # noqa: E402  (tests/ is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import golden_inputs
 
 from npp_jax import sharding
 from npp_jax.models import vq
@@ -138,7 +138,7 @@ def _tree(golden, prefix):
 
 
 def test_random_params_unchanged(golden):
-  _, _, params = golden_setup.tiny_gpt()
+  _, _, params = golden_inputs.tiny_gpt()
   flat = traverse_util.flatten_dict(params, sep="/")
   assert sorted(flat) == sorted(
     k[len("gpt_params/") :] for k in golden if k.startswith("gpt_params/")
@@ -147,27 +147,27 @@ def test_random_params_unchanged(golden):
     np.testing.assert_array_equal(np.asarray(x), golden[f"gpt_params/{path}"], err_msg=path)
 
 
-@pytest.mark.parametrize("case", sorted(golden_setup.SAMPLER_CASES))
+@pytest.mark.parametrize("case", sorted(golden_inputs.SAMPLER_CASES))
 def test_sampler_codes_unchanged(golden, case):
-  cfg, _, _ = golden_setup.tiny_gpt()
+  cfg, _, _ = golden_inputs.tiny_gpt()
   params = _tree(golden, "gpt_params/")
-  codes = golden_setup.sample(cfg, params, **golden_setup.SAMPLER_CASES[case])
+  codes = golden_inputs.sample(cfg, params, **golden_inputs.SAMPLER_CASES[case])
   np.testing.assert_array_equal(np.asarray(codes), golden[f"sample/{case}"])
 
 
 def test_sampler_codes_unchanged_on_8_devices(golden):
-  cfg, _, _ = golden_setup.tiny_gpt()
+  cfg, _, _ = golden_inputs.tiny_gpt()
   params = _tree(golden, "gpt_params/")
-  mesh = sharding.make_mesh(golden_setup.convert_config().mesh, jax.devices()[:8])
-  codes = golden_setup.sample(cfg, params, mesh=mesh, **golden_setup.SAMPLER_CASES["cfg"])
+  mesh = sharding.make_mesh(golden_inputs.convert_config().mesh, jax.devices()[:8])
+  codes = golden_inputs.sample(cfg, params, mesh=mesh, **golden_inputs.SAMPLER_CASES["cfg"])
   np.testing.assert_array_equal(np.asarray(codes), golden["sample/cfg"])
 
 
 def test_npp_loss_unchanged(golden):
-  cfg, model, _ = golden_setup.tiny_gpt()
+  cfg, model, _ = golden_inputs.tiny_gpt()
   params = _tree(golden, "gpt_params/")
-  got = golden_setup.losses(cfg, model, params)
-  codes, labels = (jnp.asarray(x) for x in golden_setup.loss_batch(cfg))
+  got = golden_inputs.losses(cfg, model, params)
+  codes, labels = (jnp.asarray(x) for x in golden_inputs.loss_batch(cfg))
   n_pos = cfg.grid[0] * cfg.grid[1]
   for k in (1, 2, 4):
     seq = n_pos // k**2
@@ -194,7 +194,7 @@ def test_converter_unchanged(golden, kind):
   state = {
     k[len(f"torch_{kind}/") :]: v for k, v in golden.items() if k.startswith(f"torch_{kind}/")
   }
-  got = traverse_util.flatten_dict(golden_setup.convert(kind, state), sep="/")
+  got = traverse_util.flatten_dict(golden_inputs.convert(kind, state), sep="/")
   want = {
     k[len(f"converted_{kind}/") :]: v
     for k, v in golden.items()
@@ -208,11 +208,11 @@ def test_converter_unchanged(golden, kind):
 
 def test_vq_unchanged(golden):
   state = {k[len("torch_vq/") :]: v for k, v in golden.items() if k.startswith("torch_vq/")}
-  codes, decoded = golden_setup.vq_roundtrip(state)
+  codes, decoded = golden_inputs.vq_roundtrip(state)
   np.testing.assert_array_equal(codes, golden["vq/codes"])
-  c = golden_setup.convert_config()
+  c = golden_inputs.convert_config()
   cfg = vq.VQConfig.from_config(c.vq)
-  params = golden_setup.convert("vq", state)
+  params = golden_inputs.convert("vq", state)
   # Each machine's pixels are within gamma(N) * scale of the exact ones.
   bound = gamma(vq_decoder_path_length(cfg)) * pixel_scale(params, jnp.asarray(codes), cfg)
   assert_within(decoded, golden["vq/decoded"], 2 * bound, "decoded pixels")

@@ -11,9 +11,9 @@ import sys
 
 import jax
 import pytest
+from support.paths import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "gpu.py"
+SCRIPT = pathlib.Path(ROOT) / "benchmarks" / "gpu.py"
 FIGURES = (
   "train",
   "attention",

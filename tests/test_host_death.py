@@ -10,17 +10,20 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from test_multiprocess import _env  # noqa: E402  (tests/ is on sys.path)
-from test_multiprocess import _free_port  # noqa: E402
-from test_multiprocess import dataset  # noqa: E402,F401  (a module fixture)
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import start_main
+from support.codes import dataset as shared_dataset
 
 from npp_jax import distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The module-scoped code data set of 64 images (support/codes.py): pytest finds a fixture by
+# its name in the module.
+dataset = shared_dataset
+
 HEARTBEAT_S = 5
 
 
@@ -31,18 +34,15 @@ def _finished_steps(workdir):
 
 
 @pytest.mark.timeout(300)
-def test_sigkill_of_one_process_ends_the_other_with_one_line(dataset, tmp_path):  # noqa: F811
+def test_sigkill_of_one_process_ends_the_other_with_one_line(dataset, tmp_path):
   workdir = str(tmp_path / "run")
   cmd = [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
     "--config=configs/tiny.py",
     f"--workdir={workdir}",
     f"--config.data.path={dataset}",
     "--config.train.epochs=16",  # Long enough never to end by itself before the kill.
     "--config.train.checkpoint_every_steps=1",  # Something to resume from soon.
-    f"--coordinator_address=127.0.0.1:{_free_port()}",
+    f"--coordinator_address=127.0.0.1:{free_port()}",
     "--num_processes=2",
     f"--heartbeat_timeout_seconds={HEARTBEAT_S}",
   ]
@@ -51,10 +51,10 @@ def test_sigkill_of_one_process_ends_the_other_with_one_line(dataset, tmp_path):
     errs.append(tmp_path / f"stderr.{i}")
     with open(errs[-1], "w") as err:
       procs.append(
-        subprocess.Popen(
-          [*cmd, f"--process_id={i}"],
-          cwd=ROOT,
-          env=_env(2),
+        start_main(
+          *cmd,
+          f"--process_id={i}",
+          env=multiprocess_env(2),
           stdout=subprocess.DEVNULL,
           stderr=err,
         )

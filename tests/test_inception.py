@@ -3,6 +3,7 @@ recipes."""
 
 import numpy as np
 import pytest
+from support.weights import random_inception_state
 
 from npp_jax import checkpoints
 from npp_jax import convert
@@ -12,34 +13,10 @@ torch = pytest.importorskip("torch")
 pfi = pytest.importorskip("pytorch_fid.inception")
 
 
-def random_state(seed=0) -> dict:
-  """A pytorch-fid state dict of random weights, scaled so activations stay O(1) through 47
-  layers."""
-  rng = np.random.default_rng(seed)
-  state = {}
-  for path, shape in inception.param_shapes().items():
-    name = inception.torch_name(path)
-    tshape = convert.to_torch(path, np.empty(shape, np.uint8)).shape
-    leaf = path.rsplit("/", 1)[1]
-    if leaf == "kernel":
-      fan_in = int(np.prod(tshape[1:]))
-      x = rng.normal(0, np.sqrt(2.0 / fan_in), tshape)
-    elif leaf == "bn_scale":
-      x = rng.uniform(0.7, 1.3, tshape)
-    elif leaf == "bn_var":
-      x = rng.uniform(0.5, 1.5, tshape)
-    else:  # BN bias and mean, fc bias.
-      x = rng.normal(0, 0.2, tshape)
-    state[name] = torch.from_numpy(x.astype(np.float32))
-    if leaf == "bn_var":
-      state[name.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
-  return state
-
-
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("inception") / inception.WEIGHTS_FILE
-  torch.save(random_state(), str(path))
+  torch.save(random_inception_state(), str(path))
   return str(path)
 
 

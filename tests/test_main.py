@@ -1,22 +1,7 @@
 """The command line: one-line errors for bad input (the launch scripts: test_launch.py)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "npp_jax.main", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+from support.cli import run_main
 
 
 @pytest.mark.parametrize(

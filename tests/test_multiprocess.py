@@ -17,14 +17,21 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_launch import install_stubs  # noqa: E402  (tests/ is on sys.path)
-from test_train import make_codes  # noqa: E402
+from support.cli import finish
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import start_main
+from support.codes import dataset as shared_dataset
+from support.launch_stubs import install_stubs
+from support.paths import ROOT
 
 from npp_jax import checkpoints
-from npp_jax.data import code_dataset
 from npp_jax.loop import EXIT_PREEMPTED
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The module-scoped code data set of 64 images (support/codes.py): pytest finds a fixture by
+# its name in the module.
+dataset = shared_dataset
+
 # Four checkpoints (every 4 steps), all in the first stage (k = 4): one compiled step per process.
 STEPS = 16
 # 16 epochs put steps 0-16 in stage k = 4; the processes agree on stopping every 2 steps (a SIGTERM
@@ -37,81 +44,30 @@ RUN = [
 _launches = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("codes") / "ds")
-  codes, labels = make_codes(64)
-  code_dataset.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
-  return path
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(processes):
-  """This environment without any launcher's variables, 8 // processes CPU devices per process."""
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "OMPI_"))
-  }
-  env.update(
-    JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}"
-  )
-  if (
-    processes == 1
-  ):  # The run's compilation cache (conftest.py); multi-process runs compile their own.
-    env.update(
-      {k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_", "JAX_PERSISTENT_"))}
-    )
-  return env
-
-
 def _start(workdir, dataset, processes):
   """`processes` CLI processes sharing 8 CPU devices; returns [(Popen, log path)]; logs go to
   files."""
-  env = _env(processes)
+  env = multiprocess_env(processes)
   cmd = [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
     "--config=configs/tiny.py",
     f"--workdir={workdir}",
     f"--config.data.path={dataset}",
     *RUN,
   ]
   if processes > 1:
-    cmd += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={processes}"]
+    cmd += [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}"]
   out, launch = [], next(_launches)
   for i in range(processes):
     log = f"{workdir}.{launch}.{i}.log"
     with open(log, "w") as f:
       extra = [f"--process_id={i}"] if processes > 1 else []
-      out.append(
-        (subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), log)
-      )
+      out.append((start_main(*cmd, *extra, env=env, stdout=f, stderr=subprocess.STDOUT), log))
   return out
-
-
-def _finish(procs, timeout=150):
-  """Exit statuses; every process still alive at the deadline is killed (and the test fails)."""
-  deadline = time.time() + timeout
-  try:
-    return [p.wait(timeout=max(1, deadline - time.time())) for p, _ in procs]
-  except subprocess.TimeoutExpired:
-    tails = "\n".join(open(log).read()[-1500:] for _, log in procs)
-    pytest.fail(f"processes still running after {timeout} s (deadlock?):\n{tails}")
-  finally:
-    for p, _ in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
 
 
 def _train(workdir, dataset, processes):
   procs = _start(workdir, dataset, processes)
-  statuses = _finish(procs)
+  statuses = finish(procs)
   assert statuses == [0] * processes, "\n".join(open(log).read()[-3000:] for _, log in procs)
   return procs
 
@@ -165,7 +121,7 @@ def _sbatch(stub_env, workdir, dataset, term_after_checkpoint=None):
   output, [task logs])."""
   logs = f"{workdir}.{next(_launches)}.{{}}.log"
   env = {
-    **_env(2),
+    **multiprocess_env(2),
     **stub_env,
     "SLURM_JOB_ID": str(_slurm_port() - 61440),
     "STUB_SRUN_RUNS": "2",

@@ -22,9 +22,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+from support import torch_reference as ref  # noqa: E402
+from support.paths import ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "sample.ipynb")
 # GPT-B's config file with these overrides: a 2-layer GPT on an 8x8 grid of 64 codes, and a VQ with
 # one downsampling from 16 px, both in fp32.

@@ -3,12 +3,11 @@ CLI."""
 
 import json
 import os
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
+from support.cli import run_main
 
 from npp_jax import npy_captions
 from npp_jax.data import caption_index
@@ -49,9 +48,7 @@ def _tree(root, rng):
 
 def _run(*args):
   env = {**os.environ, "PYTHONPATH": os.getcwd()}
-  return subprocess.run(
-    [sys.executable, "-m", "npp_jax.npy_captions", *args], capture_output=True, text=True, env=env
-  )
+  return run_main(*args, module="npp_jax.npy_captions", env=env, cwd=None, timeout=None)
 
 
 def test_cli_converts(tmp_path):

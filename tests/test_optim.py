@@ -4,11 +4,11 @@ the release decays (its rule: >= 2-D weights of the unscanned model)."""
 import dataclasses
 
 import flax.linen as nn
-from helpers import tiny_model_config  # noqa: E402  (tests/ is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from support.configs import tiny_model_config
 
 from npp_jax import config_lib
 from npp_jax import optim

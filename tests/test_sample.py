@@ -6,17 +6,20 @@ import dataclasses
 import functools
 import os
 import subprocess
-import sys
 
 import chex
-import fixtures  # tests/ is on sys.path
 import flax.linen as nn
-import helpers  # noqa: E402  (tests/ is on sys.path)
-from helpers import random_params  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import configs
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import run_main
+from support.cli import start_main
+from support.weights import random_params
+from support.weights import random_vq_params
 
 from npp_jax import config_lib
 from npp_jax import sampling
@@ -29,7 +32,7 @@ N_CLASSES = 10
 
 
 def tiny_model_config(**kw):
-  return helpers.tiny_model_config(**{"num_classes": N_CLASSES, "grid": (4, 4), **kw})
+  return configs.tiny_model_config(**{"num_classes": N_CLASSES, "grid": (4, 4), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -527,7 +530,7 @@ def test_job_writes_images_with_a_vq(tmp_path, tiny_params):
   config.vq.codebook_size, config.vq.ch, config.vq.ch_mult = 64, 32, (1, 1)
   config.vq.z_channels, config.vq.num_res_blocks, config.vq.image_size = 32, 1, 8
   vq_dir = str(tmp_path / "vq")
-  checkpoints.save_params(vq_dir, fixtures.random_vq_params(vq.VQConfig.from_config(config.vq), 0))
+  checkpoints.save_params(vq_dir, random_vq_params(vq.VQConfig.from_config(config.vq), 0))
   config.sample.vq_checkpoint = vq_dir
   # The GPT comes from disk here: a converted checkpoint, read by npp_jax.checkpoints.load_params.
   gpt_dir = str(tmp_path / "gpt")
@@ -618,10 +621,6 @@ def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
   """2 processes x 4 CPU devices (loopback, the CLI's flags) sample what 1 process x 8 devices
   samples: each process decodes its devices' share, process 0 writes the npz and the PNG once; a
   resumed run samples only the missing shard."""
-  from test_multiprocess import ROOT  # noqa: E402
-  from test_multiprocess import _env  # noqa: E402
-  from test_multiprocess import _free_port  # noqa: E402
-
   from npp_jax import checkpoints
   from npp_jax.models import vq
 
@@ -630,26 +629,23 @@ def test_job_on_two_processes_equals_one_process(tmp_path, tiny_params):
   config = config_lib.load(str(config_path))
   checkpoints.save_params(str(tmp_path / "gpt"), tiny_params)
   checkpoints.save_params(
-    str(tmp_path / "vq"), fixtures.random_vq_params(vq.VQConfig.from_config(config.vq), 0)
+    str(tmp_path / "vq"), random_vq_params(vq.VQConfig.from_config(config.vq), 0)
   )
   one = sample.run(config, str(tmp_path / "one")).outputs["samples"]  # This process: 8 devices.
 
   def two_processes():
     cmd = [
-      sys.executable,
-      "-m",
-      "npp_jax.main",
       "--mode=sample",
       f"--config={config_path}",
       f"--workdir={tmp_path / 'two'}",
-      f"--coordinator_address=127.0.0.1:{_free_port()}",
+      f"--coordinator_address=127.0.0.1:{free_port()}",
       "--num_processes=2",
     ]
     procs = [
-      subprocess.Popen(
-        cmd + [f"--process_id={i}"],
-        cwd=ROOT,
-        env=_env(2),
+      start_main(
+        *cmd,
+        f"--process_id={i}",
+        env=multiprocess_env(2),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -821,12 +817,8 @@ def get_config(arg=None):
 
 
 def run_cli(workdir, config_path, *flags):
-  from test_multiprocess import ROOT  # noqa: E402
-  from test_multiprocess import _env  # noqa: E402
-
-  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=sample", f"--config={config_path}"]
-  cmd += [f"--workdir={workdir}", *flags]
-  return subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
+  cmd = ["--mode=sample", f"--config={config_path}", f"--workdir={workdir}", *flags]
+  return run_main(*cmd, env=multiprocess_env(1))
 
 
 def write_text_job(tmp_path, t, c, seed=5):
@@ -962,19 +954,19 @@ def test_text_job_from_prompts_through_the_cli(tmp_path):
   here) -> codes equal to the sampler's for the encoder's left-padded features, the images, and a
   PNG with one caption per row (its prompts listed beside it)."""
   from PIL import Image
+  from support import t5_files
 
   from npp_jax import checkpoints
   from npp_jax import text_encoder
   from npp_jax.models import vq
-  from tests import t5_helpers
 
-  folder = t5_helpers.write_folder(
-    tmp_path / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece()
+  folder = t5_files.write_folder(
+    tmp_path / "t5", t5_files.random_encoder(), t5_files.train_spiece()
   )
-  t, c = 12, 32  # t5_helpers' encoder is 32 wide; 12 tokens cut the long prompt.
+  t, c = 12, 32  # t5_files' encoder is 32 wide; 12 tokens cut the long prompt.
   path, params, config = write_text_job(tmp_path, t, c)
   checkpoints.save_params(
-    str(tmp_path / "vq"), fixtures.random_vq_params(vq.VQConfig.from_config(config.vq), 0)
+    str(tmp_path / "vq"), random_vq_params(vq.VQConfig.from_config(config.vq), 0)
   )
   prompts = [
     "A photo of a cat",
@@ -1046,14 +1038,10 @@ def test_text_job_from_prompts_on_two_processes_equals_one_process(tmp_path):
   """2 processes x 4 CPU devices (the CLI's flags): each encodes the prompts on the global mesh and
   samples its devices' share; the npz equals one process's (resuming is the shard loop's, tested
   with class samples on two processes)."""
-  from test_multiprocess import ROOT  # noqa: E402
-  from test_multiprocess import _env  # noqa: E402
-  from test_multiprocess import _free_port  # noqa: E402
+  from support import t5_files
 
-  from tests import t5_helpers
-
-  folder = t5_helpers.write_folder(
-    tmp_path / "t5", t5_helpers.random_encoder(), t5_helpers.train_spiece()
+  folder = t5_files.write_folder(
+    tmp_path / "t5", t5_files.random_encoder(), t5_files.train_spiece()
   )
   path, _, _ = write_text_job(tmp_path, 12, 32)
   (tmp_path / "prompts.txt").write_text("a red car\ntwo dogs on the beach\nan old castle\n")
@@ -1064,14 +1052,14 @@ def test_text_job_from_prompts_on_two_processes_equals_one_process(tmp_path):
   one = run_cli(tmp_path / "one", path, *flags)
   assert one.returncode == 0, one.stderr[-3000:]
 
-  cmd = [sys.executable, "-m", "npp_jax.main", "--mode=sample", f"--config={path}", *flags]
-  cmd += [f"--workdir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{_free_port()}"]
+  cmd = ["--mode=sample", f"--config={path}", *flags]
+  cmd += [f"--workdir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{free_port()}"]
   cmd += ["--num_processes=2"]
   procs = [
-    subprocess.Popen(
-      cmd + [f"--process_id={i}"],
-      cwd=ROOT,
-      env=_env(2),
+    start_main(
+      *cmd,
+      f"--process_id={i}",
+      env=multiprocess_env(2),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,

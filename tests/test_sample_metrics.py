@@ -7,12 +7,11 @@ Inception runs at its smallest input (75 px) on random weights, as in test_evalu
 
 import json
 import os
-import subprocess
-import sys
 
-import fixtures  # tests/ is on sys.path
 import numpy as np
 import pytest
+from support import cli
+from support.weights import random_vq_params
 
 from npp_jax import checkpoints
 from npp_jax import config_lib
@@ -21,17 +20,15 @@ from npp_jax.models import inception
 from npp_jax.models import vq
 
 torch = pytest.importorskip("torch")
-from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
-from helpers import tiny_model_config  # noqa: E402  (tests/ is on sys.path)
-from test_inception import random_state  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support.configs import tiny_model_config  # noqa: E402
+from support.scalars import read_scalars  # noqa: E402
+from support.weights import random_inception_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
   d = tmp_path_factory.mktemp("sample_metrics")
-  torch.save(random_state(seed=3), str(d / inception.WEIGHTS_FILE))
+  torch.save(random_inception_state(seed=3), str(d / inception.WEIGHTS_FILE))
   model = tiny_model_config()  # 8x8 codes of 64, 10 classes; the VQ below decodes them to 16 px.
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, 64).astype(np.int32)
@@ -48,7 +45,7 @@ def inputs(tmp_path_factory):
     1,
     16,
   )
-  checkpoints.save_params(d / "vq", fixtures.random_vq_params(vq.VQConfig.from_config(v), 0))
+  checkpoints.save_params(d / "vq", random_vq_params(vq.VQConfig.from_config(v), 0))
   fields = {
     f"model.{k}": model[k]
     for k in ("n_layer", "n_head", "dim", "vocab_size", "num_classes", "multiple_of", "grid")
@@ -79,20 +76,8 @@ def inputs(tmp_path_factory):
 
 def run_main(mode, workdir, fields):
   args = [f"--config.{k}={str(x).replace(' ', '')}" for k, x in fields.items()]
-  return subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "npp_jax.main",
-      f"--mode={mode}",
-      "--config=configs/tiny.py",
-      f"--workdir={workdir}",
-      *args,
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  return cli.run_main(
+    f"--mode={mode}", "--config=configs/tiny.py", f"--workdir={workdir}", *args, timeout=600
   )
 
 

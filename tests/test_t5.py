@@ -9,13 +9,13 @@ import chex
 import jax
 import numpy as np
 import pytest
+from support import t5_files
 
 from npp_jax import config_lib
 from npp_jax import sharding
 from npp_jax import text
 from npp_jax import text_encoder
 from npp_jax.models import t5
-from tests import t5_helpers
 
 CAPTIONS = [
   "A photo of a cat sitting on a wooden table",
@@ -28,12 +28,12 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def spiece():
-  return t5_helpers.train_spiece()
+  return t5_files.train_spiece()
 
 
 @pytest.fixture(scope="module")
 def model():
-  return t5_helpers.random_encoder()
+  return t5_files.random_encoder()
 
 
 def _mesh(shape=(2, 2, 2)):
@@ -57,7 +57,7 @@ def test_relative_buckets_match_hf():
 def test_tokenizer_matches_hf(tmp_path, model, spiece):
   from transformers import T5Tokenizer
 
-  folder = t5_helpers.write_folder(tmp_path, model, spiece)
+  folder = t5_files.write_folder(tmp_path, model, spiece)
   hf = T5Tokenizer.from_pretrained(str(folder))
   want = hf(CAPTIONS, max_length=120, padding="max_length", truncation=True, return_tensors="np")
   got = text.Tokenizer(folder / "spiece.model")(CAPTIONS)
@@ -71,12 +71,12 @@ def test_tokenizer_matches_hf(tmp_path, model, spiece):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "sharded", "bin", "sharded_bin"])
 def test_encoder_matches_hf(tmp_path, model, spiece, fmt):
-  folder = t5_helpers.write_folder(tmp_path, model, spiece, fmt)
+  folder = t5_files.write_folder(tmp_path, model, spiece, fmt)
   mesh, rules = _mesh()
   encoder = text_encoder.TextEncoder(folder, mesh, rules, dtype="float32", param_dtype="float32")
   got = encoder(CAPTIONS)
   tokens = encoder.tokenize(CAPTIONS)
-  want = t5_helpers.hf_hidden(model, tokens.ids, tokens.mask)
+  want = t5_files.hf_hidden(model, tokens.ids, tokens.mask)
   chex.assert_shape(got.features, (len(CAPTIONS), 120, 32))
   np.testing.assert_array_equal(got.lengths, tokens.lengths)
   assert got.truncated == 1
@@ -93,15 +93,15 @@ def test_full_t5_checkpoint_loads_the_encoder(tmp_path, spiece):
   from transformers import T5ForConditionalGeneration
 
   torch.manual_seed(1)
-  full = T5ForConditionalGeneration(t5_helpers.hf_config(num_decoder_layers=1)).eval()
+  full = T5ForConditionalGeneration(t5_files.hf_config(num_decoder_layers=1)).eval()
   with torch.no_grad():
     for p in full.parameters():
       p.copy_(torch.randn_like(p) * 0.2)
-  folder = t5_helpers.write_folder(tmp_path, full, spiece)
+  folder = t5_files.write_folder(tmp_path, full, spiece)
   mesh, rules = _mesh((8, 1, 1))
   encoder = text_encoder.TextEncoder(folder, mesh, rules, dtype="float32", param_dtype="float32")
   tokens = encoder.tokenize(CAPTIONS[:3])
-  want = t5_helpers.hf_hidden(full.encoder, tokens.ids, tokens.mask)
+  want = t5_files.hf_hidden(full.encoder, tokens.ids, tokens.mask)
   got = encoder(CAPTIONS[:3]).features
   valid = tokens.mask[..., None]
   np.testing.assert_allclose(got * valid, want * valid, atol=1e-4, rtol=1e-4)
@@ -109,7 +109,7 @@ def test_full_t5_checkpoint_loads_the_encoder(tmp_path, spiece):
 
 def test_bf16_sharded(tmp_path, model, spiece):
   """The default run: bf16 parameters and compute, parameters split by the config's rules."""
-  folder = t5_helpers.write_folder(tmp_path, model, spiece)
+  folder = t5_files.write_folder(tmp_path, model, spiece)
   mesh, rules = _mesh()
   encoder = text_encoder.TextEncoder(folder, mesh, rules)
   q = encoder.params["layers_0"]["attention"]["q"]["kernel"]
@@ -117,14 +117,14 @@ def test_bf16_sharded(tmp_path, model, spiece):
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   got = encoder(CAPTIONS).features
   tokens = encoder.tokenize(CAPTIONS)
-  want = t5_helpers.hf_hidden(model, tokens.ids, tokens.mask) * tokens.mask[..., None]
+  want = t5_files.hf_hidden(model, tokens.ids, tokens.mask) * tokens.mask[..., None]
   chex.assert_tree_all_finite(got)
   # bf16 keeps ~3 significant digits per op over 2 layers: a few percent of the activations' scale.
   assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
 def test_hf_config_fields(tmp_path, model, spiece):
-  folder = t5_helpers.write_folder(tmp_path, model, spiece)
+  folder = t5_files.write_folder(tmp_path, model, spiece)
   cfg = text_encoder.check_folder(folder, dtype="float32", param_dtype="float32").config
   assert cfg == t5.T5Config(32, 8, 4, 2, 48, 224, 32, 128, 1e-6, np.float32, np.float32)
 
@@ -157,7 +157,7 @@ BAD_FOLDERS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_FOLDERS))
 def test_bad_folder(tmp_path, model, spiece, case, monkeypatch):
-  folder = t5_helpers.write_folder(tmp_path / "t5", model, spiece)
+  folder = t5_files.write_folder(tmp_path / "t5", model, spiece)
   edit, message = BAD_FOLDERS[case]
   edit(folder)
   mesh, rules = _mesh()

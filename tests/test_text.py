@@ -5,9 +5,9 @@ import io
 import re
 
 import pytest
+from support import t5_files
 
 from npp_jax import text
-from tests import t5_helpers
 
 # (caption, cleaned): one or two rules each; the expected strings are what the rules say, worked by
 # hand.
@@ -65,7 +65,7 @@ def _spiece(**ids) -> bytes:
 
   out = io.BytesIO()
   spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(t5_helpers.SENTENCES * 4),
+    sentence_iterator=iter(t5_files.SENTENCES * 4),
     model_writer=out,
     vocab_size=64,
     minloglevel=2,
@@ -83,7 +83,7 @@ def test_tokenizer_needs_t5_ids(tmp_path):
 
 def test_tokenizer_lengths(tmp_path):
   path = tmp_path / "spiece.model"
-  path.write_bytes(t5_helpers.train_spiece())
+  path.write_bytes(t5_files.train_spiece())
   tokens = text.Tokenizer(path, max_length=6)(["a cat", "a photo of a cat on a wooden table"])
   assert tokens.ids.shape == (2, 6) and tokens.truncated == 1
   assert tokens.lengths[1] == 6 and tokens.ids[1, 5] == text.EOS_ID

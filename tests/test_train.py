@@ -7,17 +7,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import chex
 import flax.linen as nn
-from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from support.cli import start_main
+from support.codes import dataset as shared_dataset
+from support.codes import make_codes
+from support.scalars import read_scalars
 
 from npp_jax import checkpoints
 from npp_jax import config_lib
@@ -28,28 +30,9 @@ from npp_jax.data import code_dataset
 from npp_jax.jobs import train
 from npp_jax.models import gpt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_codes(n, seed=0, vocab=256, classes=10, n_aug=2):
-  """Learnable codes: each class draws a smooth pattern, with per-image noise and two
-  augmentations."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, classes, size=n)
-  rows, cols = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
-  base = (labels[:, None, None] * 23 + rows[None] * 3 + cols[None]) % vocab
-  codes = np.stack(
-    [(base + rng.integers(0, 2, size=base.shape) + a) % vocab for a in range(n_aug)], 1
-  )
-  return codes.astype(np.int32), labels.astype(np.int32)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("codes") / "ds")
-  codes, labels = make_codes(64)
-  code_dataset.write_code_dataset(path, codes, labels, vocab_size=256, num_classes=10)
-  return path
+# The module-scoped code data set of 64 images (support/codes.py): pytest finds a fixture by
+# its name in the module.
+dataset = shared_dataset
 
 
 def tiny(dataset, **overrides):
@@ -88,18 +71,15 @@ def test_tiny_training_learns_and_switches_stages(dataset, tmp_path, mesh_shape)
 
 
 def _run_main(workdir, dataset, extra=(), wait=True):
-  cmd = [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
+  proc = start_main(
     "--config=configs/tiny.py",
     f"--workdir={workdir}",
     f"--config.data.path={dataset}",
     "--config.mesh.shape=(8,1,1)",
     *extra,
-  ]
-  proc = subprocess.Popen(
-    cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
   )
   if wait:
     out, _ = proc.communicate(timeout=300)

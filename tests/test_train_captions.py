@@ -6,7 +6,6 @@ release's t2i layout, two processes train as one; bad data sets one line each.""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import chex
@@ -15,7 +14,10 @@ import jax
 import numpy as np
 import optax
 import pytest
-import test_multiprocess as mp  # noqa: E402  (tests/ is on sys.path)
+from support.cli import finish
+from support.cli import free_port
+from support.cli import multiprocess_env
+from support.cli import start_main
 
 from npp_jax import checkpoints
 from npp_jax import config_lib
@@ -25,7 +27,6 @@ from npp_jax.data import captions
 from npp_jax.jobs import train
 from npp_jax.models import gpt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, T, DIM, VOCAB = 64, 8, 32, 256
 
 
@@ -91,9 +92,6 @@ def test_text_training_learns_switches_stages_and_evaluates(dataset, tmp_path):
 def _command(workdir, dataset):
   """The CLI run every test here shares (16 steps through the three stages, no evaluation)."""
   return [
-    sys.executable,
-    "-m",
-    "npp_jax.main",
     "--config=configs/tiny.py:text",
     f"--workdir={workdir}",
     f"--config.data.path={dataset}",
@@ -104,10 +102,9 @@ def _command(workdir, dataset):
 
 
 def _run_main(workdir, dataset, wait=True):
-  proc = subprocess.Popen(
-    _command(workdir, dataset),
-    cwd=ROOT,
-    env=mp._env(1),
+  proc = start_main(
+    *_command(workdir, dataset),
+    env=multiprocess_env(1),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -170,15 +167,15 @@ def test_bad_caption_data_sets_fail_before_anything_is_written(dataset, tmp_path
 
 def test_a_text_workdir_exports_to_the_release_t2i_layout(full_run, tmp_path):
   """`convert --to=torch --src=WORKDIR` with the text config: a state dict LlamaGen's t2i class
-  (tests/torch_reference.py) loads strictly, null caption included, with the logits of the run's
+  (support/torch_reference.py) loads strictly, null caption included, with the logits of the run's
   weights on padded captions and null rows (1e-4 relative, as tests/test_convert_t2i.py)."""
   torch = pytest.importorskip("torch")
-  from test_convert import rel_err  # noqa: E402
-  from test_convert import run_cli  # noqa: E402
-  import torch_reference as ref  # noqa: E402  (tests/ is on sys.path)
+  from support import torch_reference as ref
+  from support.conversion import rel_err
+  from support.conversion import run_convert
 
   pt = tmp_path / "t2i.pt"
-  run_cli(
+  run_convert(
     "--kind=gpt", f"--src={full_run}", "--config=configs/tiny.py:text", f"--dst={pt}", "--to=torch"
   )
   config = config_lib.load("configs/tiny.py:text")
@@ -221,7 +218,7 @@ def test_two_processes_train_a_text_model_as_one_process_does(dataset, full_run,
   """The shared run's command on two processes of 4 CPU devices each, as test_multiprocess runs."""
   workdir = str(tmp_path / "two")
   cmd = _command(workdir, dataset) + [
-    f"--coordinator_address=127.0.0.1:{mp._free_port()}",
+    f"--coordinator_address=127.0.0.1:{free_port()}",
     "--num_processes=2",
   ]
   procs = []
@@ -230,17 +227,17 @@ def test_two_processes_train_a_text_model_as_one_process_does(dataset, full_run,
     with open(log, "w") as f:
       procs.append(
         (
-          subprocess.Popen(
-            cmd + [f"--process_id={i}"],
-            cwd=ROOT,
-            env=mp._env(2),
+          start_main(
+            *cmd,
+            f"--process_id={i}",
+            env=multiprocess_env(2),
             stdout=f,
             stderr=subprocess.STDOUT,
           ),
           log,
         )
       )
-  statuses = mp._finish(procs, timeout=300)
+  statuses = finish(procs, timeout=300)
   assert statuses == [0, 0], "\n".join(open(log).read()[-3000:] for _, log in procs)
   a, b = (jax.tree.map(np.asarray, checkpoints.load_params(w)) for w in (workdir, full_run))
   # As test_multiprocess: only the all-reduce differs (gloo vs. in-process), fp32 round-off.

@@ -10,13 +10,13 @@ Tolerances: fp32 on CPU, 1e-5 relative for one forward, 1e-4 where XLA sums in a
 import functools
 
 import flax.linen as nn
-from helpers import random_params  # noqa: E402  (tests/ is on sys.path)
-from helpers import tiny_model_config  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from support.configs import tiny_model_config
+from support.weights import random_params
 
 from npp_jax import config_lib
 from npp_jax import optim

@@ -6,11 +6,12 @@ import os
 import shutil
 import signal
 
-from helpers import read_scalars  # noqa: E402  (tests/ is on sys.path)
 import jax
 import numpy as np
 import pytest
-from vq_helpers import tiny_config  # noqa: E402
+from support.configs import tiny_vq_config
+from support.paths import TESTS
+from support.scalars import read_scalars
 
 from npp_jax import checkpoints
 from npp_jax.jobs import train_vq
@@ -21,7 +22,7 @@ from npp_jax.models import vq
 
 def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
   workdir = str(tmp_path / "w")
-  c = tiny_config()
+  c = tiny_vq_config()
   out = train_vq.run(c, workdir).outputs["vq"]
   assert out == os.path.join(workdir, "vq")
   params = checkpoints.read_params(out)
@@ -43,7 +44,9 @@ def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
   assert sorted(os.listdir(workdir)) == events
   # A longer run resumes from step 6 (final params removed, as if the run had never finished).
   shutil.rmtree(out)
-  train_vq.run(tiny_config(**{"vq_train.steps": 8, "vq_train.checkpoint_every_steps": 4}), workdir)
+  train_vq.run(
+    tiny_vq_config(**{"vq_train.steps": 8, "vq_train.checkpoint_every_steps": 4}), workdir
+  )
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "vq_checkpoints")) if s.isdigit())
   assert steps == [6, 8]
   new_steps = sorted(s for s, _ in read_scalars(workdir)["loss"])
@@ -54,7 +57,7 @@ def test_train_vq_learns_logs_usage_resumes_and_is_not_redone(tmp_path):
 def uninterrupted_run(tmp_path_factory):
   """(workdir, final parameters) of a run of the SIGTERM test's config that nothing interrupts;
   it keeps steps 4 and 6 (test_a_vq_workdir_exports_to_torch_and_params reads them)."""
-  c = tiny_config(**{"vq_train.checkpoint_every_steps": 4})
+  c = tiny_vq_config(**{"vq_train.checkpoint_every_steps": 4})
   workdir = str(tmp_path_factory.mktemp("vq") / "w")
   return workdir, checkpoints.read_params(train_vq.run(c, workdir).outputs["vq"])
 
@@ -66,7 +69,7 @@ def uninterrupted(uninterrupted_run):
 
 def test_train_vq_saves_and_stops_on_sigterm_then_resumes(tmp_path, monkeypatch, uninterrupted):
   workdir = str(tmp_path / "w")
-  c = tiny_config(**{"vq_train.checkpoint_every_steps": 100})
+  c = tiny_vq_config(**{"vq_train.checkpoint_every_steps": 100})
   real = train_vq._vq_batches
 
   def batches_then_sigterm(*args, **kw):
@@ -98,7 +101,7 @@ def test_train_vq_refuses_bad_input_before_writing(tmp_path):
     ({"vq_train.split": "valid"}, "expected one of"),
     ({"vq.norm_groups": 5}, "norm_groups"),
   ):
-    c = tiny_config(**overrides)
+    c = tiny_vq_config(**overrides)
     with pytest.raises(ValueError, match=match) as e:
       train_vq.run(c, workdir)
     assert "\n" not in str(e.value)
@@ -110,19 +113,19 @@ def test_a_vq_workdir_exports_to_torch_and_params(tmp_path, uninterrupted_run):
   strictly (and converts back to them bit for bit), --step=4 a kept step, --to=params a params
   directory of the weights the step holds."""
   torch = pytest.importorskip("torch")
-  import torch_reference as ref  # noqa: E402  (tests/ is on sys.path)
+  from support import torch_reference as ref
 
   from npp_jax import convert
 
   workdir, uninterrupted = uninterrupted_run
   config_file = tmp_path / "tiny_vq.py"
   config_file.write_text(
-    f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-    "from vq_helpers import tiny_config\n\n\ndef get_config():\n  return tiny_config()\n"
+    f"import sys\nsys.path.insert(0, {TESTS!r})\n"
+    "from support.configs import tiny_vq_config\n\n\ndef get_config():\n  return tiny_vq_config()\n"
   )
   base = ["convert", "--kind=vq", f"--config={config_file}"]
   convert.run([*base, f"--src={workdir}", "--to=torch", f"--dst={tmp_path / 'vq.pt'}"])
-  v = tiny_config().vq
+  v = tiny_vq_config().vq
   model = ref.VQModel(
     v.codebook_size,
     v.codebook_embed_dim,

@@ -1,4 +1,4 @@
-"""The Flax VQ tokenizer against the PyTorch reference (tests/torch_reference.py) with random
+"""The Flax VQ tokenizer against the PyTorch reference (support/torch_reference.py) with random
 weights.
 
 Tolerances: codes must be identical; images agree within 1e-4 relative L2 error (fp32 on CPU).
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from jax.sharding import AxisType  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+from support import torch_reference as ref  # noqa: E402
 
 from npp_jax import config_lib  # noqa: E402
 from npp_jax import convert  # noqa: E402

@@ -1,4 +1,4 @@
-"""`gs://` paths served from a local folder, for tests of the file layer (tests/ is on sys.path).
+"""`gs://` paths served from a local folder, for tests of the file layer (tests/support/)
 
 Inside `fake_gcs(root)`, every etils.epath operation on `gs://bucket/a/b` happens on
 `root/bucket/a/b` (etils.epath.testing.mock_epath, with TensorFlow's gfile backend bypassed). Code

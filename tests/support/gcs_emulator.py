@@ -1,4 +1,4 @@
-"""gcp-storage-emulator as tests/test_gcs.py runs it: `python tests/gcs_emulator.py start
+"""gcp-storage-emulator as tests/test_gcs.py runs it: `python tests/support/gcs_emulator.py start
 --port=...` takes the emulator's own arguments, with the fixes that make it answer the real
 clients (gcsfs and tensorstore) as real GCS does. Each fix was a failure or a wait of the
 emulator (2026.7.19):

@@ -1,9 +1,22 @@
-"""The tiny VQ config shared by the VQ job tests (tests/ is on sys.path under pytest)."""
+"""Tiny configs, small enough to compile in seconds: the GPT (tiny_model_config) and the VQ with
+the jobs around it (tiny_vq_config)."""
 
 from npp_jax import config_lib
 
 
-def tiny_config(workdir=None, **overrides):
+def tiny_model_config(**kw):
+  """A 2-layer fp32 GPT small enough to compile in seconds; keyword arguments override fields."""
+  m = config_lib.model_config("custom")
+  m.n_layer, m.n_head, m.dim = 2, 4, 32
+  m.vocab_size, m.num_classes, m.grid = 64, 10, (8, 8)
+  m.multiple_of = 32
+  m.dtype = "float32"
+  for key, value in kw.items():
+    m[key] = value
+  return m
+
+
+def tiny_vq_config(workdir=None, **overrides):
   """A 2-level VQ (32 px -> 16x16 codes of 64) with matching GPT fields; digits for both jobs."""
   c = config_lib.base_config()
   c.vq.ch, c.vq.ch_mult, c.vq.num_res_blocks, c.vq.z_channels, c.vq.norm_groups = (

@@ -1,7 +1,6 @@
 """The fixed inputs behind tests/data/golden.npz (see make_golden.py); shared with
 tests/test_golden.py."""
 
-import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +11,8 @@ from npp_jax import npp
 from npp_jax import sampling as sample_lib
 from npp_jax.models import gpt
 from npp_jax.models import vq
+from support.configs import tiny_model_config
+from support.weights import random_params
 
 # Sampler settings that cover every branch of the decoder: plain, guided with an interval, top-k,
 # top-p.
@@ -24,12 +25,12 @@ SAMPLER_CASES = {
 
 
 def gpt_model_config():
-  return helpers.tiny_model_config(grid=(4, 4), n_kv_head=2)
+  return tiny_model_config(grid=(4, 4), n_kv_head=2)
 
 
 def tiny_gpt():
   cfg = gpt.GPTConfig.from_config(gpt_model_config())
-  model, params = helpers.random_params(cfg, seed=7)
+  model, params = random_params(cfg, seed=7)
   return cfg, model, params
 
 
