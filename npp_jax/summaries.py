@@ -4,7 +4,7 @@ clu's metric writers and periodic actions import TensorFlow, whose CPU build has
 aarch64 wheels and clashes with the `tensorflow` that Colab and TPU VM images preinstall. The
 `tensorboard` package writes the same event files on its own: scalars as TF2's `tf.summary.scalar`
 writes them (a float tensor with the `scalars` plugin's metadata), so TensorBoard and
-tests/helpers.read_scalars read them as before.
+tests/support/scalars.read_scalars read them as before.
 
   writer = summaries.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   hooks = [summaries.ReportProgress(num_train_steps=n, writer=writer)]   # hook(step) after every
