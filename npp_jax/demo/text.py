@@ -86,10 +86,11 @@ def encoder_config(caption_dim: int, vocab_size: int) -> t5.T5Config:
   """A small FLAN-T5-shaped encoder (gated GELU, relative position buckets) as wide as the model's
   captions.
 
-  One layer: random attention mixes every word into every other (near-uniform weights), so the
-  class leaks into the context words' features and the GPT learns to read it there, which fails on
-  held-out phrasings whose context words are new. Measured (docs/performance.md, "The text demo"):
-  held-out sample accuracy 0.29 with two layers, 0.43 with one, at 6 epochs."""
+  One layer: random attention mixes every word into every other, so (most likely: the attention
+  weights were not inspected) the class leaks into the context words' features and the GPT learns
+  to read it there, which fails on held-out phrasings whose context words are new. Measured
+  (docs/performance.md, "The text demo"): held-out sample accuracy 0.29 with two layers, 0.43 with
+  one, at 6 epochs."""
   return t5.T5Config(
     d_model=caption_dim,
     d_kv=caption_dim // 4,
