@@ -11,35 +11,15 @@ import subprocess
 
 import numpy as np
 import pytest
+from support import weights
 from support.cli import free_port
 from support.cli import multiprocess_env
 from support.cli import run_main
 from support.cli import start_main
 
 from npp_jax import checkpoints
-from npp_jax.models import inception
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "num_samples")
-
-
-def random_inception(seed: int) -> dict:
-  """FID Inception params of random weights, scaled so activations stay O(1) through 47 layers."""
-  from flax import traverse_util
-
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for path, shape in inception.param_shapes().items():
-    leaf = path.rsplit("/", 1)[1]
-    if leaf == "kernel":  # HWIO convolutions and the [in, out] classifier: fan-in is all but last.
-      x = rng.normal(0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
-    elif leaf == "bn_scale":
-      x = rng.uniform(0.7, 1.3, shape)
-    elif leaf == "bn_var":
-      x = rng.uniform(0.5, 1.5, shape)
-    else:  # BN bias and mean, classifier bias.
-      x = rng.normal(0, 0.2, shape)
-    flat[path] = x.astype(np.float32)
-  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _cmd(inputs: dict, workdir) -> list[str]:
@@ -73,7 +53,7 @@ def test_two_processes_resume_from_disks_that_disagree_and_score_as_one(tmp_path
   train, test = digits.load_digits("train")[0], digits.load_digits("test")[0]
   np.savez(tmp_path / "samples.npz", arr_0=images.float_to_uint8(train[:20]))
   np.savez(tmp_path / "reference.npz", arr_0=images.float_to_uint8(test[:24]))
-  checkpoints.save_params(str(tmp_path / "inception"), random_inception(3))
+  checkpoints.save_params(str(tmp_path / "inception"), weights.random_inception_params(3))
   inputs = {
     "samples": tmp_path / "samples.npz",
     "reference": tmp_path / "reference.npz",

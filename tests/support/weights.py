@@ -58,9 +58,33 @@ def random_params(cfg, seed=0):
   return model, jax.tree.unflatten(tree, leaves)
 
 
+def _random_inception_leaf(rng, leaf: str, shape, fan_in: int) -> np.ndarray:
+  """One FID Inception weight, scaled so activations stay O(1) through 47 layers."""
+  if leaf == "kernel":
+    x = rng.normal(0, np.sqrt(2.0 / fan_in), shape)
+  elif leaf == "bn_scale":
+    x = rng.uniform(0.7, 1.3, shape)
+  elif leaf == "bn_var":
+    x = rng.uniform(0.5, 1.5, shape)
+  else:  # BN bias and mean, fc bias.
+    x = rng.normal(0, 0.2, shape)
+  return x.astype(np.float32)
+
+
+def random_inception_params(seed: int) -> dict:
+  """FID Inception Flax params of random weights (HWIO kernels: fan-in is all but the last axis)."""
+  from flax import traverse_util
+
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, shape in inception.param_shapes().items():
+    leaf = path.rsplit("/", 1)[1]
+    flat[path] = _random_inception_leaf(rng, leaf, shape, int(np.prod(shape[:-1])))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def random_inception_state(seed=0) -> dict:
-  """A pytorch-fid state dict of random weights, scaled so activations stay O(1) through 47
-  layers."""
+  """A pytorch-fid state dict of random weights (OIHW kernels: fan-in is all but the first axis)."""
   import torch  # Only the tests that compare against PyTorch have it (they skip without).
 
   rng = np.random.default_rng(seed)
@@ -69,16 +93,8 @@ def random_inception_state(seed=0) -> dict:
     name = inception.torch_name(path)
     tshape = convert.to_torch(path, np.empty(shape, np.uint8)).shape
     leaf = path.rsplit("/", 1)[1]
-    if leaf == "kernel":
-      fan_in = int(np.prod(tshape[1:]))
-      x = rng.normal(0, np.sqrt(2.0 / fan_in), tshape)
-    elif leaf == "bn_scale":
-      x = rng.uniform(0.7, 1.3, tshape)
-    elif leaf == "bn_var":
-      x = rng.uniform(0.5, 1.5, tshape)
-    else:  # BN bias and mean, fc bias.
-      x = rng.normal(0, 0.2, tshape)
-    state[name] = torch.from_numpy(x.astype(np.float32))
+    x = _random_inception_leaf(rng, leaf, tshape, int(np.prod(tshape[1:])))
+    state[name] = torch.from_numpy(x)
     if leaf == "bn_var":
       state[name.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
   return state
