@@ -601,8 +601,8 @@ def main(argv=None) -> int:
     try:
       for line in RUNNERS[figure](sizes, args):
         emit({**common_fields(figure, args.smoke), **line})
-    except Exception as e:  # pylint: disable=broad-except  (one broken figure must not lose the rest)
-      failed += 1
+    except Exception as e:  # pylint: disable=broad-except
+      failed += 1  # One broken figure must not lose the rest.
       traceback.print_exc(file=sys.stderr)
       emit({**common_fields(figure, args.smoke), "error": str(e).splitlines()[0][:500]})
   return 1 if failed else 0
