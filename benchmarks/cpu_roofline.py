@@ -11,25 +11,20 @@ the step (median of --steps after a warm-up): estimate and measurement from one 
 
 import argparse
 import datetime
-import functools
 import json
 import os
-import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+import gpt_step  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+import machine  # noqa: E402
 
 from npp_jax import config_lib  # noqa: E402
-from npp_jax import npp  # noqa: E402
-from npp_jax.jobs import train  # noqa: E402
-from npp_jax.models import gpt  # noqa: E402
 
 
 def best_seconds(fn, *args, repeats: int) -> float:
@@ -66,7 +61,6 @@ def main():
 
   config = config_lib.load(args.config)
   config.model.dtype = "float32"
-  cfg = gpt.GPTConfig.from_config(config.model)
   peak, bw = peak_flops(args.matmul, args.repeats), bandwidth(args.mib, args.repeats)
   out = {
     "config": args.config,
@@ -77,20 +71,9 @@ def main():
     "peak_gflop_s": round(peak / 1e9, 1),
     "bandwidth_gb_s": round(bw / 1e9, 2),
   }
-  model = gpt.GPT(cfg)
-  schedule = npp.Schedule.from_config(config, steps_per_epoch=100)
-  tx, lr_fn = train.make_optimizer(config, schedule)
-  init_fn, rng = train.init_state(model, tx, cfg, 0, ema=False)
-  state = jax.jit(lambda r: nn.unbox(init_fn(r)))(rng)
-  h, w = cfg.grid
-  rs = np.random.default_rng(0)
-  batch = {
-    "codes": jnp.asarray(rs.integers(0, cfg.vocab_size, (args.batch, h, w)), jnp.int32),
-    "labels": jnp.asarray(rs.integers(0, cfg.num_classes, (args.batch,)), jnp.int32),
-  }
+  model, _, tx, lr_fn, state, batch = gpt_step.setup(config, args.batch)
   for k in [int(x) for x in args.ks.split(",")]:
-    step = functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=k, accum=1)
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    compiled = gpt_step.compile_step(model, tx, lr_fn, k, state, batch)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops, accessed = float(cost["flops"]), float(cost["bytes accessed"])
@@ -98,15 +81,8 @@ def main():
     out[f"gb_accessed_k{k}"] = round(accessed / 1e9, 2)
     out[f"estimated_s_k{k}"] = round(max(flops / peak, accessed / bw), 3)
     if args.time:
-      state, m = compiled(state, batch)  # Warm-up.
-      jax.block_until_ready(m)
-      times = []
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-      out[f"step_s_k{k}"] = round(statistics.median(times), 3)
+      state, seconds = gpt_step.median_step_s(compiled, state, batch, args.steps)
+      out[f"step_s_k{k}"] = round(seconds, 3)
       out[f"measured_over_estimate_k{k}"] = round(out[f"step_s_k{k}"] / out[f"estimated_s_k{k}"], 2)
   print(json.dumps(out))
 

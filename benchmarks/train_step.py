@@ -10,25 +10,18 @@ schedule's predicted relative cost (token_ratio, flop_ratio) next to the one the
 
 import argparse
 import datetime
-import functools
 import json
 import os
-import statistics
 import sys
 import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import machine  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+import gpt_step  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+import machine  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from npp_jax import costs  # noqa: E402
 from npp_jax import npp  # noqa: E402
-from npp_jax.jobs import train  # noqa: E402
 from npp_jax.models import gpt  # noqa: E402
 
 
@@ -52,17 +45,7 @@ def main():
   config = load_config(args.config)
   config.model.dtype = args.dtype
   cfg = gpt.GPTConfig.from_config(config.model)
-  model = gpt.GPT(cfg)
-  schedule = npp.Schedule.from_config(config, steps_per_epoch=100)
-  tx, lr_fn = train.make_optimizer(config, schedule)
-  init_fn, rng = train.init_state(model, tx, cfg, 0, ema=False)
-  state = jax.jit(lambda r: nn.unbox(init_fn(r)))(rng)
-  h, w = cfg.grid
-  rs = np.random.default_rng(0)
-  batch = {
-    "codes": jnp.asarray(rs.integers(0, cfg.vocab_size, (args.batch, h, w)), jnp.int32),
-    "labels": jnp.asarray(rs.integers(0, cfg.num_classes, (args.batch,)), jnp.int32),
-  }
+  model, schedule, tx, lr_fn, state, batch = gpt_step.setup(config, args.batch)
 
   out = {
     "config": args.config,
@@ -77,22 +60,10 @@ def main():
   }
   peak = costs.peak_flops_per_device()
   for k in [int(x) for x in args.ks.split(",")]:
-    step = jax.jit(
-      functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn, k=k, accum=1),
-      donate_argnums=0,
-    )
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = gpt_step.compile_step(model, tx, lr_fn, k, state, batch)
     out[f"compile_s_k{k}"] = round(time.perf_counter() - t0, 2)
-    state, m = compiled(state, batch)  # Warm-up.
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(args.steps):
-      t0 = time.perf_counter()
-      state, m = compiled(state, batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-    s = statistics.median(times)
+    state, s = gpt_step.median_step_s(compiled, state, batch, args.steps)
     out[f"step_s_k{k}"] = round(s, 4)
     out[f"tokens_per_s_k{k}"] = round(args.batch * npp.num_patches(cfg.grid, k) / s, 1)
     flops = costs.train_step_flops(cfg, k, args.batch).total
