@@ -33,9 +33,10 @@ from npp_jax import chips  # noqa: E402
 from npp_jax import config_lib  # noqa: E402
 from npp_jax import sharding  # noqa: E402
 from npp_jax.jobs import compile as compile_job  # noqa: E402
+from npp_jax.models import gpt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = ("B", "L", "XL", "XXL", "XXXL", "1B", "3B", "7B")
+SIZES = tuple(name.removeprefix("GPT-") for name in gpt.MODEL_SIZES)  # B, L, ..., 7B
 PAPER_BATCH = {"B": 256, "L": 256, "XL": 256}  # 512 above XL (LlamaGen's recipe).
 IMAGES = 1_281_167
 

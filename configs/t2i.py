@@ -22,10 +22,11 @@ guidance 7.5, top-k 1000.
 import pathlib
 
 from npp_jax import config_lib
+from npp_jax.models import gpt
 
 common = config_lib.load_module(pathlib.Path(__file__).with_name("common.py"))
 
-SIZES = ("B", "L", "XL", "XXL", "XXXL", "1B", "3B", "7B")
+SIZES = tuple(name.removeprefix("GPT-") for name in gpt.MODEL_SIZES)  # B, L, ..., 7B
 ARGS = (*SIZES, *(f"{s}_512" for s in SIZES), "runlocal")
 CAPTION_TOKENS = 120  # FLAN-T5 tokens per caption, EOS included (LlamaGen's max length).
 CAPTION_DIM = 2048  # FLAN-T5-XL's encoder width.
